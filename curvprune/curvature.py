@@ -1,0 +1,202 @@
+r"""``neural_curvature``: score every weight of a model by neural Ollivier-Ricci curvature.
+
+For an edge ``i -> j`` of the neural graph with length :math:`d(i, j) = 1/|w_{ij}|`, on one
+calibration example,
+
+.. math::
+
+    \kappa(i, j) = \frac{1}{1 - \alpha}\left(1 - \frac{W_1(\mu_i, \nu_j)}{d(i, j)}\right),
+
+where :math:`\mu_i` puts mass :math:`\alpha` on ``i`` and :math:`1-\alpha` on its active
+in-neighbours in proportion to :math:`\exp(-1/a^2)`, :math:`\nu_j` likewise on the out-neighbours
+of ``j``, and :math:`W_1` is the exact optimal-transport cost under directed shortest-path
+distances. A weight's score is the minimum over the positions that share it and over the
+calibration examples. See ``docs/method.md`` for the full definitions.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+
+import torch
+import torch.nn as nn
+
+from .calibration import (
+    capture_activations,
+    iter_calibration_inputs,
+    normalise_activity,
+    scoring_mode,
+)
+from .engine import EngineStats, NeuronGraph, score_example
+from .graph import layer_edges, trace_chain
+from .result import CurvatureResult
+
+__all__ = ["neural_curvature"]
+
+_GRANULARITIES = ("neuron",)
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number in [0, 1), not {type(alpha).__name__}.")
+    alpha = float(alpha)
+    if not (0.0 <= alpha < 1.0):
+        raise ValueError(f"alpha must be in [0, 1) (the idleness of the measures); got {alpha}.")
+    return alpha
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the model's parameters are on several devices ({sorted(map(str, devices))}); "
+            "move the model to one device first."
+        )
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """The device the engine runs on: ``device`` if given (checked), else the model's."""
+    if device is None:
+        return _model_device(model)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a valid torch device: {exc}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA "
+                "device(s) are visible."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS is not available.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'.")
+    return device
+
+
+def neural_curvature(
+    model: nn.Module,
+    calibration,
+    *,
+    alpha: float = 0.9,
+    granularity: str = "neuron",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    certify_tol: float = 1e-12,
+) -> CurvatureResult:
+    r"""Neural Ollivier-Ricci curvature of every Linear/Conv2d weight of ``model``.
+
+    Args:
+        model: a chain of ``Conv2d`` (any kernel, stride, padding, dilation, groups; zero
+            padding) and ``Linear`` layers with elementwise modules between them (ReLU, GELU,
+            Tanh, Sigmoid, BatchNorm, Dropout, Flatten, ...). It is run in eval mode under
+            ``torch.no_grad()`` and left exactly as it was found.
+        calibration: a tensor batch, an ``(inputs, targets)`` pair, or an iterable of batches
+            (a ``DataLoader`` works). The paper uses a few correctly classified examples per
+            class.
+        alpha: idleness :math:`\alpha \in [0, 1)` of the measures (the paper uses 0.9). For
+            :math:`\alpha \ge 1/2` kappa does not depend on alpha (see ``docs/method.md``).
+        granularity: ``"neuron"`` (the paper's graph).
+        device: where the engine runs; defaults to the model's device. The model itself is not
+            moved; inputs are moved to the model's device for the forward pass.
+        progress: show a progress bar over calibration examples.
+        certify_tol: relative tolerance of the engine's dual certificates (see
+            :mod:`curvprune.engine`); edges that miss it are solved exactly.
+
+    Returns:
+        A :class:`~curvprune.result.CurvatureResult`; ``result.kappa[name]`` has the shape of
+        ``model.get_parameter(name)``, and ``result.importance_scores()`` plugs into
+        ``torch.nn.utils.prune.global_unstructured``.
+
+    Raises:
+        TypeError: bad argument types, or a calibration batch that is not a tensor or pair.
+        ValueError: an empty calibration set; NaN/Inf in inputs or activations; alpha outside
+            ``[0, 1)``; an unsupported model (the message names the module); inputs the model
+            rejects; a device that is not there.
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    alpha = _check_alpha(alpha)
+    if granularity not in _GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {_GRANULARITIES}; got {granularity!r}."
+        )
+    model_device = _model_device(model)
+    engine_device = resolve_device(device, model)
+    layers = trace_chain(model)
+    modules = [layer.module for layer in layers]
+    names = [layer.name for layer in layers]
+    stats = EngineStats()
+    graph: NeuronGraph | None = None
+    weight_shapes = [m.weight.shape for m in modules]
+    kappa = [torch.full((m.weight.numel(),), math.inf, dtype=torch.float64, device=engine_device)
+             for m in modules]
+    live = [torch.zeros(m.weight.numel(), dtype=torch.bool, device=engine_device)
+            for m in modules]
+    num_examples = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="curvature", unit="example")
+    try:
+        with scoring_mode(model):
+            for inputs in iter_calibration_inputs(calibration):
+                if not inputs.is_floating_point():
+                    raise TypeError(
+                        f"calibration inputs must be floating point, not {inputs.dtype}."
+                    )
+                values, in_shapes, out_shapes = capture_activations(
+                    model, modules, inputs.to(model_device)
+                )
+                if graph is None:
+                    structures = [layer_edges(m, in_shapes[k], out_shapes[k])
+                                  for k, m in enumerate(modules)]
+                    _check_shapes(structures, values, names)
+                    graph = NeuronGraph.build(
+                        structures, [m.weight.detach().flatten() for m in modules], engine_device
+                    )
+                acts = [normalise_activity(v).to(engine_device) for v in values]
+                for b in range(acts[0].shape[0]):
+                    edge_kappa, edge_dead = score_example(graph, [a[b] for a in acts], alpha,
+                                                          certify_tol=certify_tol, stats=stats)
+                    for k, layer in enumerate(graph.layers):
+                        kappa[k].scatter_reduce_(0, layer.widx, edge_kappa[k], reduce="amin")
+                        live[k].scatter_reduce_(0, layer.widx, ~edge_dead[k], reduce="amax")
+                    num_examples += 1
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return CurvatureResult(
+        kappa={n: kappa[k].view(weight_shapes[k]).to(modules[k].weight.device)
+               for k, n in enumerate(names)},
+        live={n: live[k].view(weight_shapes[k]).to(modules[k].weight.device)
+              for k, n in enumerate(names)},
+        modules=dict(zip(names, modules)),
+        alpha=alpha,
+        granularity=granularity,
+        num_examples=num_examples,
+        edges_per_example={n: int(graph.layers[k].src.numel()) for k, n in enumerate(names)},
+        seconds=time.perf_counter() - start,
+        engine=stats.as_dict(),
+    )
+
+
+def _check_shapes(structures, values, names) -> None:
+    sizes = [v.shape[1] for v in values]
+    for k, s in enumerate(structures):
+        if s.n_in != sizes[k] or s.n_out != sizes[k + 1]:
+            raise ValueError(
+                f"'{names[k]}' connects {s.n_in} -> {s.n_out} nodes but its neighbouring node "
+                f"layers have {sizes[k]} and {sizes[k + 1]}: only elementwise modules and "
+                "flattening may sit between parametrised layers."
+            )
