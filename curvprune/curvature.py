@@ -89,6 +89,7 @@ def neural_curvature(
     device: str | torch.device | None = None,
     progress: bool = False,
     certify_tol: float = 1e-12,
+    threads: int | None = None,
 ) -> CurvatureResult:
     r"""Neural Ollivier-Ricci curvature of every Linear/Conv2d weight of ``model``.
 
@@ -108,6 +109,7 @@ def neural_curvature(
         progress: show a progress bar over calibration examples.
         certify_tol: relative tolerance of the engine's dual certificates (see
             :mod:`curvprune.engine`); edges that miss it are solved exactly.
+        threads: CPU threads for the exact transport solves (default: ``torch.get_num_threads()``).
 
     Returns:
         A :class:`~curvprune.result.CurvatureResult`; ``result.kappa[name]`` has the shape of
@@ -128,6 +130,10 @@ def neural_curvature(
         raise ValueError(
             f"granularity must be one of {_GRANULARITIES}; got {granularity!r}."
         )
+    if threads is None:
+        threads = max(1, torch.get_num_threads())
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
     model_device = _model_device(model)
     engine_device = resolve_device(device, model)
     layers = trace_chain(model)
@@ -166,7 +172,8 @@ def neural_curvature(
                 acts = [normalise_activity(v).to(engine_device) for v in values]
                 for b in range(acts[0].shape[0]):
                     edge_kappa, edge_dead = score_example(graph, [a[b] for a in acts], alpha,
-                                                          certify_tol=certify_tol, stats=stats)
+                                                          certify_tol=certify_tol, stats=stats,
+                                                          threads=threads)
                     for k, layer in enumerate(graph.layers):
                         kappa[k].scatter_reduce_(0, layer.widx, edge_kappa[k], reduce="amin")
                         live[k].scatter_reduce_(0, layer.widx, ~edge_dead[k], reduce="amax")

@@ -38,7 +38,8 @@ solves run on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,6 +136,28 @@ def _gather_rows(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
     return table[rows[:, None], cols.clamp(min=0)]
 
 
+@dataclass
+class _Measure:
+    """Neighbour parts of the measures of one node layer on one example, support first.
+
+    ``table[v, s]`` is the neighbour in slot ``s`` of node ``v`` and ``mass[v, s]`` its mass
+    (0 past the support); ``has[v]`` says whether ``v`` has any support (else a point mass).
+    """
+
+    table: torch.Tensor
+    mass: torch.Tensor
+    has: torch.Tensor
+
+
+def _measure(table: torch.Tensor, activity: torch.Tensor) -> _Measure:
+    """Measures of a layer with each node's support moved to the front and empty slots cut."""
+    mass, has = neighbour_measures(table, activity)
+    order = torch.argsort((mass <= 0).to(torch.int8), dim=1, stable=True)
+    width = int((mass > 0).sum(dim=1).max()) if mass.numel() else 0
+    order = order[:, :width]
+    return _Measure(table.gather(1, order), mass.gather(1, order), has)
+
+
 def _chunks(index: torch.Tensor, block: int, width: int) -> tuple[torch.Tensor, ...]:
     """Split ``index`` so that each chunk times ``width`` stays within ``block`` entries."""
     if index.numel() == 0:
@@ -147,13 +170,42 @@ def _weighted_sum(mass: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
                                                           device=cost.device)).sum(dim=1)
 
 
-def _solve(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, np.ndarray,
-                                                                     np.ndarray]:
-    """Exact OT by POT's network simplex; returns (cost, source potentials, target potentials)."""
+def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, np.ndarray,
+                                                                         np.ndarray]:
+    """Exact OT by POT's network simplex (the solver behind ``ot.emd2``).
+
+    Zero-mass rows and columns are dropped by the solver itself, so padded problems are fine.
+    Returns ``(cost, source potentials, target potentials)``.
+    """
     b = b * (a.sum() / b.sum())
-    _, value, f, g, code = emd_c(a, b, np.ascontiguousarray(cost), _MAX_ITER, 1)
+    _, value, f, g, code = emd_c(a, b, cost, _MAX_ITER, 1)
     check_result(code)
     return float(value), f, g
+
+
+def _solve_batch(a: np.ndarray, b: np.ndarray, cost: np.ndarray, threads: int) -> np.ndarray:
+    """Optimal costs of a batch of padded problems ``[B, R]``, ``[B, S]``, ``[B, R, S]``.
+
+    POT's solver releases the GIL, so the problems are spread over ``threads`` threads.
+    """
+    def run(lo: int, hi: int) -> np.ndarray:
+        return np.array([_solve_one(a[t], b[t], cost[t])[0] for t in range(lo, hi)])
+
+    count = len(a)
+    if threads <= 1 or count < 2 * threads:
+        return run(0, count)
+    bounds = np.linspace(0, count, threads + 1).astype(int)
+    return np.concatenate(list(_pool(threads).map(run, bounds[:-1], bounds[1:])))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool per thread count (threads are reused across calls)."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="curvprune-ot")
+    return _POOLS[threads]
 
 
 def score_example(
@@ -164,7 +216,7 @@ def score_example(
     certify_tol: float = 1e-12,
     block: int = 1 << 22,
     stats: EngineStats | None = None,
-    on_layer: Callable[[int], None] | None = None,
+    threads: int = 1,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Edge curvatures of one example, per parametrised layer.
 
@@ -175,25 +227,14 @@ def score_example(
         acts: normalised activities of node layers ``0..n`` for this example.
         alpha: idleness in ``[0, 1)``.
         certify_tol: an edge is taken from its shared problem only when the certificate's
-            residual (an upper bound on ``W1`` error) is at most ``certify_tol * d``.
+            residual (an upper bound on the ``W1`` error) is at most ``certify_tol * d``.
         block: number of float64 entries per vectorised chunk (bounds memory).
+        stats: counters to update.
+        threads: CPU threads for the exact network-simplex solves.
     """
     stats = stats if stats is not None else EngineStats()
     n = len(graph.layers)
     out, out_dead = [], []
-    measures_in: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    measures_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def m_in(L: int):
-        if L not in measures_in:
-            measures_in[L] = neighbour_measures(graph.in_nbrs[L], acts[L - 1])
-        return measures_in[L]
-
-    def m_out(L: int):
-        if L not in measures_out:
-            measures_out[L] = neighbour_measures(graph.out_nbrs[L], acts[L + 1])
-        return measures_out[L]
-
     for l in range(1, n + 1):
         layer = graph.layers[l - 1]
         src, dst, d = layer.src, layer.dst, layer.length
@@ -204,53 +245,118 @@ def score_example(
         if l < n:
             dead |= acts[l][dst] == 0
         stats.dead += int(dead.sum())
-        if l > 1:
-            p_mass, p_has = m_in(l - 1)
-            mu_point = ~p_has[src]
-        else:
-            mu_point = torch.ones_like(dead)
-        if l < n:
-            q_mass, q_has = m_out(l)
-            nu_point = ~q_has[dst]
-        else:
-            nu_point = torch.ones_like(dead)
+        # mu_i over in-neighbours of i (layer l-2); nu_j over out-neighbours of j (layer l+1).
+        mu = _measure(graph.in_nbrs[l - 1], acts[l - 2]) if l > 1 else None
+        nu = _measure(graph.out_nbrs[l], acts[l + 1]) if l < n else None
+        mu_point = ~mu.has[src] if mu is not None else torch.ones_like(dead)
+        nu_point = ~nu.has[dst] if nu is not None else torch.ones_like(dead)
         live = ~dead
         both = live & mu_point & nu_point
         kappa[both] = 0.0
         # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d
         sel = torch.nonzero(live & mu_point & ~nu_point).squeeze(1)
-        for chunk in _chunks(sel, block, graph.out_nbrs[l].shape[1] if l < n else 1):
+        for chunk in _chunks(sel, block, nu.mass.shape[1] if nu is not None else 1):
             i, j = src[chunk], dst[chunk]
-            cost = _gather_rows(graph.hop2[l - 1], i, graph.out_nbrs[l][j])
-            kappa[chunk] = 1.0 - _weighted_sum(q_mass[j], cost) / d[chunk]
+            cost = _gather_rows(graph.hop2[l - 1], i, nu.table[j])
+            kappa[chunk] = 1.0 - _weighted_sum(nu.mass[j], cost) / d[chunk]
         # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d
         sel2 = torch.nonzero(live & ~mu_point & nu_point).squeeze(1)
-        for chunk in _chunks(sel2, block, graph.in_nbrs[l - 1].shape[1] if l > 1 else 1):
+        for chunk in _chunks(sel2, block, mu.mass.shape[1] if mu is not None else 1):
             i, j = src[chunk], dst[chunk]
-            k_idx = graph.in_nbrs[l - 1][i]
-            cost = graph.hop2[l - 2][k_idx.clamp(min=0), j[:, None]]
-            kappa[chunk] = 1.0 - _weighted_sum(p_mass[i], cost) / d[chunk]
+            cost = graph.hop2[l - 2][mu.table[i].clamp(min=0), j[:, None]]
+            kappa[chunk] = 1.0 - _weighted_sum(mu.mass[i], cost) / d[chunk]
         stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
         general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
         if general.numel():
-            kappa[general] = _general(graph, l, src[general], dst[general], d[general],
-                                      p_mass, q_mass, alpha, certify_tol, block, stats)
+            kappa[general] = _general(graph, l, src[general], dst[general], d[general], mu, nu,
+                                      alpha, certify_tol, block, stats, threads)
         out.append(kappa)
         out_dead.append(dead)
-        if on_layer is not None:
-            on_layer(l)
     return out, out_dead
 
 
 def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
-             p_mass: torch.Tensor, q_mass: torch.Tensor, alpha: float, certify_tol: float,
-             block: int, stats: EngineStats) -> torch.Tensor:
+             mu: _Measure, nu: _Measure, alpha: float, certify_tol: float, block: int,
+             stats: EngineStats, threads: int) -> torch.Tensor:
     """Edges whose two measures both have neighbour parts (see the module docstring)."""
     device = d.device
-    k_tab, m_tab = graph.in_nbrs[l - 1], graph.out_nbrs[l]
+    k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
     d_kj, d_im, d_km = graph.hop2[l - 2], graph.hop2[l - 1], graph.hop3[l - 2]
     dk, dm = k_tab.shape[1], m_tab.shape[1]
-    # Identify measures shared by several nodes (same support and masses).
+    kappa = torch.empty_like(d)
+    pending = _certify_shared(graph, l, src, dst, d, mu, nu, certify_tol, block, stats, kappa)
+    zero = torch.zeros((), dtype=d.dtype, device=device)
+    inf = torch.full((), math.inf, dtype=d.dtype, device=device)
+    p_count, q_count = (p_mass > 0).sum(1), (q_mass > 0).sum(1)
+    # Similar support sizes in one chunk, so each chunk is cut to its own widths.
+    pending = pending[torch.argsort(p_count[src[pending]] * (dm + 1) + q_count[dst[pending]])]
+    for chunk in _chunks(pending, block, 4 * (dk + 1) * (dm + 1)):
+        i, j, de = src[chunk], dst[chunk], d[chunk]
+        r, c = int(p_count[i].max()), int(q_count[j].max())
+        k_idx, m_idx = k_tab[i, :r].clamp(min=0), m_tab[j, :c].clamp(min=0)
+        pm, qm = p_mass[i, :r], q_mass[j, :c]
+        rows, cols = pm > 0, qm > 0
+        support = rows[:, :, None] & cols[:, None, :]
+        c_km = d_km[k_idx[:, :, None], m_idx[:, None, :]]
+        a_k = torch.where(rows, d_kj[k_idx, j[:, None]], zero)  # D(k, j)
+        d_i_m = torch.where(cols, d_im[i[:, None], m_idx], zero)  # D(i, m)
+        if alpha >= 0.5:
+            # X = OT(p, q; min(C, A + B)); rows (columns) that take the swap on every support
+            # cell differ only by a constant and are merged into one row (column), exactly.
+            b_m = torch.where(cols, d_i_m - de[:, None], zero)
+            swap = a_k[:, :, None] + b_m[:, None, :]
+            margin = torch.where(support, c_km - swap, inf)
+            hub_row = (margin.amin(2) >= 0) & rows
+            hub_col = (margin.amin(1) >= 0) & cols
+            x = (torch.where(hub_row, pm * a_k, zero).sum(1)
+                 + torch.where(hub_col, qm * b_m, zero).sum(1))
+            need = torch.nonzero(~(hub_row | ~rows).all(1)).squeeze(1)
+            stats.full_swap += chunk.numel() - need.numel()
+            if need.numel():
+                cost = torch.zeros((need.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
+                cost[:, :r, :c] = torch.where(support[need], torch.minimum(c_km[need],
+                                                                           swap[need]), zero)
+                cost[:, r, :c] = b_m[need]
+                cost[:, :r, c] = a_k[need]
+                hr, hc, pn, qn = hub_row[need], hub_col[need], pm[need], qm[need]
+                row_mass = torch.cat([torch.where(hr, zero, pn),
+                                      torch.where(hr, pn, zero).sum(1, keepdim=True)], 1)
+                col_mass = torch.cat([torch.where(hc, zero, qn),
+                                      torch.where(hc, qn, zero).sum(1, keepdim=True)], 1)
+                x[need] += torch.from_numpy(_solve_batch(
+                    row_mass.cpu().numpy(), col_mass.cpu().numpy(), cost.cpu().numpy(),
+                    threads)).to(device)
+                stats.solved += need.numel()
+            kappa[chunk] = 1.0 - x / de
+        else:
+            # alpha < 1/2: the atoms limit the swaps; solve the full problem.
+            cost = torch.empty((chunk.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
+            cost[:, 0, 0] = de
+            cost[:, 0, 1:] = d_i_m
+            cost[:, 1:, 0] = a_k
+            cost[:, 1:, 1:] = torch.where(support, c_km, zero)
+            atom = torch.full((chunk.numel(), 1), alpha, dtype=d.dtype, device=device)
+            w1 = _solve_batch(torch.cat([atom, (1 - alpha) * pm], 1).cpu().numpy(),
+                              torch.cat([atom, (1 - alpha) * qm], 1).cpu().numpy(),
+                              cost.cpu().numpy(), threads)
+            kappa[chunk] = (1.0 - torch.from_numpy(w1).to(device) / de) / (1.0 - alpha)
+            stats.solved += chunk.numel()
+    return kappa
+
+
+def _certify_shared(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor,
+                    d: torch.Tensor, mu: _Measure, nu: _Measure, certify_tol: float, block: int,
+                    stats: EngineStats, kappa: torch.Tensor) -> torch.Tensor:
+    """Resolve edges whose optimum is the shared no-swap plan; return the other edges.
+
+    Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair and accepts an edge when the
+    dual certificate of the module docstring holds within ``certify_tol * d`` (the residual,
+    including the potentials' own feasibility residual, bounds the error of ``W1``).
+    """
+    device = d.device
+    k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
+    d_kj, d_im, d_km = graph.hop2[l - 2], graph.hop2[l - 1], graph.hop3[l - 2]
+    dk, dm = k_tab.shape[1], m_tab.shape[1]
     p_key = torch.unique(torch.cat([k_tab.to(torch.float64), p_mass], 1), dim=0,
                          return_inverse=True)[1]
     q_key = torch.unique(torch.cat([m_tab.to(torch.float64), q_mass], 1), dim=0,
@@ -260,72 +366,34 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
     first_edge = torch.full((pairs.numel(),), src.numel(), dtype=torch.long, device=device)
     first_edge.scatter_reduce_(0, pair_of_edge, torch.arange(src.numel(), device=device),
                                reduce="amin")
-    rep_i, rep_j = src[first_edge].cpu(), dst[first_edge].cpu()
+    rep_i, rep_j = src[first_edge], dst[first_edge]
     stats.shared_problems += pairs.numel()
-    # Solve X0 = OT(p, q; C) once per shared pair; keep its potentials slot-aligned.
-    p_cpu, q_cpu = p_mass.cpu().numpy(), q_mass.cpu().numpy()
-    k_cpu, m_cpu = k_tab.cpu().numpy(), m_tab.cpu().numpy()
-    d_km_cpu = d_km.cpu().numpy()
+    pm, qm = p_mass[rep_i], q_mass[rep_j]
+    support = (pm > 0)[:, :, None] & (qm > 0)[:, None, :]
+    cost = torch.where(support, d_km[k_tab[rep_i].clamp(min=0)[:, :, None],
+                                     m_tab[rep_j].clamp(min=0)[:, None, :]], 0.0)
+    pm_np, qm_np, cost_np = pm.cpu().numpy(), qm.cpu().numpy(), cost.cpu().numpy()
     x0 = np.empty(pairs.numel())
     f_pad = np.full((pairs.numel(), dk), -np.inf)
     g_pad = np.full((pairs.numel(), dm), -np.inf)
-    for t, (i, j) in enumerate(zip(rep_i.tolist(), rep_j.tolist())):
-        ks, ms = np.nonzero(p_cpu[i] > 0)[0], np.nonzero(q_cpu[j] > 0)[0]
-        cost = d_km_cpu[np.ix_(k_cpu[i, ks], m_cpu[j, ms])]
-        value, f, g = _solve(p_cpu[i, ks], q_cpu[j, ms], cost)
-        # Dual feasibility residual of (f, g) for X0 itself, folded into f.
-        f = f - max(0.0, float((f[:, None] + g[None, :] - cost).max()))
-        x0[t] = value
-        f_pad[t, ks], g_pad[t, ms] = f, g
-    x0_t = torch.from_numpy(x0).to(device)
+    slack = np.empty(pairs.numel())
+    for t in range(pairs.numel()):
+        x0[t], f, g = _solve_one(pm_np[t], qm_np[t], cost_np[t])
+        rows, cols = pm_np[t] > 0, qm_np[t] > 0
+        f_pad[t, rows], g_pad[t, cols] = f[rows], g[cols]
+        # (f, g) may miss feasibility by rounding; that residual also bounds the error.
+        slack[t] = max(0.0, float((f[rows, None] + g[None, cols]
+                                   - cost_np[t][np.ix_(rows, cols)]).max()))
+    x0_t, slack_t = torch.from_numpy(x0).to(device), torch.from_numpy(slack).to(device)
     f_t, g_t = torch.from_numpy(f_pad).to(device), torch.from_numpy(g_pad).to(device)
-    kappa = torch.empty_like(d)
     pending = []
     for chunk in _chunks(torch.arange(src.numel(), device=device), block, dk + dm):
         i, j, pe = src[chunk], dst[chunk], pair_of_edge[chunk]
         a_k = d_kj[k_tab[i].clamp(min=0), j[:, None]]  # D(k, j)
         b_m = _gather_rows(d_im, i, m_tab[j]) - d[chunk, None]  # D(i, m) - d
-        residual = (f_t[pe] - a_k).amax(dim=1) + (g_t[pe] - b_m).amax(dim=1)
-        ok = residual <= certify_tol * d[chunk]
+        residual = ((f_t[pe] - a_k).amax(dim=1) + (g_t[pe] - b_m).amax(dim=1)).clamp(min=0)
+        ok = residual + slack_t[pe] <= certify_tol * d[chunk]
         kappa[chunk[ok]] = 1.0 - x0_t[pe[ok]] / d[chunk[ok]]
         stats.certified += int(ok.sum())
         pending.append(chunk[~ok])
-    pending = torch.cat(pending)
-    if pending.numel() and alpha >= 0.5:
-        swapped = []
-        for chunk in _chunks(pending, block, dk * dm):
-            i, j = src[chunk], dst[chunk]
-            k_idx, m_idx = k_tab[i].clamp(min=0), m_tab[j].clamp(min=0)
-            a_k = d_kj[k_idx, j[:, None]]
-            b_m = _gather_rows(d_im, i, m_tab[j]) - d[chunk, None]
-            c_km = d_km[k_idx[:, :, None], m_idx[:, None, :]]
-            support = (p_mass[i] > 0)[:, :, None] & (q_mass[j] > 0)[:, None, :]
-            gap = torch.where(support, a_k[:, :, None] + b_m[:, None, :] - c_km,
-                              torch.full((), -float("inf"), dtype=d.dtype, device=device))
-            ok = gap.flatten(1).amax(dim=1) <= 0
-            sel = chunk[ok]
-            x = _weighted_sum(p_mass[i[ok]], a_k[ok]) + _weighted_sum(q_mass[j[ok]], b_m[ok])
-            kappa[sel] = 1.0 - x / d[sel]
-            stats.full_swap += int(ok.sum())
-            swapped.append(chunk[~ok])
-        pending = torch.cat(swapped)
-    if pending.numel():
-        d_kj_cpu, d_im_cpu, d_cpu = d_kj.cpu().numpy(), d_im.cpu().numpy(), d.cpu().numpy()
-        src_cpu, dst_cpu = src.cpu().numpy(), dst.cpu().numpy()
-        values = np.empty(pending.numel())
-        for t, e in enumerate(pending.cpu().tolist()):
-            i, j, de = src_cpu[e], dst_cpu[e], d_cpu[e]
-            ks, ms = np.nonzero(p_cpu[i] > 0)[0], np.nonzero(q_cpu[j] > 0)[0]
-            kk, mm = k_cpu[i, ks], m_cpu[j, ms]
-            cost = np.empty((len(kk) + 1, len(mm) + 1))
-            cost[0, 0] = de
-            cost[0, 1:] = d_im_cpu[i, mm]
-            cost[1:, 0] = d_kj_cpu[kk, j]
-            cost[1:, 1:] = d_km_cpu[np.ix_(kk, mm)]
-            a = np.concatenate([[alpha], (1 - alpha) * p_cpu[i, ks]])
-            b = np.concatenate([[alpha], (1 - alpha) * q_cpu[j, ms]])
-            w1, _, _ = _solve(a, b, cost)
-            values[t] = (1.0 - w1 / de) / (1.0 - alpha)
-        kappa[pending] = torch.from_numpy(values).to(device)
-        stats.solved += pending.numel()
-    return kappa
+    return torch.cat(pending)

@@ -59,7 +59,7 @@ def neighbour_measures(
     weight = torch.where(active, torch.exp(-1.0 / torch.where(active, a, 1.0) ** 2), 0.0)
     total = weight.sum(dim=1, keepdim=True)
     count = active.sum(dim=1, keepdim=True)
-    uniform = active / count.clamp(min=1)
+    uniform = active.to(activity.dtype) / count.clamp(min=1).to(activity.dtype)
     proportional = weight / torch.where(total >= _TINY, total, 1.0)
     mass = torch.where(total >= _TINY, proportional, uniform)
     return mass, count.squeeze(1) > 0

@@ -1,0 +1,72 @@
+"""Shared pieces of the benchmark scripts: seeded training with cached checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from curvprune.data import fashion_mnist
+from curvprune.models import create_model
+
+CACHE = Path(os.environ.get("CURVPRUNE_CACHE", Path(__file__).parent / ".cache"))
+RESULTS = Path(__file__).parent / "results"
+
+
+def evaluate(model: nn.Module, dataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset`` (eval mode, no grad; flags restored)."""
+    from curvprune.calibration import scoring_mode
+
+    correct = 0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    device = next(model.parameters()).device
+    with scoring_mode(model):
+        for x, y in loader:
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    return correct / len(dataset)
+
+
+def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | None = None,
+                  lr: float = 1e-3, in_channels: int = 1, verbose: bool = True
+                  ) -> tuple[nn.Module, float]:
+    """A ``create_model(name)`` trained on Fashion-MNIST with Adam, cached by its settings.
+
+    Returns ``(model in eval mode, test accuracy)``.
+    """
+    settings = dict(name=name, epochs=epochs, seed=seed, pad_to=pad_to, lr=lr,
+                    in_channels=in_channels)
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = CACHE / f"{name}-{key}.pt"
+    model = create_model(name, in_channels=in_channels)
+    test = fashion_mnist(train=False, pad_to=pad_to)
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+    else:
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(seed)
+        train = fashion_mnist(train=True, pad_to=pad_to)
+        loader = torch.utils.data.DataLoader(
+            train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+        start = time.perf_counter()
+        model.train()
+        for epoch in tqdm(range(epochs), desc=f"train {name}", disable=not verbose):
+            for x, y in loader:
+                optimiser.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimiser.step()
+        model.eval()
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+        if verbose:
+            print(f"trained {name} in {time.perf_counter() - start:.0f} s -> {path}")
+    model.eval()
+    return model, evaluate(model, test)
