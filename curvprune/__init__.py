@@ -1,8 +1,35 @@
 """curvprune: post-training pruning of PyTorch models by neural graph curvature."""
 
 from .curvature import neural_curvature
-from .result import CurvatureResult
+from .pruning import (
+    CurvaturePruning,
+    LayerSparsity,
+    PruningReport,
+    clone_pruned,
+    curvature_unstructured,
+    load_pruned,
+    make_permanent,
+    prune_model,
+    pruning_hooks,
+    save_pruned,
+)
+from .result import CurvatureResult, ImportanceScores
 
 __version__ = "0.1.0"
 
-__all__ = ["neural_curvature", "CurvatureResult", "__version__"]
+__all__ = [
+    "neural_curvature",
+    "CurvatureResult",
+    "ImportanceScores",
+    "CurvaturePruning",
+    "curvature_unstructured",
+    "prune_model",
+    "PruningReport",
+    "LayerSparsity",
+    "pruning_hooks",
+    "make_permanent",
+    "save_pruned",
+    "load_pruned",
+    "clone_pruned",
+    "__version__",
+]

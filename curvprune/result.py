@@ -18,12 +18,14 @@ flattened index), so the ranking is a total order that does not depend on the de
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CurvatureResult", "LayerSummary"]
+__all__ = ["CurvatureResult", "ImportanceScores", "LayerSummary"]
 
 _ORDERS = ("pos", "neg")
 
@@ -112,14 +114,21 @@ class CurvatureResult:
             start += size
         return out
 
-    def importance_scores(self, order: str = "pos") -> dict[tuple[nn.Module, str], torch.Tensor]:
+    def importance_scores(self, order: str = "pos") -> ImportanceScores:
         """Scores for :func:`torch.nn.utils.prune.global_unstructured`: higher means keep.
 
         Each score is the weight's global rank in :meth:`pruning_order` as float64 (exact up to
-        2**53 weights), on the weight's device, keyed by ``(module, "weight")``.
+        2**53 weights), on the weight's device, keyed by ``(module, "weight")``. The scores are
+        distinct, so "prune the ``n`` lowest scores" selects exactly the first ``n`` weights of
+        :meth:`pruning_order`. The mapping is an :class:`ImportanceScores`: asking it for a
+        parameter it does not score raises instead of letting PyTorch fall back to the raw
+        weight values.
         """
         ranks = self.pruning_order(order)
-        return {(self.modules[n], "weight"): r.to(torch.float64) for n, r in ranks.items()}
+        return ImportanceScores(
+            {(self.modules[n], "weight"): r.to(torch.float64) for n, r in ranks.items()},
+            names={(self.modules[n], "weight"): n for n in ranks},
+        )
 
     def layer_summaries(self) -> list[LayerSummary]:
         """Per-weight statistics: counts of zero, dead and live weights and kappa quantiles."""
@@ -163,3 +172,116 @@ class CurvatureResult:
         return (f"CurvatureResult(granularity={self.granularity!r}, alpha={self.alpha}, "
                 f"weights={list(self.kappa)}, num_examples={self.num_examples}, "
                 f"seconds={self.seconds:.3f})")
+
+
+def _describe_module(module: Any) -> str:
+    if isinstance(module, nn.Module):
+        extra = module.extra_repr()
+        if len(extra) > 80:
+            extra = extra[:77] + "..."
+        return f"{type(module).__name__}({extra})"
+    return repr(module)
+
+
+class ImportanceScores(dict):
+    """``{(module, name): score tensor}`` that refuses to make up a missing score.
+
+    A plain ``dict`` for :func:`torch.nn.utils.prune.global_unstructured` (higher score = keep),
+    with one difference: PyTorch looks each parameter up with
+    ``importance_scores.get((module, name), getattr(module, name))``, which silently ranks a
+    parameter missing from the mapping by its raw weight values. Here :meth:`get` raises a
+    :class:`ValueError` naming the missing parameter instead, and checks that the score has the
+    parameter's shape and device. ``scores[key]`` raises :class:`KeyError` as usual.
+
+    A dict comprehension over an ``ImportanceScores`` builds a plain ``dict`` again (Python's
+    rule for subclasses); wrap the result, ``ImportanceScores({...})``, to keep the check.
+    :meth:`copy` and ``|`` keep the type.
+
+    Args:
+        scores: the ``{(module, name): tensor}`` items.
+        names: optional ``{(module, name): qualified parameter name}`` used in messages.
+    """
+
+    def __init__(self, scores: Mapping[tuple[nn.Module, str], torch.Tensor] | None = None, *,
+                 names: Mapping[tuple[nn.Module, str], str] | None = None) -> None:
+        super().__init__(scores or {})
+        self.names: dict[tuple[nn.Module, str], str] = dict(names or {})
+        if isinstance(scores, ImportanceScores):
+            self.names = {**scores.names, **self.names}
+
+    def _label(self, key: Any) -> str:
+        if key in self.names:
+            return repr(self.names[key])
+        if isinstance(key, tuple) and len(key) == 2:
+            return f"{key[1]!r} of {_describe_module(key[0])}"
+        return repr(key)
+
+    def _missing_message(self, key: Any) -> str:
+        known = [self.names.get(k, self._label(k)) for k in self]
+        if len(known) > 12:
+            known = known[:12] + [f"... ({len(known) - 12} more)"]
+        return (
+            f"no importance score for parameter {self._label(key)}; the scores cover "
+            f"{known}. Score it (neural_curvature sees Linear/Conv2d weights of the chain) or "
+            "leave it out of the parameters to prune: a missing score is never replaced by "
+            "the raw weight values."
+        )
+
+    def get(self, key: Any, default: Any = None) -> torch.Tensor:
+        """The score of ``key``; raises :class:`ValueError` if it is missing (never ``default``).
+
+        When ``key`` is ``(module, name)`` and the module has that tensor, the score must have
+        the tensor's shape and device (else :class:`ValueError`).
+        """
+        if key not in self:
+            raise ValueError(self._missing_message(key))
+        score = dict.__getitem__(self, key)
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], nn.Module):
+            target = getattr(key[0], key[1], None)
+            if isinstance(target, torch.Tensor):
+                _check_score(score, target, self._label(key))
+        return score
+
+    def __missing__(self, key: Any) -> torch.Tensor:
+        raise KeyError(self._missing_message(key))
+
+    def copy(self) -> ImportanceScores:
+        """A shallow copy that keeps the type and the names."""
+        return ImportanceScores(self)
+
+    def __or__(self, other: Any) -> ImportanceScores:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        merged = ImportanceScores(self)
+        merged.update(other)
+        if isinstance(other, ImportanceScores):
+            merged.names.update(other.names)
+        return merged
+
+    def __repr__(self) -> str:
+        return f"ImportanceScores({[self.names.get(k, self._label(k)) for k in self]})"
+
+
+def _check_score(score: Any, target: torch.Tensor, label: str) -> None:
+    """Check that ``score`` can rank the entries of ``target``.
+
+    Raises:
+        TypeError: ``score`` is not a tensor.
+        ValueError: a shape or device different from ``target``'s, or a NaN score.
+    """
+    if not isinstance(score, torch.Tensor):
+        raise TypeError(
+            f"the importance score of {label} must be a tensor, not {type(score).__name__}."
+        )
+    if score.shape != target.shape:
+        raise ValueError(
+            f"the importance score of {label} has shape {tuple(score.shape)} but the "
+            f"parameter has shape {tuple(target.shape)}; rescore the model after changing it."
+        )
+    if score.device != target.device:
+        raise ValueError(
+            f"the importance score of {label} is on {score.device} but the parameter is on "
+            f"{target.device}; move the model (or the scores) to one device."
+        )
+    if score.is_floating_point() and bool(torch.isnan(score).any()):
+        raise ValueError(f"the importance score of {label} contains NaN.")

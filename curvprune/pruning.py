@@ -1,0 +1,643 @@
+r"""Unstructured pruning by neural curvature through :mod:`torch.nn.utils.prune`.
+
+:class:`CurvaturePruning` is a :class:`~torch.nn.utils.prune.BasePruningMethod`, so curvature
+pruning uses PyTorch's own reparametrisation (``weight_orig``, ``weight_mask`` and a forward
+pre-hook that sets ``weight = weight_orig * weight_mask``) and composes with any other pruning
+method, ``prune.remove`` and ``prune.is_pruned``.
+
+The method prunes the entries with the **lowest importance scores**. With the scores of
+:meth:`CurvatureResult.importance_scores() <curvprune.result.CurvatureResult.importance_scores>`
+(the global rank :math:`r(w)` of each weight, ``0`` = pruned first), pruning :math:`n` entries
+of a set :math:`S` of not-yet-pruned weights zeroes
+
+.. math::
+
+    P_n(S) = \{\, w \in S : |\{ v \in S : r(v) < r(w) \}| < n \,\},
+
+the first :math:`n` weights of :math:`S` in the curvature order: for order ``"pos"`` weights
+that are already zero, then dead weights (every edge has an inactive end), then live weights
+from the most positive :math:`\kappa` down, ties broken by smaller :math:`|w|`, then position.
+``amount`` follows PyTorch: a float :math:`f \in [0, 1]` prunes :math:`n = \operatorname{round}
+(f \cdot |S|)` entries, an int prunes exactly that many.
+
+:func:`prune_model` does the whole job in one call (score, prune, report); :func:`make_permanent`,
+:func:`save_pruned`, :func:`load_pruned` and :func:`clone_pruned` cover the rest of a pruned
+model's life (see ``docs/pruning.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import prune
+from torch.nn.utils.prune import (
+    _compute_nparams_toprune,
+    _validate_pruning_amount,
+    _validate_pruning_amount_init,
+)
+
+from .curvature import neural_curvature
+from .result import CurvatureResult, ImportanceScores, _check_score, _describe_module
+
+__all__ = [
+    "CurvaturePruning",
+    "curvature_unstructured",
+    "prune_model",
+    "PruningReport",
+    "LayerSparsity",
+    "pruning_hooks",
+    "make_permanent",
+    "save_pruned",
+    "load_pruned",
+    "clone_pruned",
+]
+
+_SCOPES = ("global", "layer")
+_ORDERS = ("pos", "neg")
+
+Scores = torch.Tensor | Mapping[tuple[nn.Module, str], torch.Tensor]
+ExcludeSpec = str | nn.Module | Iterable[str | nn.Module] | None
+
+
+def _validate_amount(amount: Any) -> None:
+    """PyTorch's check of ``amount``, plus NaN, which PyTorch lets through (in its words)."""
+    _validate_pruning_amount_init(amount)
+    if not isinstance(amount, numbers.Integral) and math.isnan(float(amount)):
+        raise ValueError(
+            f"amount={amount} should either be a float in the range [0, 1] or a non-negative "
+            "integer"
+        )
+
+
+class CurvaturePruning(prune.BasePruningMethod):
+    r"""Prune the (not yet pruned) entries with the lowest importance scores.
+
+    Use it with :func:`torch.nn.utils.prune.global_unstructured` and the scores of
+    :meth:`CurvatureResult.importance_scores()
+    <curvprune.result.CurvatureResult.importance_scores>`::
+
+        scores = curvprune.neural_curvature(model, batch).importance_scores()
+        prune.global_unstructured(list(scores), pruning_method=CurvaturePruning,
+                                  importance_scores=scores, amount=0.5)
+
+    or on one tensor with :meth:`apply` / :func:`curvature_unstructured`.
+
+    Unlike :class:`~torch.nn.utils.prune.L1Unstructured` the scores are used as they are (no
+    absolute value: they are ranks, higher = keep). Of the entries still unpruned, the ``n``
+    with the lowest scores are pruned, ties broken by flattened position (a stable sort), so
+    the mask does not depend on the device. Scores are required: they never default to the
+    weight values.
+
+    Args:
+        amount: a float in ``[0, 1]`` (fraction of the entries not yet pruned, rounded) or a
+            non-negative int (number of entries); checked with PyTorch's own messages.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: int | float) -> None:
+        _validate_amount(amount)
+        self.amount = amount
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        """Zero ``default_mask`` at the ``n`` lowest entries of the scores ``t``.
+
+        Args:
+            t: importance scores of the entries still unpruned (any shape).
+            default_mask: the mask so far, same shape as ``t``.
+
+        Raises:
+            ValueError: an int amount larger than ``t.numel()`` (PyTorch's message), or NaN
+                scores.
+        """
+        tensor_size = t.nelement()
+        nparams_toprune = _compute_nparams_toprune(self.amount, tensor_size)
+        _validate_pruning_amount(nparams_toprune, tensor_size)
+        if t.is_floating_point() and bool(torch.isnan(t).any()):
+            raise ValueError("importance scores contain NaN; they cannot rank the weights.")
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        if nparams_toprune != 0:
+            lowest = torch.argsort(t.reshape(-1), stable=True)[:nparams_toprune]
+            mask.view(-1)[lowest.to(mask.device)] = 0
+        return mask
+
+    @classmethod
+    def apply(  # type: ignore[override]
+        cls,
+        module: nn.Module,
+        name: str,
+        amount: int | float,
+        importance_scores: Scores,
+    ) -> prune.BasePruningMethod:
+        """Prune ``module.<name>`` by its curvature scores, composing with an existing mask.
+
+        Adds (or extends) PyTorch's pruning reparametrisation: ``<name>_orig`` (parameter),
+        ``<name>_mask`` (buffer) and a forward pre-hook; a second call on the same tensor
+        composes the masks through a :class:`~torch.nn.utils.prune.PruningContainer`.
+
+        Args:
+            module: the module owning the tensor.
+            name: the tensor's name in ``module`` (``"weight"``).
+            amount: float fraction of the entries not yet pruned, or int count.
+            importance_scores: a tensor of the tensor's shape and device (higher = keep), or a
+                mapping such as :meth:`CurvatureResult.importance_scores()
+                <curvprune.result.CurvatureResult.importance_scores>` holding
+                ``(module, name)``.
+
+        Returns:
+            The pruning method now registered on the module (this method or a container).
+
+        Raises:
+            ValueError: missing scores, a score of another shape or device, NaN scores, or a
+                bad ``amount`` (PyTorch's messages).
+            TypeError: a non-number ``amount`` or scores that are not a tensor or mapping.
+        """
+        _validate_amount(amount)
+        scores = _scores_for(module, name, importance_scores)
+        method = super().apply(module, name, amount=amount, importance_scores=scores)
+        # Composing through a PruningContainer casts the mask to the scores' dtype (float64);
+        # keep it in the parameter's dtype, as a first pruning does.
+        orig = getattr(module, name + "_orig")
+        mask = getattr(module, name + "_mask")
+        if mask.dtype != orig.dtype:
+            module._buffers[name + "_mask"] = mask.to(orig.dtype)
+            setattr(module, name, method.apply_mask(module))
+        return method
+
+
+def curvature_unstructured(
+    module: nn.Module, name: str, amount: int | float, importance_scores: Scores
+) -> nn.Module:
+    """Prune ``module.<name>`` in place by curvature scores, like ``prune.l1_unstructured``.
+
+    The functional form of :meth:`CurvaturePruning.apply`: the ``amount`` lowest-scoring
+    entries not yet pruned are masked (see :class:`CurvaturePruning`).
+
+    Returns:
+        ``module``, modified in place.
+    """
+    CurvaturePruning.apply(module, name, amount=amount, importance_scores=importance_scores)
+    return module
+
+
+def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.Tensor:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
+    target = getattr(module, name, None)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"{_describe_module(module)} has no tensor named {name!r} to prune.")
+    label = f"{name!r} of {_describe_module(module)}"
+    if importance_scores is None:
+        raise ValueError(
+            f"importance_scores is required to prune {label} by curvature (it never falls "
+            "back to the weight values); pass CurvatureResult.importance_scores()."
+        )
+    if isinstance(importance_scores, torch.Tensor):
+        score = importance_scores
+    elif isinstance(importance_scores, Mapping):
+        if isinstance(importance_scores, ImportanceScores):
+            return importance_scores.get((module, name))
+        if (module, name) not in importance_scores:
+            raise ValueError(
+                f"no importance score for parameter {label}; a missing score is never "
+                "replaced by the raw weight values."
+            )
+        score = importance_scores[(module, name)]
+    else:
+        raise TypeError(
+            "importance_scores must be a tensor or a {(module, name): tensor} mapping, not "
+            f"{type(importance_scores).__name__}."
+        )
+    _check_score(score, target, label)
+    return score
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """How much of one weight is pruned (masked to zero).
+
+    Attributes:
+        name: the qualified weight name (``"3.weight"``).
+        pruned: entries whose mask is zero (from this call and earlier ones).
+        total: entries of the weight.
+        excluded: whether ``prune_model`` was told to leave it alone.
+    """
+
+    name: str
+    pruned: int
+    total: int
+    excluded: bool = False
+
+    @property
+    def sparsity(self) -> float:
+        """``pruned / total``."""
+        return self.pruned / self.total if self.total else 0.0
+
+
+@dataclass
+class PruningReport:
+    """What :func:`prune_model` did.
+
+    Attributes:
+        layers: ``{weight name: LayerSparsity}`` for every scored weight, excluded ones too.
+        newly_pruned: entries masked by this call.
+        amount: the ``amount`` asked for.
+        scope: ``"global"`` or ``"layer"``.
+        order: ``"pos"`` or ``"neg"``.
+        result: the :class:`~curvprune.result.CurvatureResult` the ranking came from.
+    """
+
+    layers: dict[str, LayerSparsity]
+    newly_pruned: int
+    amount: int | float
+    scope: str
+    order: str
+    result: CurvatureResult
+
+    @property
+    def sparsity(self) -> dict[str, float]:
+        """``{weight name: pruned / total}``."""
+        return {name: layer.sparsity for name, layer in self.layers.items()}
+
+    @property
+    def pruned(self) -> int:
+        """Masked entries over all scored weights."""
+        return sum(layer.pruned for layer in self.layers.values())
+
+    @property
+    def total(self) -> int:
+        """Entries of all scored weights."""
+        return sum(layer.total for layer in self.layers.values())
+
+    @property
+    def overall_sparsity(self) -> float:
+        r"""Sparsity over all scored weights: :math:`\sum \text{pruned} / \sum \text{total}`."""
+        return self.pruned / self.total if self.total else 0.0
+
+    @property
+    def excluded(self) -> list[str]:
+        """Names of the scored weights that were left unpruned on request."""
+        return [name for name, layer in self.layers.items() if layer.excluded]
+
+    def summary(self) -> str:
+        """A plain-text table of the per-weight sparsity."""
+        lines = [
+            f"curvature pruning ({self.scope}, order={self.order!r}, amount={self.amount}): "
+            f"{self.newly_pruned} entries pruned now, overall sparsity "
+            f"{100 * self.overall_sparsity:.2f}% ({self.pruned}/{self.total})",
+            f"{'weight':<28}{'pruned':>9}{'total':>9}{'sparsity':>10}",
+        ]
+        for layer in self.layers.values():
+            note = "  (excluded)" if layer.excluded else ""
+            lines.append(f"{layer.name:<28}{layer.pruned:>9}{layer.total:>9}"
+                         f"{100 * layer.sparsity:>9.2f}%{note}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"PruningReport(scope={self.scope!r}, order={self.order!r}, "
+                f"amount={self.amount}, newly_pruned={self.newly_pruned}, "
+                f"overall_sparsity={self.overall_sparsity:.4f})")
+
+
+def pruning_hooks(model: nn.Module) -> list[tuple[str, nn.Module, prune.BasePruningMethod]]:
+    """Every pruning reparametrisation in ``model``: ``(module name, module, method)``.
+
+    ``method._tensor_name`` is the pruned tensor's name in the module.
+    """
+    found = []
+    for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                found.append((module_name, module, hook))
+    return found
+
+
+def _refresh(model: nn.Module) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` now (PyTorch does it before forward)."""
+    for _, module, hook in pruning_hooks(model):
+        setattr(module, hook._tensor_name, hook.apply_mask(module))
+
+
+def _mask_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    mask = getattr(module, name + "_mask", None)
+    return mask if isinstance(mask, torch.Tensor) else None
+
+
+def _unpruned(module: nn.Module, name: str) -> int:
+    mask = _mask_of(module, name)
+    if mask is None:
+        return getattr(module, name).numel()
+    return int((mask != 0).sum())
+
+
+def _resolve_exclude(model: nn.Module, exclude: ExcludeSpec) -> list[tuple[Any, set[str]]]:
+    """Turn ``exclude`` into ``(entry, candidate weight names)`` before scoring.
+
+    A module (object or name) stands for every ``<module>.weight`` inside it; a parameter name
+    stands for itself. Unknown names raise here, before the expensive scoring.
+    """
+    if exclude is None:
+        return []
+    entries = [exclude] if isinstance(exclude, (str, nn.Module)) else list(exclude)
+    named = dict(model.named_modules())
+    by_id = {id(m): n for n, m in named.items()}
+    resolved = []
+    for entry in entries:
+        if isinstance(entry, nn.Module):
+            if id(entry) not in by_id:
+                raise ValueError(
+                    f"exclude: {_describe_module(entry)} is not a submodule of the model."
+                )
+            prefix = by_id[id(entry)]
+        elif isinstance(entry, str):
+            if entry in named:
+                prefix = entry
+            else:
+                owner, _, attr = entry.rpartition(".")
+                if owner in named and isinstance(getattr(named[owner], attr, None),
+                                                 torch.Tensor):
+                    resolved.append((entry, {entry}))
+                    continue
+                modules = [n for n in named if n]
+                raise ValueError(
+                    f"exclude: {entry!r} is neither a module nor a parameter of the model; "
+                    f"modules are {modules[:20]}{' ...' if len(modules) > 20 else ''}."
+                )
+        else:
+            raise TypeError(
+                "exclude entries must be parameter names, module names or modules, not "
+                f"{type(entry).__name__}."
+            )
+        names = {f"{n}.weight" if n else "weight" for n in named
+                 if prefix == "" or n == prefix or n.startswith(prefix + ".")}
+        resolved.append((entry, names))
+    return resolved
+
+
+def prune_model(
+    model: nn.Module,
+    calibration: Any,
+    amount: int | float,
+    *,
+    scope: str = "global",
+    order: str = "pos",
+    exclude: ExcludeSpec = None,
+    alpha: float = 0.9,
+    granularity: str = "neuron",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> PruningReport:
+    r"""Score ``model`` by neural curvature and prune its weights in place, in one call.
+
+    Runs :func:`~curvprune.curvature.neural_curvature` on ``calibration`` and masks weights
+    with :class:`CurvaturePruning` through :mod:`torch.nn.utils.prune`:
+
+    * ``scope="global"``: one ranking across all scored weights not excluded
+      (:func:`~torch.nn.utils.prune.global_unstructured`); a float ``amount`` prunes
+      :math:`\operatorname{round}(f \cdot N)` of the :math:`N` entries not yet pruned.
+    * ``scope="layer"``: every weight pruned by ``amount`` on its own.
+
+    Calling it again on the pruned model is iterative pruning: the model is rescored with the
+    pruned weights as absent edges (they rank first and are already masked), ``amount`` applies
+    to the entries still unpruned, and the new masks compose with the old ones. Biases and
+    normalisation layers are never pruned.
+
+    Args:
+        model: a model :func:`~curvprune.curvature.neural_curvature` accepts, pruned or not.
+        calibration: the calibration set (tensor, ``(inputs, targets)`` or iterable of them).
+        amount: float fraction in ``[0, 1]`` of the entries not yet pruned, or int count.
+        scope: ``"global"`` or ``"layer"``.
+        order: ``"pos"`` (highest curvature first, the paper's method) or ``"neg"`` (lowest
+            first, the paper's control). Zero weights go first in both.
+        exclude: weights to leave unpruned: parameter names (``"5.weight"``), module names
+            (``"5"``, or a container such as ``"classifier"``) or module objects, alone or in
+            an iterable. They are still scored (they are part of the graph).
+        alpha, granularity, device, progress: passed to
+            :func:`~curvprune.curvature.neural_curvature`.
+
+    Returns:
+        A :class:`PruningReport` with the per-weight and overall sparsity and the
+        :class:`~curvprune.result.CurvatureResult`.
+
+    Raises:
+        ValueError: a bad ``scope``/``order``/``amount`` (PyTorch's messages for ``amount``), an
+            ``exclude`` entry that names nothing or matches no scored weight, nothing left to
+            prune, parameters on several devices, or anything
+            :func:`~curvprune.curvature.neural_curvature` rejects.
+        TypeError: wrong argument types.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    if scope not in _SCOPES:
+        raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
+    if order not in _ORDERS:
+        raise ValueError(f"order must be 'pos' or 'neg', not {order!r}.")
+    _validate_amount(amount)
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the model's parameters and buffers are on several devices "
+            f"({sorted(map(str, devices))}); curvature pruning ranks all weights together, so "
+            "move the model to one device first (model.to(device))."
+        )
+    exclusions = _resolve_exclude(model, exclude)
+    _refresh(model)
+
+    result = neural_curvature(model, calibration, alpha=alpha, granularity=granularity,
+                              device=device, progress=progress)
+    scored = list(result.kappa)
+    excluded: set[str] = set()
+    for entry, names in exclusions:
+        hit = names & set(scored)
+        if not hit:
+            label = entry if isinstance(entry, str) else _describe_module(entry)
+            raise ValueError(
+                f"exclude: {label!r} matches no scored weight; the scored weights are "
+                f"{scored}."
+            )
+        excluded |= hit
+    targets = [n for n in scored if n not in excluded]
+    if not targets:
+        raise ValueError(f"every scored weight is excluded ({scored}); nothing to prune.")
+
+    modules = result.modules
+    before = {n: _unpruned(modules[n], "weight") for n in targets}
+    if isinstance(amount, numbers.Integral):
+        if scope == "global":
+            _validate_pruning_amount(amount, sum(before.values()))
+        else:
+            for n in targets:  # check every layer before touching any
+                _validate_pruning_amount(amount, before[n])
+
+    scores = result.importance_scores(order)
+    params = [(modules[n], "weight") for n in targets]
+    if scope == "global":
+        prune.global_unstructured(params, pruning_method=CurvaturePruning,
+                                  importance_scores=scores, amount=amount)
+    else:
+        for module, name in params:
+            CurvaturePruning.apply(module, name, amount=amount, importance_scores=scores)
+
+    layers = {}
+    for n in scored:
+        module = modules[n]
+        total = module.weight.numel()
+        layers[n] = LayerSparsity(n, total - _unpruned(module, "weight"), total, n in excluded)
+    newly = sum(before[n] - _unpruned(modules[n], "weight") for n in targets)
+    return PruningReport(layers=layers, newly_pruned=newly, amount=amount, scope=scope,
+                         order=order, result=result)
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Remove every pruning reparametrisation in ``model`` (``prune.remove`` on each).
+
+    Each pruned tensor becomes a plain parameter again holding ``orig * mask`` (the pruned
+    entries stay exactly zero); ``*_orig`` parameters, ``*_mask`` buffers and the hooks go. The
+    masks are gone too, so later training can revive the zeros; keep them if you need them.
+
+    Returns:
+        ``model``, modified in place.
+    """
+    for _, module, hook in pruning_hooks(model):
+        prune.remove(module, hook._tensor_name)
+    return model
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike | BinaryIO) -> None:
+    """Save a (possibly pruned) model's ``state_dict``, masks included, with :func:`torch.save`.
+
+    The file holds PyTorch's pruned layout (``<name>_orig`` and ``<name>_mask`` per pruned
+    tensor); read it back with :func:`load_pruned`.
+    """
+    torch.save(model.state_dict(), path)
+
+
+def load_pruned(
+    model: nn.Module,
+    source: str | os.PathLike | BinaryIO | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+) -> nn.Module:
+    """Load a pruned ``state_dict`` (file or mapping) into ``model``, masks and hooks included.
+
+    ``model.load_state_dict`` cannot read a pruned state dict into a fresh model: the keys
+    ``<name>_orig``/``<name>_mask`` do not exist until the tensor is pruned. For every
+    ``<module>.<name>_mask`` key this adds the reparametrisation with
+    :func:`torch.nn.utils.prune.identity` (an all-ones mask) when the tensor is not pruned yet,
+    then loads (values are copied onto the model's devices) and recomputes ``<name>``. Keys and
+    shapes are checked before anything is copied (``load_state_dict`` alone copies what fits
+    and then raises); if loading fails, the identity reparametrisations it added are removed
+    again and the model is as it was.
+
+    Args:
+        model: a model of the same architecture (fresh, or pruned already).
+        source: a path or file object written by :func:`save_pruned` (read with
+            ``torch.load(weights_only=True)``), or a state dict.
+        strict: passed to :meth:`~torch.nn.Module.load_state_dict`.
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        ValueError: a mask without its ``<name>_orig`` entry, or a mask for a tensor the model
+            does not have; a pruned tensor in ``model`` that the state dict holds unpruned.
+        RuntimeError: missing or unexpected keys (``strict``) or shape mismatches, as
+            ``load_state_dict`` reports them.
+    """
+    if isinstance(source, Mapping):
+        state = dict(source)
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    named = dict(model.named_modules())
+    pruned_now = {(id(m), h._tensor_name) for _, m, h in pruning_hooks(model)}
+    to_add = []
+    for key in state:
+        if not key.endswith("_mask"):
+            continue
+        full = key[: -len("_mask")]
+        owner, _, name = full.rpartition(".")
+        if full + "_orig" not in state:
+            raise ValueError(f"state dict has {key!r} but no {full + '_orig'!r}.")
+        module = named.get(owner)
+        if module is None or not isinstance(getattr(module, name, None), torch.Tensor):
+            if not strict:
+                continue
+            raise ValueError(f"state dict has a mask for {full!r}, which the model lacks.")
+        if (id(module), name) not in pruned_now:
+            to_add.append((module, name))
+    if strict:
+        for owner, _module, hook in pruning_hooks(model):
+            full = f"{owner}.{hook._tensor_name}" if owner else hook._tensor_name
+            if full in state and full + "_orig" not in state:
+                raise ValueError(
+                    f"{full!r} is pruned in the model but not in the state dict; call "
+                    "make_permanent(model) first, or load with strict=False."
+                )
+    added = []
+    try:
+        for module, name in to_add:
+            prune.identity(module, name)
+            added.append((module, name))
+        _check_state(model, state, strict)
+        model.load_state_dict(state, strict=strict)
+    except Exception:
+        for module, name in reversed(added):
+            prune.remove(module, name)
+        raise
+    _refresh(model)
+    return model
+
+
+def _check_state(model: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
+    """Refuse a state dict ``load_state_dict`` would only half load (it copies what fits, then
+    raises): wrong shapes, and with ``strict`` missing or unexpected keys."""
+    own = model.state_dict(keep_vars=True)
+    errors = []
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if unexpected:
+            errors.append(f"Unexpected key(s) in state_dict: {unexpected}.")
+        if missing:
+            errors.append(f"Missing key(s) in state_dict: {missing}.")
+    for key, value in state.items():
+        mine = own.get(key)
+        if (isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor)
+                and mine.shape != value.shape):
+            errors.append(
+                f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                f"checkpoint, the shape in current model is {mine.shape}."
+            )
+    if errors:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(model).__name__} (nothing was "
+            "loaded):\n\t" + "\n\t".join(errors)
+        )
+
+
+def clone_pruned(model: nn.Module) -> nn.Module:
+    """A deep copy of a (possibly pruned) model, masks and pruning hooks included.
+
+    ``copy.deepcopy`` refuses a pruned model: its ``weight`` is a plain attribute computed by
+    the pruning hook (``weight_orig * weight_mask``), a non-leaf tensor. This drops those
+    computed attributes, deep-copies, and recomputes them on both models (the original is left
+    as it was, even if copying fails).
+    """
+    hooks = pruning_hooks(model)
+    for _, module, hook in hooks:
+        if hook._tensor_name in module.__dict__:
+            delattr(module, hook._tensor_name)
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        _refresh(model)
+    _refresh(clone)
+    return clone
