@@ -286,7 +286,6 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
     kappa = torch.empty_like(d)
     pending = _certify_shared(graph, l, src, dst, d, mu, nu, certify_tol, block, stats, kappa)
     zero = torch.zeros((), dtype=d.dtype, device=device)
-    inf = torch.full((), math.inf, dtype=d.dtype, device=device)
     p_count, q_count = (p_mass > 0).sum(1), (q_mass > 0).sum(1)
     # Similar support sizes in one chunk, so each chunk is cut to its own widths.
     pending = pending[torch.argsort(p_count[src[pending]] * (dm + 1) + q_count[dst[pending]])]
@@ -297,15 +296,14 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
         pm, qm = p_mass[i, :r], q_mass[j, :c]
         rows, cols = pm > 0, qm > 0
         support = rows[:, :, None] & cols[:, None, :]
-        c_km = d_km[k_idx[:, :, None], m_idx[:, None, :]]
         a_k = torch.where(rows, d_kj[k_idx, j[:, None]], zero)  # D(k, j)
         d_i_m = torch.where(cols, d_im[i[:, None], m_idx], zero)  # D(i, m)
         if alpha >= 0.5:
             # X = OT(p, q; min(C, A + B)); rows (columns) that take the swap on every support
             # cell differ only by a constant and are merged into one row (column), exactly.
             b_m = torch.where(cols, d_i_m - de[:, None], zero)
-            swap = a_k[:, :, None] + b_m[:, None, :]
-            margin = torch.where(support, c_km - swap, inf)
+            margin = d_km[k_idx[:, :, None], m_idx[:, None, :]]  # C(k, m), then C - A - B
+            margin.sub_(a_k[:, :, None]).sub_(b_m[:, None, :]).masked_fill_(~support, math.inf)
             hub_row = (margin.amin(2) >= 0) & rows
             hub_col = (margin.amin(1) >= 0) & cols
             x = (torch.where(hub_row, pm * a_k, zero).sum(1)
@@ -314,8 +312,9 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
             stats.full_swap += chunk.numel() - need.numel()
             if need.numel():
                 cost = torch.zeros((need.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
-                cost[:, :r, :c] = torch.where(support[need], torch.minimum(c_km[need],
-                                                                           swap[need]), zero)
+                core = d_km[k_idx[need][:, :, None], m_idx[need][:, None, :]]
+                core.sub_(margin[need].clamp_(min=0)).masked_fill_(~support[need], 0.0)
+                cost[:, :r, :c] = core  # min(C, A + B) = C - max(C - A - B, 0)
                 cost[:, r, :c] = b_m[need]
                 cost[:, :r, c] = a_k[need]
                 hr, hc, pn, qn = hub_row[need], hub_col[need], pm[need], qm[need]
@@ -334,7 +333,8 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
             cost[:, 0, 0] = de
             cost[:, 0, 1:] = d_i_m
             cost[:, 1:, 0] = a_k
-            cost[:, 1:, 1:] = torch.where(support, c_km, zero)
+            cost[:, 1:, 1:] = torch.where(support, d_km[k_idx[:, :, None], m_idx[:, None, :]],
+                                          zero)
             atom = torch.full((chunk.numel(), 1), alpha, dtype=d.dtype, device=device)
             w1 = _solve_batch(torch.cat([atom, (1 - alpha) * pm], 1).cpu().numpy(),
                               torch.cat([atom, (1 - alpha) * qm], 1).cpu().numpy(),

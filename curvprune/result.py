@@ -63,6 +63,8 @@ class CurvatureResult:
         edges_per_example: ``{parameter name: edges}`` (nonzero weights times positions).
         seconds: wall time of the scoring call.
         engine: how the engine resolved the live edges (see :class:`~curvprune.engine.EngineStats`).
+        magnitude: ``{parameter name: |w|}`` (float64) at scoring time: the ranking's tie-break,
+            kept so that a later change of the model does not change the order.
     """
 
     kappa: dict[str, torch.Tensor]
@@ -74,6 +76,7 @@ class CurvatureResult:
     edges_per_example: dict[str, int]
     seconds: float
     engine: dict[str, int] = field(default_factory=dict)
+    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rank_values(self) -> dict[str, torch.Tensor]:
         """The ranking value of each weight: ``+inf`` (no edge), ``2`` (dead) or kappa."""
@@ -96,10 +99,7 @@ class CurvatureResult:
         values = self.rank_values()
         device = next(iter(values.values())).device if names else torch.device("cpu")
         flat_v = torch.cat([values[n].reshape(-1).to(device) for n in names])
-        flat_w = torch.cat([
-            self.modules[n].weight.detach().reshape(-1).abs().to(device, torch.float64)
-            for n in names
-        ])
+        flat_w = torch.cat([self._magnitude(n).reshape(-1).to(device) for n in names])
         is_zero = torch.isinf(flat_v)
         key = flat_v if order == "neg" else -flat_v
         key = torch.where(is_zero, torch.full_like(key, -math.inf), key)
@@ -113,6 +113,11 @@ class CurvatureResult:
             out[n] = ranks[start:start + size].view(values[n].shape).to(values[n].device)
             start += size
         return out
+
+    def _magnitude(self, name: str) -> torch.Tensor:
+        if name in self.magnitude:
+            return self.magnitude[name]
+        return self.modules[name].weight.detach().abs().to(torch.float64)
 
     def importance_scores(self, order: str = "pos") -> ImportanceScores:
         """Scores for :func:`torch.nn.utils.prune.global_unstructured`: higher means keep.
