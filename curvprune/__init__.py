@@ -1,5 +1,13 @@
 """curvprune: post-training pruning of PyTorch models by neural graph curvature."""
 
+from .analysis import (
+    NNSTDResult,
+    curvature_statistics,
+    most_negative,
+    nnstd,
+    nnstd_masks,
+    relational_measures,
+)
 from .curvature import neural_curvature
 from .pruning import (
     CurvaturePruning,
@@ -31,5 +39,11 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "clone_pruned",
+    "nnstd",
+    "nnstd_masks",
+    "NNSTDResult",
+    "relational_measures",
+    "curvature_statistics",
+    "most_negative",
     "__version__",
 ]

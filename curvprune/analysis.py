@@ -1,0 +1,942 @@
+r"""Analysis of pruned networks: topology distance, relational-graph measures, curvature statistics.
+
+Three groups of functions (see ``docs/analysis.md`` for the conventions in full):
+
+* **NNSTD** (Liu et al., ECML-PKDD 2020): :func:`nnstd` and :func:`nnstd_masks` compare the
+  connectivity of two sparse networks of one architecture, layer by layer, up to a relabelling of
+  the hidden neurons.
+* **Relational-graph measures** (You et al., ICML 2020): :func:`relational_measures` (and
+  :func:`relational_measures_masks`) give the average clustering coefficient :math:`C` and the
+  average shortest-path length :math:`L` of the graph a pruning leaves, per layer and for the
+  whole chain, beside the dense graph's; :func:`graph_measures` computes both for any undirected
+  graph.
+* **Curvature statistics** of a :class:`~curvprune.result.CurvatureResult`:
+  :func:`curvature_statistics`, :func:`most_negative` (bottlenecks) and :func:`histogram`.
+
+A network is read as a chain of ``Linear``/``Conv2d`` weights
+(:func:`~curvprune.graph.trace_chain`); its connectivity is the set of non-zero weights
+(:func:`connectivity_masks`), which respects ``torch.nn.utils.prune`` masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components, shortest_path
+
+from .graph import trace_chain
+from .result import CurvatureResult
+
+__all__ = [
+    "connectivity_masks",
+    "NNSTDResult",
+    "nnstd",
+    "nnstd_masks",
+    "GraphMeasures",
+    "RelationalMeasures",
+    "RelationalResult",
+    "graph_measures",
+    "relational_measures",
+    "relational_measures_masks",
+    "CurvatureStatistics",
+    "Bottlenecks",
+    "Histogram",
+    "curvature_statistics",
+    "most_negative",
+    "histogram",
+]
+
+_CONV_MODES = ("channel", "kernel")
+_LEVELS = ("channel", "neuron")
+# Preference for keeping neuron i <-> i among (nearly) tied assignments; see _match.
+_TIE_BREAK = 1e-9
+MaskLike = torch.Tensor | np.ndarray
+
+
+# --------------------------------------------------------------------------------------------
+# The chain of connectivity masks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One weight of the chain as a 0/1 mask of the weight's shape.
+
+    ``mask`` is ``[out, in / groups]`` (linear) or ``[out, in / groups, kh, kw]`` (conv).
+    """
+
+    name: str
+    mask: np.ndarray
+    groups: int
+    kind: str  # "linear" or "conv"
+
+    @property
+    def n_out(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def n_in(self) -> int:
+        return self.mask.shape[1] * self.groups
+
+    def full(self) -> np.ndarray:
+        """The mask over all input units: ``[out, in, *kernel]`` (groups expanded, zeros outside
+        a unit's group), so that input unit ``i`` is row ``i`` for every output unit."""
+        if self.groups == 1:
+            return self.mask
+        out, in_g = self.mask.shape[:2]
+        out_g = out // self.groups
+        full = np.zeros((out, in_g * self.groups, *self.mask.shape[2:]), dtype=bool)
+        for g in range(self.groups):
+            full[g * out_g:(g + 1) * out_g, g * in_g:(g + 1) * in_g] = \
+                self.mask[g * out_g:(g + 1) * out_g]
+        return full
+
+    def unit_matrix(self) -> np.ndarray:
+        """``[out, in]`` bool: output unit ``o`` is connected to input unit ``i`` (a conv pair of
+        channels is connected if any kernel weight between them is non-zero)."""
+        full = self.full()
+        return full.reshape(full.shape[0], full.shape[1], -1).any(axis=2)
+
+
+def _nonzero(module: nn.Module) -> torch.Tensor:
+    """Where the effective weight of ``module`` is non-zero.
+
+    For a module under a ``torch.nn.utils.prune`` reparametrisation this is
+    ``(weight_orig != 0) & (weight_mask != 0)``, i.e. ``weight != 0`` as the next forward pass
+    will see it (``module.weight`` itself is only refreshed by that forward pass).
+    """
+    orig = getattr(module, "weight_orig", None)
+    mask = getattr(module, "weight_mask", None)
+    if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
+        return (orig.detach() != 0) & (mask.detach() != 0)
+    return module.weight.detach() != 0
+
+
+def connectivity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{weight name: bool tensor of the weight's shape}``: the non-zero weights of every
+    ``Linear``/``Conv2d`` layer of the chain, in chain order (on the CPU).
+
+    Pruning masks are respected: a weight is present iff ``weight_orig * weight_mask`` (or
+    ``weight`` for an unpruned module) is non-zero.
+
+    Raises:
+        ValueError: ``model`` is not a chain :func:`~curvprune.graph.trace_chain` accepts.
+    """
+    return {layer.name: _nonzero(layer.module).cpu() for layer in trace_chain(model)}
+
+
+def _layers_from_model(model: nn.Module) -> list[_Layer]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, not {type(model).__name__}.")
+    layers = []
+    for layer in trace_chain(model):
+        module = layer.module
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        groups = module.groups if kind == "conv" else 1
+        layers.append(_Layer(layer.name, _nonzero(module).cpu().numpy(), groups, kind))
+    return layers
+
+
+def _layers_from_masks(masks: Mapping[str, MaskLike],
+                       groups: Mapping[str, int] | None = None) -> list[_Layer]:
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a mapping {{name: tensor}}, not {type(masks).__name__}.")
+    groups = dict(groups or {})
+    unknown = set(groups) - set(masks)
+    if unknown:
+        raise ValueError(f"groups names weights that are not in the masks: {sorted(unknown)}.")
+    layers = []
+    for name, mask in masks.items():
+        if isinstance(mask, torch.Tensor):
+            array = (mask.detach() != 0).cpu().numpy()
+        else:
+            array = np.asarray(mask) != 0
+        if array.ndim not in (2, 4):
+            raise ValueError(
+                f"mask {name!r} has shape {tuple(array.shape)}; expected a Linear weight's "
+                "[out, in] or a Conv2d weight's [out, in / groups, kh, kw]."
+            )
+        g = groups.get(name, 1)
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1 or array.shape[0] % g:
+            raise ValueError(
+                f"groups[{name!r}] = {g!r} must be a positive integer dividing the "
+                f"{array.shape[0]} output units."
+            )
+        if array.ndim == 2 and g != 1:
+            raise ValueError(f"groups[{name!r}] = {g}: only a conv mask (4-D) can be grouped.")
+        layers.append(_Layer(str(name), array, g, "conv" if array.ndim == 4 else "linear"))
+    if not layers:
+        raise ValueError("no masks given.")
+    return layers
+
+
+def _check_same_architecture(a: list[_Layer], b: list[_Layer]) -> None:
+    for k in range(max(len(a), len(b))):
+        if k >= len(a) or k >= len(b):
+            extra = (b if k >= len(a) else a)[k]
+            raise ValueError(
+                f"the networks differ in depth ({len(a)} vs {len(b)} weights): layer "
+                f"{extra.name!r} has no counterpart."
+            )
+        la, lb = a[k], b[k]
+        if la.name != lb.name:
+            raise ValueError(
+                f"layer {k} is {la.name!r} in the first network and {lb.name!r} in the second."
+            )
+        if la.kind != lb.kind:
+            raise ValueError(f"layer {la.name!r} is a {la.kind} in one network and a "
+                             f"{lb.kind} in the other.")
+        if la.mask.shape != lb.mask.shape:
+            raise ValueError(
+                f"layer {la.name!r} has shape {tuple(la.mask.shape)} in the first network and "
+                f"{tuple(lb.mask.shape)} in the second."
+            )
+        if la.groups != lb.groups:
+            raise ValueError(
+                f"layer {la.name!r} has groups={la.groups} in the first network and "
+                f"groups={lb.groups} in the second."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# NNSTD
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NNSTDResult:
+    """Neural Network Sparse Topology Distance between networks ``a`` and ``b``.
+
+    Attributes:
+        distances: ``{weight name: layer distance in [0, 1]}``, in chain order.
+        mean: the mean of the layer distances (NaN if there are none).
+        conv_mode: ``"channel"`` or ``"kernel"``: how a conv output channel's input set was read.
+        matchings: ``{weight name: int array}``: ``matchings[name][i]`` is the output unit of
+            ``b`` matched to output unit ``i`` of ``a`` in that layer.
+        carried: ``{weight name: bool}``: whether the previous layer's matching was applied to
+            this layer's inputs (always ``False`` for the first layer, whose inputs are the data).
+        notes: ``{weight name: text}`` for every layer after the first whose inputs could not be
+            matched to the previous layer's outputs (the matching was not carried).
+    """
+
+    distances: dict[str, float]
+    mean: float
+    conv_mode: str
+    matchings: dict[str, np.ndarray] = field(repr=False)
+    carried: dict[str, bool] = field(repr=False)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A plain-text table of the layer distances."""
+        lines = [f"NNSTD ({self.conv_mode} mode): mean {self.mean:.4f}",
+                 f"{'weight':<28}{'distance':>10}  carried"]
+        for name, d in self.distances.items():
+            note = f"  ({self.notes[name]})" if name in self.notes else ""
+            lines.append(f"{name:<28}{d:>10.4f}  {'yes' if self.carried[name] else 'no'}{note}")
+        return "\n".join(lines)
+
+
+def nnstd(model_a: nn.Module, model_b: nn.Module, *, conv_mode: str = "channel",
+          carry: bool = True) -> NNSTDResult:
+    r"""Neural Network Sparse Topology Distance (Liu et al. 2020) between two pruned networks.
+
+    Both models must have the same architecture (same chain of weight names and shapes). Each
+    layer is read as a 0/1 matrix :math:`M \in \{0,1\}^{n_{in} \times n_{out}}`,
+    :math:`M_{ij} = 1` iff the effective weight from input unit :math:`i` to output unit
+    :math:`j` is non-zero (:func:`connectivity_masks`). Output unit :math:`j` is described by its
+    input set :math:`S_j = \{i : M_{ij} = 1\}`, and two input sets by the normalised edit distance
+
+    .. math::
+
+        \delta(A, B) = \begin{cases} 0 & A = B = \emptyset \\
+        \dfrac{|A \setminus B| + |B \setminus A|}{|A \cup B|} & \text{otherwise}\end{cases}
+
+    (which is 1 when :math:`A` and :math:`B` are disjoint). The layer distance is
+
+    .. math::
+
+        D = \frac{1}{n_{out}} \min_{\sigma} \sum_{j} \delta(S^a_j, S^b_{\sigma(j)}),
+
+    the optimal assignment :math:`\sigma` of ``a``'s output units to ``b``'s (Hungarian,
+    :func:`scipy.optimize.linear_sum_assignment`); :math:`D \in [0, 1]`. With ``carry``, the
+    matching of layer :math:`k` is carried to layer :math:`k+1`: the input rows of ``b``'s layer
+    :math:`k+1` are permuted by :math:`\sigma` (row :math:`i` of the permuted matrix is row
+    :math:`\sigma(i)` of ``b``'s), so hidden units are compared under the best correspondence.
+
+    Conv layers: an output channel is a unit; its input set is, with ``conv_mode="channel"``,
+    the in-channels with any non-zero kernel weight, and with ``conv_mode="kernel"`` the
+    ``(in-channel, kh, kw)`` positions with a non-zero weight. Grouped convs are read over all
+    in-channels (a channel outside the unit's group is never in its set). A conv that feeds a
+    ``Linear`` through ``Flatten`` carries its channel matching to the ``C*H*W`` features:
+    channel :math:`c` owns features :math:`cHW, \dots, (c+1)HW - 1` (``Flatten`` is
+    channel-major), so feature :math:`cHW + p` of ``a`` is compared with feature
+    :math:`\sigma(c)HW + p` of ``b``, with :math:`HW` = in-features / channels. Where the sizes
+    do not allow that (in-features not a multiple of the channels, or any other mismatch) the
+    matching is not carried and :attr:`NNSTDResult.notes` says so.
+
+    Ties. The assignment minimises the cost plus :math:`10^{-9}` per unit not matched to its own
+    index: among the optimal assignments it keeps the most units :math:`i \leftrightarrow i`
+    (the solver alone picks any), and the reported layer distance is within :math:`10^{-9}` of
+    the exact optimum. So identical networks are at distance 0 even when units share an input
+    set. Because later layers depend on which optimal matching
+    is carried, the pair is put in a canonical order (by the bytes of their masks) before the
+    layer-by-layer pass, which makes ``nnstd(a, b)`` equal ``nnstd(b, a)`` exactly, with inverse
+    matchings.
+
+    Args:
+        model_a, model_b: chains :func:`~curvprune.graph.trace_chain` accepts (pruned or not).
+        conv_mode: ``"channel"`` or ``"kernel"`` (see above).
+        carry: carry each layer's matching to the next layer's inputs (Liu et al.'s method);
+            ``False`` compares every layer on its own.
+
+    Raises:
+        ValueError: different architectures (the message names the layer), an unknown
+            ``conv_mode``, or a model that is not a chain.
+    """
+    return _nnstd(_layers_from_model(model_a), _layers_from_model(model_b), conv_mode, carry)
+
+
+def nnstd_masks(masks_a: Mapping[str, MaskLike], masks_b: Mapping[str, MaskLike], *,
+                conv_mode: str = "channel", groups: Mapping[str, int] | None = None,
+                carry: bool = True) -> NNSTDResult:
+    """:func:`nnstd` of two connectivity masks ``{weight name: tensor}`` without the models.
+
+    Each mask has its weight's shape (``[out, in]`` for a Linear, ``[out, in / groups, kh, kw]``
+    for a Conv2d) and marks the present weights (non-zero entries; ``bool`` or numeric); the
+    mapping's order is the chain order (``masks_b`` must list the same names in the same order).
+    :func:`connectivity_masks` builds one from a model; ``{n: m.weight_mask}`` of a pruned
+    model works too. ``groups`` gives the ``groups`` of grouped convs (default 1). The matching
+    of a layer is carried to the next one when the next one's inputs are the previous one's
+    outputs (equal sizes), or their ``Flatten`` (conv followed by a Linear whose in-features
+    are a multiple of the channels); pass ``carry=False`` if consecutive masks are not
+    consecutive layers.
+
+    Raises:
+        ValueError: the masks differ in names, order, shapes or groups (the message names the
+            layer), a mask is not 2-D or 4-D, or an unknown ``conv_mode``.
+    """
+    return _nnstd(_layers_from_masks(masks_a, groups), _layers_from_masks(masks_b, groups),
+                  conv_mode, carry)
+
+
+def _input_sets(full: np.ndarray, conv_mode: str) -> np.ndarray:
+    """``[out, set elements]`` bool: each output unit's input set as a row."""
+    if full.ndim == 2:
+        return full
+    if conv_mode == "channel":
+        return full.reshape(full.shape[0], full.shape[1], -1).any(axis=2)
+    return full.reshape(full.shape[0], -1)
+
+
+def _set_distances(sets_a: np.ndarray, sets_b: np.ndarray) -> np.ndarray:
+    """``[n_a, n_b]`` normalised edit distances between the rows of two bool matrices.
+
+    Computed from exact integer counts (float64 holds them exactly), so the matrix of
+    ``(b, a)`` is exactly the transpose of that of ``(a, b)``.
+    """
+    fa = sets_a.astype(np.float64)
+    fb = sets_b.astype(np.float64)
+    inter = fa @ fb.T
+    union = fa.sum(axis=1)[:, None] + fb.sum(axis=1)[None, :] - inter
+    return np.where(union > 0, (union - inter) / np.maximum(union, 1.0), 0.0)
+
+
+def _match(cost: np.ndarray) -> np.ndarray:
+    """The optimal assignment of rows to columns; near-ties go to the identity."""
+    n = cost.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    perturbed = cost + _TIE_BREAK
+    np.fill_diagonal(perturbed, np.diagonal(cost))
+    rows, cols = linear_sum_assignment(perturbed)
+    out = np.empty(n, dtype=np.int64)
+    out[rows] = cols
+    return out
+
+
+def _carry_permutation(prev: _Layer, layer: _Layer,
+                       matching: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """The permutation of ``layer``'s input units induced by ``prev``'s output matching."""
+    n_prev, n_in = prev.n_out, layer.n_in
+    if n_in == n_prev:
+        return matching, None
+    if prev.kind == "conv" and layer.kind == "linear" and n_prev and n_in % n_prev == 0:
+        hw = n_in // n_prev
+        return (matching[:, None] * hw + np.arange(hw)[None, :]).reshape(-1), None
+    if prev.kind == "conv" and layer.kind == "linear":
+        reason = (f"not carried: {n_in} in-features are not a multiple of the {n_prev} "
+                  f"channels of {prev.name!r}")
+    else:
+        reason = (f"not carried: {n_in} inputs do not match the {n_prev} outputs of "
+                  f"{prev.name!r}")
+    return None, reason
+
+
+def _nnstd_ordered(a: list[_Layer], b: list[_Layer], conv_mode: str, carry: bool
+                   ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, bool],
+                              dict[str, str]]:
+    distances: dict[str, float] = {}
+    matchings: dict[str, np.ndarray] = {}
+    carried: dict[str, bool] = {}
+    notes: dict[str, str] = {}
+    previous: np.ndarray | None = None
+    for k, (la, lb) in enumerate(zip(a, b)):
+        full_b = lb.full()
+        carried[la.name] = False
+        if k > 0 and carry:
+            perm, note = _carry_permutation(a[k - 1], la, previous)
+            if perm is None:
+                notes[la.name] = note
+            else:
+                full_b = full_b[:, perm]
+                carried[la.name] = True
+        cost = _set_distances(_input_sets(la.full(), conv_mode), _input_sets(full_b, conv_mode))
+        matching = _match(cost)
+        n = la.n_out
+        distances[la.name] = (math.fsum(cost[np.arange(n), matching].tolist()) / n) if n else 0.0
+        matchings[la.name] = matching
+        previous = matching
+    return distances, matchings, carried, notes
+
+
+def _mask_key(layers: list[_Layer]) -> bytes:
+    return b"".join(np.packbits(layer.mask.reshape(-1)).tobytes() for layer in layers)
+
+
+def _nnstd(a: list[_Layer], b: list[_Layer], conv_mode: str, carry: bool) -> NNSTDResult:
+    if conv_mode not in _CONV_MODES:
+        raise ValueError(f"conv_mode must be one of {_CONV_MODES}, not {conv_mode!r}.")
+    _check_same_architecture(a, b)
+    swap = _mask_key(a) > _mask_key(b)
+    if swap:
+        distances, matchings, carried, notes = _nnstd_ordered(b, a, conv_mode, carry)
+        matchings = {name: np.argsort(m) for name, m in matchings.items()}  # the inverses
+    else:
+        distances, matchings, carried, notes = _nnstd_ordered(a, b, conv_mode, carry)
+    values = list(distances.values())
+    mean = math.fsum(values) / len(values) if values else math.nan
+    return NNSTDResult(distances, mean, conv_mode, matchings, carried, notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Graph measures: clustering coefficient and average shortest path length
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphMeasures:
+    """Average clustering coefficient and average shortest-path length of an undirected graph.
+
+    Attributes:
+        nodes: number of nodes.
+        edges: number of (undirected, non-loop) edges.
+        clustering: average clustering coefficient :math:`C` over all nodes (nodes of degree
+            below 2 count 0); NaN for a graph without nodes.
+        path_length: average shortest-path length :math:`L` over ordered pairs of distinct
+            nodes of the largest connected component (0 for a single node).
+        connected: whether the graph is connected (if not, ``path_length`` is over the largest
+            component only).
+        largest_component: number of nodes of that component.
+        components: number of connected components (an isolated node is one).
+    """
+
+    nodes: int
+    edges: int
+    clustering: float
+    path_length: float
+    connected: bool
+    largest_component: int
+    components: int
+
+
+def _as_adjacency(adjacency: Any) -> sp.csr_matrix:
+    """Symmetric 0/1 CSR adjacency without self-loops (float64)."""
+    if isinstance(adjacency, torch.Tensor):
+        adjacency = adjacency.detach().cpu().numpy()
+    matrix = sp.csr_matrix(adjacency)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"the adjacency matrix must be square, not {matrix.shape}.")
+    matrix = (matrix != 0).astype(np.float64)
+    coo = ((matrix + matrix.T) != 0).tocoo()
+    keep = coo.row != coo.col
+    return sp.csr_matrix((np.ones(int(keep.sum())), (coo.row[keep], coo.col[keep])),
+                         shape=matrix.shape)
+
+
+def _dense_enough(adj: sp.csr_matrix) -> bool:
+    """Whether dense float32 products beat sparse work: at most 8192 nodes, density > 2%."""
+    n = adj.shape[0]
+    return n <= 8192 and adj.nnz > 0.02 * n * n
+
+
+def _average_clustering(adj: sp.csr_matrix) -> float:
+    r"""Mean over nodes of :math:`c_v = (A^3)_{vv} / (d_v (d_v - 1))` (0 when :math:`d_v < 2`)."""
+    n = adj.shape[0]
+    if n == 0:
+        return math.nan
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    closed = np.zeros(n)  # (A^3)_vv = 2 * triangles through v
+    if _dense_enough(adj):
+        # float32 products of 0/1 matrices are exact integers below 2**24 (n <= 8192)
+        dense = adj.toarray().astype(np.float32)
+        for start in range(0, n, 1024):
+            rows = dense[start:start + 1024]
+            closed[start:start + 1024] = ((rows @ dense).astype(np.float64) * rows).sum(axis=1)
+    else:
+        chunk = max(1, (1 << 22) // max(n, 1))
+        for start in range(0, n, chunk):
+            rows = adj[start:start + chunk]
+            closed[start:start + chunk] = np.asarray(
+                (rows @ adj).multiply(rows).sum(axis=1)).ravel()
+    pairs = degree * (degree - 1)
+    local = np.divide(closed, pairs, out=np.zeros(n), where=pairs > 0)
+    return float(math.fsum(local.tolist()) / n)
+
+
+def _distance_sum(adj: sp.csr_matrix, method: str = "auto") -> float:
+    """Sum of the shortest-path lengths over all ordered pairs of a connected graph.
+
+    ``"bfs"``: :func:`scipy.sparse.csgraph.shortest_path` (unweighted), ``O(n m)``;
+    ``"matmul"``: breadth-first search from blocks of sources at once by dense products with the
+    adjacency matrix, faster for dense graphs (``O(n^3 D)`` flops in BLAS, ``D`` the diameter).
+    """
+    n = adj.shape[0]
+    if method == "auto":
+        method = "matmul" if _dense_enough(adj) else "bfs"
+    total = 0.0
+    if method == "bfs":
+        chunk = max(1, (1 << 22) // max(n, 1))
+        for start in range(0, n, chunk):
+            d = shortest_path(adj, method="D", directed=False, unweighted=True,
+                              indices=np.arange(start, min(n, start + chunk)))
+            total += float(d.sum())
+        return total
+    dense = adj.toarray().astype(np.float32)
+    chunk = 512
+    for start in range(0, n, chunk):
+        sources = np.arange(start, min(n, start + chunk))
+        frontier = np.zeros((sources.size, n), dtype=bool)
+        frontier[np.arange(sources.size), sources] = True
+        seen = frontier.copy()
+        level = 0
+        while frontier.any():
+            level += 1
+            active = np.flatnonzero(frontier.any(axis=0))  # only these rows of A matter
+            frontier = ((frontier[:, active].astype(np.float32) @ dense[active]) > 0) & ~seen
+            seen |= frontier
+            total += level * float(frontier.sum())
+    return total
+
+
+def graph_measures(adjacency: Any, *, method: str = "auto") -> GraphMeasures:
+    r"""Average clustering coefficient and average shortest-path length of an undirected graph.
+
+    ``adjacency`` is a square matrix (scipy sparse, numpy or torch); ``u ~ v`` iff entry
+    ``(u, v)`` or ``(v, u)`` is non-zero; self-loops are ignored. With :math:`A` the 0/1
+    adjacency matrix and :math:`d_v` the degree,
+
+    .. math::
+
+        C = \frac{1}{n} \sum_v c_v, \quad c_v = \frac{(A^3)_{vv}}{d_v (d_v - 1)}
+        \ (0 \text{ if } d_v < 2), \qquad
+        L = \frac{1}{s(s-1)} \sum_{u \ne v \in G^*} \operatorname{dist}(u, v),
+
+    where :math:`G^*` is the largest connected component (:math:`s` nodes; of several largest
+    components, the one holding the lowest-numbered node) and :math:`L = 0` when :math:`s = 1`.
+    These equal :func:`networkx.average_clustering` and
+    :func:`networkx.average_shortest_path_length` of :math:`G^*`.
+
+    Args:
+        adjacency: the graph.
+        method: how :math:`L` is computed: ``"bfs"`` (scipy's unweighted shortest paths),
+            ``"matmul"`` (blocked breadth-first search by dense matrix products) or ``"auto"``
+            (``"matmul"`` for dense graphs of at most 8192 nodes).
+    """
+    if method not in ("auto", "bfs", "matmul"):
+        raise ValueError(f"method must be 'auto', 'bfs' or 'matmul', not {method!r}.")
+    adj = _as_adjacency(adjacency)
+    n = adj.shape[0]
+    clustering = _average_clustering(adj)
+    if n == 0:
+        return GraphMeasures(0, 0, math.nan, math.nan, True, 0, 0)
+    count, labels = connected_components(adj, directed=False)
+    sizes = np.bincount(labels, minlength=count)
+    first_node = np.full(count, n)
+    np.minimum.at(first_node, labels, np.arange(n))
+    largest = np.flatnonzero(sizes == sizes.max())
+    best = largest[np.argmin(first_node[largest])]
+    nodes = np.flatnonzero(labels == best)
+    s = nodes.size
+    path = _distance_sum(adj[nodes][:, nodes].tocsr(), method) / (s * (s - 1)) if s > 1 else 0.0
+    return GraphMeasures(n, adj.nnz // 2, clustering, path, count == 1, int(s), int(count))
+
+
+# --------------------------------------------------------------------------------------------
+# Relational-graph measures of a pruned chain
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RelationalMeasures:
+    """:class:`GraphMeasures` of one graph a pruning leaves, beside the dense graph's.
+
+    Attributes:
+        name: the weight name (a layer's graph) or ``"chain"`` (the whole chain's graph).
+        pruned: the measures with the present weights as edges.
+        dense: the measures of the same architecture with every weight present.
+    """
+
+    name: str
+    pruned: GraphMeasures
+    dense: GraphMeasures
+
+
+@dataclass(frozen=True)
+class RelationalResult:
+    """Relational-graph measures of a network, per layer and for the whole chain.
+
+    Attributes:
+        level: ``"channel"`` or ``"neuron"``.
+        layers: ``{weight name: RelationalMeasures}`` of each layer's bipartite graph.
+        chain: the measures of the whole chain's graph (name ``"chain"``).
+    """
+
+    level: str
+    layers: dict[str, RelationalMeasures]
+    chain: RelationalMeasures
+
+    def summary(self) -> str:
+        """A plain-text table: C and L of each graph, pruned and dense."""
+        lines = [f"relational-graph measures ({self.level} level); a disconnected graph's L is "
+                 "over its largest component (noted)",
+                 f"{'graph':<28}{'nodes':>7}{'edges':>9}{'C':>8}{'L':>8}"
+                 f"{'edges*':>9}{'C*':>8}{'L*':>8}   (* = dense)"]
+        for row in [*self.layers.values(), self.chain]:
+            p, d = row.pruned, row.dense
+            mark = "" if p.connected else f" (largest component {p.largest_component})"
+            lines.append(f"{row.name:<28}{p.nodes:>7}{p.edges:>9}{p.clustering:>8.4f}"
+                         f"{p.path_length:>8.4f}{d.edges:>9}{d.clustering:>8.4f}"
+                         f"{d.path_length:>8.4f}{mark}")
+        return "\n".join(lines)
+
+
+def _bipartite_blocks(layers: list[_Layer], level: str) -> list[np.ndarray]:
+    """Per layer, ``[n_in, n_out]`` bool: input unit ``i`` is connected to output unit ``j``,
+    with consecutive layers' units made to agree (see :func:`relational_measures`)."""
+    if level == "neuron":
+        for layer in layers:
+            if layer.kind != "linear":
+                raise ValueError(
+                    f"level='neuron' needs a network of Linear layers only; {layer.name!r} is a "
+                    "conv (its neuron graph has one node per position). Use level='channel'."
+                )
+    blocks = [layer.unit_matrix().T for layer in layers]
+    for k in range(1, len(layers)):
+        prev, layer = layers[k - 1], layers[k]
+        n_prev, n_in = blocks[k - 1].shape[1], blocks[k].shape[0]
+        if n_prev == n_in:
+            continue
+        if prev.kind == "conv" and layer.kind == "linear" and n_in % n_prev == 0:
+            # Flatten: channel c owns the features c*HW ... (c+1)*HW - 1.
+            blocks[k] = blocks[k].reshape(n_prev, n_in // n_prev, -1).any(axis=1)
+        elif prev.kind == "linear" and layer.kind == "conv" and n_prev % n_in == 0:
+            # the reverse (a reshape to C x H x W): feature f belongs to channel f // HW.
+            blocks[k - 1] = blocks[k - 1].reshape(blocks[k - 1].shape[0], n_in, -1).any(axis=2)
+        else:
+            raise ValueError(
+                f"{layer.name!r} has {n_in} input units but {prev.name!r} has {n_prev} output "
+                "units, and they cannot be grouped into each other's channels."
+            )
+    return blocks
+
+
+def _layer_graph(block: np.ndarray) -> sp.csr_matrix:
+    n_in, n_out = block.shape
+    b = sp.csr_matrix(block.astype(np.float64))
+    return sp.bmat([[sp.csr_matrix((n_in, n_in)), b], [b.T, sp.csr_matrix((n_out, n_out))]],
+                   format="csr")
+
+
+def _chain_graph(blocks: list[np.ndarray]) -> sp.csr_matrix:
+    sizes = [blocks[0].shape[0]] + [b.shape[1] for b in blocks]
+    offsets = np.cumsum([0] + sizes)
+    rows, cols = [], []
+    for k, block in enumerate(blocks):
+        i, j = np.nonzero(block)
+        rows.append(i + offsets[k])
+        cols.append(j + offsets[k + 1])
+    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    n = int(offsets[-1])
+    upper = sp.csr_matrix((np.ones(r.size), (r, c)), shape=(n, n))
+    return (upper + upper.T).tocsr()
+
+
+def relational_measures(model: nn.Module, *, level: str = "channel",
+                        method: str = "auto") -> RelationalResult:
+    r"""Clustering coefficient :math:`C` and path length :math:`L` of the graph a pruning leaves.
+
+    The graph is undirected: its nodes are units, its edges the present (non-zero) weights
+    (:func:`connectivity_masks`, so pruning masks are respected).
+
+    * ``level="channel"``: a conv layer's units are channels (in-channel :math:`i` ~ out-channel
+      :math:`o` iff any kernel weight of ``W[o, i]`` is non-zero; a grouped conv links only
+      channels of one group); a Linear layer's units are its features, except that the
+      ``C*H*W`` features a conv's ``Flatten`` feeds to a Linear are grouped back into the
+      ``C`` channels (channel :math:`c` ~ output :math:`j` iff any of the features
+      :math:`cHW .. (c+1)HW - 1` has a non-zero weight to :math:`j`), so the chain joins up.
+    * ``level="neuron"``: every unit is a neuron; only for networks of Linear layers (where it
+      gives the same graph as ``"channel"``), since a conv's neuron graph has a node per
+      position.
+
+    Each layer's graph has the layer's input and output units as nodes (bipartite); the chain's
+    graph has all layers' units, one node layer after another. Both are bipartite (edges only
+    join consecutive node layers), so :math:`C = 0` for them by definition, pruned or dense;
+    :math:`L` is the informative measure here. When pruning disconnects the graph (isolated
+    units, cut-off parts), :math:`L` is taken over the largest connected component and
+    ``connected`` is ``False``. The dense graph is that of the same architecture with every
+    weight present. See :func:`graph_measures` for the formulas.
+
+    Args:
+        model: a chain :func:`~curvprune.graph.trace_chain` accepts.
+        level: ``"channel"`` or ``"neuron"``.
+        method: passed to :func:`graph_measures`.
+
+    Raises:
+        ValueError: an unknown level, ``level="neuron"`` with a conv layer, a model that is not
+            a chain, or consecutive layers whose units cannot be matched.
+    """
+    return _relational(_layers_from_model(model), level, method)
+
+
+def relational_measures_masks(masks: Mapping[str, MaskLike], *, level: str = "channel",
+                              groups: Mapping[str, int] | None = None,
+                              method: str = "auto") -> RelationalResult:
+    """:func:`relational_measures` of connectivity masks ``{weight name: tensor}`` in chain
+    order (as for :func:`nnstd_masks`; ``groups`` gives grouped convs' groups)."""
+    return _relational(_layers_from_masks(masks, groups), level, method)
+
+
+def _relational(layers: list[_Layer], level: str, method: str) -> RelationalResult:
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {_LEVELS}, not {level!r}.")
+    dense_layers = [_Layer(l.name, np.ones_like(l.mask), l.groups, l.kind) for l in layers]
+    pruned = _bipartite_blocks(layers, level)
+    dense = _bipartite_blocks(dense_layers, level)
+    rows = {
+        layer.name: RelationalMeasures(
+            layer.name,
+            graph_measures(_layer_graph(p), method=method),
+            graph_measures(_layer_graph(d), method=method),
+        )
+        for layer, p, d in zip(layers, pruned, dense)
+    }
+    chain = RelationalMeasures("chain", graph_measures(_chain_graph(pruned), method=method),
+                               graph_measures(_chain_graph(dense), method=method))
+    return RelationalResult(level, rows, chain)
+
+
+# --------------------------------------------------------------------------------------------
+# Curvature statistics
+# --------------------------------------------------------------------------------------------
+
+_DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass(frozen=True)
+class CurvatureStatistics:
+    """Curvature statistics of one weight tensor (over its live weights).
+
+    The counts, ``kappa_min``/``kappa_median``/``kappa_max`` and ``negative_share`` come from
+    :meth:`CurvatureResult.layer_summaries() <curvprune.result.CurvatureResult.layer_summaries>`.
+
+    Attributes:
+        name: the weight name.
+        weights: number of weights.
+        zero: weights that are exactly zero (no edge; kappa ``+inf``).
+        dead: non-zero weights every edge of which has an inactive end.
+        live: the remaining weights (the ones the statistics describe).
+        mean: mean kappa of the live weights (NaN if none).
+        std: population standard deviation (``ddof=0``) of the live kappa (NaN if none).
+        quantiles: ``{q: kappa quantile}`` of the live weights (linear interpolation).
+        kappa_min, kappa_median, kappa_max: of the live weights, as ``layer_summaries`` gives
+            them (``torch.median``: for an even count the lower of the two middle values,
+            whereas ``quantiles[0.5]`` interpolates between them).
+        negative: live weights with kappa < 0 (bottlenecks).
+        negative_share: ``negative / live`` (NaN if no live weight).
+    """
+
+    name: str
+    weights: int
+    zero: int
+    dead: int
+    live: int
+    mean: float
+    std: float
+    quantiles: dict[float, float]
+    kappa_min: float
+    kappa_median: float
+    kappa_max: float
+    negative: int
+    negative_share: float
+
+
+def _live_kappa(result: CurvatureResult, name: str) -> np.ndarray:
+    k = result.kappa[name].detach().cpu().to(torch.float64).reshape(-1)
+    live = result.live[name].detach().cpu().reshape(-1)
+    return k[live].numpy()
+
+
+def _check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(q) for q in quantiles)
+    if any(not (0.0 <= q <= 1.0) for q in values):
+        raise ValueError(f"quantiles must lie in [0, 1]; got {list(quantiles)}.")
+    return values
+
+
+def curvature_statistics(result: CurvatureResult,
+                         quantiles: Sequence[float] = _DEFAULT_QUANTILES
+                         ) -> list[CurvatureStatistics]:
+    r"""Per-layer statistics of the curvature of the live weights, in chain order.
+
+    With :math:`K` the live kappa values of a layer (:math:`n = |K|`):
+    mean :math:`\bar\kappa = \frac1n \sum_{k \in K} k`, standard deviation
+    :math:`\sqrt{\frac1n \sum (k - \bar\kappa)^2}`, quantiles by linear interpolation
+    (:func:`numpy.quantile`), negative share :math:`|\{k \in K: k < 0\}| / n`; the counts of
+    zero, dead and live weights as in :meth:`CurvatureResult.layer_summaries()
+    <curvprune.result.CurvatureResult.layer_summaries>`, which supplies them.
+
+    Args:
+        result: a :class:`~curvprune.result.CurvatureResult`.
+        quantiles: the levels in ``[0, 1]`` to report.
+    """
+    levels = _check_quantiles(quantiles)
+    rows = []
+    for summary in result.layer_summaries():
+        values = _live_kappa(result, summary.name)
+        if values.size:
+            mean = float(values.mean())
+            std = float(values.std())
+            qs = dict(zip(levels, (float(v) for v in np.quantile(values, levels)))) \
+                if levels else {}
+        else:
+            mean = std = math.nan
+            qs = {q: math.nan for q in levels}
+        share = summary.negative_share
+        rows.append(CurvatureStatistics(
+            name=summary.name, weights=summary.weights, zero=summary.zero, dead=summary.dead,
+            live=summary.live, mean=mean, std=std, quantiles=qs,
+            kappa_min=summary.kappa_min, kappa_median=summary.kappa_median,
+            kappa_max=summary.kappa_max,
+            negative=round(share * summary.live) if summary.live else 0,
+            negative_share=share,
+        ))
+    return rows
+
+
+@dataclass(frozen=True)
+class Bottlenecks:
+    """The lowest-curvature live weights of one weight tensor, lowest first.
+
+    Attributes:
+        name: the weight name.
+        index: ``[m, ndim]`` int64: the weight's index of each (``weight[tuple(index[r])]``).
+        flat: ``[m]`` int64: the same as flat (row-major) indices.
+        kappa: ``[m]`` float64: their kappa, ascending (ties: lower flat index first).
+    """
+
+    name: str
+    index: np.ndarray
+    flat: np.ndarray
+    kappa: np.ndarray
+
+
+def most_negative(result: CurvatureResult, k: int = 10, *,
+                  negative_only: bool = False) -> dict[str, Bottlenecks]:
+    r"""The ``k`` live weights of lowest curvature of every layer (the bottlenecks).
+
+    Negative :math:`\kappa` marks a bottleneck (important, pruned last). Per layer, the live
+    weights are sorted by :math:`\kappa` ascending (stable: ties by flat index) and the first
+    ``min(k, live)`` returned; with ``negative_only`` only those with :math:`\kappa < 0`.
+    Dead and zero weights are never listed.
+
+    Args:
+        result: a :class:`~curvprune.result.CurvatureResult`.
+        k: how many per layer (a non-negative int).
+        negative_only: drop weights with :math:`\kappa \ge 0`.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a non-negative integer, not {k!r}.")
+    out = {}
+    for name, kappa in result.kappa.items():
+        values = kappa.detach().cpu().to(torch.float64).reshape(-1).numpy()
+        live = result.live[name].detach().cpu().reshape(-1).numpy()
+        flat = np.flatnonzero(live)
+        order = np.argsort(values[flat], kind="stable")[:k]
+        flat = flat[order]
+        chosen = values[flat]
+        if negative_only:
+            keep = chosen < 0
+            flat, chosen = flat[keep], chosen[keep]
+        index = np.stack(np.unravel_index(flat, tuple(kappa.shape)), axis=1).astype(np.int64) \
+            if flat.size else np.zeros((0, kappa.dim()), dtype=np.int64)
+        out[name] = Bottlenecks(name, index, flat.astype(np.int64), chosen)
+    return out
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Histogram of the live kappa of one weight tensor.
+
+    Attributes:
+        name: the weight name.
+        counts: ``[bins]`` int64 counts.
+        edges: ``[bins + 1]`` float64 bin edges (``numpy.histogram``'s: the last bin is closed).
+        live, dead, zero: the weight counts (only ``live`` weights are in ``counts``).
+    """
+
+    name: str
+    counts: np.ndarray
+    edges: np.ndarray
+    live: int
+    dead: int
+    zero: int
+
+
+def histogram(result: CurvatureResult, bins: int | Sequence[float] = 50, *,
+              range: tuple[float, float] | None = None,
+              shared: bool = True) -> dict[str, Histogram]:
+    """Histogram data of the live kappa of every layer, ready to plot (``plt.stairs(counts,
+    edges)``).
+
+    Args:
+        result: a :class:`~curvprune.result.CurvatureResult`.
+        bins: number of bins, or the bin edges (increasing).
+        range: ``(low, high)`` of the bins when ``bins`` is a number. By default the range
+            spans the live kappa of all layers when ``shared`` (one set of edges for every
+            layer, so the layers can be compared), else of each layer.
+        shared: use one set of edges for all layers.
+
+    Dead and zero weights are left out of ``counts`` and reported as counts beside them.
+    """
+    live = {name: _live_kappa(result, name) for name in result.kappa}
+    summaries = {s.name: s for s in result.layer_summaries()}
+    if isinstance(bins, int) and not isinstance(bins, bool) and range is None and shared:
+        everything = np.concatenate(list(live.values())) if live else np.zeros(0)
+        if everything.size:
+            range = (float(everything.min()), float(everything.max()))
+    out = {}
+    for name, values in live.items():
+        counts, edges = np.histogram(values, bins=bins, range=range)
+        s = summaries[name]
+        out[name] = Histogram(name, counts.astype(np.int64), edges.astype(np.float64),
+                              s.live, s.dead, s.zero)
+    return out
