@@ -50,6 +50,11 @@ def iter_calibration_inputs(calibration: Calibration) -> Iterator[torch.Tensor]:
         and (not isinstance(calibration[1], torch.Tensor) or calibration[1].dim() <= 1)
     ):
         batches: Iterable[Any] = [calibration]
+    elif isinstance(calibration, dict):
+        raise TypeError(
+            "calibration is a dict; pass a tensor, an (inputs, targets) pair or an iterable of "
+            "batches (a DataLoader works)."
+        )
     elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
         batches = calibration
     else:
@@ -60,10 +65,11 @@ def iter_calibration_inputs(calibration: Calibration) -> Iterator[torch.Tensor]:
     total = 0
     for position, batch in enumerate(batches):
         inputs = _batch_inputs(batch, position)
-        if inputs.dim() == 0:
+        if inputs.dim() < 2:
             raise ValueError(
-                f"calibration batch {position} is a scalar; the first dimension must index "
-                "examples."
+                f"calibration batch {position} has shape {tuple(inputs.shape)}; a batch needs "
+                "a first dimension that indexes examples and at least one more (e.g. "
+                "[N, features] or [N, C, H, W]): add the example dimension with unsqueeze(0)."
             )
         if inputs.shape[0] == 0:
             continue
@@ -135,6 +141,22 @@ def capture_activations(
     missing = [i for i in range(len(modules)) if i not in seen_in]
     if missing:
         raise ValueError(f"layers {missing} did not run in the forward pass.")
+    batch = inputs.shape[0]
+    for i, module in enumerate(modules):
+        seen = seen_in[i]
+        batched = seen.dim() == (4 if isinstance(module, nn.Conv2d) else 2)
+        if not batched or seen.shape[0] != batch:
+            raise ValueError(
+                f"layer {i} ({type(module).__name__}) received an input of shape "
+                f"{tuple(seen.shape)} for a calibration batch of {batch} example(s) of shape "
+                f"{tuple(inputs.shape[1:])}; it must see one row per example ([N, features] for "
+                "Linear, [N, C, H, W] for Conv2d). Is the example dimension missing?"
+            )
+    if output.dim() < 1 or output.shape[0] != batch:
+        raise ValueError(
+            f"the model's output has shape {tuple(output.shape)} for a calibration batch of "
+            f"{batch} example(s); its first dimension must index the examples."
+        )
     if inputs[0].numel() != seen_in[0][0].numel():
         raise ValueError(
             "node layer 0 is the model input, but the first layer does not read a reshape of "

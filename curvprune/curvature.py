@@ -152,6 +152,7 @@ def neural_curvature(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="curvature", unit="example")
+    first_shapes = None
     try:
         with scoring_mode(model):
             for inputs in iter_calibration_inputs(calibration):
@@ -162,7 +163,14 @@ def neural_curvature(
                 values, in_shapes, out_shapes = capture_activations(
                     model, modules, inputs.to(model_device)
                 )
+                if graph is not None and (in_shapes, out_shapes) != first_shapes:
+                    raise ValueError(
+                        f"calibration examples of shape {tuple(inputs.shape[1:])} give layer "
+                        f"shapes {out_shapes}, but earlier examples gave {first_shapes[1]}: "
+                        "every calibration example must have the same shape (one neural graph)."
+                    )
                 if graph is None:
+                    first_shapes = (in_shapes, out_shapes)
                     structures = [layer_edges(m, in_shapes[k], out_shapes[k])
                                   for k, m in enumerate(modules)]
                     _check_shapes(structures, values, names)
