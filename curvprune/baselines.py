@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .calibration import iter_calibration_inputs, scoring_mode
+from .calibration import is_single_pair, iter_calibration_inputs, scoring_mode
 from .result import ImportanceScores
 
 __all__ = ["prunable_modules", "magnitude_scores", "random_scores", "wanda_scores",
@@ -172,11 +172,7 @@ def snip_scores(model: nn.Module, calibration, modules: Iterable[nn.Module] | No
 
 def _batches_with_targets(calibration):
     """Yield ``(inputs, targets or None)``, validating inputs like the curvature scorer."""
-    if isinstance(calibration, (tuple, list)) and len(calibration) == 2 and isinstance(
-            calibration[0], torch.Tensor) and isinstance(calibration[1], torch.Tensor) and (
-            calibration[1].dim() == 1):
-        calibration = [calibration]
-    elif isinstance(calibration, torch.Tensor):
+    if is_single_pair(calibration) or isinstance(calibration, torch.Tensor):
         calibration = [calibration]
     for batch in calibration:
         labels = None

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["iter_calibration_inputs", "scoring_mode", "capture_activations", "normalise_activity"]
+__all__ = ["is_single_pair", "iter_calibration_inputs", "scoring_mode", "capture_activations",
+           "normalise_activity"]
 
 Calibration = Any  # torch.Tensor | tuple | Iterable[torch.Tensor | tuple]
 
@@ -35,6 +36,29 @@ def _batch_inputs(batch: Any, position: int) -> torch.Tensor:
     )
 
 
+def is_single_pair(calibration: Any) -> bool:
+    """Whether ``calibration`` is one ``(inputs, targets)`` batch rather than a list of batches.
+
+    A tuple of two items whose first is a tensor is a pair. A list ``[a, b]`` whose first item
+    is a tensor is a pair unless ``b`` looks like another input batch: a tuple or list (a
+    batch), or a tensor with as many dimensions as ``a`` and either the same per-example shape
+    or at least three dimensions (an image batch of another size). So ``[x, y]`` from a
+    DataLoader is a pair whether ``y`` holds class indices or one-hot rows, and ``[x1, x2]``
+    is two batches.
+    """
+    if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2
+            and isinstance(calibration[0], torch.Tensor)):
+        return False
+    if isinstance(calibration, tuple):
+        return True
+    first, second = calibration
+    if isinstance(second, (tuple, list)):
+        return False  # [x1, (x2, y2)]: two batches
+    if not isinstance(second, torch.Tensor) or second.dim() != first.dim():
+        return True
+    return not (second.dim() >= 3 or tuple(second.shape[1:]) == tuple(first.shape[1:]))
+
+
 def iter_calibration_inputs(calibration: Calibration) -> Iterator[torch.Tensor]:
     """Yield the input tensors of a calibration set, one batch at a time.
 
@@ -42,13 +66,7 @@ def iter_calibration_inputs(calibration: Calibration) -> Iterator[torch.Tensor]:
         TypeError: if ``calibration`` or one of its batches has an unsupported type.
         ValueError: if the calibration set holds no example.
     """
-    if isinstance(calibration, torch.Tensor) or (
-        isinstance(calibration, (tuple, list))
-        and len(calibration) == 2
-        and isinstance(calibration[0], torch.Tensor)
-        and not isinstance(calibration[1], (tuple, list))
-        and (not isinstance(calibration[1], torch.Tensor) or calibration[1].dim() <= 1)
-    ):
+    if isinstance(calibration, torch.Tensor) or is_single_pair(calibration):
         batches: Iterable[Any] = [calibration]
     elif isinstance(calibration, dict):
         raise TypeError(

@@ -113,7 +113,8 @@ def neural_curvature(
 
     Returns:
         A :class:`~curvprune.result.CurvatureResult`; ``result.kappa[name]`` has the shape of
-        ``model.get_parameter(name)``, and ``result.importance_scores()`` plugs into
+        the weight ``name`` (``"<module>.weight"``, also on a model under pruning hooks, where
+        the parameter itself is ``weight_orig``), and ``result.importance_scores()`` plugs into
         ``torch.nn.utils.prune.global_unstructured``.
 
     Raises:
@@ -151,7 +152,7 @@ def neural_curvature(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="curvature", unit="example")
+        bar = tqdm(desc="curvature", unit="example", total=_count_examples(calibration))
     first_shapes = None
     try:
         with scoring_mode(model):
@@ -203,7 +204,23 @@ def neural_curvature(
         edges_per_example={n: int(graph.layers[k].src.numel()) for k, n in enumerate(names)},
         seconds=time.perf_counter() - start,
         engine=stats.as_dict(),
+        magnitude={n: modules[k].weight.detach().abs().to(torch.float64).clone()
+                   for k, n in enumerate(names)},
     )
+
+
+def _count_examples(calibration) -> int | None:
+    """Number of calibration examples when it is known without iterating (for progress)."""
+    if isinstance(calibration, torch.Tensor):
+        return calibration.shape[0] if calibration.dim() else None
+    if isinstance(calibration, (tuple, list)) and calibration and isinstance(
+            calibration[0], torch.Tensor) and not isinstance(calibration, list):
+        return calibration[0].shape[0]
+    dataset = getattr(calibration, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
 
 
 def _check_shapes(structures, values, names) -> None:

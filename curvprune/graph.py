@@ -41,9 +41,10 @@ _SIDE_METHODS = {"size", "dim"}
 _SIDE_FUNCTIONS = {operator.getitem, getattr}
 
 _CHANNEL_HINT = (
-    "Neuron granularity supports chains of Conv2d and Linear layers with elementwise modules "
-    "between them; use granularity='channel' for models with pooling, residual branches or "
-    "attention."
+    "Neuron granularity (the paper's graph) supports chains of Conv2d and Linear layers with "
+    "elementwise modules between them; models with pooling, residual branches or attention "
+    "need the channel-level graph (granularity='channel'), which this version does not "
+    "provide yet."
 )
 
 
@@ -70,6 +71,14 @@ def trace_chain(model: nn.Module) -> list[ParamLayer]:
         ValueError: if the model cannot be traced, is not a single chain, uses an operation that
             is not elementwise between its layers, or has no Linear/Conv2d layer.
     """
+    if isinstance(model, (nn.Linear, nn.Conv2d)):
+        # A bare layer is a one-layer chain (fx would trace its functional body instead).
+        if isinstance(model, nn.Conv2d) and model.padding_mode != "zeros":
+            raise ValueError(
+                f"the Conv2d uses padding_mode='{model.padding_mode}'; only zero padding is "
+                "supported at neuron granularity."
+            )
+        return [ParamLayer("weight", model)]
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as exc:  # fx raises many types; all mean the same to the user

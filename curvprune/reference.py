@@ -47,7 +47,8 @@ def _measure(center: int, neighbours: list[int], activity: np.ndarray, alpha: fl
     active = [u for u in neighbours if activity[u] > 0]
     if not active:
         return [center], [1.0]
-    weights = np.array([np.exp(-1.0 / activity[u] ** 2) for u in active])
+    with np.errstate(divide="ignore", over="ignore"):  # a**2 may underflow: weight 0
+        weights = np.array([np.exp(-1.0 / activity[u] ** 2) for u in active])
     total = weights.sum()
     if total < _TINY:
         share = np.full(len(active), 1.0 / len(active))

@@ -374,3 +374,16 @@ def test_empty_batches_are_skipped():
     expected = neural_curvature(model, x)
     _same(neural_curvature(model, [torch.empty(0, 5, dtype=torch.float64), x[:2],
                                    torch.empty(0, 5, dtype=torch.float64), x[2:]]), expected)
+
+
+def test_one_hot_targets_make_a_pair():
+    """``(x, one_hot)`` and ``[x, one_hot]`` are one (inputs, targets) batch, not two batches."""
+    model = _mlp()
+    x = torch.randn(4, 5)
+    one_hot = torch.eye(3)[torch.tensor([0, 1, 2, 0])]
+    expected = neural_curvature(model, x).kappa
+    for calibration in ((x, one_hot), [x, one_hot], [x, torch.tensor([0, 1, 2, 0])]):
+        got = neural_curvature(model, calibration)
+        assert got.num_examples == 4
+        for name in expected:
+            assert torch.equal(got.kappa[name], expected[name])
