@@ -39,6 +39,7 @@ solves run on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -184,18 +185,29 @@ def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, n
 
 
 def _solve_batch(a: np.ndarray, b: np.ndarray, cost: np.ndarray, threads: int) -> np.ndarray:
-    """Optimal costs of a batch of padded problems ``[B, R]``, ``[B, S]``, ``[B, R, S]``.
+    """Optimal costs of a batch of padded problems ``[B, R]``, ``[B, S]``, ``[B, R, S]``."""
+    return _submit_batch(a, b, cost, threads)()
 
-    POT's solver releases the GIL, so the problems are spread over ``threads`` threads.
+
+def _submit_batch(a: np.ndarray, b: np.ndarray, cost: np.ndarray,
+                  threads: int) -> Callable[[], np.ndarray]:
+    """Start solving a batch of padded problems; return a function that waits for the costs.
+
+    POT's solver releases the GIL, so with ``threads > 1`` the problems are split over that many
+    pool threads and the caller can prepare the next batch meanwhile; with ``threads == 1``
+    they are solved here, before returning.
     """
     def run(lo: int, hi: int) -> np.ndarray:
-        return np.array([_solve_one(a[t], b[t], cost[t])[0] for t in range(lo, hi)])
+        return np.array([_solve_one(a[t], b[t], cost[t])[0] for t in range(lo, hi)],
+                        dtype=np.float64)
 
     count = len(a)
-    if threads <= 1 or count < 2 * threads:
-        return run(0, count)
-    bounds = np.linspace(0, count, threads + 1).astype(int)
-    return np.concatenate(list(_pool(threads).map(run, bounds[:-1], bounds[1:])))
+    if threads <= 1:
+        done = run(0, count)
+        return lambda: done
+    bounds = np.linspace(0, count, min(threads, count) + 1).astype(int)
+    futures = [_pool(threads).submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return lambda: np.concatenate([f.result() for f in futures])
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -289,6 +301,7 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
     p_count, q_count = (p_mass > 0).sum(1), (q_mass > 0).sum(1)
     # Similar support sizes in one chunk, so each chunk is cut to its own widths.
     pending = pending[torch.argsort(p_count[src[pending]] * (dm + 1) + q_count[dst[pending]])]
+    in_flight: list[tuple] = []
     for chunk in _chunks(pending, block, 4 * (dk + 1) * (dm + 1)):
         i, j, de = src[chunk], dst[chunk], d[chunk]
         r, c = int(p_count[i].max()), int(q_count[j].max())
@@ -322,11 +335,14 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
                                       torch.where(hr, pn, zero).sum(1, keepdim=True)], 1)
                 col_mass = torch.cat([torch.where(hc, zero, qn),
                                       torch.where(hc, qn, zero).sum(1, keepdim=True)], 1)
-                x[need] += torch.from_numpy(_solve_batch(
-                    row_mass.cpu().numpy(), col_mass.cpu().numpy(), cost.cpu().numpy(),
-                    threads)).to(device)
+                wait = _submit_batch(row_mass.cpu().numpy(), col_mass.cpu().numpy(),
+                                     cost.cpu().numpy(), threads)
+                in_flight.append((chunk, x, need, de, wait))
                 stats.solved += need.numel()
-            kappa[chunk] = 1.0 - x / de
+                if len(in_flight) > 1:  # at most two chunks' problems held in memory
+                    _finish(in_flight.pop(0), kappa)
+            else:
+                kappa[chunk] = 1.0 - x / de
         else:
             # alpha < 1/2: the atoms limit the swaps; solve the full problem.
             cost = torch.empty((chunk.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
@@ -341,7 +357,16 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
                               cost.cpu().numpy(), threads)
             kappa[chunk] = (1.0 - torch.from_numpy(w1).to(device) / de) / (1.0 - alpha)
             stats.solved += chunk.numel()
+    for item in in_flight:
+        _finish(item, kappa)
     return kappa
+
+
+def _finish(item: tuple, kappa: torch.Tensor) -> None:
+    """Wait for a chunk's merged problems and write ``kappa = 1 - X / d`` for the chunk."""
+    chunk, x, need, de, wait = item
+    x[need] += torch.from_numpy(wait()).to(x.device)
+    kappa[chunk] = 1.0 - x / de
 
 
 def _certify_shared(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor,

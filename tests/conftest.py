@@ -325,3 +325,27 @@ alphas = st.one_of(
     st.sampled_from([0.0, 0.5, 0.9]),
     st.floats(0.0, 1.0 - 1e-6, allow_nan=False),
 )
+
+
+class ResidualNet(nn.Module):
+    """Two Linear layers with a residual add: not a chain (used by the rejection tests)."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) + x)
+
+
+class ConcatNet(nn.Module):
+    """A Linear whose output is concatenated with its input: not a chain."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(2 * width, 2)
+
+    def forward(self, x):
+        return self.b(torch.cat([self.a(x), x], dim=1))

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from conftest import assert_kappa_equal
+from conftest import ConcatNet, ResidualNet, assert_kappa_equal
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvprune import neural_curvature
@@ -129,26 +128,6 @@ def test_nothing_to_score():
         neural_curvature(model, _x())
 
 
-class _Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(5, 5)
-        self.fc2 = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)) + x)
-
-
-class _Concat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(5, 5)
-        self.fc2 = nn.Linear(10, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.cat([self.fc1(x), x], dim=1))
-
-
 @pytest.mark.parametrize(
     "model, x, fragment",
     [
@@ -156,8 +135,8 @@ class _Concat(nn.Module):
          torch.randn(1, 1, 6, 6), r"module '1' \(MaxPool2d\)"),
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)),
          torch.randn(1, 1, 6, 6), r"module '1' \(AvgPool2d\)"),
-        (_Residual(), _x(), "function 'add'"),
-        (_Concat(), _x(), "function 'cat'"),
+        (ResidualNet(5), _x(), "function 'add'"),
+        (ConcatNet(5), _x(), "function 'cat'"),
     ],
     ids=["MaxPool2d", "AvgPool2d", "residual", "cat"],
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import conv_out_size
+from conftest import ConcatNet, ResidualNet, conv_out_size
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,26 +182,6 @@ def test_method_calls_and_shape_reads_are_accepted():
     assert [layer.name for layer in layers] == ["conv.weight", "fc.weight"]
 
 
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.b(F.relu(self.a(x)) + x)
-
-
-class Concat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.b(torch.cat([self.a(x), x], dim=1))
-
-
 class Pooled(nn.Module):
     def __init__(self):
         super().__init__()
@@ -257,8 +237,8 @@ class Shared(nn.Module):
 @pytest.mark.parametrize(
     "model, fragment",
     [
-        (Residual(), "add"),
-        (Concat(), "cat"),
+        (ResidualNet(), "add"),
+        (ConcatNet(), "cat"),
         (Pooled(), "max_pool2d"),
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2)),
          "MaxPool2d"),
@@ -278,7 +258,8 @@ def test_non_chains_are_rejected_with_a_message(model, fragment):
         trace_chain(model)
 
 
-@pytest.mark.parametrize("model", [Residual(), Concat(), Pooled()], ids=["add", "cat", "pool"])
+@pytest.mark.parametrize("model", [ResidualNet(), ConcatNet(), Pooled()],
+                         ids=["add", "cat", "pool"])
 def test_rejection_points_to_channel_granularity(model):
     with pytest.raises(ValueError, match="granularity='channel'"):
         trace_chain(model)
