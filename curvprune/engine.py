@@ -325,9 +325,11 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
             stats.full_swap += chunk.numel() - need.numel()
             if need.numel():
                 cost = torch.zeros((need.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
-                core = d_km[k_idx[need][:, :, None], m_idx[need][:, None, :]]
-                core.sub_(margin[need].clamp_(min=0)).masked_fill_(~support[need], 0.0)
-                cost[:, :r, :c] = core  # min(C, A + B) = C - max(C - A - B, 0)
+                # min(C, A + B) = A + B + min(C - A - B, 0); cells off the support (no mass)
+                # get finite filler.
+                core = margin[need].clamp_(max=0)
+                core.add_(a_k[need][:, :, None]).add_(b_m[need][:, None, :])
+                cost[:, :r, :c] = core
                 cost[:, r, :c] = b_m[need]
                 cost[:, :r, c] = a_k[need]
                 hr, hc, pn, qn = hub_row[need], hub_col[need], pm[need], qm[need]
