@@ -158,7 +158,7 @@ def neural_curvature(
         bar = tqdm(desc="curvature", unit="example", total=_count_examples(calibration))
     first_shapes = None
     try:
-        with scoring_mode(model), _torch_threads(1 if threads > 1 else None):
+        with scoring_mode(model):
             for inputs in iter_calibration_inputs(calibration):
                 if not inputs.is_floating_point():
                     raise TypeError(
@@ -183,9 +183,12 @@ def neural_curvature(
                     )
                 acts = [normalise_activity(v).to(engine_device) for v in values]
                 for b in range(acts[0].shape[0]):
-                    edge_kappa, edge_dead = score_example(graph, [a[b] for a in acts], alpha,
-                                                          certify_tol=certify_tol, stats=stats,
-                                                          threads=threads)
+                    # Only the engine runs single-threaded: the model's forward pass keeps the
+                    # user's setting (float32 kernels round differently with other counts).
+                    with _torch_threads(1 if threads > 1 else None):
+                        edge_kappa, edge_dead = score_example(
+                            graph, [a[b] for a in acts], alpha, certify_tol=certify_tol,
+                            stats=stats, threads=threads)
                     for k, layer in enumerate(graph.layers):
                         kappa[k].scatter_reduce_(0, layer.widx, edge_kappa[k], reduce="amin")
                         live[k].scatter_reduce_(0, layer.widx, ~edge_dead[k], reduce="amax")

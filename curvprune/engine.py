@@ -315,8 +315,9 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
             # X = OT(p, q; min(C, A + B)); rows (columns) that take the swap on every support
             # cell differ only by a constant and are merged into one row (column), exactly.
             b_m = torch.where(cols, d_i_m - de[:, None], zero)
-            margin = d_km[k_idx[:, :, None], m_idx[:, None, :]]  # C(k, m), then C - A - B
-            margin.sub_(a_k[:, :, None]).sub_(b_m[:, None, :]).masked_fill_(~support, math.inf)
+            c_km = d_km[k_idx[:, :, None], m_idx[:, None, :]]  # C(k, m)
+            swap = a_k[:, :, None] + b_m[:, None, :]  # A(k) + B(m)
+            margin = (c_km - swap).masked_fill_(~support, math.inf)
             hub_row = (margin.amin(2) >= 0) & rows
             hub_col = (margin.amin(1) >= 0) & cols
             x = (torch.where(hub_row, pm * a_k, zero).sum(1)
@@ -325,11 +326,11 @@ def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d
             stats.full_swap += chunk.numel() - need.numel()
             if need.numel():
                 cost = torch.zeros((need.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
-                # min(C, A + B) = A + B + min(C - A - B, 0); cells off the support (no mass)
-                # get finite filler.
-                core = margin[need].clamp_(max=0)
-                core.add_(a_k[need][:, :, None]).add_(b_m[need][:, None, :])
-                cost[:, :r, :c] = core
+                # Each cell exactly C or A + B, whichever is smaller (no re-association, which
+                # would cost precision when d is small against A and B); off-support cells carry
+                # no mass and get zero.
+                cost[:, :r, :c] = torch.where(support[need], torch.minimum(c_km[need],
+                                                                           swap[need]), zero)
                 cost[:, r, :c] = b_m[need]
                 cost[:, :r, c] = a_k[need]
                 hr, hc, pn, qn = hub_row[need], hub_col[need], pm[need], qm[need]

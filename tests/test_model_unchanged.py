@@ -205,3 +205,27 @@ def test_model_unchanged_when_a_user_hook_raises():
     with pytest.raises((RuntimeError, ValueError), match="boom"):
         neural_curvature(model, [torch.randn(1, 1, 6, 6), torch.randn(1, 1, 6, 6)])
     _assert_unchanged(model, before)
+
+
+def test_forward_pass_keeps_the_users_torch_threads():
+    """The engine may run torch single-threaded while its solver threads work, but the model's
+    forward pass must see the caller's setting (float32 kernels round differently otherwise),
+    and the setting is restored afterwards."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), Probe(), nn.Linear(5, 4), nn.ReLU(),
+                          nn.Linear(4, 3))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        neural_curvature(model, [torch.randn(3, 6), torch.randn(2, 6)], threads=2)
+        assert seen and all(n == 2 for n in seen)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
