@@ -56,7 +56,7 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
         start = time.perf_counter()
         model.train()
-        for epoch in tqdm(range(epochs), desc=f"train {name}", disable=not verbose):
+        for _ in tqdm(range(epochs), desc=f"train {name}", disable=not verbose):
             for x, y in loader:
                 optimiser.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()

@@ -96,7 +96,8 @@ def main() -> None:
     lines = [
         f"Command: `{report['command']}` ({os.cpu_count()} CPU cores, torch {torch.__version__})",
         "",
-        "| model | examples | edges/example | engine (s) | reference (s) | speed-up | max abs diff |",
+        "| model | examples | edges/example | engine (s) | reference (s) | speed-up "
+        "| max abs diff |",
         "|---|---|---|---|---|---|---|",
     ]
     diff = row.get("max_abs_diff")
