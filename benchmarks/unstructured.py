@@ -1,0 +1,251 @@
+"""Unstructured post-training pruning on Fashion-MNIST: accuracy against sparsity, no fine-tuning.
+
+    python benchmarks/unstructured.py                       # full: LeNet-5 and MLP, 3 seeds
+    python benchmarks/unstructured.py --per-class 5         # 5 calibration examples per class
+    python benchmarks/unstructured.py --quick --out /tmp/q  # tiny CI run (well under a minute)
+
+For each model and seed the model is trained (seeded, cached under ``benchmarks/.cache``), a
+calibration set of ``--per-class`` correctly classified *training* examples per class is drawn
+with the same seed, and every criterion scores the model once; the same scores are then used for
+every amount (fraction of all Linear/Conv2d weights removed) and the pruned model is evaluated
+on the Fashion-MNIST test set. Criteria:
+
+* ``curv_pos`` / ``curv_neg``: neural curvature, ``importance_scores("pos"|"neg")``, global.
+* ``magnitude``: global |w|.  ``random``: seeded uniform scores, global.
+* ``wanda_row``: Wanda, each output row pruned by the fraction (the Wanda paper's group,
+  ``prune_per_row``); ``wanda_global``: Wanda scores ranked globally.
+* ``snip``: |w dL/dw| on the calibration batch with its labels, global.
+* ``curv_pos_layer``, ``curv_neg_layer``, ``magnitude_layer``: every layer pruned by the same
+  fraction.
+
+Results: ``--out`` folder (default ``benchmarks/results``) gets ``unstructured.json`` (raw
+accuracies, settings, the command); ``--plots`` folder (default ``docs``) gets
+``unstructured_global.png`` and ``unstructured_layer.png`` (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CACHE, RESULTS, evaluate, trained_model  # noqa: E402
+from plots import plot_results  # noqa: E402
+
+from curvprune import CurvaturePruning, make_permanent, neural_curvature  # noqa: E402
+from curvprune.baselines import (  # noqa: E402
+    magnitude_scores,
+    prune_per_row,
+    random_scores,
+    snip_scores,
+    wanda_scores,
+)
+from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
+from curvprune.models import create_model  # noqa: E402
+
+GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "wanda_row", "wanda_global", "snip"]
+LAYER = ["curv_pos_layer", "curv_neg_layer", "magnitude_layer"]
+CRITERIA = GLOBAL + LAYER
+AMOUNTS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: float = 1e-3,
+                  cache: bool = True, verbose: bool = True) -> nn.Module:
+    """``create_model(name, **kwargs)`` trained with Adam (batch 128) for ``epochs`` epochs
+    (fractions allowed: a number of steps), seeded, cached by its settings."""
+    from tqdm.auto import tqdm
+
+    settings = dict(name=name, kwargs=kwargs, epochs=epochs, seed=seed, lr=lr)
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = CACHE / f"{name}-{key}.pt"
+    model = create_model(name, **kwargs)
+    if cache and path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model.eval()
+    torch.manual_seed(seed)
+    images, labels = fashion_mnist(train=True).tensors
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = (len(labels) + 127) // 128
+    steps = int(round(epochs * per_epoch))
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for step in tqdm(range(steps), desc=f"train {name} seed {seed}", disable=not verbose):
+        if step % per_epoch == 0:  # a fresh seeded shuffle each epoch, batches of 128
+            order = torch.randperm(len(labels), generator=generator)
+        idx = order[(step % per_epoch) * 128:(step % per_epoch + 1) * 128]
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
+        optimiser.step()
+    model.eval()
+    if cache:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    return model
+
+
+def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *, alpha: float,
+                 seed: int, progress: bool) -> tuple[dict, dict]:
+    """Every criterion's importance scores (computed once), plus timing and curvature facts."""
+    info: dict = {}
+    start = time.perf_counter()
+    result = neural_curvature(model, calib, alpha=alpha, progress=progress)
+    info["curvature_seconds"] = round(time.perf_counter() - start, 2)
+    live = {n: float(v.float().mean()) for n, v in result.live.items()} \
+        if isinstance(result.live, dict) else None
+    info["live_fraction"] = live
+    pos, neg = result.importance_scores("pos"), result.importance_scores("neg")
+    mag = magnitude_scores(model)
+    wanda = wanda_scores(model, calib)
+    scores = {
+        "curv_pos": pos, "curv_neg": neg, "magnitude": mag,
+        "random": random_scores(model, seed=seed), "wanda_row": wanda, "wanda_global": wanda,
+        "snip": snip_scores(model, (calib, labels)),
+        "curv_pos_layer": pos, "curv_neg_layer": neg, "magnitude_layer": mag,
+    }
+    return scores, info
+
+
+def prune_with(model: nn.Module, criterion: str, scores: dict, amount: float) -> float:
+    """Prune ``model`` in place by ``criterion`` at ``amount``; return the achieved sparsity."""
+    params = list(scores)
+    if amount > 0:
+        if criterion in GLOBAL and criterion != "wanda_row":
+            prune.global_unstructured(params, pruning_method=CurvaturePruning,
+                                      importance_scores=scores, amount=amount)
+        elif criterion == "wanda_row":
+            for module, name in params:
+                prune_per_row(module, scores[(module, name)], amount)
+        else:
+            for module, name in params:
+                CurvaturePruning.apply(module, name, amount=amount, importance_scores=scores)
+    total = sum(m.weight.numel() for m, _ in params)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in params)
+    return zeros / total
+
+
+def run_seed(model: nn.Module, test, scores: dict, amounts: list[float], *,
+             progress: bool) -> tuple[dict, dict]:
+    from tqdm.auto import tqdm
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    accuracy: dict = {c: {} for c in CRITERIA}
+    sparsity: dict = {c: {} for c in CRITERIA}
+    jobs = [(c, a) for c in CRITERIA for a in amounts]
+    for criterion, amount in tqdm(jobs, desc="prune+evaluate", disable=not progress):
+        key = f"{amount:g}"
+        sparsity[criterion][key] = round(prune_with(model, criterion, scores[criterion],
+                                                    amount), 6)
+        accuracy[criterion][key] = evaluate(model, test)
+        make_permanent(model)
+        model.load_state_dict(state)
+    return accuracy, sparsity
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["lenet5", "mlp"],
+                        choices=["lenet5", "mlp"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--amounts", type=float, nargs="+", default=AMOUNTS)
+    parser.add_argument("--per-class", type=int, default=1,
+                        help="correctly classified calibration examples per class (paper: 1)")
+    parser.add_argument("--alpha", type=float, default=0.9)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--mlp-hidden", type=int, nargs="+", default=[256, 128])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny CI run: 1 seed, amounts 0/0.5/0.9, MLP(32) trained 100 steps, "
+                             "1000 test examples")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plots", type=Path, default=DOCS)
+    parser.add_argument("--name", default="unstructured",
+                        help="file stem of the JSON and plots (default unstructured)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    progress = not args.no_progress
+    if args.quick:
+        args.seeds, args.amounts, args.per_class = args.seeds[:1], [0.0, 0.5, 0.9], 1
+        args.models = ["mlp"]
+
+    test = fashion_mnist(train=False)
+    train = fashion_mnist(train=True)
+    if args.quick:
+        test = torch.utils.data.TensorDataset(test.tensors[0][:1000], test.tensors[1][:1000])
+    out_json = args.out / f"{args.name}.json"
+    data = {
+        "command": "python benchmarks/unstructured.py " + shlex.join(argv if argv is not None
+                                                                       else sys.argv[1:]),
+        "settings": {
+            "dataset": "fashion-mnist", "quick": args.quick, "models": args.models,
+            "seeds": args.seeds, "amounts": args.amounts, "per_class": args.per_class,
+            "calibration": "per_class correctly classified training examples per class, "
+                           "drawn with the seed", "alpha": args.alpha,
+            "epochs": None if args.quick else args.epochs,
+            "mlp_hidden": [32] if args.quick else args.mlp_hidden,
+            "test_examples": len(test), "fine_tuning": False,
+            "amount_meaning": "fraction of all Linear/Conv2d weights removed (global), or of "
+                              "each layer's weights (*_layer, wanda_row: of each output row)",
+            "criteria": CRITERIA,
+        },
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "status": "running",
+        "models": {},
+    }
+    total_start = time.perf_counter()
+    for name in args.models:
+        entry = data["models"].setdefault(name, {"seeds": {}})
+        for seed in args.seeds:
+            if args.quick:
+                model = train_generic("mlp", {"hidden": (32,)}, epochs=100 / 469, seed=seed,
+                                      cache=False, verbose=progress)
+                accuracy = evaluate(model, test)
+            elif name == "lenet5":
+                model, accuracy = trained_model("lenet5", epochs=args.epochs, seed=seed,
+                                                verbose=progress)
+            else:
+                model = train_generic("mlp", {"hidden": tuple(args.mlp_hidden)},
+                                      epochs=args.epochs, seed=seed, verbose=progress)
+                accuracy = evaluate(model, test)
+            calib, labels = class_balanced_calibration(model, train, args.per_class,
+                                                       num_classes=10, seed=seed)
+            print(f"{name} seed {seed}: test accuracy {accuracy:.4f}; scoring "
+                  f"{len(calib)} calibration examples", flush=True)
+            scores, info = build_scores(model, calib, labels, alpha=args.alpha, seed=seed,
+                                        progress=progress)
+            print(f"  curvature scoring {info['curvature_seconds']} s", flush=True)
+            acc, sparsity = run_seed(model, test, scores, args.amounts, progress=progress)
+            entry["seeds"][str(seed)] = {"test_accuracy": accuracy, **info,
+                                         "accuracy": acc, "sparsity": sparsity}
+            write_json(out_json, data)
+    data["status"] = "complete"
+    data["total_seconds"] = round(time.perf_counter() - total_start, 1)
+    write_json(out_json, data)
+    paths = plot_results(data, args.plots, stem=args.name)
+    print(f"wrote {out_json} and {', '.join(map(str, paths))}")
+
+
+if __name__ == "__main__":
+    main()

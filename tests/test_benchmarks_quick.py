@@ -1,0 +1,57 @@
+"""The benchmark script's --quick mode end to end (CI): JSON complete, plots written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "unstructured.py"
+
+
+def _has_fashion_mnist() -> bool:
+    from curvprune.data import FASHION_MNIST_DIR
+
+    return any((FASHION_MNIST_DIR / f"t10k-images-idx3-ubyte{s}").exists() for s in ("", ".gz"))
+
+
+@pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+def test_unstructured_quick(tmp_path):
+    out, plots = tmp_path / "out", tmp_path / "plots"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--out", str(out),
+         "--plots", str(plots)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((out / "unstructured.json").read_text())
+    assert data["status"] == "complete" and data["settings"]["quick"] is True
+    assert "--quick" in data["command"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from unstructured import CRITERIA
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert set(CRITERIA) >= {"curv_pos", "curv_neg", "magnitude", "random", "wanda_row",
+                             "wanda_global", "snip", "curv_pos_layer", "curv_neg_layer",
+                             "magnitude_layer"}
+    seeds = data["models"]["mlp"]["seeds"]
+    assert list(seeds) == ["0"]
+    entry = seeds["0"]
+    assert set(entry["accuracy"]) == set(CRITERIA)
+    for criterion in CRITERIA:
+        accuracy = entry["accuracy"][criterion]
+        assert set(accuracy) == {"0", "0.5", "0.9"}, criterion
+        assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+        assert accuracy["0"] == pytest.approx(entry["test_accuracy"])  # nothing pruned at 0
+        sparsity = entry["sparsity"][criterion]
+        assert sparsity["0"] < 0.01 and sparsity["0.5"] == pytest.approx(0.5, abs=0.02)
+        assert sparsity["0.9"] == pytest.approx(0.9, abs=0.02)
+    for group in ("global", "layer"):
+        png = plots / f"unstructured_{group}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(plots.glob("*.tmp*")) and not list(out.glob("*.tmp"))
