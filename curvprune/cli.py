@@ -1,0 +1,364 @@
+"""The ``curvprune`` command: ``demo``, ``prune`` and ``analyze``.
+
+Every output file is written to a temporary name and renamed into place, so an interrupted run
+never leaves a half-written file. Bad input (an unknown model, a missing data path, an amount out
+of range, an unwritable output folder) prints one line to stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["main", "load_model"]
+
+
+class UsageError(Exception):
+    """A problem with the command line: reported in one line, exit status 2."""
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file to ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2)
+    _atomic_write(path, write)
+
+
+def _save_figure(fig, path: Path) -> None:
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None
+               ) -> nn.Module:
+    """A model from a spec: ``PATH.pt`` (a whole model saved with ``torch.save(model)``),
+    ``curvprune:NAME`` (the paper's networks), ``timm:NAME`` or ``torchvision:NAME``
+    (architectures with random weights: nothing is downloaded)."""
+    if spec.endswith((".pt", ".pth")) or os.path.sep in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise UsageError(f"model file not found: {spec}")
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(obj, nn.Module):
+            raise UsageError(
+                f"{spec} holds a {type(obj).__name__}, not a model; save the whole model with "
+                "torch.save(model, path), or use curvprune:NAME with --weights for a state dict.")
+        return obj
+    kind, _, name = spec.partition(":")
+    if not name:
+        raise UsageError(f"model spec {spec!r} must be PATH.pt, curvprune:NAME, timm:NAME or "
+                         "torchvision:NAME")
+    if kind == "curvprune":
+        from .models import create_model, list_models
+
+        if name not in list_models():
+            raise UsageError(f"unknown curvprune model {name!r}; choose one of {list_models()}")
+        kwargs: dict[str, Any] = {"num_classes": num_classes}
+        if in_channels is not None:
+            kwargs["in_channels" if name != "mlp" else "in_features"] = in_channels
+        return create_model(name, **kwargs)
+    if kind == "timm":
+        import timm
+
+        if name not in timm.list_models():
+            raise UsageError(f"unknown timm model {name!r}")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 in_chans=in_channels or 3)
+    if kind == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        except ValueError as exc:
+            raise UsageError(f"unknown torchvision model {name!r}") from exc
+    raise UsageError(f"unknown model source {kind!r} in {spec!r}; use PATH.pt, curvprune:, "
+                     "timm: or torchvision:")
+
+
+def _load_data(spec: str, train: bool):
+    from .data import load_dataset
+
+    try:
+        return load_dataset(spec, train=train)
+    except FileNotFoundError as exc:
+        raise UsageError(f"data not found for {spec!r}: {exc}") from exc
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, delete=True)
+        probe.close()
+    except OSError as exc:
+        raise UsageError(f"cannot write to output folder {path}: {exc.strerror or exc}") from exc
+    return out
+
+
+def _amount(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"amount must be a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"amount must be in [0, 1], got {value}")
+    return value
+
+
+def _accuracy(model: nn.Module, dataset, limit: int | None, device: torch.device) -> float:
+    from .calibration import scoring_mode
+
+    if limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    correct = total = 0
+    with scoring_mode(model):
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=500):
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def _calibration(model, dataset, per_class: int, seed: int):
+    from .data import class_balanced_calibration
+
+    try:
+        return class_balanced_calibration(model, dataset, per_class, seed=seed)
+    except ValueError as exc:
+        raise UsageError(f"calibration: {exc} (is the model trained on this data?)") from exc
+
+
+def _plot_sparsity(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report.layers)
+    values = [row.sparsity for row in report.layers.values()]
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2), 3.2))
+    ax.bar(range(len(names)), values, color="#4a7ab5")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction pruned")
+    ax.set_title(f"per-layer sparsity (overall {report.overall_sparsity:.1%})")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _plot_histograms(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .analysis import histogram
+
+    hists = histogram(result, bins=40)
+    fig, axes = plt.subplots(len(hists), 1, figsize=(6, 1.6 * len(hists) + 0.6), squeeze=False)
+    for ax, (name, h) in zip(axes[:, 0], hists.items()):
+        ax.stairs(h.counts, h.edges, fill=True, color="#b5644a")
+        ax.axvline(0.0, color="k", lw=0.6)
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1, 0].set_xlabel("kappa (live weights)")
+    fig.suptitle(f"neural curvature per layer (alpha={result.alpha}, "
+                 f"{result.num_examples} examples)", fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--model", required=True,
+                     help="PATH.pt (a saved model), curvprune:lenet5, timm:NAME, torchvision:NAME")
+    sub.add_argument("--weights", help="a state dict to load into the model")
+    sub.add_argument("--data", default="fashion-mnist",
+                     help="fashion-mnist, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR")
+    sub.add_argument("--calibration-per-class", type=int, default=1)
+    sub.add_argument("--alpha", type=float, default=0.9)
+    sub.add_argument("--granularity", default="neuron")
+    sub.add_argument("--device", default=None)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--out", required=True, help="output folder (created if missing)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+
+def _prepare(args) -> tuple[nn.Module, Any, Any, Path]:
+    out = _output_dir(args.out)
+    model = load_model(args.model)
+    if args.weights:
+        if not Path(args.weights).is_file():
+            raise UsageError(f"weights file not found: {args.weights}")
+        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+    if args.device:
+        from .curvature import resolve_device
+
+        try:
+            model.to(resolve_device(args.device, model))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    test = _load_data(args.data, train=False)
+    if args.calibration_per_class < 1:
+        raise UsageError("--calibration-per-class must be at least 1")
+    calibration, _ = _calibration(model, test, args.calibration_per_class, args.seed)
+    return model, test, calibration, out
+
+
+def _cmd_prune(args) -> dict:
+    from .pruning import make_permanent, prune_model
+
+    if args.structured:
+        raise UsageError("--structured needs channel granularity, which this version does not "
+                         "provide yet; unstructured pruning works.")
+    model, test, calibration, out = _prepare(args)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    before = None if args.no_eval else _accuracy(model, test, args.eval_limit, device)
+    try:
+        report = prune_model(model, calibration, args.amount, scope=args.scope,
+                             order=args.order, alpha=args.alpha, granularity=args.granularity,
+                             progress=not args.quiet)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    make_permanent(model)
+    after = None if args.no_eval else _accuracy(model, test, args.eval_limit, device)
+    data = {
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "overall_sparsity": report.overall_sparsity,
+        "layers": [{"name": r.name, "pruned": r.pruned, "total": r.total,
+                    "sparsity": r.sparsity} for r in report.layers.values()],
+        "accuracy_before": before, "accuracy_after": after,
+        "calibration_examples": len(calibration),
+        "scoring_seconds": report.result.seconds, "seconds": time.perf_counter() - start,
+    }
+    _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
+    _write_json(out / "report.json", data)
+    _plot_sparsity(report, out / "sparsity.png")
+    _plot_histograms(report.result, out / "kappa_histograms.png")
+    if not args.quiet:
+        print(report.summary())
+        if before is not None:
+            print(f"accuracy {before:.4f} -> {after:.4f}")
+        print(f"wrote {out}/model.pt, report.json, sparsity.png, kappa_histograms.png")
+    return data
+
+
+def _cmd_analyze(args) -> dict:
+    from dataclasses import asdict
+
+    from .analysis import curvature_statistics, most_negative, relational_measures
+    from .curvature import neural_curvature
+
+    model, _, calibration, out = _prepare(args)
+    try:
+        result = neural_curvature(model, calibration, alpha=args.alpha,
+                                  granularity=args.granularity, progress=not args.quiet)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    bottlenecks = most_negative(result, args.top)
+    relational = relational_measures(model)
+    data = {
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "statistics": [asdict(s) for s in curvature_statistics(result)],
+        "bottlenecks": {name: asdict(b) for name, b in bottlenecks.items()},
+        "relational": {"summary": relational.summary()},
+        "seconds": result.seconds,
+    }
+    _write_json(out / "analysis.json", json.loads(json.dumps(data, default=_jsonable)))
+    _plot_histograms(result, out / "kappa_histograms.png")
+    if not args.quiet:
+        print(result.summary())
+        print(relational.summary())
+        print(f"wrote {out}/analysis.json, kappa_histograms.png")
+    return data
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _cmd_demo(args) -> dict:
+    from .demo import run_demo
+
+    return run_demo(seed=args.seed, quiet=args.quiet)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"curvprune: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="curvprune", description="Prune PyTorch models by neural curvature.")
+    subs = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = subs.add_parser("demo", help="the main job on an embedded default (no arguments)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+    prune = subs.add_parser("prune", help="score, prune, evaluate and save a model")
+    _common(prune)
+    prune.add_argument("--amount", type=_amount, required=True,
+                       help="fraction of the weights to remove, in [0, 1]")
+    prune.add_argument("--scope", choices=["global", "layer"], default="global")
+    prune.add_argument("--order", choices=["pos", "neg"], default="pos")
+    prune.add_argument("--structured", action="store_true",
+                       help="channel pruning through Torch-Pruning (needs channel granularity)")
+    prune.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
+    prune.add_argument("--eval-limit", type=int, default=None,
+                       help="evaluate on at most this many test examples")
+    prune.set_defaults(func=_cmd_prune)
+    analyze = subs.add_parser("analyze", help="curvature statistics, bottlenecks, plots, "
+                                              "graph measures")
+    _common(analyze)
+    analyze.add_argument("--top", type=int, default=10, help="bottlenecks listed per layer")
+    analyze.set_defaults(func=_cmd_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``curvprune`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as exc:
+        sys.stderr.write(f"curvprune: error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

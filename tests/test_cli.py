@@ -1,0 +1,137 @@
+"""The ``curvprune`` command: every subcommand, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn as nn
+
+from curvprune.cli import main
+from curvprune.data import FASHION_MNIST_DIR
+from curvprune.models import create_model
+
+HAVE_FMNIST = any(FASHION_MNIST_DIR.glob("t10k-images-idx3-ubyte*"))
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
+
+
+@pytest.fixture(scope="module")
+def small_model_path(tmp_path_factory):
+    """A small MLP trained briefly on Fashion-MNIST, saved whole (as users do)."""
+    from curvprune.data import fashion_mnist
+
+    torch.manual_seed(0)
+    model = create_model("mlp", hidden=(24, 12))
+    data = fashion_mnist(train=True)
+    optimiser = torch.optim.Adam(model.parameters(), 1e-3)
+    loader = torch.utils.data.DataLoader(data, batch_size=256, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    for step, (x, y) in enumerate(loader):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+        if step == 150:
+            break
+    path = tmp_path_factory.mktemp("model") / "mlp.pt"
+    torch.save(model.eval(), path)
+    return path
+
+
+def run_main(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        raise SystemExit(main(args))
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--model", "curvprune:nosuchnet", "--amount", "0.5"], "unknown curvprune model"),
+    (["prune", "--model", "timm:nosuchnet_xyz", "--amount", "0.5"], "unknown timm model"),
+    (["prune", "--model", "nowhere/model.pt", "--amount", "0.5"], "model file not found"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--data",
+      "imagefolder:/nonexistent/folder"], "data not found"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "1.5"], "amount must be in [0, 1]"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "half"], "amount must be a number"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--structured"],
+     "channel granularity"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
+    code, out, err = run_main(args + ["--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("curvprune: error:")
+
+
+def test_unwritable_output_folder(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_main(["prune", "--model", "curvprune:lenet5", "--amount", "0.5",
+                             "--out", str(blocker / "out")], capsys)
+    assert code == 2 and "cannot write to output folder" in err
+
+
+def test_missing_subcommand_and_arguments(capsys):
+    code, _, err = run_main([], capsys)
+    assert code == 2 and "curvprune: error:" in err
+    code, _, err = run_main(["prune", "--amount", "0.5"], capsys)
+    assert code == 2 and "--model" in err
+
+
+@needs_fmnist
+def test_prune_writes_model_report_and_plots(small_model_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(["prune", "--model", str(small_model_path), "--amount", "0.6",
+                             "--eval-limit", "1000", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "kappa_histograms.png", "model.pt", "report.json", "sparsity.png"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["overall_sparsity"] == pytest.approx(0.6, abs=1e-4)
+    assert 0 <= report["accuracy_after"] <= 1 and 0 <= report["accuracy_before"] <= 1
+    assert report["calibration_examples"] == 10
+    pruned = torch.load(out / "model.pt", weights_only=False)
+    weights = [m.weight for m in pruned.modules() if isinstance(m, nn.Linear)]
+    assert not any(hasattr(m, "weight_mask") for m in pruned.modules())  # permanent
+    zero = sum(int((w == 0).sum()) for w in weights)
+    assert zero / sum(w.numel() for w in weights) == pytest.approx(0.6, abs=1e-4)
+    for png in ("sparsity.png", "kappa_histograms.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fmnist
+def test_analyze_writes_statistics_and_bottlenecks(small_model_path, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    code, _, err = run_main(["analyze", "--model", str(small_model_path), "--top", "3",
+                             "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    data = json.loads((out / "analysis.json").read_text())
+    assert [s["name"] for s in data["statistics"]] == ["1.weight", "3.weight", "5.weight"]
+    assert set(data["bottlenecks"]) == {"1.weight", "3.weight", "5.weight"}
+    for b in data["bottlenecks"].values():
+        assert len(b["kappa"]) == 3 and b["kappa"] == sorted(b["kappa"])
+    assert "relational-graph measures" in data["relational"]["summary"]
+    assert (out / "kappa_histograms.png").exists()
+
+
+@needs_fmnist
+def test_untrained_model_gets_a_clear_calibration_error(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "untrained.pt"
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval(), path)
+    code, _, err = run_main(["prune", "--model", str(path), "--amount", "0.5",
+                             "--calibration-per-class", "500", "--out",
+                             str(tmp_path / "o")], capsys)
+    assert code == 2 and "calibration" in err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("curvprune")
+    if exe is None:
+        pytest.skip("package not installed with its console script")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for command in ("demo", "prune", "analyze"):
+        assert command in out.stdout
