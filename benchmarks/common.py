@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from curvprune.data import fashion_mnist
+from curvprune.evaluation import accuracy
 from curvprune.models import create_model
 
 CACHE = Path(os.environ.get("CURVPRUNE_CACHE", Path(__file__).parent / ".cache"))
@@ -19,16 +20,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def evaluate(model: nn.Module, dataset, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (eval mode, no grad; flags restored)."""
-    from curvprune.calibration import scoring_mode
-
-    correct = 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    device = next(model.parameters()).device
-    with scoring_mode(model):
-        for x, y in loader:
-            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    return correct / len(dataset)
+    """Top-1 accuracy of ``model`` on ``dataset`` (see :func:`curvprune.evaluation.accuracy`)."""
+    return accuracy(model, dataset, batch_size=batch_size)
 
 
 def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | None = None,

@@ -132,19 +132,6 @@ def _amount(text: str) -> float:
     return value
 
 
-def _accuracy(model: nn.Module, dataset, limit: int | None, device: torch.device) -> float:
-    from .calibration import scoring_mode
-
-    if limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    correct = total = 0
-    with scoring_mode(model):
-        for x, y in torch.utils.data.DataLoader(dataset, batch_size=500):
-            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
-
-
 def _calibration(model, dataset, per_class: int, seed: int):
     from .data import class_balanced_calibration
 
@@ -232,15 +219,15 @@ def _prepare(args) -> tuple[nn.Module, Any, Any, Path]:
 
 
 def _cmd_prune(args) -> dict:
+    from .evaluation import accuracy
     from .pruning import make_permanent, prune_model
 
     if args.structured:
         raise UsageError("--structured needs channel granularity, which this version does not "
                          "provide yet; unstructured pruning works.")
     model, test, calibration, out = _prepare(args)
-    device = next(model.parameters()).device
     start = time.perf_counter()
-    before = None if args.no_eval else _accuracy(model, test, args.eval_limit, device)
+    before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
     try:
         report = prune_model(model, calibration, args.amount, scope=args.scope,
                              order=args.order, alpha=args.alpha, granularity=args.granularity,
@@ -248,7 +235,7 @@ def _cmd_prune(args) -> dict:
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     make_permanent(model)
-    after = None if args.no_eval else _accuracy(model, test, args.eval_limit, device)
+    after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "overall_sparsity": report.overall_sparsity,

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from .calibration import scoring_mode
 from .curvature import neural_curvature
 from .data import class_balanced_calibration, fashion_mnist
+from .evaluation import accuracy
 from .models import create_model
 from .pruning import CurvaturePruning, clone_pruned, make_permanent
 
@@ -47,14 +47,6 @@ def _datasets() -> tuple[str, torch.utils.data.Dataset, torch.utils.data.Dataset
         return "synthetic", synthetic_images(12000, seed=0), synthetic_images(2000, seed=1)
 
 
-def _accuracy(model: nn.Module, dataset) -> float:
-    correct = 0
-    with scoring_mode(model):
-        for x, y in torch.utils.data.DataLoader(dataset, batch_size=2000):
-            correct += int((model(x).argmax(1) == y).sum())
-    return correct / len(dataset)
-
-
 def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
              quiet: bool = False) -> dict:
     """Run the demo and return its numbers (accuracy per criterion and amount)."""
@@ -72,7 +64,7 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
         nn.functional.cross_entropy(model(x), y).backward()
         optimiser.step()
     model.eval()
-    dense = _accuracy(model, test)
+    dense = accuracy(model, test)
     say(f"data: {name}; MLP 784-64-32-10 trained 1 epoch in {time.perf_counter() - start:.1f} s,"
         f" test accuracy {dense:.3f}")
     calibration, _ = class_balanced_calibration(model, test, 1, num_classes=10, seed=seed)
@@ -98,7 +90,7 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
                 prune.global_unstructured(targets, pruning_method=CurvaturePruning,
                                           importance_scores=keyed, amount=amount)
             make_permanent(pruned)
-            row[label] = _accuracy(pruned, test)
+            row[label] = accuracy(pruned, test)
         report["accuracy"][amount] = row
         say(f"{amount:>8.0%} {row['curvature']:>10.3f} {row['control']:>8.3f} "
             f"{row['magnitude']:>10.3f}")
