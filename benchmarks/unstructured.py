@@ -104,7 +104,8 @@ def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *,
     """Every criterion's importance scores (computed once), plus timing and curvature facts."""
     info: dict = {}
     start = time.perf_counter()
-    result = neural_curvature(model, calib, alpha=alpha, progress=progress)
+    result = neural_curvature(model, calib, alpha=alpha, progress=progress,
+                              threads=os.cpu_count() or 1)
     info["curvature_seconds"] = round(time.perf_counter() - start, 2)
     live = {n: float(v.float().mean()) for n, v in result.live.items()} \
         if isinstance(result.live, dict) else None
@@ -182,8 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, default=DOCS)
     parser.add_argument("--name", default="unstructured",
                         help="file stem of the JSON and plots (default unstructured)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads for training and evaluation (default 1: "
+                             "on a shared 2-core machine 2 threads ran 8x slower; the curvature "
+                             "engine's solver threads are separate)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     progress = not args.no_progress
     if args.quick:
         args.seeds, args.amounts, args.per_class = args.seeds[:1], [0.0, 0.5, 0.9], 1
