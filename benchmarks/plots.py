@@ -58,7 +58,8 @@ def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[P
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    models = [m for m in data["models"] if data["models"][m]["seeds"]]
+    models = sorted((m for m in data["models"] if data["models"][m]["seeds"]),
+                    key=lambda m: (m != "lenet5", m))  # LeNet-5 (the paper's figure) first
     settings = data["settings"]
     written = []
     for group, criteria in GROUPS.items():
@@ -70,6 +71,8 @@ def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[P
             base = [s["test_accuracy"] for s in entry["seeds"].values()]
             for criterion in criteria:
                 label, colour, line = STYLE[criterion]
+                if group == "layer" and criterion == "random":
+                    label = "random (global)"
                 x, mean, low, high = curves(entry, criterion)
                 x = [100 * v for v in x]
                 ax.plot(x, mean, line, color=colour, label=label, marker="o", markersize=3)
