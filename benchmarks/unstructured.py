@@ -122,8 +122,10 @@ def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *,
     return scores, info
 
 
-def prune_with(model: nn.Module, criterion: str, scores: dict, amount: float) -> float:
-    """Prune ``model`` in place by ``criterion`` at ``amount``; return the achieved sparsity."""
+def prune_with(model: nn.Module, criterion: str, scores: dict, amount: float
+               ) -> tuple[float, dict[str, float]]:
+    """Prune ``model`` in place by ``criterion`` at ``amount``; return the achieved sparsity,
+    overall and per weight (by parameter name)."""
     params = list(scores)
     if amount > 0:
         if criterion in GLOBAL and criterion != "wanda_row":
@@ -137,25 +139,30 @@ def prune_with(model: nn.Module, criterion: str, scores: dict, amount: float) ->
                 CurvaturePruning.apply(module, name, amount=amount, importance_scores=scores)
     total = sum(m.weight.numel() for m, _ in params)
     zeros = sum(int((m.weight == 0).sum()) for m, _ in params)
-    return zeros / total
+    names = {id(m): n for n, m in model.named_modules()}
+    per_layer = {f"{names.get(id(m), '?')}.weight": round(float((m.weight == 0).double().mean()),
+                                                           4) for m, _ in params}
+    return zeros / total, per_layer
 
 
 def run_seed(model: nn.Module, test, scores: dict, amounts: list[float], *,
-             progress: bool) -> tuple[dict, dict]:
+             progress: bool) -> tuple[dict, dict, dict]:
     from tqdm.auto import tqdm
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     accuracy: dict = {c: {} for c in CRITERIA}
     sparsity: dict = {c: {} for c in CRITERIA}
+    layers: dict = {c: {} for c in CRITERIA}
     jobs = [(c, a) for c in CRITERIA for a in amounts]
     for criterion, amount in tqdm(jobs, desc="prune+evaluate", disable=not progress):
         key = f"{amount:g}"
-        sparsity[criterion][key] = round(prune_with(model, criterion, scores[criterion],
-                                                    amount), 6)
+        overall, per_layer = prune_with(model, criterion, scores[criterion], amount)
+        sparsity[criterion][key] = round(overall, 6)
+        layers[criterion][key] = per_layer
         accuracy[criterion][key] = evaluate(model, test)
         make_permanent(model)
         model.load_state_dict(state)
-    return accuracy, sparsity
+    return accuracy, sparsity, layers
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -242,9 +249,10 @@ def main(argv: list[str] | None = None) -> None:
             scores, info = build_scores(model, calib, labels, alpha=args.alpha, seed=seed,
                                         progress=progress)
             print(f"  curvature scoring {info['curvature_seconds']} s", flush=True)
-            acc, sparsity = run_seed(model, test, scores, args.amounts, progress=progress)
-            entry["seeds"][str(seed)] = {"test_accuracy": accuracy, **info,
-                                         "accuracy": acc, "sparsity": sparsity}
+            acc, sparsity, layers = run_seed(model, test, scores, args.amounts,
+                                             progress=progress)
+            entry["seeds"][str(seed)] = {"test_accuracy": accuracy, **info, "accuracy": acc,
+                                         "sparsity": sparsity, "layer_sparsity": layers}
             write_json(out_json, data)
     data["status"] = "complete"
     data["total_seconds"] = round(time.perf_counter() - total_start, 1)
