@@ -88,7 +88,7 @@ def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[P
             ax.grid(alpha=0.3)
         axes[0][0].legend(loc="lower left", fontsize=8)
         scope = "global ranking" if group == "global" else "same fraction per layer"
-        fig.suptitle(f"Fashion-MNIST, unstructured pruning ({scope}); calibration "
+        fig.suptitle(f"Fashion-MNIST, unstructured pruning ({scope})\ncalibration "
                      f"{settings['per_class']}/class, alpha {settings['alpha']}; "
                      "mean and min-max over seeds", fontsize=10)
         fig.tight_layout()
