@@ -57,6 +57,14 @@ def _measure(center: int, neighbours: list[int], activity: np.ndarray, alpha: fl
     return [center] + active, [alpha] + list((1.0 - alpha) * share)
 
 
+def _exact_w1(mu: np.ndarray, nu: np.ndarray, cost: np.ndarray) -> float:
+    """``ot.emd2``, refusing a result that POT flags as not optimal (it only warns)."""
+    value, log = ot.emd2(mu, nu, cost, numItermax=100_000_000, log=True)
+    if log["result_code"] != 1:
+        raise RuntimeError(f"ot.emd2 did not reach optimality: {log['warning']}")
+    return float(value)
+
+
 def reference_curvature(
     model: nn.Module,
     calibration,
@@ -147,7 +155,7 @@ def reference_curvature(
                     mu_global = [offsets[L] + u for L, u in zip(mu_layers, mu_nodes)]
                     nu_global = [offsets[L] + v for L, v in zip(nu_layers, nu_nodes)]
                     cost = dist[np.ix_([row_of[int(g)] for g in mu_global], nu_global)]
-                    w1 = ot.emd2(np.array(mu), np.array(nu), cost)
+                    w1 = _exact_w1(np.array(mu), np.array(nu), cost)
                     value = (1.0 - w1 / d) / (1.0 - alpha)
                 flat = kappa[k].reshape(-1)
                 flat[widx[e]] = min(flat[widx[e]], value)
