@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .calibration import is_single_pair, iter_calibration_inputs, scoring_mode
+from .calibration import is_single_pair, iter_calibration_inputs, model_device, scoring_mode
+from .graph import conv_padding
 from .result import ImportanceScores
 
 __all__ = ["prunable_modules", "magnitude_scores", "random_scores", "wanda_scores",
@@ -80,16 +81,9 @@ def _feature_sq_norms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.detach().to(torch.float64)
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-    padding = module.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:
-            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-            x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
-                          total[0] // 2, total[0] - total[0] // 2))
-            padding = (0, 0)
-    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
+    (top, bottom), (left, right) = conv_padding(module)
+    x = F.pad(x, (left, right, top, bottom))
+    patches = F.unfold(x, module.kernel_size, dilation=module.dilation,
                        stride=module.stride)  # [N, C*kh*kw, L]
     return patches.pow(2).sum(dim=(0, 2))
 
@@ -112,7 +106,7 @@ def wanda_scores(model: nn.Module, calibration, modules: Iterable[nn.Module] | N
         for name, module in targets.items():
             handles.append(module.register_forward_pre_hook(make_hook(name, module)))
         with scoring_mode(model):
-            device = next(model.parameters()).device
+            device = model_device(model)
             for inputs in iter_calibration_inputs(calibration):
                 model(inputs.to(device))
     finally:
@@ -149,7 +143,7 @@ def snip_scores(model: nn.Module, calibration, modules: Iterable[nn.Module] | No
     for name, module in targets.items():
         params[name] = module.weight_orig if hasattr(module, "weight_orig") else module.weight
     flags = {name: p.requires_grad for name, p in params.items()}
-    device = next(model.parameters()).device
+    device = model_device(model)
     totals = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
     try:
         for p in params.values():

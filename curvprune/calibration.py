@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["is_single_pair", "iter_calibration_inputs", "scoring_mode", "capture_activations",
+__all__ = ["is_single_pair", "iter_calibration_inputs", "model_device", "scoring_mode",
+           "capture_activations",
            "normalise_activity"]
 
 Calibration = Any  # torch.Tensor | tuple | Iterable[torch.Tensor | tuple]
@@ -95,6 +96,11 @@ def iter_calibration_inputs(calibration: Calibration) -> Iterator[torch.Tensor]:
         yield inputs
     if total == 0:
         raise ValueError("the calibration set is empty: give at least one example.")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .calibration import (
     capture_activations,
+    is_single_pair,
     iter_calibration_inputs,
     normalise_activity,
     scoring_mode,
@@ -237,9 +238,8 @@ def _count_examples(calibration) -> int | None:
     """Number of calibration examples when it is known without iterating (for progress)."""
     if isinstance(calibration, torch.Tensor):
         return calibration.shape[0] if calibration.dim() else None
-    if isinstance(calibration, (tuple, list)) and calibration and isinstance(
-            calibration[0], torch.Tensor) and not isinstance(calibration, list):
-        return calibration[0].shape[0]
+    if is_single_pair(calibration):
+        return calibration[0].shape[0] if calibration[0].dim() else None
     dataset = getattr(calibration, "dataset", None)
     try:
         return len(dataset) if dataset is not None else None

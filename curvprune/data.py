@@ -95,13 +95,13 @@ def class_balanced_calibration(
     Raises:
         ValueError: if some class has fewer than ``per_class`` correctly classified examples.
     """
-    from .calibration import scoring_mode
+    from .calibration import model_device, scoring_mode
 
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}.")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=generator)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     chosen: dict[int, list[torch.Tensor]] = {}
     with scoring_mode(model):
         for start in range(0, len(order), batch_size):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .calibration import scoring_mode
+from .calibration import model_device, scoring_mode
 
 __all__ = ["accuracy"]
 
@@ -24,7 +24,7 @@ def accuracy(model: nn.Module, dataset, *, batch_size: int = 1000, limit: int | 
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     if len(dataset) == 0:
         raise ValueError("cannot measure accuracy on an empty dataset.")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     correct = 0
     with scoring_mode(model):
         for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):

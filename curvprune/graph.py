@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ParamLayer", "trace_chain", "layer_edges"]
+__all__ = ["ParamLayer", "trace_chain", "layer_edges", "conv_padding"]
 
 # Modules allowed between parametrised layers: each maps a node to itself (or only reshapes).
 _ELEMENTWISE_MODULES = (
@@ -190,13 +190,18 @@ class LayerEdges:
     n_out: int
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+def conv_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Zero padding of a Conv2d as ``((top, bottom), (left, right))``.
+
+    Integer padding is symmetric; ``'valid'`` is none; for ``'same'`` PyTorch pads a total of
+    ``dilation * (kernel - 1)`` per axis, the smaller half first.
+    """
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return (0, 0)
-        # 'same': PyTorch pads total = dilation * (kernel - 1), the smaller half first.
-        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
-    return tuple(conv.padding)
+            return (0, 0), (0, 0)
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in conv.padding)
 
 
 def layer_edges(
@@ -218,7 +223,7 @@ def layer_edges(
     kh, kw = module.kernel_size
     sh, sw = module.stride
     dh, dw = module.dilation
-    ph, pw = _conv_padding(module)
+    (ph, _), (pw, _) = conv_padding(module)
     cg_in = c_in // module.groups
     cg_out = c_out // module.groups
     oc = torch.arange(c_out).view(-1, 1, 1, 1, 1, 1)

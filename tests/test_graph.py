@@ -284,3 +284,19 @@ def test_reflect_padding_is_rejected():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         trace_chain(model)
+
+
+@pytest.mark.parametrize("padding, kernel, dilation", [("same", 4, 1), ("same", 3, 2),
+                                                       ("same", (2, 5), (3, 1)), ("valid", 3, 1),
+                                                       (2, 3, 1), ((1, 0), 3, 2)])
+def test_conv_padding_reproduces_pytorch(padding, kernel, dilation):
+    """Padding explicitly by ``conv_padding`` and convolving unpadded gives PyTorch's output."""
+    from curvprune.graph import conv_padding
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation)
+    x = torch.randn(1, 2, 9, 8)
+    (top, bottom), (left, right) = conv_padding(conv)
+    manual = F.conv2d(F.pad(x, (left, right, top, bottom)), conv.weight, conv.bias,
+                      dilation=conv.dilation)
+    torch.testing.assert_close(manual, conv(x))
