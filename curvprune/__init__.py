@@ -8,7 +8,9 @@ from .analysis import (
     nnstd_masks,
     relational_measures,
 )
+from .channels import UntraceableModel
 from .curvature import neural_curvature
+from .importance import CurvatureImportance
 from .pruning import (
     CurvaturePruning,
     LayerSparsity,
@@ -27,6 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "neural_curvature",
+    "CurvatureImportance",
+    "UntraceableModel",
     "CurvatureResult",
     "ImportanceScores",
     "CurvaturePruning",

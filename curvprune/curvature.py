@@ -37,7 +37,10 @@ from .result import CurvatureResult
 
 __all__ = ["neural_curvature"]
 
-_GRANULARITIES = ("neuron",)
+_GRANULARITIES = ("neuron", "channel", "auto")
+
+#: Default memory budget (bytes) of the distance tables for ``granularity="auto"``.
+MEMORY_BUDGET = 4 << 30
 
 
 def _check_alpha(alpha: float) -> float:
@@ -92,6 +95,7 @@ def neural_curvature(
     progress: bool = False,
     certify_tol: float = 1e-12,
     threads: int | None = None,
+    memory_budget: int | None = None,
 ) -> CurvatureResult:
     r"""Neural Ollivier-Ricci curvature of every Linear/Conv2d weight of ``model``.
 
@@ -105,7 +109,11 @@ def neural_curvature(
             class.
         alpha: idleness :math:`\alpha \in [0, 1)` of the measures (the paper uses 0.9). For
             :math:`\alpha \ge 1/2` kappa does not depend on alpha (see ``docs/method.md``).
-        granularity: ``"neuron"`` (the paper's graph).
+        granularity: ``"neuron"`` (the paper's graph: one node per neuron, chains only),
+            ``"channel"`` (one node per channel, any model the channel tracer follows: see
+            :mod:`curvprune.channels`; every element of ``W[o, i, ...]`` gets the curvature of
+            the channel edge ``i -> o``, zero elements ``+inf``), or ``"auto"`` (neuron when the
+            model is a chain whose distance tables fit ``memory_budget``, else channel).
         device: where the engine runs; defaults to the model's device. The model itself is not
             moved; inputs are moved to the model's device for the forward pass.
         progress: show a progress bar over calibration examples.
@@ -114,6 +122,8 @@ def neural_curvature(
         threads: CPU threads for the exact transport solves (default: ``torch.get_num_threads()``).
             With more than one, torch's own ops run on one thread during the call (restored
             after), so that the two do not compete for the cores.
+        memory_budget: bytes the distance tables may take (default :data:`MEMORY_BUDGET`,
+            4 GiB); a larger graph is refused with a ``ValueError`` saying how much it needs.
 
     Returns:
         A :class:`~curvprune.result.CurvatureResult`; ``result.kappa[name]`` has the shape of
@@ -125,7 +135,11 @@ def neural_curvature(
         TypeError: bad argument types, or a calibration batch that is not a tensor or pair.
         ValueError: an empty calibration set; NaN/Inf in inputs or activations; alpha outside
             ``[0, 1)``; an unsupported model (the message names the module); inputs the model
-            rejects; a device that is not there.
+            rejects; a device that is not there; a graph over ``memory_budget``.
+        UntraceableModel: (a ``ValueError``) at channel granularity, the model calls functions
+            the channel tracer cannot follow; ``.functions`` lists them. Pruning entry points
+            (:func:`~curvprune.prune_model`, :class:`~curvprune.CurvatureImportance`) catch it
+            and fall back to magnitude with a warning.
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -139,8 +153,17 @@ def neural_curvature(
         threads = max(1, torch.get_num_threads())
     elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    if memory_budget is None:
+        memory_budget = MEMORY_BUDGET
     model_device = _model_device(model)
     engine_device = resolve_device(device, model)
+    if granularity == "auto":
+        granularity = _choose_granularity(model, calibration, model_device, memory_budget)
+    if granularity == "channel":
+        return _channel_curvature(model, calibration, alpha=alpha, model_device=model_device,
+                                  engine_device=engine_device, progress=progress,
+                                  certify_tol=certify_tol, threads=threads,
+                                  memory_budget=memory_budget, start=start)
     layers = trace_chain(model)
     modules = [layer.module for layer in layers]
     names = [layer.name for layer in layers]
@@ -256,3 +279,104 @@ def _check_shapes(structures, values, names) -> None:
                 f"layers have {sizes[k]} and {sizes[k + 1]}: only elementwise modules and "
                 "flattening may sit between parametrised layers."
             )
+
+
+def _first_example(calibration, model_device: torch.device) -> torch.Tensor:
+    inputs = next(iter(iter_calibration_inputs(calibration)))
+    return inputs[:1].to(model_device)
+
+
+def _choose_granularity(model: nn.Module, calibration, model_device: torch.device,
+                        memory_budget: int) -> str:
+    """``"neuron"`` if the model is a chain whose hop tables fit the budget, else ``"channel"``."""
+    try:
+        layers = trace_chain(model)
+    except ValueError:
+        return "channel"
+    modules = [layer.module for layer in layers]
+    with scoring_mode(model):
+        _, in_shapes, out_shapes = capture_activations(
+            model, modules, _first_example(calibration, model_device))
+    sizes = [math.prod(in_shapes[0])] + [math.prod(s) for s in out_shapes]
+    need = 8 * sum(sizes[L] * sizes[L + 2] for L in range(len(sizes) - 2))
+    need += 8 * sum(sizes[L] * sizes[L + 3] for L in range(len(sizes) - 3))
+    return "neuron" if need <= memory_budget else "channel"
+
+
+def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
+                       certify_tol, threads, memory_budget, start) -> CurvatureResult:
+    """``neural_curvature`` at channel granularity (see :mod:`curvprune.channels`)."""
+    from .channels import channel_distances, score_channel_edges, trace_channels
+
+    stats = EngineStats()
+    first = None
+    distances = None
+    edge_kappa = edge_live = None
+    num_examples = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="curvature (channel)", unit="example",
+                   total=_count_examples(calibration))
+    try:
+        with scoring_mode(model):
+            for inputs in iter_calibration_inputs(calibration):
+                if not inputs.is_floating_point():
+                    raise TypeError(
+                        f"calibration inputs must be floating point, not {inputs.dtype}."
+                    )
+                if inputs.device != model_device:
+                    inputs = inputs.to(model_device)
+                graph = trace_channels(model, inputs, device=engine_device)
+                if first is None:
+                    need = 8 * graph.num_nodes ** 2
+                    if need > memory_budget:
+                        raise ValueError(
+                            f"the channel graph has {graph.num_nodes} nodes; its distance table "
+                            f"needs {need / 2**30:.1f} GiB, over memory_budget "
+                            f"({memory_budget / 2**30:.1f} GiB). Raise memory_budget if the "
+                            "machine has the memory."
+                        )
+                    first = graph
+                    distances = channel_distances(graph)
+                    edge_kappa = torch.full_like(graph.length, math.inf)
+                    edge_live = torch.zeros_like(graph.src, dtype=torch.bool)
+                elif not first.same_structure(graph):
+                    raise ValueError(
+                        f"calibration examples of shape {tuple(inputs.shape[1:])} give another "
+                        "channel graph than the first batch: every calibration example must "
+                        "have the same shape."
+                    )
+                with _torch_threads(1 if threads > 1 else None):
+                    value, live = score_channel_edges(
+                        graph, distances, alpha, certify_tol=certify_tol, stats=stats,
+                        threads=threads, on_example=bar.update if bar is not None else None)
+                edge_kappa = torch.minimum(edge_kappa, value)
+                edge_live |= live
+                num_examples += inputs.shape[0]
+    finally:
+        if bar is not None:
+            bar.close()
+    kappa, live_w, modules, edges, magnitude = {}, {}, {}, {}, {}
+    for k, (name, module) in enumerate(first.modules):
+        weight = module.weight.detach()
+        widx, eidx = first.weight_edges[k]
+        flat = torch.full((weight.numel(),), math.inf, dtype=torch.float64, device=engine_device)
+        flat.scatter_reduce_(0, widx, edge_kappa[eidx], reduce="amin")
+        alive = torch.zeros(weight.numel(), dtype=torch.bool, device=engine_device)
+        alive.scatter_reduce_(0, widx, edge_live[eidx], reduce="amax")
+        zero = weight.flatten().to(engine_device) == 0
+        flat[zero] = math.inf  # a zero weight is no edge
+        alive &= ~zero
+        kappa[name] = flat.view(weight.shape).to(weight.device)
+        live_w[name] = alive.view(weight.shape).to(weight.device)
+        modules[name] = module
+        edges[name] = int((first.module == k).sum())
+        magnitude[name] = weight.abs().to(torch.float64).clone()
+    return CurvatureResult(
+        kappa=kappa, live=live_w, modules=modules, alpha=alpha, granularity="channel",
+        num_examples=num_examples, edges_per_example=edges,
+        seconds=time.perf_counter() - start, engine=stats.as_dict(), magnitude=magnitude,
+        channel_graph=first, edge_kappa=edge_kappa,
+    )

@@ -51,7 +51,8 @@ from .distance import length_matrix, min_plus
 from .graph import LayerEdges
 from .measures import neighbour_measures, padded_neighbours
 
-__all__ = ["NeuronGraph", "EngineStats", "score_example"]
+__all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
+           "node_measures"]
 
 _MAX_ITER = 1_000_000
 _OPTIMAL = 1  # POT's result code for an optimal solution
@@ -151,7 +152,7 @@ class _Measure:
     has: torch.Tensor
 
 
-def _measure(table: torch.Tensor, activity: torch.Tensor) -> _Measure:
+def node_measures(table: torch.Tensor, activity: torch.Tensor) -> _Measure:
     """Measures of a layer with each node's support moved to the front and empty slots cut."""
     mass, has = neighbour_measures(table, activity)
     order = torch.argsort((mass <= 0).to(torch.int8), dim=1, stable=True)
@@ -258,54 +259,97 @@ def score_example(
     out, out_dead = [], []
     for l in range(1, n + 1):
         layer = graph.layers[l - 1]
-        src, dst, d = layer.src, layer.dst, layer.length
-        kappa = torch.ones_like(d)
+        src, dst = layer.src, layer.dst
         dead = torch.zeros_like(src, dtype=torch.bool)
         if l > 1:
             dead |= acts[l - 1][src] == 0
         if l < n:
             dead |= acts[l][dst] == 0
-        stats.dead += int(dead.sum())
         # mu_i over in-neighbours of i (layer l-2); nu_j over out-neighbours of j (layer l+1).
-        mu = _measure(graph.in_nbrs[l - 1], acts[l - 2]) if l > 1 else None
-        nu = _measure(graph.out_nbrs[l], acts[l + 1]) if l < n else None
-        mu_point = ~mu.has[src] if mu is not None else torch.ones_like(dead)
-        nu_point = ~nu.has[dst] if nu is not None else torch.ones_like(dead)
-        live = ~dead
-        both = live & mu_point & nu_point
-        kappa[both] = 0.0
-        # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d
-        sel = torch.nonzero(live & mu_point & ~nu_point).squeeze(1)
-        for chunk in _chunks(sel, block, nu.mass.shape[1] if nu is not None else 1):
-            i, j = src[chunk], dst[chunk]
-            cost = _gather_rows(graph.hop2[l - 1], i, nu.table[j])
-            kappa[chunk] = 1.0 - _weighted_sum(nu.mass[j], cost) / d[chunk]
-        # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d
-        sel2 = torch.nonzero(live & ~mu_point & nu_point).squeeze(1)
-        for chunk in _chunks(sel2, block, mu.mass.shape[1] if mu is not None else 1):
-            i, j = src[chunk], dst[chunk]
-            cost = graph.hop2[l - 2][mu.table[i].clamp(min=0), j[:, None]]
-            kappa[chunk] = 1.0 - _weighted_sum(mu.mass[i], cost) / d[chunk]
-        stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
-        general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
-        if general.numel():
-            kappa[general] = _general(graph, l, src[general], dst[general], d[general], mu, nu,
-                                      alpha, certify_tol, block, stats, threads)
-        out.append(kappa)
+        mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2]) if l > 1 else None
+        nu = node_measures(graph.out_nbrs[l], acts[l + 1]) if l < n else None
+        tables = Distances(d_kj=graph.hop2[l - 2] if l > 1 else None,
+                           d_im=graph.hop2[l - 1] if l < n else None,
+                           d_km=graph.hop3[l - 2] if 1 < l < n else None)
+        out.append(score_edges(src, dst, layer.length, dead, mu, nu, tables, alpha,
+                               certify_tol=certify_tol, block=block, stats=stats,
+                               threads=threads))
         out_dead.append(dead)
     return out, out_dead
 
 
-def _general(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
+@dataclass
+class Distances:
+    """Ground distances an edge set needs, as tables indexed by the measures' node ids.
+
+    ``d_kj[k, j]``: from ``i``'s neighbours to ``j``; ``d_im[i, m]``: from ``i`` to ``j``'s
+    neighbours; ``d_km[k, m]``: between the neighbours. For the layered neuron graph these are
+    the hop tables of consecutive layers; for the channel graph, one all-pairs table.
+    """
+
+    d_kj: torch.Tensor | None
+    d_im: torch.Tensor | None
+    d_km: torch.Tensor | None
+
+
+def score_edges(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    d: torch.Tensor,
+    dead: torch.Tensor,
+    mu: _Measure | None,
+    nu: _Measure | None,
+    tables: Distances,
+    alpha: float,
+    *,
+    certify_tol: float = 1e-12,
+    block: int = 1 << 22,
+    stats: EngineStats | None = None,
+    threads: int = 1,
+) -> torch.Tensor:
+    """Curvatures ``[E]`` (float64) of edges ``src -> dst`` of distance ``d`` on one example.
+
+    ``dead`` edges get 1; ``mu``/``nu`` are the neighbour measures of the sources' and the
+    targets' node sets (``None``: every node of that side is a point mass).
+    """
+    stats = stats if stats is not None else EngineStats()
+    kappa = torch.ones_like(d)
+    stats.dead += int(dead.sum())
+    mu_point = ~mu.has[src] if mu is not None else torch.ones_like(dead)
+    nu_point = ~nu.has[dst] if nu is not None else torch.ones_like(dead)
+    live = ~dead
+    both = live & mu_point & nu_point
+    kappa[both] = 0.0
+    # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d
+    sel = torch.nonzero(live & mu_point & ~nu_point).squeeze(1)
+    for chunk in _chunks(sel, block, nu.mass.shape[1] if nu is not None else 1):
+        i, j = src[chunk], dst[chunk]
+        cost = _gather_rows(tables.d_im, i, nu.table[j])
+        kappa[chunk] = 1.0 - _weighted_sum(nu.mass[j], cost) / d[chunk]
+    # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d
+    sel2 = torch.nonzero(live & ~mu_point & nu_point).squeeze(1)
+    for chunk in _chunks(sel2, block, mu.mass.shape[1] if mu is not None else 1):
+        i, j = src[chunk], dst[chunk]
+        cost = tables.d_kj[mu.table[i].clamp(min=0), j[:, None]]
+        kappa[chunk] = 1.0 - _weighted_sum(mu.mass[i], cost) / d[chunk]
+    stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
+    general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
+    if general.numel():
+        kappa[general] = _general(tables, src[general], dst[general], d[general], mu, nu,
+                                  alpha, certify_tol, block, stats, threads)
+    return kappa
+
+
+def _general(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
              mu: _Measure, nu: _Measure, alpha: float, certify_tol: float, block: int,
              stats: EngineStats, threads: int) -> torch.Tensor:
     """Edges whose two measures both have neighbour parts (see the module docstring)."""
     device = d.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
-    d_kj, d_im, d_km = graph.hop2[l - 2], graph.hop2[l - 1], graph.hop3[l - 2]
+    d_kj, d_im, d_km = tables.d_kj, tables.d_im, tables.d_km
     dk, dm = k_tab.shape[1], m_tab.shape[1]
     kappa = torch.empty_like(d)
-    pending = _certify_shared(graph, l, src, dst, d, mu, nu, certify_tol, block, stats, kappa)
+    pending = _certify_shared(tables, src, dst, d, mu, nu, certify_tol, block, stats, kappa)
     zero = torch.zeros((), dtype=d.dtype, device=device)
     p_count, q_count = (p_mass > 0).sum(1), (q_mass > 0).sum(1)
     # Similar support sizes in one chunk, so each chunk is cut to its own widths.
@@ -381,7 +425,7 @@ def _finish(item: tuple, kappa: torch.Tensor) -> None:
     kappa[chunk] = 1.0 - x / de
 
 
-def _certify_shared(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Tensor,
+def _certify_shared(tables: Distances, src: torch.Tensor, dst: torch.Tensor,
                     d: torch.Tensor, mu: _Measure, nu: _Measure, certify_tol: float, block: int,
                     stats: EngineStats, kappa: torch.Tensor) -> torch.Tensor:
     """Resolve edges whose optimum is the shared no-swap plan; return the other edges.
@@ -392,7 +436,7 @@ def _certify_shared(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Te
     """
     device = d.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
-    d_kj, d_im, d_km = graph.hop2[l - 2], graph.hop2[l - 1], graph.hop3[l - 2]
+    d_kj, d_im, d_km = tables.d_kj, tables.d_im, tables.d_km
     dk, dm = k_tab.shape[1], m_tab.shape[1]
     p_key = torch.unique(torch.cat([k_tab.to(torch.float64), p_mass], 1), dim=0,
                          return_inverse=True)[1]
@@ -405,22 +449,25 @@ def _certify_shared(graph: NeuronGraph, l: int, src: torch.Tensor, dst: torch.Te
                                reduce="amin")
     rep_i, rep_j = src[first_edge], dst[first_edge]
     stats.shared_problems += pairs.numel()
-    pm, qm = p_mass[rep_i], q_mass[rep_j]
-    support = (pm > 0)[:, :, None] & (qm > 0)[:, None, :]
-    cost = torch.where(support, d_km[k_tab[rep_i].clamp(min=0)[:, :, None],
-                                     m_tab[rep_j].clamp(min=0)[:, None, :]], 0.0)
-    pm_np, qm_np, cost_np = pm.cpu().numpy(), qm.cpu().numpy(), cost.cpu().numpy()
     x0 = np.empty(pairs.numel())
     f_pad = np.full((pairs.numel(), dk), -np.inf)
     g_pad = np.full((pairs.numel(), dm), -np.inf)
     slack = np.empty(pairs.numel())
-    for t in range(pairs.numel()):
-        x0[t], f, g = _solve_one(pm_np[t], qm_np[t], cost_np[t])
-        rows, cols = pm_np[t] > 0, qm_np[t] > 0
-        f_pad[t, rows], g_pad[t, cols] = f[rows], g[cols]
-        # (f, g) may miss feasibility by rounding; that residual also bounds the error.
-        slack[t] = max(0.0, float((f[rows, None] + g[None, cols]
-                                   - cost_np[t][np.ix_(rows, cols)]).max()))
+    # The shared problems' cost blocks are built a chunk at a time (bounded memory).
+    for part in _chunks(torch.arange(pairs.numel(), device=device), block, dk * dm):
+        ri, rj = rep_i[part], rep_j[part]
+        pm, qm = p_mass[ri], q_mass[rj]
+        support = (pm > 0)[:, :, None] & (qm > 0)[:, None, :]
+        cost = torch.where(support, d_km[k_tab[ri].clamp(min=0)[:, :, None],
+                                         m_tab[rj].clamp(min=0)[:, None, :]], 0.0)
+        pm_np, qm_np, cost_np = pm.cpu().numpy(), qm.cpu().numpy(), cost.cpu().numpy()
+        for s, t in enumerate(part.tolist()):
+            x0[t], f, g = _solve_one(pm_np[s], qm_np[s], cost_np[s])
+            rows, cols = pm_np[s] > 0, qm_np[s] > 0
+            f_pad[t, rows], g_pad[t, cols] = f[rows], g[cols]
+            # (f, g) may miss feasibility by rounding; that residual also bounds the error.
+            slack[t] = max(0.0, float((f[rows, None] + g[None, cols]
+                                       - cost_np[s][np.ix_(rows, cols)]).max()))
     x0_t, slack_t = torch.from_numpy(x0).to(device), torch.from_numpy(slack).to(device)
     f_t, g_t = torch.from_numpy(f_pad).to(device), torch.from_numpy(g_pad).to(device)
     pending = []

@@ -31,6 +31,7 @@ import copy
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -44,6 +45,7 @@ from torch.nn.utils.prune import (
     _validate_pruning_amount_init,
 )
 
+from .channels import UntraceableModel
 from .curvature import neural_curvature
 from .result import CurvatureResult, ImportanceScores, _check_score, _describe_module
 
@@ -252,7 +254,10 @@ class PruningReport:
         amount: the ``amount`` asked for.
         scope: ``"global"`` or ``"layer"``.
         order: ``"pos"`` or ``"neg"``.
-        result: the :class:`~curvprune.result.CurvatureResult` the ranking came from.
+        result: the :class:`~curvprune.result.CurvatureResult` the ranking came from (``None``
+            after a fallback).
+        fallback: ``None``, or why the weights were ranked by magnitude instead (a model the
+            channel tracer cannot follow; a warning was issued too).
     """
 
     layers: dict[str, LayerSparsity]
@@ -260,7 +265,8 @@ class PruningReport:
     amount: int | float
     scope: str
     order: str
-    result: CurvatureResult
+    result: CurvatureResult | None
+    fallback: str | None = None
 
     @property
     def sparsity(self) -> dict[str, float]:
@@ -451,9 +457,20 @@ def prune_model(
     exclusions = _resolve_exclude(model, exclude)
     _refresh(model)
 
-    result = neural_curvature(model, calibration, alpha=alpha, granularity=granularity,
-                              device=device, progress=progress)
-    scored = list(result.kappa)
+    fallback = None
+    try:
+        result = neural_curvature(model, calibration, alpha=alpha, granularity=granularity,
+                                  device=device, progress=progress)
+        scored, modules = list(result.kappa), result.modules
+    except UntraceableModel as exc:
+        fallback = f"magnitude: {exc}"
+        warnings.warn(
+            f"prune_model: {type(model).__name__} cannot be traced at channel level ({exc}); "
+            "its Conv2d/Linear weights are ranked by magnitude |w| instead.", stacklevel=2)
+        result = None
+        modules = {f"{name}.weight": m for name, m in model.named_modules()
+                   if isinstance(m, (nn.Conv2d, nn.Linear))}
+        scored = list(modules)
     excluded: set[str] = set()
     for entry, names in exclusions:
         hit = names & set(scored)
@@ -468,7 +485,6 @@ def prune_model(
     if not targets:
         raise ValueError(f"every scored weight is excluded ({scored}); nothing to prune.")
 
-    modules = result.modules
     before = {n: _unpruned(modules[n], "weight") for n in targets}
     if isinstance(amount, numbers.Integral):
         if scope == "global":
@@ -477,7 +493,12 @@ def prune_model(
             for n in targets:  # check every layer before touching any
                 _validate_pruning_amount(amount, before[n])
 
-    scores = result.importance_scores(order)
+    if result is not None:
+        scores = result.importance_scores(order)
+    else:
+        scores = ImportanceScores({(modules[n], "weight"): _magnitude_score(modules[n], order)
+                                   for n in scored},
+                                  names={(modules[n], "weight"): n for n in scored})
     params = [(modules[n], "weight") for n in targets]
     if scope == "global":
         prune.global_unstructured(params, pruning_method=CurvaturePruning,
@@ -493,7 +514,15 @@ def prune_model(
         layers[n] = LayerSparsity(n, total - _unpruned(module, "weight"), total, n in excluded)
     newly = sum(before[n] - _unpruned(modules[n], "weight") for n in targets)
     return PruningReport(layers=layers, newly_pruned=newly, amount=amount, scope=scope,
-                         order=order, result=result)
+                         order=order, result=result, fallback=fallback)
+
+
+def _magnitude_score(module: nn.Module, order: str) -> torch.Tensor:
+    """The fallback ranking: ``|w|`` (``"pos"``) or ``-|w|`` (``"neg"``), zero weights first."""
+    magnitude = module.weight.detach().abs().to(torch.float64)
+    if order == "pos":
+        return magnitude
+    return torch.where(magnitude == 0, -math.inf, -magnitude)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

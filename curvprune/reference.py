@@ -34,7 +34,7 @@ from .calibration import (
 )
 from .graph import layer_edges, trace_chain
 
-__all__ = ["reference_curvature"]
+__all__ = ["reference_curvature", "channel_reference_curvature"]
 
 _TINY = np.finfo(np.float64).tiny
 
@@ -189,3 +189,38 @@ def time_reference_per_edge(model: nn.Module, calibration, *, alpha: float = 0.9
     reference_curvature(model, inputs[:1], alpha=alpha, edges=chosen)
     elapsed = time.perf_counter() - start
     return elapsed / sum(len(c) for c in chosen.values()), total
+
+
+def channel_reference_curvature(graph, alpha: float = 0.9) -> torch.Tensor:
+    """Per-edge curvature of a traced channel graph, by the definition (for tests).
+
+    ``graph`` is a :class:`~curvprune.channels.ChannelGraph` (the tracing is shared with the
+    engine; everything after it is not): distances by Floyd-Warshall on the whole graph, the
+    measures node by node, one ``ot.emd2`` per live layer edge per example, and
+    :math:`\\kappa = (1 - W_1 / D(i, j)) / (1 - \\alpha)`. Returns ``[num_edges]`` float64: the
+    minimum over the graph's examples for layer edges, ``+inf`` for merge edges.
+    """
+    n = graph.num_nodes
+    src, dst = graph.src.cpu().numpy(), graph.dst.cpu().numpy()
+    length, module = graph.length.cpu().numpy(), graph.module.cpu().numpy()
+    adjacency = scipy.sparse.csr_matrix((length, (src, dst)), shape=(n, n))
+    dist = scipy.sparse.csgraph.floyd_warshall(adjacency, directed=True)
+    in_nbrs = [[] for _ in range(n)]
+    out_nbrs = [[] for _ in range(n)]
+    for u, v in zip(src.tolist(), dst.tolist()):
+        in_nbrs[v].append(u)
+        out_nbrs[u].append(v)
+    inputs, outputs = graph.inputs.cpu().numpy(), graph.outputs.cpu().numpy()
+    kappa = np.full(len(src), np.inf)
+    for acts in graph.activity.cpu().numpy():
+        for e in np.nonzero(module >= 0)[0]:
+            i, j = int(src[e]), int(dst[e])
+            if (not inputs[i] and acts[i] == 0) or (not outputs[j] and acts[j] == 0):
+                value = 1.0
+            else:
+                mu_nodes, mu = _measure(i, in_nbrs[i], acts, alpha, bool(inputs[i]))
+                nu_nodes, nu = _measure(j, out_nbrs[j], acts, alpha, bool(outputs[j]))
+                w1 = _exact_w1(np.array(mu), np.array(nu), dist[np.ix_(mu_nodes, nu_nodes)])
+                value = (1.0 - w1 / dist[i, j]) / (1.0 - alpha)
+            kappa[e] = min(kappa[e], value)
+    return torch.from_numpy(kappa)

@@ -65,6 +65,10 @@ class CurvatureResult:
         engine: how the engine resolved the live edges (see :class:`~curvprune.engine.EngineStats`).
         magnitude: ``{parameter name: |w|}`` (float64) at scoring time: the ranking's tie-break,
             kept so that a later change of the model does not change the order.
+        channel_graph: at channel granularity, the traced
+            :class:`~curvprune.channels.ChannelGraph` (``None`` at neuron granularity).
+        edge_kappa: at channel granularity, the curvature of every edge of ``channel_graph``
+            (minimum over examples; merge edges, which are no weight, ``+inf``).
     """
 
     kappa: dict[str, torch.Tensor]
@@ -77,6 +81,33 @@ class CurvatureResult:
     seconds: float
     engine: dict[str, int] = field(default_factory=dict)
     magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
+    channel_graph: Any = None
+    edge_kappa: torch.Tensor | None = None
+
+    def node_kappa(self, reduction: str = "mean") -> torch.Tensor:
+        r"""Curvature of each channel node: its incident layer edges' kappa combined.
+
+        :math:`\kappa(v) = \operatorname{mean}_{e \ni v} \kappa(e)` (or ``min``) over the
+        Conv2d/Linear edges into and out of ``v``; ``nan`` for a node with none. Channel
+        granularity only.
+        """
+        if self.channel_graph is None or self.edge_kappa is None:
+            raise ValueError("node_kappa needs a result of granularity='channel'.")
+        if reduction not in ("mean", "min"):
+            raise ValueError(f"reduction must be 'mean' or 'min', not {reduction!r}.")
+        graph = self.channel_graph
+        layer = graph.module >= 0
+        ends = torch.cat([graph.src[layer], graph.dst[layer]])
+        values = self.edge_kappa[layer].repeat(2)
+        n = graph.num_nodes
+        if reduction == "mean":
+            total = torch.zeros(n, dtype=torch.float64, device=values.device)
+            total.index_add_(0, ends, values)
+            count = torch.bincount(ends, minlength=n).to(torch.float64)
+            return torch.where(count > 0, total / count.clamp(min=1), math.nan)
+        out = torch.full((n,), math.inf, dtype=torch.float64, device=values.device)
+        out.scatter_reduce_(0, ends, values, reduce="amin")
+        return torch.where(torch.isinf(out), math.nan, out)
 
     def rank_values(self) -> dict[str, torch.Tensor]:
         """The ranking value of each weight: ``+inf`` (no edge), ``2`` (dead) or kappa."""

@@ -1,0 +1,763 @@
+r"""The channel-level neural graph of any model, traced from a real forward pass.
+
+Nodes are channels (a conv's output channels; a Linear's output features, with tokens as
+positions), edges are the channel-to-channel connections of ``Conv2d`` and ``Linear`` weights,
+and of parameter-free merges (residual adds, gating products):
+
+* a ``Conv2d``/``Linear`` edge ``u -> o`` has length :math:`1 / \lVert W[o, u] \rVert_2`, the
+  norm taken over the kernel and over every input feature that carries channel ``u`` (a
+  flattened ``[C, H, W]`` feature map gives ``H W`` input features per channel); an all-zero
+  block is no edge;
+* an elementwise merge of several channel tensors (``a + b``, ``x * gate``) makes new nodes, one
+  per merged channel, with an edge of length 1 (a weight of 1) from each merged input channel;
+* everything that does not mix channels keeps the nodes of its input: activations,
+  BatchNorm/LayerNorm/GroupNorm (their statistics are not graph nodes), dropout, pooling and
+  resizing, reshapes, permutes, slices, concatenation and splitting (``cat`` only lays the
+  channels of its inputs side by side), multiplication by constants and parameters;
+* attention: ``softmax(q k^T) v`` and ``scaled_dot_product_attention`` carry the channels of
+  ``v`` (mixing over tokens only); ``q`` and ``k`` only weigh the mixing and have no out-edges.
+
+**Why trace with a torch-function mode and not with torch.fx or Torch-Pruning's dependency
+graph.** fx fails on data-dependent Python control flow common in timm models, and the
+dependency graph answers another question: which channels must be *removed together*
+(coupling), which merges a residual stream and every layer that reads or writes it into one
+group, and a depthwise conv's input and output into one channel. The curvature graph needs
+who feeds whom. So the model runs for real under a :class:`~torch.overrides.TorchFunctionMode`
+and every tensor carries an integer *label* tensor of its own shape: ``node * batch + example``
+(``-1`` where an element is not a channel of the graph, e.g. a class token or a constant).
+Data-movement functions (``view``, ``permute``, ``cat``, ``split``, indexing, padding...) are
+applied to the labels themselves, so channels are followed through any reshape, including the
+head split of attention, without rules per architecture. A function the tracer does not know
+that reads a labelled tensor makes the model *untraceable*: :class:`UntraceableModel` names the
+functions, and the caller falls back (see :mod:`curvprune.curvature`).
+
+Node activity (per example): the mean of :math:`|h|` over the positions (and tokens) of the
+channel, measured on the last value-changing operation whose output carries the node (the
+tensor the next layers read: after the nonlinearity and normalisation; reshapes and slices do
+not re-measure); then min-max normalised per node set (the nodes one operation created) per
+example, as the neuron graph normalises per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["ChannelGraph", "NodeSet", "UntraceableModel", "trace_channels"]
+
+
+class UntraceableModel(ValueError):
+    """The channel tracer met functions it cannot follow (``functions`` lists them)."""
+
+    def __init__(self, message: str, functions: list[str]):
+        super().__init__(message)
+        self.functions = functions
+
+
+@dataclass
+class NodeSet:
+    """Nodes created by one operation: ``start .. start + count``."""
+
+    name: str
+    kind: str  # "input", "layer" or "merge"
+    start: int
+    count: int
+
+
+@dataclass
+class ChannelGraph:
+    """A traced channel graph (example-independent) and the activities of one calibration batch.
+
+    Node ids follow creation order, and every edge goes from a lower id to a higher one (the
+    graph is a DAG in topological order).
+
+    Attributes:
+        sets: the node sets in creation order.
+        src, dst, length: edges (``length`` float64); ``module[e]`` is the index in ``modules``
+            of the layer an edge belongs to, ``-1`` for merge edges.
+        modules: ``(qualified weight name, module)`` of every traced Conv2d/Linear, in call order.
+        weight_edges: per module, ``(weight flat index, edge index)`` pairs: the edges that
+            each weight element belongs to (an element may belong to several).
+        module_inputs: per module, ``(node, input channel)`` pairs: the nodes that feed each
+            input channel (a channel may be fed by several, as around a class token).
+        module_outputs: per module, the first node id of its output channels (channel ``o`` is
+            node ``module_outputs[k] + o``).
+        inputs, outputs: bool ``[num_nodes]`` masks of the model-input and model-output nodes.
+        activity: float64 ``[batch, num_nodes]`` normalised activities of the traced batch.
+    """
+
+    sets: list[NodeSet]
+    src: torch.Tensor
+    dst: torch.Tensor
+    length: torch.Tensor
+    module: torch.Tensor
+    modules: list[tuple[str, nn.Module]]
+    weight_edges: list[tuple[torch.Tensor, torch.Tensor]]
+    module_inputs: list[tuple[torch.Tensor, torch.Tensor]]
+    module_outputs: list[int]
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    activity: torch.Tensor = field(repr=False)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.inputs.numel()
+
+    @property
+    def node_set(self) -> torch.Tensor:
+        """``[num_nodes]`` index of each node's set."""
+        counts = torch.tensor([s.count for s in self.sets])
+        return torch.repeat_interleave(torch.arange(len(self.sets)), counts)
+
+    def same_structure(self, other: ChannelGraph) -> bool:
+        return (
+            [(s.name, s.count) for s in self.sets] == [(s.name, s.count) for s in other.sets]
+            and torch.equal(self.src, other.src) and torch.equal(self.dst, other.dst)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Function families
+# --------------------------------------------------------------------------------------------
+
+# Move data without changing it: applied to the labels as they are to the values.
+_MOVE = {
+    "view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "t", "T", "mT",
+    "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "repeat",
+    "cat", "concat", "concatenate", "stack", "split", "split_with_sizes", "chunk", "unbind",
+    "__getitem__", "narrow", "select", "flip", "roll", "movedim", "moveaxis", "view_as",
+    "reshape_as", "index_select", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "native_channel_shuffle", "tensor_split", "hsplit", "vsplit", "dsplit", "tile",
+    "repeat_interleave",
+}
+# Keep labels as they are (same shape, no channel mixing, or only a dtype/device change).
+_KEEP = {
+    "contiguous", "clone", "detach", "to", "float", "double", "half", "bfloat16", "type",
+    "type_as", "cpu", "cuda", "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid",
+    "sigmoid_", "tanh", "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardtanh",
+    "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "softplus", "mish",
+    "prelu", "rrelu", "threshold", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "alpha_dropout", "feature_alpha_dropout", "batch_norm", "layer_norm", "group_norm",
+    "instance_norm", "rms_norm", "local_response_norm", "normalize", "abs", "neg", "__neg__",
+    "exp", "sqrt", "rsqrt", "square", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
+    "softmax", "log_softmax", "_softmax", "erf", "sign", "reciprocal", "pow", "__pow__",
+    "log", "log1p", "sin", "cos", "logsigmoid", "glu_inactive", "nan_to_num",
+}
+# Elementwise functions of several tensors (broadcasting).
+_MERGE = {
+    "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__",
+    "__isub__", "mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__div__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "true_divide", "maximum", "minimum",
+    "addcmul", "lerp", "where",
+}
+# Spatial resampling of [N, C, *spatial]: channel labels per (example, channel) carry over.
+_SPATIAL = {
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+    "_max_pool1d", "_max_pool2d", "_max_pool3d", "max_pool1d_with_indices",
+    "max_pool2d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool2d_with_indices",
+    "_adaptive_max_pool2d", "lp_pool2d", "lp_pool1d", "interpolate", "upsample",
+    "upsample_nearest", "upsample_bilinear", "grid_sample_inactive",
+}
+_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp",
+           "prod", "nansum", "nanmean"}
+_MATMUL = {"matmul", "__matmul__", "bmm", "mm"}
+# Results that are not graph values: shape queries, comparisons, factories.
+_IGNORE = {
+    "size", "dim", "numel", "shape", "dtype", "device", "is_floating_point", "__len__",
+    "__bool__", "item", "tolist", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__",
+    "__lt__", "__le__", "__gt__", "__ge__", "isnan", "isinf", "isfinite", "any", "all",
+    "argmax", "argmin", "argsort", "new_zeros", "new_ones", "new_empty", "new_full",
+    "new_tensor", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
+    "randn_like", "_assert", "is_contiguous", "stride", "data_ptr", "requires_grad_",
+    "__format__", "__repr__", "__hash__", "get_device", "storage_offset", "element_size",
+    "nelement", "ndimension", "__index__", "__int__", "__float__", "numpy", "equal",
+    "allclose", "_is_view", "untyped_storage", "layout", "is_cuda", "ndim", "names",
+    "requires_grad", "grad", "data", "is_leaf", "__get__",
+}
+
+
+def _name(func) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property such as Tensor.T or Tensor.shape
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    return []
+
+
+def _replace(obj, swap):
+    """``obj`` with every tensor replaced by ``swap(tensor)`` (nested lists and tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return swap(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_replace(item, swap) for item in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_replace(item, swap) for item in obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# The tracer
+# --------------------------------------------------------------------------------------------
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module, batch: int):
+        self.batch = batch
+        self.labels = WeakIdKeyDictionary()
+        self.sets: list[NodeSet] = []
+        self.num_nodes = 0
+        self.edges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.num_edges = 0
+        self.weight_edges: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.module_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.module_outputs: list[int] = []
+        self.modules: list[tuple[str, nn.Module]] = []
+        self.module_index: dict[int, int] = {}
+        self.candidates = [(name, m) for name, m in model.named_modules()
+                           if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self.untraced: dict[str, int] = {}
+        self.activity: dict[int, torch.Tensor] = {}  # node set index -> [batch, count] raw
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def new_set(self, name: str, kind: str, count: int) -> int:
+        start = self.num_nodes
+        self.sets.append(NodeSet(name, kind, start, count))
+        self.num_nodes += count
+        return start
+
+    def add_edges(self, src: torch.Tensor, dst: torch.Tensor, length: torch.Tensor,
+                  module: int) -> int:
+        first = self.num_edges
+        self.edges.append((src, dst, length, module))
+        self.num_edges += src.numel()
+        return first
+
+    def label(self, t) -> torch.Tensor | None:
+        return self.labels.get(t) if isinstance(t, torch.Tensor) else None
+
+    def set_label(self, t: torch.Tensor, label: torch.Tensor, measure: bool) -> None:
+        self.labels[t] = label
+        if measure and t.is_floating_point():
+            self.measure(t, label)
+
+    def measure(self, t: torch.Tensor, label: torch.Tensor) -> None:
+        """Record mean |h| per (node, example) for the nodes present in ``t``."""
+        valid = label >= 0
+        if not bool(valid.any()):
+            return
+        keys = label[valid]
+        values = t.detach()[valid].abs().to(torch.float64)
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(unique.numel(), dtype=torch.float64, device=t.device)
+        sums.index_add_(0, inverse, values)
+        counts = torch.bincount(inverse, minlength=unique.numel()).to(torch.float64)
+        nodes, examples = unique // self.batch, unique % self.batch
+        means = sums / counts
+        # Scatter into the node sets' activity tables (the last measurement wins).
+        starts = torch.tensor([s.start for s in self.sets], device=t.device)
+        set_of = torch.searchsorted(starts, nodes, right=True) - 1
+        for s in torch.unique(set_of).tolist():
+            pick = set_of == s
+            table = self.activity.get(s)
+            if table is None:
+                table = torch.zeros((self.batch, self.sets[s].count), dtype=torch.float64,
+                                    device=t.device)
+                self.activity[s] = table
+            table[examples[pick], nodes[pick] - self.sets[s].start] = means[pick]
+
+    # ---- the model input -----------------------------------------------------------------
+
+    def start(self, inputs: torch.Tensor) -> None:
+        channels = inputs.shape[1]
+        base = self.new_set("input", "input", channels)
+        shape = [1] * inputs.dim()
+        shape[1] = channels
+        node = torch.arange(base, base + channels, device=inputs.device).view(shape)
+        example = torch.arange(self.batch, device=inputs.device).view([-1] + [1] * (inputs.dim()
+                                                                                   - 1))
+        self.set_label(inputs, (node * self.batch + example).expand(inputs.shape).contiguous(),
+                       measure=True)
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    def record(self, func, args: tuple, kwargs: dict, out) -> None:
+        name = _name(func)
+        inputs = [t for t in _tensors(args) + _tensors(list(kwargs.values()))
+                  if self.label(t) is not None]
+        if name in ("linear", "conv2d"):
+            self.layer(name, args, kwargs, out)
+            return
+        if not inputs or name in _IGNORE:
+            return
+        outs = _tensors(out)
+        if not outs:
+            if name == "__setitem__":
+                self.setitem(args)
+            return
+        if name in _MOVE:
+            self.move(func, args, kwargs, out)
+        elif name in _KEEP:
+            src = self.label(inputs[0])
+            if out is not None and isinstance(out, torch.Tensor) and out.shape == src.shape:
+                self.set_label(out, src, measure=True)
+            else:
+                self.fail(name)
+        elif name in _MERGE:
+            self.merge(name, args, kwargs, out)
+        elif name in _SPATIAL:
+            self.spatial(name, inputs[0], out)
+        elif name in _REDUCE:
+            self.reduce(name, args, kwargs, out)
+        elif name in _MATMUL:
+            self.matmul(name, args, out)
+        elif name == "scaled_dot_product_attention":
+            self.attention(args, kwargs, out)
+        elif name in ("pad",):
+            self.pad(args, kwargs, out)
+        elif name in ("copy_",):
+            self.set_label(out, self.label(args[1]).expand(out.shape).contiguous()
+                           if self.label(args[1]) is not None else
+                           torch.full(out.shape, -1, dtype=torch.long, device=out.device),
+                           measure=True)
+        else:
+            self.fail(name)
+
+    def fail(self, name: str) -> None:
+        self.untraced[name] = self.untraced.get(name, 0) + 1
+
+    # ---- families -------------------------------------------------------------------------
+
+    def move(self, func, args, kwargs, out) -> None:
+        def swap(t):
+            lab = self.label(t)
+            if lab is not None:
+                return lab
+            if t.is_floating_point() or t.is_complex():
+                return torch.full(t.shape, -1, dtype=torch.long, device=t.device)
+            return t  # index tensors stay
+        try:
+            moved = func(*_replace(args, swap), **_replace(kwargs, swap))
+        except (RuntimeError, TypeError, IndexError) as exc:
+            self.fail(f"{_name(func)} ({exc.__class__.__name__})")
+            return
+        for value, lab in zip(_tensors(out), _tensors(moved)):
+            if lab.shape != value.shape or lab.dtype != torch.long:
+                self.fail(_name(func))
+                return
+            self.set_label(value, lab, measure=False)
+
+    def setitem(self, args) -> None:
+        target, index, value = args[0], args[1], args[2]
+        lab = self.label(target)
+        if lab is None:
+            lab = torch.full(target.shape, -1, dtype=torch.long, device=target.device)
+        lab = lab.clone()
+        vlab = self.label(value) if isinstance(value, torch.Tensor) else None
+        lab[index] = vlab if vlab is not None else -1
+        self.set_label(target, lab, measure=True)
+
+    def pad(self, args, kwargs, out) -> None:
+        lab = self.label(args[0])
+        pad = args[1] if len(args) > 1 else kwargs["pad"]
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        if mode == "constant":
+            moved = torch.nn.functional.pad(lab, pad, value=-1)
+        else:
+            moved = torch.nn.functional.pad(lab.to(torch.float64), pad, mode=mode).to(torch.long)
+        self.set_label(out, moved, measure=False)
+
+    def spatial(self, name: str, x: torch.Tensor, out) -> None:
+        lab = self.label(x)
+        value = _tensors(out)[0]
+        per_channel = lab.flatten(2)[:, :, :1] if lab.dim() > 2 else None
+        if (per_channel is None or value.shape[:2] != lab.shape[:2]
+                or not bool((lab.flatten(2) == per_channel).all())):
+            self.fail(name)
+            return
+        new = per_channel.view(list(lab.shape[:2]) + [1] * (value.dim() - 2))
+        self.set_label(value, new.expand(value.shape).contiguous(), measure=True)
+
+    def reduce(self, name: str, args, kwargs, out) -> None:
+        x = args[0]
+        lab = self.label(x)
+        dim = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get("dim")
+        if name == "norm":
+            dim = args[2] if len(args) > 2 else kwargs.get("dim")
+        value = _tensors(out)[0]
+        if dim is None or (name in ("max", "min") and len(args) < 2 and "dim" not in kwargs):
+            return  # a full reduction: a statistic, not a graph value
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        dims = sorted(d % lab.dim() for d in dims)
+        index = [slice(None)] * lab.dim()
+        for d in dims:
+            index[d] = slice(0, 1)
+        first = lab[tuple(index)]
+        if not bool((lab == first).all()):
+            return  # reduced across channels: a statistic (as a norm's mean), not graph nodes
+        keepdim = value.dim() == lab.dim()
+        new = first if keepdim else first.squeeze(dims) if dims else first
+        if new.shape != value.shape:
+            self.fail(name)
+            return
+        self.set_label(value, new.contiguous(), measure=True)
+
+    def matmul(self, name: str, args, out) -> None:
+        a, b = args[0], args[1]
+        la, lb = self.label(a), self.label(b)
+        value = _tensors(out)[0]
+        if a.dim() < 2 or b.dim() < 2:
+            self.fail(name)
+            return
+
+        def rows_only(lab):  # constant along the contracted (last) dim
+            return lab is None or bool((lab == lab[..., :1]).all())
+
+        def cols_only(lab):
+            return lab is None or bool((lab == lab[..., :1, :]).all())
+
+        if la is not None and lb is not None and not rows_only(la) and not cols_only(lb):
+            return  # q k^T: channels weigh the mixing; the result is not a channel tensor
+        if la is None and lb is not None and cols_only(lb):  # attn @ v
+            new = lb[..., :1, :]
+        elif lb is None and la is not None and rows_only(la):
+            new = la[..., :1]
+        else:
+            self.fail(name)  # channel mixing by something that is not a traced layer
+            return
+        self.set_label(value, torch.broadcast_to(new, value.shape).contiguous(), measure=True)
+
+    def attention(self, args, kwargs, out) -> None:
+        v = args[2] if len(args) > 2 else kwargs["value"]
+        lab = self.label(v)
+        if lab is None or not bool((lab == lab[..., :1, :]).all()):
+            self.fail("scaled_dot_product_attention")
+            return
+        self.set_label(out, torch.broadcast_to(lab[..., :1, :], out.shape).contiguous(),
+                       measure=True)
+
+    def merge(self, name: str, args, kwargs, out) -> None:
+        value = out if isinstance(out, torch.Tensor) else _tensors(out)[0]
+        operands = [t for t in _tensors(args) + _tensors(list(kwargs.values()))
+                    if t.is_floating_point() or t.dtype == torch.long]
+        labelled = []
+        seen = set()
+        for t in operands:
+            lab = self.label(t)
+            if lab is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            try:
+                labelled.append(torch.broadcast_to(lab, value.shape).reshape(-1))
+            except RuntimeError:
+                self.fail(name)
+                return
+        if len(labelled) == 1:
+            self.set_label(value, labelled[0].view(value.shape).clone(), measure=True)
+            return
+        batch = self.batch
+        nodes = [torch.where(lab >= 0, lab // batch, -1) for lab in labelled]
+        distinct = [int(torch.unique(n[n >= 0]).numel()) for n in nodes]
+        if max(distinct) == 0:
+            self.set_label(value, labelled[0].view(value.shape).clone(), measure=True)
+            return
+        keys = [n for n, c in zip(nodes, distinct) if c == max(distinct)]
+        # Union the nodes that meet in one element: each component is one merged channel.
+        key_nodes = torch.unique(torch.cat([k[k >= 0] for k in keys]))
+        local = {int(g): i for i, g in enumerate(key_nodes.tolist())}
+        lookup = torch.full((int(key_nodes.max()) + 1,), -1, dtype=torch.long)
+        lookup[key_nodes.cpu()] = torch.arange(key_nodes.numel())
+        keys_cpu = [k.cpu() for k in keys]
+        pairs_a, pairs_b = [], []
+        for k1, k2 in zip(keys_cpu[:-1], keys_cpu[1:]):
+            both = (k1 >= 0) & (k2 >= 0)
+            pair = torch.unique(torch.stack([lookup[k1[both]], lookup[k2[both]]]), dim=1)
+            pairs_a.append(pair[0])
+            pairs_b.append(pair[1])
+        n_local = len(local)
+        a = torch.cat(pairs_a).numpy() if pairs_a else np.zeros(0, dtype=np.int64)
+        b = torch.cat(pairs_b).numpy() if pairs_b else np.zeros(0, dtype=np.int64)
+        adjacency = scipy.sparse.coo_matrix((np.ones(len(a)), (a, b)), shape=(n_local, n_local))
+        _, component = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+        # Number components by their smallest node id (deterministic).
+        component = torch.from_numpy(component).long()
+        first = torch.full((int(component.max()) + 1,), n_local, dtype=torch.long)
+        first.scatter_reduce_(0, component, torch.arange(n_local), reduce="amin")
+        rank = torch.empty_like(first)
+        rank[torch.argsort(first)] = torch.arange(first.numel())
+        component = rank[component].to(value.device)
+        lookup = lookup.to(value.device)
+        base = self.new_set(name, "merge", first.numel())
+        out_node = torch.full_like(labelled[0], -1)
+        example = torch.full_like(labelled[0], -1)
+        for k, lab in zip(keys, [lab for lab, c in zip(labelled, distinct)
+                                 if c == max(distinct)]):
+            take = (out_node < 0) & (k >= 0)
+            out_node[take] = base + component[lookup[k[take]]]
+            example[take] = lab[take] % batch
+        # Edges of length 1 from every labelled operand's node to the merged node.
+        pairs = []
+        for n in nodes:
+            both = (n >= 0) & (out_node >= 0)
+            pairs.append(torch.stack([n[both], out_node[both]]))
+        pair = torch.unique(torch.cat(pairs, 1), dim=1)
+        self.add_edges(pair[0], pair[1], torch.ones(pair.shape[1], dtype=torch.float64,
+                                                    device=pair.device), -1)
+        new = torch.where(out_node >= 0, out_node * batch + example, -1)
+        self.set_label(value, new.view(value.shape), measure=True)
+
+    def layer(self, name: str, args, kwargs, out) -> None:
+        x = args[0]
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        owner = next(((n, m) for n, m in self.candidates if getattr(m, "weight", None)
+                      is weight), None)
+        lab = self.label(x)
+        if owner is None:
+            if lab is not None:
+                self.fail(f"{name} with a weight that is not a Conv2d/Linear module's")
+            return
+        mod_name, module = owner
+        if id(module) in self.module_index:
+            self.fail(f"{mod_name} called twice (a shared layer)")
+            return
+        out_features = weight.shape[0]
+        value = out
+        if name == "conv2d":
+            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            if x.dim() != 4:
+                self.fail("conv2d on an unbatched input")
+                return
+            channel_dim, in_channels = 1, x.shape[1]
+        else:
+            groups, channel_dim, in_channels = 1, x.dim() - 1, x.shape[-1]
+        index = len(self.modules)
+        self.modules.append((mod_name + ".weight", module))
+        self.module_index[id(module)] = index
+        base = self.new_set(mod_name, "layer", out_features)
+        self.module_outputs.append(base)
+        # Output labels: node base + o, example from the batch dimension (dim 0).
+        shape = [1] * value.dim()
+        shape[1 if name == "conv2d" else -1] = out_features
+        node = torch.arange(base, base + out_features, device=value.device).view(shape)
+        example = torch.arange(value.shape[0], device=value.device).view(
+            [-1] + [1] * (value.dim() - 1))
+        if value.shape[0] != self.batch:
+            self.fail(f"{mod_name} sees a first dimension of {value.shape[0]}, not the batch")
+            return
+        self.set_label(value, (node * self.batch + example).expand(value.shape).contiguous(),
+                       measure=True)
+        if lab is None or not bool((lab >= 0).any()):
+            self.fail(f"{mod_name} reads no traced channel")
+            return
+        # Which nodes feed each input channel: unique (node, channel) pairs.
+        moved = lab.movedim(channel_dim, -1).reshape(-1, in_channels)
+        valid = moved >= 0
+        channel = torch.arange(in_channels, device=lab.device).expand_as(moved)
+        pairs = torch.unique(torch.stack([moved[valid] // self.batch, channel[valid]]), dim=1)
+        self.module_inputs.append((pairs[0], pairs[1]))
+        src_nodes, pair_node = torch.unique(pairs[0], return_inverse=True)
+        w = weight.detach().to(torch.float64)
+        per_group = w.shape[1]
+        w_sq = w.pow(2).reshape(out_features, per_group, -1).sum(2)  # [O, Cin/groups]
+        # Full [O, Cin] squared norms (zero across groups).
+        full = torch.zeros(out_features, in_channels, dtype=torch.float64, device=w.device)
+        out_per_group = out_features // groups
+        for g in range(groups) if groups > 1 else [0]:
+            rows = slice(g * out_per_group, (g + 1) * out_per_group)
+            cols = slice(g * per_group, (g + 1) * per_group)
+            full[rows, cols] = w_sq[rows]
+        assign = torch.zeros(src_nodes.numel(), in_channels, dtype=torch.float64,
+                             device=w.device)
+        assign[pair_node, pairs[1]] = 1.0
+        norm_sq = full @ assign.T  # [O, U]
+        edge_o, edge_u = torch.nonzero(norm_sq > 0, as_tuple=True)
+        first = self.add_edges(src_nodes[edge_u], base + edge_o,
+                               1.0 / norm_sq[edge_o, edge_u].sqrt(), index)
+        edge_of = torch.full(norm_sq.shape, -1, dtype=torch.long, device=w.device)
+        edge_of[edge_o, edge_u] = torch.arange(first, first + edge_o.numel(), device=w.device)
+        # Weight element (o, c_local, k) -> edge (node of channel c, o) for each such node.
+        kernel = w[0, 0].numel()
+        # For each pair (u, c), the weight rows o whose group holds channel c.
+        c_pair, u_pair = pairs[1], pair_node
+        g_pair = c_pair // per_group
+        c_local = c_pair % per_group
+        rows = (g_pair[:, None] * out_per_group
+                + torch.arange(out_per_group, device=w.device)[None, :])  # [P, O/g]
+        edges = edge_of[rows, u_pair[:, None].expand_as(rows)]
+        base_w = (rows * per_group + c_local[:, None]) * kernel  # [P, O/g]
+        kk = torch.arange(kernel, device=w.device)
+        widx = (base_w[:, :, None] + kk).reshape(-1)
+        eidx = edges[:, :, None].expand(-1, -1, kernel).reshape(-1)
+        keep = eidx >= 0
+        self.weight_edges.append((widx[keep], eidx[keep]))
+
+    # ---- result ---------------------------------------------------------------------------
+
+    def graph(self, output: torch.Tensor, device: torch.device) -> ChannelGraph:
+        if self.untraced:
+            listed = ", ".join(f"{k} (x{v})" for k, v in sorted(self.untraced.items()))
+            raise UntraceableModel(
+                f"the channel tracer cannot follow: {listed}", sorted(self.untraced)
+            )
+        if not self.modules:
+            raise ValueError("the model has no Conv2d or Linear layer to score.")
+        n = self.num_nodes
+        if self.edges:
+            src = torch.cat([e[0].to(device) for e in self.edges])
+            dst = torch.cat([e[1].to(device) for e in self.edges])
+            length = torch.cat([e[2].to(device) for e in self.edges])
+            module = torch.cat([torch.full((e[0].numel(),), e[3], dtype=torch.long,
+                                           device=device) for e in self.edges])
+        else:
+            src = dst = module = torch.zeros(0, dtype=torch.long, device=device)
+            length = torch.zeros(0, dtype=torch.float64, device=device)
+        inputs = torch.zeros(n, dtype=torch.bool, device=device)
+        inputs[self.sets[0].start:self.sets[0].start + self.sets[0].count] = True
+        outputs = torch.zeros(n, dtype=torch.bool, device=device)
+        out_lab = self.label(output)
+        if out_lab is not None:
+            nodes = out_lab[out_lab >= 0] // self.batch
+            outputs[nodes.to(device)] = True
+        activity = torch.zeros((self.batch, n), dtype=torch.float64, device=device)
+        for s, table in self.activity.items():
+            node_set = self.sets[s]
+            raw = table.to(device)
+            low = raw.min(dim=1, keepdim=True).values
+            span = raw.max(dim=1, keepdim=True).values - low
+            safe = torch.where(span > 0, span, torch.ones_like(span))
+            activity[:, node_set.start:node_set.start + node_set.count] = torch.where(
+                span > 0, (raw - low) / safe, torch.zeros_like(raw))
+        if not torch.isfinite(activity).all():
+            raise ValueError("the activations contain NaN or Inf; check the data and the model.")
+        return ChannelGraph(
+            sets=list(self.sets), src=src, dst=dst, length=length, module=module,
+            modules=list(self.modules),
+            weight_edges=[(w.to(device), e.to(device)) for w, e in self.weight_edges],
+            module_inputs=[(u.to(device), c.to(device)) for u, c in self.module_inputs],
+            module_outputs=list(self.module_outputs),
+            inputs=inputs, outputs=outputs, activity=activity,
+        )
+
+
+class _LabelMode(TorchFunctionMode):
+    def __init__(self, tracer: _Tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.tracer.record(func, args, kwargs, out)
+        return out
+
+
+def trace_channels(model: nn.Module, inputs: torch.Tensor,
+                   device: torch.device | None = None) -> ChannelGraph:
+    """Trace the channel graph of ``model`` on a batch ``inputs`` (channels first: ``[N, C, ...]``).
+
+    Call it in eval mode under ``torch.no_grad()`` (:func:`curvprune.calibration.scoring_mode`).
+    The model runs once, for real; nothing of it is changed.
+
+    Raises:
+        UntraceableModel: the model calls functions the tracer cannot follow (listed).
+        ValueError: the model has nothing to score, rejects the inputs, or produces NaN/Inf.
+    """
+    if inputs.dim() < 2:
+        raise ValueError(f"inputs of shape {tuple(inputs.shape)}: expected [N, C, ...].")
+    tracer = _Tracer(model, inputs.shape[0])
+    inputs = inputs.detach().clone()
+    if not torch.isfinite(inputs).all():
+        raise ValueError("the calibration inputs contain NaN or Inf; check the data.")
+    tracer.start(inputs)
+    try:
+        with _LabelMode(tracer):
+            output = model(inputs)
+    except UntraceableModel:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError(
+            f"the model rejects calibration inputs of shape {tuple(inputs.shape)} and dtype "
+            f"{inputs.dtype}: {exc}"
+        ) from exc
+    if isinstance(output, (tuple, list)) or not isinstance(output, torch.Tensor):
+        raise TypeError(f"the model returned {type(output).__name__}; expected one tensor.")
+    return tracer.graph(output, device if device is not None else inputs.device)
+
+
+def channel_distances(graph: ChannelGraph) -> torch.Tensor:
+    """All-pairs directed shortest paths ``D[u, v]`` of the channel graph (dense float64).
+
+    Dijkstra's algorithm from every node (``scipy.sparse.csgraph``, on the CPU; the result is
+    moved to the graph's device). Memory: ``num_nodes**2`` float64.
+    """
+    n = graph.num_nodes
+    adjacency = scipy.sparse.csr_matrix(
+        (graph.length.cpu().numpy(), (graph.src.cpu().numpy(), graph.dst.cpu().numpy())),
+        shape=(n, n))
+    dist = scipy.sparse.csgraph.dijkstra(adjacency, directed=True)
+    return torch.from_numpy(dist).to(graph.length.device)
+
+
+def score_channel_edges(
+    graph: ChannelGraph,
+    distances: torch.Tensor,
+    alpha: float,
+    *,
+    certify_tol: float = 1e-12,
+    stats=None,
+    threads: int = 1,
+    on_example=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Curvature of every layer edge of ``graph`` on each example of its traced batch.
+
+    Returns ``(kappa, live)`` over all edges (``[num_edges]``): the minimum over the batch's
+    examples (merge edges, which are no weight, stay ``+inf``), and whether the edge was live
+    on at least one example. The edge distance is ``D(i, j)``, the shortest path, which equals
+    the edge length unless a skip route is shorter (then curvature is measured on the graph
+    metric, the standard definition; in the paper's layered graph the two never differ).
+    """
+    from .engine import Distances, EngineStats, node_measures, score_edges
+
+    stats = stats if stats is not None else EngineStats()
+    n = graph.num_nodes
+    from .measures import padded_neighbours
+
+    in_table = padded_neighbours(graph.dst, graph.src, n)
+    out_table = padded_neighbours(graph.src, graph.dst, n)
+    scored = torch.nonzero(graph.module >= 0).squeeze(1)
+    src, dst = graph.src[scored], graph.dst[scored]
+    d = distances[src, dst]
+    tables = Distances(distances, distances, distances)
+    kappa = torch.full((graph.src.numel(),), math.inf, dtype=torch.float64, device=d.device)
+    live = torch.zeros(graph.src.numel(), dtype=torch.bool, device=d.device)
+    for b in range(graph.activity.shape[0]):
+        acts = graph.activity[b]
+        dead = ((~graph.inputs[src]) & (acts[src] == 0)) | ((~graph.outputs[dst])
+                                                            & (acts[dst] == 0))
+        mu = node_measures(in_table, acts)
+        nu = node_measures(out_table, acts)
+        mu.has &= ~graph.inputs  # an input node's measure is its point mass
+        nu.has &= ~graph.outputs  # so is an output node's
+        value = score_edges(src, dst, d, dead, mu, nu, tables, alpha, certify_tol=certify_tol,
+                            stats=stats, threads=threads)
+        kappa[scored] = torch.minimum(kappa[scored], value)
+        live[scored] |= ~dead
+        if on_example is not None:
+            on_example()
+    return kappa, live

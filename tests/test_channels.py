@@ -1,0 +1,452 @@
+"""Channel granularity: the traced graph, engine == reference, per-weight scores, fallbacks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.csgraph
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import curvprune
+from curvprune.calibration import scoring_mode
+from curvprune.channels import (
+    UntraceableModel,
+    channel_distances,
+    score_channel_edges,
+    trace_channels,
+)
+from curvprune.reference import channel_reference_curvature
+
+# --------------------------------------------------------------------------------------------
+# Small models covering every traced construct
+# --------------------------------------------------------------------------------------------
+
+
+class Chain(nn.Module):
+    """conv -> BN -> ReLU -> conv -> ReLU -> flatten (16 features per channel) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.c2 = nn.Conv2d(5, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 6)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x)))
+        x = F.relu(self.c2(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Residual(nn.Module):
+    """A basic residual block (add) with a downsampling projection, pooling and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.down = nn.Conv2d(6, 8, 1, stride=2)
+        self.c = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.b(F.relu(self.a(x))))
+        x = F.relu(self.down(x) + self.c(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Dense(nn.Module):
+    """DenseNet-style concatenation: each conv reads the concatenation of all earlier maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.g1 = nn.Conv2d(4, 3, 3, padding=1)
+        self.g2 = nn.Conv2d(7, 3, 3, padding=1)
+        self.trans = nn.Conv2d(10, 5, 1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cat([x, F.relu(self.g1(x))], 1)
+        x = torch.cat([x, F.relu(self.g2(x))], 1)
+        x = F.avg_pool2d(F.relu(self.trans(x)), 2)
+        return self.fc(x.mean((2, 3)))
+
+
+class Mobile(nn.Module):
+    """Inverted residual: expand, depthwise, squeeze-excitation gate (mul), grouped project."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.expand = nn.Conv2d(4, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.se_reduce = nn.Conv2d(8, 2, 1)
+        self.se_expand = nn.Conv2d(2, 8, 1)
+        self.project = nn.Conv2d(8, 4, 1, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.hardswish(self.stem(x))
+        h = F.relu6(self.expand(x))
+        h = F.silu(self.dw(h))
+        gate = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
+        h = self.project(h * gate)
+        x = x + h
+        return self.fc(F.adaptive_max_pool2d(x, 1).flatten(1))
+
+
+def _vit(fused: bool):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=8,
+                              depth=1, num_heads=2, mlp_ratio=2, num_classes=4)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    return model
+
+
+def _convnext():
+    torch.manual_seed(0)
+    return timm.create_model("convnext_atto", dims=(4, 6, 6, 8), depths=(1, 1, 1, 1),
+                             num_classes=3)
+
+
+def _seeded(cls):
+    def build():
+        torch.manual_seed(0)
+        return cls()
+    return build
+
+
+MODELS = {
+    "chain": (_seeded(Chain), (3, 8, 8)),
+    "residual": (_seeded(Residual), (3, 8, 8)),
+    "dense": (_seeded(Dense), (3, 8, 8)),
+    "mobile": (_seeded(Mobile), (3, 8, 8)),
+    "vit_fused": (lambda: _vit(True), (3, 16, 16)),
+    "vit_matmul": (lambda: _vit(False), (3, 16, 16)),
+    "convnext": (_convnext, (3, 32, 32)),
+}
+
+
+def _inputs(shape, batch=2, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(batch, *shape)
+
+
+def _trace(model, x):
+    with scoring_mode(model):
+        return trace_channels(model, x)
+
+
+def _perturb(model, seed, zero_fraction):
+    """Zero a fraction of weights (and a whole filter) to make absent edges and dead channels."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= zero_fraction)
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        first.weight[0].zero_()  # output channel 0 of the first conv: constant => dead or not
+        if first.bias is not None:
+            first.bias[0] = -1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Engine == reference on every layer edge
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("alpha", [0.9, 0.5, 0.0])
+def test_engine_equals_reference(name, alpha):
+    build, shape = MODELS[name]
+    model = build()
+    _perturb(model, seed=len(name), zero_fraction=0.2)
+    graph = _trace(model, _inputs(shape))
+    kappa, live = score_channel_edges(graph, channel_distances(graph), alpha)
+    expected = channel_reference_curvature(graph, alpha)
+    layer = graph.module >= 0
+    assert layer.any()
+    assert torch.isfinite(kappa[layer]).all()
+    assert torch.isinf(kappa[~layer]).all() and torch.isinf(expected[~layer]).all()
+    diff = (kappa[layer] - expected[layer]).abs().max().item()
+    assert diff <= 1e-9, f"{name}: max |engine - reference| = {diff:.3e}"
+
+
+def test_engine_equals_reference_with_dead_channels():
+    model = MODELS["residual"][0]()
+    with torch.no_grad():
+        model.a.weight[:3].zero_()
+        model.a.bias[:3] = -1.0  # channels 0..2 of `a` are exactly 0 after ReLU: dead
+    graph = _trace(model, _inputs((3, 8, 8)))
+    start = graph.module_outputs[[n for n, _ in graph.modules].index("a.weight")]
+    assert (graph.activity[:, start:start + 3] == 0).all()
+    kappa, live = score_channel_edges(graph, channel_distances(graph), 0.9)
+    expected = channel_reference_curvature(graph, 0.9)
+    layer = graph.module >= 0
+    assert (kappa[layer] - expected[layer]).abs().max() <= 1e-9
+    # Their weights are zero (no edge in); every edge out of them is dead: kappa exactly 1.
+    assert not ((graph.dst >= start) & (graph.dst < start + 3)).any()
+    from_dead = layer & (graph.src >= start) & (graph.src < start + 3)
+    assert from_dead.sum() == 3 * 6
+    assert (kappa[from_dead] == 1.0).all() and not live[from_dead].any()
+
+
+# --------------------------------------------------------------------------------------------
+# The traced structure
+# --------------------------------------------------------------------------------------------
+
+
+def test_chain_edges_and_lengths():
+    model = MODELS["chain"][0]()
+    with torch.no_grad():
+        model.c2.weight[1, 2].zero_()  # one channel block entirely zero: no edge 2 -> 1
+    graph = _trace(model, _inputs((3, 8, 8)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["c1.weight", "c2.weight", "fc.weight"]
+    assert [s.count for s in graph.sets] == [3, 5, 4, 6]
+    assert not (graph.module < 0).any()  # no merge in a chain
+    starts = graph.module_outputs
+    for k, (conv, in_start) in enumerate([(model.c1, 0), (model.c2, starts[0])]):
+        w = conv.weight.detach().double()
+        norms = w.pow(2).sum((2, 3)).sqrt()
+        sel = graph.module == k
+        o = graph.dst[sel] - starts[k]
+        i = graph.src[sel] - in_start
+        assert sel.sum() == int((norms > 0).sum())
+        assert torch.allclose(graph.length[sel], 1.0 / norms[o, i], rtol=0, atol=1e-15)
+    # fc reads 16 flattened features per channel: length = 1 / norm over those 16 weights.
+    w = model.fc.weight.detach().double().view(6, 4, 16)
+    sel = graph.module == 2
+    o, i = graph.dst[sel] - starts[2], graph.src[sel] - starts[1]
+    assert torch.allclose(graph.length[sel], 1.0 / w.pow(2).sum(2).sqrt()[o, i], atol=1e-15)
+    assert graph.inputs[:3].all() and graph.inputs.sum() == 3
+    assert graph.outputs[starts[2]:].all() and graph.outputs.sum() == 6
+
+
+def test_residual_add_makes_merge_nodes_with_unit_edges():
+    model = MODELS["residual"][0]()
+    graph = _trace(model, _inputs((3, 8, 8)))
+    merges = [s for s in graph.sets if s.kind == "merge"]
+    assert [s.count for s in merges] == [6, 8]
+    for s in merges:
+        into = (graph.dst >= s.start) & (graph.dst < s.start + s.count)
+        assert (graph.module[into] == -1).all() and (graph.length[into] == 1.0).all()
+        assert into.sum() == 2 * s.count  # one edge from each operand's channel
+    # The block's first conv reads the stem's channels; the projection reads the first merge.
+    nodes, channels = graph.module_inputs[[n for n, _ in graph.modules].index("down.weight")]
+    assert torch.equal(nodes.sort().values, torch.arange(merges[0].start, merges[0].start + 6))
+
+
+def test_concatenation_feeds_channels_of_both_inputs():
+    model = MODELS["dense"][0]()
+    graph = _trace(model, _inputs((3, 8, 8)))
+    names = [n for n, _ in graph.modules]
+    stem, g1 = graph.module_outputs[names.index("stem.weight")], graph.module_outputs[1]
+    nodes, channels = graph.module_inputs[names.index("g2.weight")]
+    feeding = dict(zip(channels.tolist(), nodes.tolist()))
+    assert feeding == {0: stem, 1: stem + 1, 2: stem + 2, 3: stem + 3, 4: g1, 5: g1 + 1,
+                       6: g1 + 2}
+
+
+def test_depthwise_conv_has_one_edge_per_channel():
+    model = MODELS["mobile"][0]()
+    graph = _trace(model, _inputs((3, 8, 8)))
+    k = [n for n, _ in graph.modules].index("dw.weight")
+    sel = graph.module == k
+    assert sel.sum() == 8
+    assert torch.equal(graph.src[sel] - graph.module_outputs[k - 1],
+                       graph.dst[sel] - graph.module_outputs[k])
+
+
+def test_distances_are_shortest_paths():
+    model = MODELS["dense"][0]()
+    graph = _trace(model, _inputs((3, 8, 8)))
+    n = graph.num_nodes
+    adjacency = scipy.sparse.csr_matrix((graph.length.numpy(), (graph.src.numpy(),
+                                                                graph.dst.numpy())), (n, n))
+    expected = scipy.sparse.csgraph.bellman_ford(adjacency, directed=True)
+    got = channel_distances(graph).numpy()
+    assert np.array_equal(np.isinf(got), np.isinf(expected))
+    assert np.allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], atol=1e-12)
+
+
+def test_attention_values_carry_channels_and_qk_are_sinks():
+    model = _vit(True)
+    graph = _trace(model, _inputs((3, 16, 16)))
+    names = [n for n, _ in graph.modules]
+    qkv = graph.module_outputs[names.index("blocks.0.attn.qkv.weight")]
+    nodes, channels = graph.module_inputs[names.index("blocks.0.attn.proj.weight")]
+    # proj input channel c is value channel c: qkv output 2*8 + c.
+    assert torch.equal(nodes[channels.argsort()], torch.arange(qkv + 16, qkv + 24))
+    q_and_k = torch.arange(qkv, qkv + 16)
+    assert not torch.isin(q_and_k, graph.src).any()  # no out-edges
+
+
+# --------------------------------------------------------------------------------------------
+# neural_curvature(granularity="channel")
+# --------------------------------------------------------------------------------------------
+
+
+def test_per_weight_kappa_is_edge_kappa_and_zero_weights_are_inf():
+    model = MODELS["residual"][0]()
+    with torch.no_grad():
+        model.a.weight[2, 1, 0, 0] = 0.0  # one element of a live channel block
+    x = _inputs((3, 8, 8))
+    result = curvprune.neural_curvature(model, x, granularity="channel")
+    graph = _trace(model, x)
+    expected = channel_reference_curvature(graph, 0.9)
+    names = [n for n, _ in graph.modules]
+    for k, name in enumerate(names):
+        module = dict(model.named_modules())[name[:-len(".weight")]]
+        w = module.weight.detach()
+        got = result.kappa[name]
+        sel = torch.nonzero(graph.module == k).squeeze(1)
+        in_nodes, in_channels = graph.module_inputs[k]
+        node_of = dict(zip(in_channels.tolist(), in_nodes.tolist()))
+        for e in sel.tolist():
+            o = int(graph.dst[e]) - graph.module_outputs[k]
+            cs = [c for c, u in node_of.items() if u == int(graph.src[e])]
+            for c in cs:
+                block = got[o, c] if w.dim() == 2 else got[o, c % w.shape[1]]
+                nonzero = (w[o, c] if w.dim() == 2 else w[o, c % w.shape[1]]) != 0
+                assert torch.all(torch.where(nonzero, (block - expected[e]).abs() <= 1e-9,
+                                             torch.isposinf(block)))
+    assert math.isinf(result.kappa["a.weight"][2, 1, 0, 0].item())
+    assert result.granularity == "channel" and result.num_examples == 2
+
+
+def test_channel_scoring_leaves_model_unchanged():
+    model = MODELS["mobile"][0]()
+    model.train()
+    model.se_reduce.weight.requires_grad_(False)
+    handle = model.dw.register_forward_hook(lambda *a: None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    curvprune.neural_curvature(model, _inputs((3, 8, 8)), granularity="channel")
+    assert model.training and all(m.training for m in model.modules())
+    assert not model.se_reduce.weight.requires_grad and model.expand.weight.requires_grad
+    assert len(model.dw._forward_hooks) == 1
+    handle.remove()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_auto_granularity():
+    chain = MODELS["chain"][0]()
+    x = _inputs((3, 8, 8))
+    assert curvprune.neural_curvature(chain, x, granularity="auto").granularity == "neuron"
+    small = curvprune.neural_curvature(chain, x, granularity="auto", memory_budget=5000)
+    assert small.granularity == "channel"
+    residual = MODELS["residual"][0]()
+    assert curvprune.neural_curvature(residual, x, granularity="auto").granularity == "channel"
+    with pytest.raises(ValueError, match="memory_budget"):
+        curvprune.neural_curvature(residual, x, granularity="channel", memory_budget=1000)
+
+
+def test_iterable_calibration_equals_one_batch():
+    # float64, so that the forward pass rounds the same for any batch size.
+    model = MODELS["residual"][0]().double()
+    x = _inputs((3, 8, 8), batch=4).double()
+    whole = curvprune.neural_curvature(model, x, granularity="channel")
+    parts = curvprune.neural_curvature(model, [x[:1], x[1:]], granularity="channel")
+    for name in whole.kappa:
+        assert torch.allclose(whole.kappa[name], parts.kappa[name], rtol=0, atol=1e-12)
+    assert parts.num_examples == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and untraceable models
+# --------------------------------------------------------------------------------------------
+
+
+class Spectral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = torch.fft.fft2(self.conv(x)).abs()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_model_is_named():
+    with pytest.raises(UntraceableModel, match="fft2") as info:
+        curvprune.neural_curvature(Spectral(), _inputs((3, 8, 8)), granularity="channel")
+    assert info.value.functions == ["fft_fft2"] or "fft2" in " ".join(info.value.functions)
+
+
+def test_prune_model_falls_back_to_magnitude_with_a_warning():
+    torch.manual_seed(0)
+    model = Spectral()
+    with pytest.warns(UserWarning, match="Spectral.*magnitude"):
+        report = curvprune.prune_model(model, _inputs((3, 8, 8)), 0.5, granularity="channel")
+    assert report.fallback.startswith("magnitude") and report.result is None
+    w = model.conv.weight_orig.detach().abs().flatten()
+    fc = model.fc.weight_orig.detach().abs().flatten()
+    everything = torch.cat([w, fc])
+    threshold = everything.sort().values[len(everything) // 2 - 1]
+    kept = torch.cat([model.conv.weight_mask.flatten(), model.fc.weight_mask.flatten()])
+    assert int((kept == 0).sum()) == len(everything) // 2
+    assert (everything[kept == 0] <= threshold).all()
+
+
+def test_half_precision_model_is_scored_in_float64():
+    model = MODELS["residual"][0]().half()
+    x = _inputs((3, 8, 8)).half()
+    try:
+        model(x)
+    except RuntimeError:  # some builds have no float16 conv on the CPU
+        pytest.skip("float16 Conv2d not available on this CPU build")
+    result = curvprune.neural_curvature(model, x, granularity="channel")
+    graph = _trace(model, x)
+    assert graph.activity.dtype == torch.float64 and graph.length.dtype == torch.float64
+    expected = channel_reference_curvature(graph, 0.9)
+    kappa, _ = score_channel_edges(graph, channel_distances(graph), 0.9)
+    layer = graph.module >= 0
+    assert (kappa[layer] - expected[layer]).abs().max() <= 1e-9
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    assert all(k.dtype == torch.float64 for k in result.kappa.values())
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (torch.randn(2, 3, 5), ValueError, "rejects calibration inputs"),
+    (torch.randint(0, 3, (2, 3, 8, 8)), TypeError, "floating point"),
+    (torch.full((2, 3, 8, 8), math.nan), ValueError, "NaN"),
+])
+def test_bad_calibration(bad, error, message):
+    model = MODELS["residual"][0]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        curvprune.neural_curvature(model, bad, granularity="channel")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_unused_parameters_and_buffers_are_ignored():
+    model = MODELS["chain"][0]()
+    model.unused = nn.Linear(3, 3)
+    model.register_buffer("counter", torch.zeros(1))
+    result = curvprune.neural_curvature(model, _inputs((3, 8, 8)), granularity="channel")
+    assert "unused.weight" not in result.kappa and set(result.kappa) == {
+        "c1.weight", "c2.weight", "fc.weight"}
+
+
+def test_warnings_are_not_raised_for_traceable_models():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        curvprune.prune_model(MODELS["dense"][0](), _inputs((3, 8, 8)), 0.3,
+                              granularity="channel")
