@@ -136,11 +136,11 @@ _MOVE = {
     "__getitem__", "narrow", "select", "flip", "roll", "movedim", "moveaxis", "view_as",
     "reshape_as", "index_select", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
     "native_channel_shuffle", "tensor_split", "hsplit", "vsplit", "dsplit", "tile",
-    "repeat_interleave",
+    "repeat_interleave", "contiguous",
 }
 # Keep labels as they are (same shape, no channel mixing, or only a dtype/device change).
 _KEEP = {
-    "contiguous", "clone", "detach", "to", "float", "double", "half", "bfloat16", "type",
+    "clone", "detach", "to", "float", "double", "half", "bfloat16", "type",
     "type_as", "cpu", "cuda", "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid",
     "sigmoid_", "tanh", "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardtanh",
     "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "softplus", "mish",
@@ -231,6 +231,14 @@ class _Tracer:
         self.module_index: dict[int, int] = {}
         self.candidates = [(name, m) for name, m in model.named_modules()
                            if isinstance(m, (nn.Conv2d, nn.Linear))]
+        # Tensors that hold a layer's weight as the forward uses it: the parameter, the
+        # pruning reparametrisation (weight_orig * mask), a standardised weight (StdConv2d).
+        self.owner = WeakIdKeyDictionary()
+        for name, m in self.candidates:
+            for attr in ("weight", "weight_orig"):
+                t = getattr(m, attr, None)
+                if isinstance(t, torch.Tensor):
+                    self.owner[t] = (name, m)
         self.untraced: dict[str, int] = {}
         self.activity: dict[int, torch.Tensor] = {}  # node set index -> [batch, count] raw
 
@@ -304,7 +312,10 @@ class _Tracer:
         if name in ("linear", "conv2d"):
             self.layer(name, args, kwargs, out)
             return
-        if not inputs or name in _IGNORE:
+        if not inputs:
+            self.derive_weight(args, kwargs, out)
+            return
+        if name in _IGNORE:
             return
         outs = _tensors(out)
         if not outs:
@@ -339,6 +350,17 @@ class _Tracer:
         else:
             self.fail(name)
 
+    def derive_weight(self, args, kwargs, out) -> None:
+        """A function of one layer's weight alone (same number of elements) is that weight."""
+        if not isinstance(out, torch.Tensor):
+            return
+        owners = {id(self.owner[t][1]): self.owner[t] for t in
+                  _tensors(args) + _tensors(list(kwargs.values())) if t in self.owner}
+        if len(owners) == 1:
+            (name, module), = owners.values()
+            if out.numel() == module.weight.numel():
+                self.owner[out] = (name, module)
+
     def fail(self, name: str) -> None:
         self.untraced[name] = self.untraced.get(name, 0) + 1
 
@@ -354,7 +376,14 @@ class _Tracer:
             return t  # index tensors stay
         try:
             moved = func(*_replace(args, swap), **_replace(kwargs, swap))
-        except (RuntimeError, TypeError, IndexError) as exc:
+        except RuntimeError:  # e.g. view() of a label that is a transposed (strided) view
+            try:
+                moved = func(*_replace(args, lambda t: swap(t).contiguous()),
+                             **_replace(kwargs, lambda t: swap(t).contiguous()))
+            except (RuntimeError, TypeError, IndexError) as exc:
+                self.fail(f"{_name(func)} ({exc.__class__.__name__})")
+                return
+        except (TypeError, IndexError) as exc:
             self.fail(f"{_name(func)} ({exc.__class__.__name__})")
             return
         for value, lab in zip(_tensors(out), _tensors(moved)):
@@ -386,9 +415,10 @@ class _Tracer:
     def spatial(self, name: str, x: torch.Tensor, out) -> None:
         lab = self.label(x)
         value = _tensors(out)[0]
-        per_channel = lab.flatten(2)[:, :, :1] if lab.dim() > 2 else None
+        # One label per (example, channel); padded positions (-1) do not count.
+        per_channel = lab.flatten(2).amax(2, keepdim=True) if lab.dim() > 2 else None
         if (per_channel is None or value.shape[:2] != lab.shape[:2]
-                or not bool((lab.flatten(2) == per_channel).all())):
+                or not bool(((lab.flatten(2) == per_channel) | (lab.flatten(2) < 0)).all())):
             self.fail(name)
             return
         new = per_channel.view(list(lab.shape[:2]) + [1] * (value.dim() - 2))
@@ -522,17 +552,42 @@ class _Tracer:
         new = torch.where(out_node >= 0, out_node * batch + example, -1)
         self.set_label(value, new.view(value.shape), measure=True)
 
+    def examples(self, mod_name: str, name: str, lab, x: torch.Tensor,
+                 channel_dim: int) -> torch.Tensor | None:
+        """Example index per Linear row ``[...]`` or per Conv2d sample ``[N]`` (-1: none)."""
+        batch = self.batch
+        if lab is None:
+            return None
+        valid = lab >= 0
+        reduce = [channel_dim] if name == "linear" else list(range(1, lab.dim()))
+        high = torch.where(valid, lab % batch, -1).amax(dim=reduce)
+        low = torch.where(valid, lab % batch, batch).amin(dim=reduce)
+        if bool(((high >= 0) & (high != low)).any()):
+            self.fail(f"{mod_name} mixes calibration examples in one row")
+            return None
+        if x.shape[0] == batch:  # rows without a channel label (a class token): dim 0
+            first = torch.arange(batch, device=lab.device).view([-1] + [1] * (high.dim() - 1))
+            high = torch.where(high >= 0, high, first.expand_as(high))
+        return high
+
     def layer(self, name: str, args, kwargs, out) -> None:
         x = args[0]
         weight = args[1] if len(args) > 1 else kwargs["weight"]
         owner = next(((n, m) for n, m in self.candidates if getattr(m, "weight", None)
                       is weight), None)
+        if owner is None and weight in self.owner:
+            owner = self.owner[weight]
+            if owner[1].weight.shape != weight.shape:
+                owner = None
         lab = self.label(x)
         if owner is None:
             if lab is not None:
                 self.fail(f"{name} with a weight that is not a Conv2d/Linear module's")
             return
         mod_name, module = owner
+        if lab is None or not bool((lab >= 0).any()):
+            self.fail(f"{mod_name} reads no traced channel")
+            return
         if id(module) in self.module_index:
             self.fail(f"{mod_name} called twice (a shared layer)")
             return
@@ -551,25 +606,29 @@ class _Tracer:
         self.module_index[id(module)] = index
         base = self.new_set(mod_name, "layer", out_features)
         self.module_outputs.append(base)
-        # Output labels: node base + o, example from the batch dimension (dim 0).
+        # Output labels: node base + o; the example of each output row (Linear) or sample
+        # (Conv2d) is read from the input labels, else from dim 0 when it is the batch.
+        example = self.examples(mod_name, name, lab, x, channel_dim)
+        if example is None:
+            return
         shape = [1] * value.dim()
         shape[1 if name == "conv2d" else -1] = out_features
         node = torch.arange(base, base + out_features, device=value.device).view(shape)
-        example = torch.arange(value.shape[0], device=value.device).view(
-            [-1] + [1] * (value.dim() - 1))
-        if value.shape[0] != self.batch:
-            self.fail(f"{mod_name} sees a first dimension of {value.shape[0]}, not the batch")
-            return
-        self.set_label(value, (node * self.batch + example).expand(value.shape).contiguous(),
-                       measure=True)
-        if lab is None or not bool((lab >= 0).any()):
-            self.fail(f"{mod_name} reads no traced channel")
-            return
+        example = example.view(list(example.shape) + [1] * (value.dim() - example.dim()))
+        new = torch.where(example >= 0, node * self.batch + example, -1)
+        self.set_label(value, new.expand(value.shape).contiguous(), measure=True)
         # Which nodes feed each input channel: unique (node, channel) pairs.
         moved = lab.movedim(channel_dim, -1).reshape(-1, in_channels)
         valid = moved >= 0
         channel = torch.arange(in_channels, device=lab.device).expand_as(moved)
         pairs = torch.unique(torch.stack([moved[valid] // self.batch, channel[valid]]), dim=1)
+        if name == "linear" and in_channels > 1 and torch.unique(pairs[0]).numel() > 1:
+            row_nodes = torch.where(valid, moved // self.batch, -1)
+            one_per_row = (row_nodes.amax(1) == torch.where(valid, row_nodes,
+                                                              row_nodes.amax() + 1).amin(1))
+            if bool(one_per_row[valid.any(1)].all()):
+                self.fail(f"{mod_name} mixes positions (tokens), not channels")
+                return
         self.module_inputs.append((pairs[0], pairs[1]))
         src_nodes, pair_node = torch.unique(pairs[0], return_inverse=True)
         w = weight.detach().to(torch.float64)

@@ -106,6 +106,46 @@ class Mobile(nn.Module):
         return self.fc(F.adaptive_max_pool2d(x, 1).flatten(1))
 
 
+class Windows(nn.Module):
+    """Swin-style windows: tokens regrouped so that a Linear's first dim is not the batch;
+    ShuffleNet-style channel shuffle (view, transpose, contiguous, view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))  # [B, 6, 8, 8]
+        b = x.shape[0]
+        t = x.permute(0, 2, 3, 1).reshape(b, 2, 4, 2, 4, 6).permute(0, 1, 3, 2, 4, 5)
+        t = F.gelu(self.mix(t.reshape(b * 4, 16, 6)))  # windows: first dim 4 * batch
+        t = t.reshape(b, 2, 2, 4, 4, 6).permute(0, 5, 1, 3, 2, 4).reshape(b, 6, 8, 8)
+        t = t.view(b, 2, 3, 8, 8).transpose(1, 2).contiguous().view(b, 6, 8, 8)  # shuffle
+        t = F.relu(self.head(x + t))
+        return self.fc(t.amax((2, 3)))
+
+
+class Standardised(nn.Module):
+    """timm's weight-standardised conv (the weight the conv uses is computed from the
+    parameter) and 'same' max pooling (padding with -inf)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import StdConv2dSame, create_pool2d
+
+        self.conv = StdConv2dSame(3, 5, 3)
+        self.pool = create_pool2d("max", 3, stride=2, padding="same")
+        self.conv2 = nn.Conv2d(5, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv(x)))
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 def _vit(fused: bool):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=8,
@@ -137,6 +177,8 @@ MODELS = {
     "vit_fused": (lambda: _vit(True), (3, 16, 16)),
     "vit_matmul": (lambda: _vit(False), (3, 16, 16)),
     "convnext": (_convnext, (3, 32, 32)),
+    "windows": (_seeded(Windows), (3, 8, 8)),
+    "standardised": (_seeded(Standardised), (3, 9, 9)),
 }
 
 
@@ -281,6 +323,51 @@ def test_distances_are_shortest_paths():
     got = channel_distances(graph).numpy()
     assert np.array_equal(np.isinf(got), np.isinf(expected))
     assert np.allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], atol=1e-12)
+
+
+def test_window_tokens_and_shuffle_keep_channel_identity():
+    model = MODELS["windows"][0]()
+    graph = _trace(model, _inputs((3, 8, 8)))
+    names = [n for n, _ in graph.modules]
+    stem, mix = graph.module_outputs[0], graph.module_outputs[1]
+    nodes, channels = graph.module_inputs[names.index("mix.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(stem, stem + 6))
+    # the shuffle sends mix channel c to position (c % 3) * 2 + c // 3 of the merge with x
+    merge = next(s for s in graph.sets if s.kind == "merge")
+    into = torch.nonzero((graph.dst >= merge.start) & (graph.src >= mix)
+                         & (graph.src < mix + 6)).squeeze(1)
+    got = {int(graph.src[e]) - mix: int(graph.dst[e]) - merge.start for e in into}
+    assert got == {c: (c % 3) * 2 + c // 3 for c in range(6)}
+    # per-example activities come from the window rows of the right example
+    assert graph.activity.shape == (2, graph.num_nodes)
+
+
+def test_standardised_weight_is_the_modules():
+    model = MODELS["standardised"][0]()
+    graph = _trace(model, _inputs((3, 9, 9)))
+    assert [n for n, _ in graph.modules] == ["conv.weight", "conv2.weight", "fc.weight"]
+    sel = graph.module == 0
+    w = model.conv.weight.detach().double().view(5, -1)
+    std = (w - w.mean(1, keepdim=True)) / (w.var(1, unbiased=False, keepdim=True)
+                                           + model.conv.eps).sqrt()
+    norms = std.view(5, 3, 9).pow(2).sum(2).sqrt()
+    o, i = graph.dst[sel] - graph.module_outputs[0], graph.src[sel]
+    assert torch.allclose(graph.length[sel], 1.0 / norms[o, i], rtol=1e-6)
+
+
+def test_pruned_model_uses_the_masked_weight():
+    model = MODELS["residual"][0]()
+    torch.nn.utils.prune.l1_unstructured(model.a, "weight", amount=0.5)
+    with torch.no_grad():
+        model.a.weight_mask[1].zero_()  # a whole output channel masked: no edges into it
+    x = _inputs((3, 8, 8))
+    result = curvprune.neural_curvature(model, x, granularity="channel")
+    kappa = result.kappa["a.weight"]
+    assert torch.isposinf(kappa[1]).all()
+    assert torch.equal(torch.isposinf(kappa), model.a.weight_mask == 0)
+    graph = result.channel_graph
+    k = [n for n, _ in graph.modules].index("a.weight")
+    assert not (graph.dst == graph.module_outputs[k] + 1).any()
 
 
 def test_attention_values_carry_channels_and_qk_are_sinks():
