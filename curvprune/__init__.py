@@ -24,12 +24,15 @@ from .pruning import (
     save_pruned,
 )
 from .result import CurvatureResult, ImportanceScores
+from .structured import ChannelPruningReport, prune_channels
 
 __version__ = "0.1.0"
 
 __all__ = [
     "neural_curvature",
     "CurvatureImportance",
+    "prune_channels",
+    "ChannelPruningReport",
     "UntraceableModel",
     "CurvatureResult",
     "ImportanceScores",

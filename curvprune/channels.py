@@ -185,6 +185,15 @@ _IGNORE = {
 }
 
 
+def _unique_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distinct ``(a, b)`` pairs as a ``[2, P]`` tensor, sorted (a 1-D unique: fast)."""
+    if a.numel() == 0:
+        return torch.zeros((2, 0), dtype=torch.long, device=a.device)
+    span = int(b.max()) + 1
+    key = torch.unique(a * span + b)
+    return torch.stack([key // span, key % span])
+
+
 def _name(func) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property such as Tensor.T or Tensor.shape
@@ -272,10 +281,15 @@ class _Tracer:
             return
         keys = label[valid]
         values = t.detach()[valid].abs().to(torch.float64)
-        unique, inverse = torch.unique(keys, return_inverse=True)
-        sums = torch.zeros(unique.numel(), dtype=torch.float64, device=t.device)
-        sums.index_add_(0, inverse, values)
-        counts = torch.bincount(inverse, minlength=unique.numel()).to(torch.float64)
+        # Sums per key by counting over the (small) range of keys present: no sort.
+        low = int(keys.min())
+        shifted = keys - low
+        width = int(shifted.max()) + 1
+        sums = torch.bincount(shifted, weights=values, minlength=width)
+        counts = torch.bincount(shifted, minlength=width)
+        present = torch.nonzero(counts).squeeze(1)
+        unique = present + low
+        sums, counts = sums[present], counts[present].to(torch.float64)
         nodes, examples = unique // self.batch, unique % self.batch
         means = sums / counts
         # Scatter into the node sets' activity tables (the last measurement wins).
@@ -503,21 +517,27 @@ class _Tracer:
             return
         batch = self.batch
         nodes = [torch.where(lab >= 0, lab // batch, -1) for lab in labelled]
-        distinct = [int(torch.unique(n[n >= 0]).numel()) for n in nodes]
+        # The structure is the same for every example: read it from example 0's elements.
+        element_example = torch.stack([torch.where(lab >= 0, lab % batch, -1)
+                                       for lab in labelled]).amax(0)
+        ex0 = element_example == 0
+        nodes0 = [n[ex0] for n in nodes]
+        distinct = [int(torch.unique(n[n >= 0]).numel()) for n in nodes0]
         if max(distinct) == 0:
             self.set_label(value, labelled[0].view(value.shape).clone(), measure=True)
             return
         keys = [n for n, c in zip(nodes, distinct) if c == max(distinct)]
+        keys0 = [n for n, c in zip(nodes0, distinct) if c == max(distinct)]
         # Union the nodes that meet in one element: each component is one merged channel.
-        key_nodes = torch.unique(torch.cat([k[k >= 0] for k in keys]))
+        key_nodes = torch.unique(torch.cat([k[k >= 0] for k in keys0]))
         local = {int(g): i for i, g in enumerate(key_nodes.tolist())}
         lookup = torch.full((int(key_nodes.max()) + 1,), -1, dtype=torch.long)
         lookup[key_nodes.cpu()] = torch.arange(key_nodes.numel())
-        keys_cpu = [k.cpu() for k in keys]
+        keys_cpu = [k.cpu() for k in keys0]
         pairs_a, pairs_b = [], []
         for k1, k2 in zip(keys_cpu[:-1], keys_cpu[1:]):
             both = (k1 >= 0) & (k2 >= 0)
-            pair = torch.unique(torch.stack([lookup[k1[both]], lookup[k2[both]]]), dim=1)
+            pair = _unique_pairs(lookup[k1[both]], lookup[k2[both]])
             pairs_a.append(pair[0])
             pairs_b.append(pair[1])
         n_local = len(local)
@@ -544,9 +564,10 @@ class _Tracer:
         # Edges of length 1 from every labelled operand's node to the merged node.
         pairs = []
         for n in nodes:
-            both = (n >= 0) & (out_node >= 0)
+            both = (n >= 0) & (out_node >= 0) & ex0
             pairs.append(torch.stack([n[both], out_node[both]]))
-        pair = torch.unique(torch.cat(pairs, 1), dim=1)
+        joined = torch.cat(pairs, 1)
+        pair = _unique_pairs(joined[0], joined[1])
         self.add_edges(pair[0], pair[1], torch.ones(pair.shape[1], dtype=torch.float64,
                                                     device=pair.device), -1)
         new = torch.where(out_node >= 0, out_node * batch + example, -1)
@@ -619,9 +640,17 @@ class _Tracer:
         self.set_label(value, new.expand(value.shape).contiguous(), measure=True)
         # Which nodes feed each input channel: unique (node, channel) pairs.
         moved = lab.movedim(channel_dim, -1).reshape(-1, in_channels)
-        valid = moved >= 0
+        # The structure is the same for every example: read it from example 0's elements.
+        valid = (moved >= 0) & (moved % self.batch == 0)
         channel = torch.arange(in_channels, device=lab.device).expand_as(moved)
-        pairs = torch.unique(torch.stack([moved[valid] // self.batch, channel[valid]]), dim=1)
+        high = torch.where(valid, moved, -1).amax(0)
+        low = torch.where(valid, moved, moved.max() + 1).amin(0)
+        fed = valid.any(0)
+        if bool((high[fed] == low[fed]).all()):  # one node per channel: the common case
+            chans = torch.nonzero(fed).squeeze(1)
+            pairs = torch.stack([high[chans] // self.batch, chans])
+        else:
+            pairs = _unique_pairs(moved[valid] // self.batch, channel[valid])
         if name == "linear" and in_channels > 1 and torch.unique(pairs[0]).numel() > 1:
             row_nodes = torch.where(valid, moved // self.batch, -1)
             one_per_row = (row_nodes.amax(1) == torch.where(valid, row_nodes,

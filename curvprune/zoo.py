@@ -55,6 +55,13 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet as _TVResNet
 
+from .structured import (
+    attention_heads,
+    classifier_layers,
+    refresh_after_pruning,
+    refresh_attention,
+)
+
 __all__ = [
     "ZooEntry",
     "ZOO",
@@ -675,89 +682,6 @@ def example_input(name: str, batch: int = 2) -> torch.Tensor:
     """A seeded standard-normal batch ``(batch, C, H, W)`` for zoo entry ``name``."""
     gen = torch.Generator().manual_seed(1234)
     return torch.randn(batch, *_entry(name).input_size, generator=gen)
-
-
-def _attention_modules(model: nn.Module):
-    """Yield ``(attention module, qkv Linear, num_heads)`` for the attention kinds in the zoo."""
-    for m in model.modules():
-        qkv = getattr(m, "qkv", None)
-        heads = getattr(m, "num_heads", None)
-        if isinstance(qkv, nn.Linear) and isinstance(heads, int):
-            yield m, qkv, heads
-
-
-def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
-    """``{qkv Linear: num_heads}`` for every multi-head attention in ``model``.
-
-    Pass it as Torch-Pruning's ``num_heads=`` so that the fused q/k/v projection is pruned
-    head-consistently. Covers timm's ``Attention`` (ViT, DeiT, MobileViT, hybrid ViT), timm's
-    Swin ``WindowAttention`` and PiT attention (all have ``.qkv`` and ``.num_heads``) and
-    ``nn.MultiheadAttention`` (keyed by the module itself, as Torch-Pruning expects).
-    """
-    heads: dict[nn.Module, int] = {}
-    for _, qkv, n in _attention_modules(model):
-        heads[qkv] = n
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            heads[m] = m.num_heads
-    return heads
-
-
-def refresh_attention(model: nn.Module, pruner=None) -> None:
-    """Update head bookkeeping after Torch-Pruning has pruned attention projections.
-
-    timm attention modules reshape the qkv output with their stored ``num_heads`` and
-    ``head_dim`` (and ``attn_dim``), which Torch-Pruning does not change when it removes rows of
-    ``qkv``. As in Torch-Pruning's ``examples/transformers/prune_timm_vit.py``: ``num_heads`` is
-    taken from ``pruner.num_heads`` (unchanged with ``prune_num_heads=False``) and
-    ``head_dim = qkv.out_features // (3 * num_heads)``; ``attn_dim`` and ``scale`` follow.
-    ``nn.MultiheadAttention`` is updated by Torch-Pruning itself.
-    """
-    for m, qkv, heads in _attention_modules(model):
-        if pruner is not None and qkv in getattr(pruner, "num_heads", {}):
-            heads = pruner.num_heads[qkv]
-        head_dim = qkv.out_features // (3 * heads)
-        m.num_heads = heads
-        if hasattr(m, "head_dim"):
-            m.head_dim = head_dim
-        if hasattr(m, "attn_dim"):
-            m.attn_dim = heads * head_dim
-        if hasattr(m, "scale") and isinstance(m.scale, float):
-            m.scale = head_dim**-0.5
-
-
-def refresh_after_pruning(model: nn.Module, pruner=None) -> None:
-    """Fix every stored size that Torch-Pruning leaves stale, so the pruned model runs.
-
-    :func:`refresh_attention`, plus timm MetaFormer's ``Scale`` (layer/residual scale), which
-    views its parameter with a shape recorded at construction.
-    """
-    refresh_attention(model, pruner)
-    for m in model.modules():
-        shape = getattr(m, "shape", None)
-        scale = getattr(m, "scale", None)
-        if isinstance(shape, tuple) and isinstance(scale, nn.Parameter) and scale.dim() == 1:
-            m.shape = (scale.numel(), *shape[1:])
-
-
-def classifier_layers(model: nn.Module) -> list[nn.Module]:
-    """The final classification layer(s) of a zoo model.
-
-    timm models report theirs through ``get_classifier()`` (a pair for DeiT-distilled); for the
-    torchvision ones it is the last ``Linear``/``Conv2d`` registered.
-    """
-    if hasattr(model, "get_classifier"):
-        heads = model.get_classifier()
-        heads = list(heads) if isinstance(heads, (tuple, list)) else [heads]
-    else:
-        heads = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
-    out = []
-    for h in heads:
-        if isinstance(h, (nn.Linear, nn.Conv2d)):
-            out.append(h)
-        else:  # a wrapper (e.g. timm ClassifierHead): its last layer
-            out += [m for m in h.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
-    return out
 
 
 def ignored_layers(name: str, model: nn.Module) -> list[nn.Module]:
