@@ -29,21 +29,28 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
                   ) -> tuple[nn.Module, float]:
     """A ``create_model(name)`` trained on Fashion-MNIST with Adam, cached by its settings.
 
+    A name with a slash is a :mod:`curvprune.zoo` entry (``"timm/resnet18"``): 3 x 32 x 32
+    inputs, so use ``pad_to=32, in_channels=3`` (the grey channel repeated).
     Returns ``(model in eval mode, test accuracy)``.
     """
     settings = dict(name=name, epochs=epochs, seed=seed, pad_to=pad_to, lr=lr,
                     in_channels=in_channels)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = CACHE / f"{name}-{key}.pt"
-    model = create_model(name, in_channels=in_channels)
-    test = fashion_mnist(train=False, pad_to=pad_to)
+    path = CACHE / f"{name.replace('/', '_')}-{key}.pt"
+    if "/" in name:
+        from curvprune import zoo
+
+        model = zoo.create(name)
+    else:
+        model = create_model(name, in_channels=in_channels)
+    test = fashion_mnist(train=False, pad_to=pad_to, channels=in_channels)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
     else:
         from tqdm.auto import tqdm
 
         torch.manual_seed(seed)
-        train = fashion_mnist(train=True, pad_to=pad_to)
+        train = fashion_mnist(train=True, pad_to=pad_to, channels=in_channels)
         loader = torch.utils.data.DataLoader(
             train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)

@@ -99,11 +99,19 @@ def neural_curvature(
 ) -> CurvatureResult:
     r"""Neural Ollivier-Ricci curvature of every Linear/Conv2d weight of ``model``.
 
+    For an edge ``i -> j`` on one calibration example,
+    :math:`\kappa(i, j) = (1 - W_1(\mu_i, \nu_j) / d(i, j)) / (1 - \alpha)` with the measures
+    and ground distances of ``docs/method.md`` (neuron graph) or ``docs/channels.md`` (channel
+    graph); a weight's score is the minimum over its edges and the examples.
+
     Args:
-        model: a chain of ``Conv2d`` (any kernel, stride, padding, dilation, groups; zero
-            padding) and ``Linear`` layers with elementwise modules between them (ReLU, GELU,
-            Tanh, Sigmoid, BatchNorm, Dropout, Flatten, ...). It is run in eval mode under
-            ``torch.no_grad()`` and left exactly as it was found.
+        model: at neuron granularity, a chain of ``Conv2d`` (any kernel, stride, padding,
+            dilation, groups; zero padding) and ``Linear`` layers with elementwise modules
+            between them (ReLU, GELU, Tanh, Sigmoid, BatchNorm, Dropout, Flatten, ...); at
+            channel granularity, any model the channel tracer follows (timm and torchvision
+            CNNs and ViTs: residual adds, concatenation, depthwise convs, squeeze-excitation,
+            attention...). It is run in eval mode under ``torch.no_grad()`` and left exactly as
+            it was found; half-precision models are scored in float64 from their values.
         calibration: a tensor batch, an ``(inputs, targets)`` pair, or an iterable of batches
             (a ``DataLoader`` works). The paper uses a few correctly classified examples per
             class.

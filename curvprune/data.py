@@ -61,7 +61,8 @@ def _find(root: Path, stem: str) -> Path:
 
 
 def fashion_mnist(train: bool = True, root: str | Path | None = None,
-                  pad_to: int | None = None) -> torch.utils.data.TensorDataset:
+                  pad_to: int | None = None, channels: int = 1
+                  ) -> torch.utils.data.TensorDataset:
     """Fashion-MNIST as a ``TensorDataset`` of ``[N, 1, 28, 28]`` floats in [0, 1] and labels.
 
     Args:
@@ -69,7 +70,10 @@ def fashion_mnist(train: bool = True, root: str | Path | None = None,
         root: folder of the IDX files (default ``/usr/share/datasets/fashion-mnist`` or the
             ``CURVPRUNE_FASHION_MNIST`` environment variable).
         pad_to: zero-pad the images symmetrically to this size (e.g. 32 for VGG-style nets).
+        channels: 1 (grey), or 3 to repeat the grey channel for RGB models.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels!r}.")
     root = Path(root) if root is not None else FASHION_MNIST_DIR
     images_file, labels_file = _FILES[train]
     images = torch.from_numpy(read_idx(_find(root, images_file)).copy()).float().div_(255.0)
@@ -80,6 +84,8 @@ def fashion_mnist(train: bool = True, root: str | Path | None = None,
         if total < 0:
             raise ValueError(f"pad_to={pad_to} is smaller than the images ({images.shape[-1]}).")
         images = nn.functional.pad(images, (total // 2, total - total // 2) * 2)
+    if channels == 3:
+        images = images.expand(-1, 3, -1, -1).contiguous()
     return torch.utils.data.TensorDataset(images, labels)
 
 

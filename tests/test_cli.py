@@ -55,8 +55,12 @@ def run_main(args, capsys):
       "imagefolder:/nonexistent/folder"], "data not found"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "1.5"], "amount must be in [0, 1]"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "half"], "amount must be a number"),
-    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--structured"],
-     "channel granularity"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--structured", "--order",
+      "neg"], "--order neg is for unstructured"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--structured",
+      "--granularity", "neuron"], "channel granularity"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "1", "--structured"],
+     "channel ratio"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     code, out, err = run_main(args + ["--out", str(tmp_path / "o")], capsys)
@@ -99,6 +103,29 @@ def test_prune_writes_model_report_and_plots(small_model_path, tmp_path, capsys)
     assert zero / sum(w.numel() for w in weights) == pytest.approx(0.6, abs=1e-4)
     for png in ("sparsity.png", "kappa_histograms.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fmnist
+def test_structured_prune_removes_channels(small_model_path, tmp_path, capsys):
+    out = tmp_path / "channels"
+    code, _, err = run_main(["prune", "--model", str(small_model_path), "--amount", "0.25",
+                             "--structured", "--eval-limit", "500", "--out", str(out),
+                             "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["structured"] and not report["fallback"]
+    assert report["params_after"] < report["params_before"]
+    pruned = torch.load(out / "model.pt", weights_only=False)
+    linears = [m for m in pruned.modules() if isinstance(m, nn.Linear)]
+    assert linears[-1].out_features == 10  # the classifier keeps its outputs
+    widths = {k: tuple(v) for k, v in report["widths_after"].items()}
+    assert [widths[k] for k in sorted(widths)] == [
+        (m.in_features, m.out_features) for m in linears]
+    assert all(w[1] < report["widths_before"][k][1] for k, w in widths.items()
+               if k != sorted(widths)[-1])
+    x = torch.zeros(2, 1, 28, 28)
+    assert pruned(x).shape == (2, 10)
 
 
 @needs_fmnist
