@@ -6,8 +6,9 @@ For each seed: the LeNet-5 variant of method.md (trained 5 epochs, seeded, cache
 classified training example per class as calibration, curvature at neuron granularity (the
 paper's graph) and at channel granularity (every element of ``W[o, i, ...]`` gets the curvature
 of its channel edge ``i -> o``; ties inside a channel block go to the smaller ``|w|``), global
-pruning of the highest curvature first at each amount, no fine-tuning, test accuracy. Global
-magnitude is the reference line. Results: ``benchmarks/results/granularity.json`` and ``.md``.
+pruning of the highest curvature first at each amount (``neuron``, ``channel``) and the same with
+every layer pruned by the amount (``*_layer``), no fine-tuning, test accuracy. Magnitude (global
+and per layer) is the reference line. Results: ``benchmarks/results/granularity.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from curvprune.baselines import magnitude_scores  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 
 AMOUNTS = [0.5, 0.7, 0.8, 0.9, 0.95]
+CRITERIA = ["neuron", "channel", "magnitude", "neuron_layer", "channel_layer", "magnitude_layer"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,21 +61,32 @@ def main(argv: list[str] | None = None) -> None:
         scores["magnitude"] = magnitude_scores(model)
         row = {"seed": seed, "dense_accuracy": accuracy, "scoring_seconds": seconds,
                "accuracy": {}}
-        for criterion, score in scores.items():
+        for criterion in CRITERIA:
+            base, per_layer = criterion.removesuffix("_layer"), criterion.endswith("_layer")
             row["accuracy"][criterion] = {}
             for amount in args.amounts:
-                prune_with(model, "curv_pos", score, amount)  # global ranking by the scores
+                # "curv_pos": one global ranking by the scores; "curv_pos_layer": per layer
+                prune_with(model, "curv_pos_layer" if per_layer else "curv_pos",
+                           scores[base], amount)
                 row["accuracy"][criterion][f"{amount:g}"] = evaluate(model, test)
                 make_permanent(model)
                 model.load_state_dict(state)
+        scored = neural_curvature(model, calib, granularity="channel")
+        prune_with(model, "curv_pos", scored.importance_scores("pos"), 0.5)
+        names = {id(m): n for n, m in model.named_modules()}
+        row["channel_global_layer_sparsity_at_0.5"] = {
+            f"{names[id(m)]}.weight": round(float((m.weight == 0).double().mean()), 3)
+            for m in scored.modules.values()}
+        make_permanent(model)
+        model.load_state_dict(state)
         print(row, flush=True)
         rows.append(row)
     data = {"command": "python benchmarks/granularity.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "amounts": args.amounts, "rows": rows}
     write_json(args.out, data)
-    criteria = ["neuron", "channel", "magnitude"]
-    lines = ["| amount | " + " | ".join(f"{c} (mean of {len(rows)} seeds)" for c in criteria)
-             + " |", "|---" * (len(criteria) + 1) + "|"]
+    criteria = CRITERIA
+    lines = [f"Test accuracy, mean of {len(rows)} seeds:", "",
+             "| amount | " + " | ".join(criteria) + " |", "|---" * (len(criteria) + 1) + "|"]
     for amount in args.amounts:
         key = f"{amount:g}"
         means = [sum(r["accuracy"][c][key] for r in rows) / len(rows) for c in criteria]

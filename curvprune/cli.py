@@ -257,12 +257,18 @@ def _cmd_prune(args) -> dict:
     _write_json(out / "report.json", data)
     _plot_sparsity(report, out / "sparsity.png")
     _plot_histograms(report.result, out / "kappa_histograms.png")
-    if not args.quiet:
-        print(report.summary())
-        if before is not None:
-            print(f"accuracy {before:.4f} -> {after:.4f}")
-        print(f"wrote {out}/model.pt, report.json, sparsity.png, kappa_histograms.png")
+    _print_done(args, report.summary(), before, after, out,
+                "model.pt, report.json, sparsity.png, kappa_histograms.png")
     return data
+
+
+def _print_done(args, summary: str, before, after, out: Path, files: str) -> None:
+    if args.quiet:
+        return
+    print(summary)
+    if before is not None:
+        print(f"accuracy {before:.4f} -> {after:.4f}")
+    print(f"wrote {out}/{files}")
 
 
 def _cmd_prune_channels(args) -> dict:
@@ -293,11 +299,7 @@ def _cmd_prune_channels(args) -> dict:
     }
     _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
     _write_json(out / "report.json", json.loads(json.dumps(data, default=_jsonable)))
-    if not args.quiet:
-        print(report.summary())
-        if before is not None:
-            print(f"accuracy {before:.4f} -> {after:.4f}")
-        print(f"wrote {out}/model.pt, report.json")
+    _print_done(args, report.summary(), before, after, out, "model.pt, report.json")
     return data
 
 

@@ -183,53 +183,38 @@ def neural_curvature(
     live = [torch.zeros(m.weight.numel(), dtype=torch.bool, device=engine_device)
             for m in modules]
     num_examples = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="curvature", unit="example", total=_count_examples(calibration))
     first_shapes = None
-    try:
-        with scoring_mode(model):
-            for inputs in iter_calibration_inputs(calibration):
-                if not inputs.is_floating_point():
-                    raise TypeError(
-                        f"calibration inputs must be floating point, not {inputs.dtype}."
-                    )
-                values, in_shapes, out_shapes = capture_activations(
-                    model, modules, inputs.to(model_device)
+    with _progress_bar(progress, "curvature", calibration) as bar, scoring_mode(model):
+        for inputs in _float_batches(calibration, model_device):
+            values, in_shapes, out_shapes = capture_activations(model, modules, inputs)
+            if graph is not None and (in_shapes, out_shapes) != first_shapes:
+                raise ValueError(
+                    f"calibration examples of shape {tuple(inputs.shape[1:])} give layer "
+                    f"shapes {out_shapes}, but earlier examples gave {first_shapes[1]}: "
+                    "every calibration example must have the same shape (one neural graph)."
                 )
-                if graph is not None and (in_shapes, out_shapes) != first_shapes:
-                    raise ValueError(
-                        f"calibration examples of shape {tuple(inputs.shape[1:])} give layer "
-                        f"shapes {out_shapes}, but earlier examples gave {first_shapes[1]}: "
-                        "every calibration example must have the same shape (one neural graph)."
-                    )
-                if graph is None:
-                    first_shapes = (in_shapes, out_shapes)
-                    structures = [layer_edges(m, in_shapes[k], out_shapes[k])
-                                  for k, m in enumerate(modules)]
-                    _check_shapes(structures, values, names)
-                    graph = NeuronGraph.build(
-                        structures, [m.weight.detach().flatten() for m in modules], engine_device
-                    )
-                acts = [normalise_activity(v).to(engine_device) for v in values]
-                for b in range(acts[0].shape[0]):
-                    # Only the engine runs single-threaded: the model's forward pass keeps the
-                    # user's setting (float32 kernels round differently with other counts).
-                    with _torch_threads(1 if threads > 1 else None):
-                        edge_kappa, edge_dead = score_example(
-                            graph, [a[b] for a in acts], alpha, certify_tol=certify_tol,
-                            stats=stats, threads=threads)
-                    for k, layer in enumerate(graph.layers):
-                        kappa[k].scatter_reduce_(0, layer.widx, edge_kappa[k], reduce="amin")
-                        live[k].scatter_reduce_(0, layer.widx, ~edge_dead[k], reduce="amax")
-                    num_examples += 1
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            if graph is None:
+                first_shapes = (in_shapes, out_shapes)
+                structures = [layer_edges(m, in_shapes[k], out_shapes[k])
+                              for k, m in enumerate(modules)]
+                _check_shapes(structures, values, names)
+                graph = NeuronGraph.build(
+                    structures, [m.weight.detach().flatten() for m in modules], engine_device
+                )
+            acts = [normalise_activity(v).to(engine_device) for v in values]
+            for b in range(acts[0].shape[0]):
+                # Only the engine runs single-threaded: the model's forward pass keeps the
+                # user's setting (float32 kernels round differently with other counts).
+                with _torch_threads(1 if threads > 1 else None):
+                    edge_kappa, edge_dead = score_example(
+                        graph, [a[b] for a in acts], alpha, certify_tol=certify_tol,
+                        stats=stats, threads=threads)
+                for k, layer in enumerate(graph.layers):
+                    kappa[k].scatter_reduce_(0, layer.widx, edge_kappa[k], reduce="amin")
+                    live[k].scatter_reduce_(0, layer.widx, ~edge_dead[k], reduce="amax")
+                num_examples += 1
+                if bar is not None:
+                    bar.update(1)
     return CurvatureResult(
         kappa={n: kappa[k].view(weight_shapes[k]).to(modules[k].weight.device)
                for k, n in enumerate(names)},
@@ -263,6 +248,29 @@ def _torch_threads(count: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _progress_bar(progress: bool, desc: str, calibration):
+    """A tqdm bar over calibration examples (``None`` when ``progress`` is off), closed after."""
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="example", total=_count_examples(calibration))
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _float_batches(calibration, model_device: torch.device):
+    """The calibration batches, checked to be floating point, on the model's device."""
+    for inputs in iter_calibration_inputs(calibration):
+        if not inputs.is_floating_point():
+            raise TypeError(f"calibration inputs must be floating point, not {inputs.dtype}.")
+        yield inputs.to(model_device)
 
 
 def _count_examples(calibration) -> int | None:
@@ -321,51 +329,36 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     distances = None
     edge_kappa = edge_live = None
     num_examples = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="curvature (channel)", unit="example",
-                   total=_count_examples(calibration))
-    try:
-        with scoring_mode(model):
-            for inputs in iter_calibration_inputs(calibration):
-                if not inputs.is_floating_point():
-                    raise TypeError(
-                        f"calibration inputs must be floating point, not {inputs.dtype}."
-                    )
-                if inputs.device != model_device:
-                    inputs = inputs.to(model_device)
-                graph = trace_channels(model, inputs, device=engine_device)
-                if first is None:
-                    need = 8 * graph.num_nodes ** 2
-                    if need > memory_budget:
-                        raise ValueError(
-                            f"the channel graph has {graph.num_nodes} nodes; its distance table "
-                            f"needs {need / 2**30:.1f} GiB, over memory_budget "
-                            f"({memory_budget / 2**30:.1f} GiB). Raise memory_budget if the "
-                            "machine has the memory."
-                        )
-                    first = graph
-                    distances = channel_distances(graph)
-                    edge_kappa = torch.full_like(graph.length, math.inf)
-                    edge_live = torch.zeros_like(graph.src, dtype=torch.bool)
-                elif not first.same_structure(graph):
+    with _progress_bar(progress, "curvature (channel)", calibration) as bar, \
+            scoring_mode(model):
+        for inputs in _float_batches(calibration, model_device):
+            graph = trace_channels(model, inputs, device=engine_device)
+            if first is None:
+                need = 8 * graph.num_nodes ** 2
+                if need > memory_budget:
                     raise ValueError(
-                        f"calibration examples of shape {tuple(inputs.shape[1:])} give another "
-                        "channel graph than the first batch: every calibration example must "
-                        "have the same shape."
+                        f"the channel graph has {graph.num_nodes} nodes; its distance table "
+                        f"needs {need / 2**30:.1f} GiB, over memory_budget "
+                        f"({memory_budget / 2**30:.1f} GiB). Raise memory_budget if the "
+                        "machine has the memory."
                     )
-                with _torch_threads(1 if threads > 1 else None):
-                    value, live = score_channel_edges(
-                        graph, distances, alpha, certify_tol=certify_tol, stats=stats,
-                        threads=threads, on_example=bar.update if bar is not None else None)
-                edge_kappa = torch.minimum(edge_kappa, value)
-                edge_live |= live
-                num_examples += inputs.shape[0]
-    finally:
-        if bar is not None:
-            bar.close()
+                first = graph
+                distances = channel_distances(graph)
+                edge_kappa = torch.full_like(graph.length, math.inf)
+                edge_live = torch.zeros_like(graph.src, dtype=torch.bool)
+            elif not first.same_structure(graph):
+                raise ValueError(
+                    f"calibration examples of shape {tuple(inputs.shape[1:])} give another "
+                    "channel graph than the first batch: every calibration example must "
+                    "have the same shape."
+                )
+            with _torch_threads(1 if threads > 1 else None):
+                value, live = score_channel_edges(
+                    graph, distances, alpha, certify_tol=certify_tol, stats=stats,
+                    threads=threads, on_example=bar.update if bar is not None else None)
+            edge_kappa = torch.minimum(edge_kappa, value)
+            edge_live |= live
+            num_examples += inputs.shape[0]
     kappa, live_w, modules, edges, magnitude = {}, {}, {}, {}, {}
     for k, (name, module) in enumerate(first.modules):
         weight = module.weight.detach()

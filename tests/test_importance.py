@@ -116,3 +116,31 @@ def test_bad_options():
         curvprune.CurvatureImportance(torch.zeros(1, 3, 8, 8), fallback="ignore")
     with pytest.raises(ValueError, match="calibration"):
         curvprune.CurvatureImportance(None)
+
+
+def test_iterative_vit_pruning_refreshes_heads_between_steps():
+    from curvprune import zoo
+
+    name = "timm/vit_tiny_patch16_224"
+    model = zoo.create(name)
+    x = zoo.example_input(name, batch=2)
+    heads = [m.num_heads for m in model.modules() if hasattr(m, "qkv")]
+    report = curvprune.prune_channels(model, x, 0.5, iterative_steps=2)
+    assert report.steps == 2 and report.params_after < report.params_before
+    assert not report.fell_back
+    for m in model.modules():
+        if hasattr(m, "qkv"):
+            assert m.head_dim * m.num_heads * 3 == m.qkv.out_features
+    assert [m.num_heads for m in model.modules() if hasattr(m, "qkv")] == heads
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+
+
+def test_prune_channels_refuses_masked_models_and_bad_ratios():
+    model = _chain()
+    x = _inputs((3, 8, 8))
+    with pytest.raises(ValueError, match="ratio"):
+        curvprune.prune_channels(model, x, 1.0)
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match="make_permanent"):
+        curvprune.prune_channels(model, x, 0.3)
