@@ -58,8 +58,10 @@ def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = No
                ) -> nn.Module:
     """A model from a spec: ``PATH.pt`` (a whole model saved with ``torch.save(model)``),
     ``curvprune:NAME`` (the paper's networks), ``timm:NAME`` or ``torchvision:NAME``
-    (architectures with random weights: nothing is downloaded)."""
-    if spec.endswith((".pt", ".pth")) or os.path.sep in spec:
+    (architectures with random weights: nothing is downloaded), or ``zoo:NAME`` (a
+    reduced-width timm/torchvision architecture of :mod:`curvprune.zoo`, random weights)."""
+    known = spec.partition(":")[0] in ("curvprune", "timm", "torchvision", "zoo")
+    if not known and (spec.endswith((".pt", ".pth")) or os.path.sep in spec):
         path = Path(spec)
         if not path.is_file():
             raise UsageError(f"model file not found: {spec}")
@@ -71,8 +73,8 @@ def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = No
         return obj
     kind, _, name = spec.partition(":")
     if not name:
-        raise UsageError(f"model spec {spec!r} must be PATH.pt, curvprune:NAME, timm:NAME or "
-                         "torchvision:NAME")
+        raise UsageError(f"model spec {spec!r} must be PATH.pt, curvprune:NAME, timm:NAME, "
+                         "torchvision:NAME or zoo:NAME")
     if kind == "curvprune":
         from .models import create_model, list_models
 
@@ -82,6 +84,12 @@ def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = No
         if in_channels is not None:
             kwargs["in_channels" if name != "mlp" else "in_features"] = in_channels
         return create_model(name, **kwargs)
+    if kind == "zoo":
+        from . import zoo
+
+        if name not in zoo.ZOO:
+            raise UsageError(f"unknown zoo model {name!r}; choose one of {sorted(zoo.ZOO)}")
+        return zoo.create(name)
     if kind == "timm":
         import timm
 
@@ -111,6 +119,26 @@ def _load_data(spec: str, train: bool):
         raise UsageError(str(exc)) from exc
 
 
+def _match_input(model: nn.Module, dataset):
+    """Grey images for an RGB model: repeat the channel and pad to at least 32 x 32.
+
+    Fashion-MNIST and MNIST are 1 x 28 x 28; timm/torchvision models take 3 channels. When the
+    model's first Conv2d wants 3 input channels and the data has 1, the grey channel is repeated
+    and the images are zero-padded to 32 x 32 (the smallest size every zoo model accepts).
+    """
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    tensors = getattr(dataset, "tensors", None)
+    if first is None or tensors is None or tensors[0].dim() != 4:
+        return dataset
+    images = tensors[0]
+    if images.shape[1] == 1 and first.in_channels == 3:
+        pad = max(0, 32 - images.shape[-1])
+        images = nn.functional.pad(images, (pad // 2, pad - pad // 2) * 2)
+        images = images.expand(-1, 3, -1, -1).contiguous()
+        return torch.utils.data.TensorDataset(images, *tensors[1:])
+    return dataset
+
+
 def _output_dir(path: str) -> Path:
     out = Path(path)
     try:
@@ -132,10 +160,12 @@ def _amount(text: str) -> float:
     return value
 
 
-def _calibration(model, dataset, per_class: int, seed: int):
-    from .data import class_balanced_calibration
+def _calibration(model, dataset, per_class: int, seed: int, kind: str = "correct"):
+    from .data import class_balanced_calibration, random_calibration
 
     try:
+        if kind == "random":
+            return random_calibration(dataset, min(len(dataset), 10 * per_class), seed=seed)
         return class_balanced_calibration(model, dataset, per_class, seed=seed)
     except ValueError as exc:
         raise UsageError(f"calibration: {exc} (is the model trained on this data?)") from exc
@@ -189,6 +219,10 @@ def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--data", default="fashion-mnist",
                      help="fashion-mnist, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR")
     sub.add_argument("--calibration-per-class", type=int, default=1)
+    sub.add_argument("--calibration", choices=["correct", "random"], default="correct",
+                     help="correct: the paper's k correctly classified examples per class; "
+                          "random: a plain random batch of 10 k examples (no trained model "
+                          "needed)")
     sub.add_argument("--alpha", type=float, default=0.9)
     sub.add_argument("--granularity", choices=["neuron", "channel", "auto"], default="auto",
                      help="neuron (the paper's graph, chains only), channel (any model) or auto "
@@ -216,7 +250,9 @@ def _prepare(args) -> tuple[nn.Module, Any, Any, Path]:
     test = _load_data(args.data, train=False)
     if args.calibration_per_class < 1:
         raise UsageError("--calibration-per-class must be at least 1")
-    calibration, _ = _calibration(model, test, args.calibration_per_class, args.seed)
+    test = _match_input(model, test)
+    calibration, _ = _calibration(model, test, args.calibration_per_class, args.seed,
+                                  args.calibration)
     return model, test, calibration, out
 
 
@@ -251,7 +287,10 @@ def _cmd_prune(args) -> dict:
                     "sparsity": r.sparsity} for r in report.layers.values()],
         "accuracy_before": before, "accuracy_after": after,
         "calibration_examples": len(calibration),
-        "scoring_seconds": report.result.seconds, "seconds": time.perf_counter() - start,
+        "granularity": report.result.granularity if report.result is not None else None,
+        "fallback": report.fallback,
+        "scoring_seconds": report.result.seconds if report.result is not None else None,
+        "seconds": time.perf_counter() - start,
     }
     _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
     _write_json(out / "report.json", data)

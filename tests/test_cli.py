@@ -129,6 +129,27 @@ def test_structured_prune_removes_channels(small_model_path, tmp_path, capsys):
 
 
 @needs_fmnist
+@pytest.mark.parametrize("structured", [False, True])
+def test_prune_a_timm_model(structured, tmp_path, capsys):
+    out = tmp_path / "timm"
+    args = ["prune", "--model", "zoo:timm/resnet18", "--data", "fashion-mnist", "--calibration",
+            "random", "--amount", "0.3", "--eval-limit", "200", "--out", str(out), "--quiet"]
+    code, _, err = run_main(args + (["--structured"] if structured else []), capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_examples"] == 10 and not report["fallback"]
+    pruned = torch.load(out / "model.pt", weights_only=False)
+    assert pruned(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    if structured:
+        assert report["params_after"] < report["params_before"]
+    else:
+        assert report["granularity"] == "channel"  # auto: not a chain
+        assert report["overall_sparsity"] == pytest.approx(0.3, abs=1e-4)
+        for png in ("sparsity.png", "kappa_histograms.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fmnist
 def test_analyze_writes_statistics_and_bottlenecks(small_model_path, tmp_path, capsys):
     out = tmp_path / "analysis"
     code, _, err = run_main(["analyze", "--model", str(small_model_path), "--top", "3",
