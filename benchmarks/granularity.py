@@ -1,6 +1,7 @@
 """Neuron against channel granularity on LeNet-5 (Fashion-MNIST), where both graphs fit.
 
     python benchmarks/granularity.py                 # 3 seeds, 1 calibration example per class
+    python benchmarks/granularity.py --quick --out /tmp/g.json   # CI smoke run (untrained)
 
 For each seed: the LeNet-5 variant of method.md (trained 5 epochs, seeded, cached), one correctly
 classified training example per class as calibration, curvature at neuron granularity (the
@@ -30,7 +31,12 @@ from unstructured import prune_with, write_json  # noqa: E402
 
 from curvprune import make_permanent, neural_curvature  # noqa: E402
 from curvprune.baselines import magnitude_scores  # noqa: E402
-from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
+from curvprune.data import (  # noqa: E402
+    class_balanced_calibration,
+    fashion_mnist,
+    random_calibration,
+)
+from curvprune.models import create_model  # noqa: E402
 
 AMOUNTS = [0.5, 0.7, 0.8, 0.9, 0.95]
 CRITERIA = ["neuron", "channel", "magnitude", "neuron_layer", "channel_layer", "magnitude_layer"]
@@ -42,14 +48,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amounts", type=float, nargs="+", default=AMOUNTS)
     parser.add_argument("--per-class", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "granularity.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke run: an untrained LeNet-5, 2 random calibration images, "
+                             "amount 0.5, 500 test images")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.amounts = args.seeds[:1], [0.5]
     torch.set_num_threads(1)
     test, train = fashion_mnist(train=False), fashion_mnist(train=True)
     rows = []
+    if args.quick:
+        test = torch.utils.data.TensorDataset(*(t[:500] for t in test.tensors))
     for seed in args.seeds:
-        model, accuracy = trained_model("lenet5", epochs=5, seed=seed, verbose=False)
-        calib, _ = class_balanced_calibration(model, train, args.per_class, num_classes=10,
-                                              seed=seed)
+        if args.quick:
+            torch.manual_seed(seed)
+            model = create_model("lenet5").eval()
+            accuracy = evaluate(model, test)
+            calib, _ = random_calibration(train, 2, seed=seed)
+        else:
+            model, accuracy = trained_model("lenet5", epochs=5, seed=seed, verbose=False)
+            calib, _ = class_balanced_calibration(model, train, args.per_class,
+                                                  num_classes=10, seed=seed)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         scores, seconds = {}, {}
         for granularity in ("neuron", "channel"):

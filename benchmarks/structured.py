@@ -2,6 +2,7 @@
 
     python benchmarks/structured.py                      # 4 zoo models, ratios 0.1 .. 0.5
     python benchmarks/structured.py --models timm/resnet18 --ratios 0.3
+    python benchmarks/structured.py --quick --out /tmp/q.json --plot /tmp/q.png   # CI smoke run
 
 Models are reduced-width timm architectures from :mod:`curvprune.zoo` (ResNet-18, MobileNetV3
 with depthwise convs and squeeze-excitation, ConvNeXt, ViT; at most 64-128 channels, so that
@@ -24,6 +25,8 @@ At ``--finetune-ratio`` each pruned model is also fine-tuned for ``--finetune-st
 on one thread.
 
 Results: ``benchmarks/results/structured.json`` and ``.md``, and ``docs/structured.png``.
+``--quick`` (CI, ~20 s): one untrained model, a random calibration batch, ratio 0.3, 10
+fine-tuning steps, 500 test images: it checks that the script runs, not what it measures.
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ from unstructured import write_json  # noqa: E402
 
 import curvprune  # noqa: E402
 from curvprune import zoo  # noqa: E402
-from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
+from curvprune.data import (  # noqa: E402
+    class_balanced_calibration,
+    fashion_mnist,
+    random_calibration,
+)
 
 MODELS = ["timm/resnet18", "timm/mobilenetv3_large_100", "timm/convnext_atto",
           "timm/vit_tiny_patch16_224"]
@@ -150,18 +157,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=RESULTS / "structured.json")
     parser.add_argument("--plot", type=Path, default=DOCS / "structured.png")
+    parser.add_argument("--quick", action="store_true", help="tiny CI run (see the docstring)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.ratios = args.models[:1], [0.3]
+        args.finetune_ratio, args.finetune_steps = 0.3, 10
     torch.set_num_threads(1)
     test = fashion_mnist(train=False, pad_to=32, channels=3)
     train = fashion_mnist(train=True, pad_to=32, channels=3)
     data = {"command": "python benchmarks/structured.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "settings": vars(args) | {
             "out": str(args.out), "plot": str(args.plot)}, "models": {}}
+    if args.quick:
+        test = torch.utils.data.TensorDataset(*(t[:500] for t in test.tensors))
     for name in args.models:
-        model, dense = trained_model(name, epochs=args.epochs, seed=args.seed, pad_to=32,
-                                     in_channels=3)
-        calib, labels = class_balanced_calibration(model, train, args.per_class,
-                                                   num_classes=10, seed=args.seed)
+        if args.quick:  # untrained: the smoke run checks the plumbing only
+            model = zoo.create(name)
+            dense = evaluate(model, test)
+            calib, labels = random_calibration(train, 10 * args.per_class, seed=args.seed)
+        else:
+            model, dense = trained_model(name, epochs=args.epochs, seed=args.seed, pad_to=32,
+                                         in_channels=3)
+            calib, labels = class_balanced_calibration(model, train, args.per_class,
+                                                       num_classes=10, seed=args.seed)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         dense_model = zoo.create(name)
         dense_model.load_state_dict(state)

@@ -55,3 +55,42 @@ def test_unstructured_quick(tmp_path):
         png = plots / f"unstructured_{group}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(plots.glob("*.tmp*")) and not list(out.glob("*.tmp"))
+
+
+@pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+def test_structured_quick(tmp_path):
+    out, plot = tmp_path / "structured.json", tmp_path / "structured.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "structured.py"), "--quick", "--out",
+         str(out), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (entry,) = data["models"].values()
+    assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random"}
+    for rows in entry["results"].values():
+        row = rows["0.3"]
+        assert row["params"] < row["params_before"] and row["macs"] < row["macs_before"]
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["accuracy_finetuned"] <= 1
+        assert row["latency_ms"] > 0
+    # every criterion removes the same channels count per group: same parameter count
+    assert len({rows["0.3"]["params"] for rows in entry["results"].values()}) == 1
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.with_suffix(".md").exists()
+
+
+@pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+def test_granularity_quick(tmp_path):
+    out = tmp_path / "granularity.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "granularity.py"), "--quick", "--out",
+         str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert set(row["accuracy"]) == {"neuron", "channel", "magnitude", "neuron_layer",
+                                    "channel_layer", "magnitude_layer"}
+    assert set(row["scoring_seconds"]) == {"neuron", "channel"}
+    assert all(0 <= v["0.5"] <= 1 for v in row["accuracy"].values())
