@@ -537,3 +537,106 @@ def test_warnings_are_not_raised_for_traceable_models():
         warnings.simplefilter("error")
         curvprune.prune_model(MODELS["dense"][0](), _inputs((3, 8, 8)), 0.3,
                               granularity="channel")
+
+
+# --------------------------------------------------------------------------------------------
+# Random networks (hypothesis): every traced construct, zero weights, dead channels
+# --------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_BLOCKS = ["conv", "grouped", "depthwise", "residual", "concat", "gate", "window"]
+
+
+class RandomNet(nn.Module):
+    """A random channel DAG built from a list of block kinds (see :data:`_BLOCKS`)."""
+
+    def __init__(self, blocks, widths, act, head_hidden, pool, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.act = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}[act]
+        self.pool = pool
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.kinds = list(blocks)
+        self.layers = nn.ModuleList()
+        c = widths[0]
+        for kind, w in zip(blocks, widths[1:]):
+            if kind == "conv":
+                mods = nn.ModuleList([nn.Conv2d(c, w, 3, padding=1, stride=1)])
+                c = w
+            elif kind == "grouped":
+                g = 2 if c % 2 == 0 else 1
+                mods = nn.ModuleList([nn.Conv2d(c, 2 * g, 1, groups=g), nn.BatchNorm2d(2 * g)])
+                c = 2 * g
+            elif kind == "depthwise":
+                mods = nn.ModuleList([nn.Conv2d(c, c, 3, padding=1, groups=c)])
+            elif kind == "residual":
+                mods = nn.ModuleList([nn.Conv2d(c, w, 1), nn.Conv2d(w, c, 3, padding=1)])
+            elif kind == "concat":
+                mods = nn.ModuleList([nn.Conv2d(c, w, 3, padding=1)])
+                c = c + w
+            elif kind == "gate":
+                mods = nn.ModuleList([nn.Conv2d(c, max(1, w // 2), 1),
+                                      nn.Conv2d(max(1, w // 2), c, 1)])
+            else:  # window: a Linear over channels on tokens regrouped into windows
+                mods = nn.ModuleList([nn.Linear(c, c)])
+            self.layers.append(mods)
+        self.fc1 = nn.Linear(c, head_hidden) if head_hidden else None
+        self.fc2 = nn.Linear(head_hidden or c, 3)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        for kind, mods in zip(self.kinds, self.layers):
+            if kind in ("conv", "depthwise"):
+                x = self.act(mods[0](x))
+            elif kind == "grouped":
+                x = self.act(mods[1](mods[0](x)))
+            elif kind == "residual":
+                x = self.act(x + mods[1](self.act(mods[0](x))))
+            elif kind == "concat":
+                x = torch.cat([x, self.act(mods[0](x))], 1)
+            elif kind == "gate":
+                s = torch.sigmoid(mods[1](F.relu(mods[0](x.mean((2, 3), keepdim=True)))))
+                x = x * s
+            else:
+                b, c, h, w = x.shape
+                t = x.permute(0, 2, 3, 1).reshape(b, 2, h // 2, 2, w // 2, c)
+                t = t.permute(0, 1, 3, 2, 4, 5).reshape(b * 4, (h // 2) * (w // 2), c)
+                t = self.act(mods[0](t)).reshape(b, 2, 2, h // 2, w // 2, c)
+                x = t.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        x = F.adaptive_avg_pool2d(x, 1) if self.pool == "avg" else F.adaptive_max_pool2d(x, 1)
+        x = x.flatten(1)
+        if self.fc1 is not None:
+            x = self.act(self.fc1(x))
+        return self.fc2(x)
+
+
+@st.composite
+def random_nets(draw):
+    blocks = draw(st.lists(st.sampled_from(_BLOCKS), min_size=1, max_size=4))
+    widths = draw(st.lists(st.integers(2, 5), min_size=len(blocks) + 1,
+                           max_size=len(blocks) + 1))
+    return dict(blocks=blocks, widths=widths, act=draw(st.sampled_from(["relu", "gelu", "tanh"])),
+                head_hidden=draw(st.sampled_from([0, 4])), pool=draw(st.sampled_from(["avg",
+                                                                                       "max"])),
+                seed=draw(st.integers(0, 10_000)),
+                zero=draw(st.sampled_from([0.0, 0.3])),
+                alpha=draw(st.sampled_from([0.0, 0.5, 0.9, 0.3])))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_nets())
+def test_random_networks_engine_equals_reference(spec):
+    spec = dict(spec)
+    zero, alpha = spec.pop("zero"), spec.pop("alpha")
+    model = RandomNet(**spec).eval()
+    _perturb(model, seed=spec["seed"], zero_fraction=zero)
+    graph = _trace(model, _inputs((3, 4, 4), seed=spec["seed"]))
+    kappa, _ = score_channel_edges(graph, channel_distances(graph), alpha)
+    expected = channel_reference_curvature(graph, alpha)
+    layer = graph.module >= 0
+    finite = torch.isfinite(kappa[layer])
+    assert finite.all()
+    diff = (kappa[layer] - expected[layer]).abs().max().item() if layer.any() else 0.0
+    assert diff <= 1e-9, f"{spec}: max |engine - reference| = {diff:.3e}"
