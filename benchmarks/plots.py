@@ -31,7 +31,7 @@ GROUPS = {
                "snip"],
     "layer": ["curv_pos_layer", "curv_neg_layer", "magnitude_layer", "random"],
 }
-MODEL_TITLES = {"lenet5": "LeNet-5", "mlp": "MLP"}
+MODEL_TITLES = {"lenet5": "LeNet-5", "mlp": "MLP", "vgg9": "VGG-9 (channel curvature)"}
 
 
 def curves(model_entry: dict, criterion: str) -> tuple[list[float], list[float], list[float],
