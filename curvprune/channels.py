@@ -51,6 +51,10 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .calibration import normalise_activity
+from .engine import Distances, EngineStats, node_measures, score_edges
+from .measures import padded_neighbours
+
 __all__ = ["ChannelGraph", "NodeSet", "UntraceableModel", "trace_channels"]
 
 
@@ -110,12 +114,6 @@ class ChannelGraph:
     @property
     def num_nodes(self) -> int:
         return self.inputs.numel()
-
-    @property
-    def node_set(self) -> torch.Tensor:
-        """``[num_nodes]`` index of each node's set."""
-        counts = torch.tensor([s.count for s in self.sets])
-        return torch.repeat_interleave(torch.arange(len(self.sets)), counts)
 
     def same_structure(self, other: ChannelGraph) -> bool:
         return (
@@ -663,13 +661,12 @@ class _Tracer:
         w = weight.detach().to(torch.float64)
         per_group = w.shape[1]
         w_sq = w.pow(2).reshape(out_features, per_group, -1).sum(2)  # [O, Cin/groups]
-        # Full [O, Cin] squared norms (zero across groups).
-        full = torch.zeros(out_features, in_channels, dtype=torch.float64, device=w.device)
+        # Full [O, Cin] squared norms: row o holds its group's input channels, zero elsewhere.
         out_per_group = out_features // groups
-        for g in range(groups) if groups > 1 else [0]:
-            rows = slice(g * out_per_group, (g + 1) * out_per_group)
-            cols = slice(g * per_group, (g + 1) * per_group)
-            full[rows, cols] = w_sq[rows]
+        group_cols = ((torch.arange(out_features, device=w.device) // out_per_group)[:, None]
+                      * per_group + torch.arange(per_group, device=w.device))
+        full = torch.zeros(out_features, in_channels, dtype=torch.float64, device=w.device)
+        full.scatter_(1, group_cols, w_sq)
         assign = torch.zeros(src_nodes.numel(), in_channels, dtype=torch.float64,
                              device=w.device)
         assign[pair_node, pairs[1]] = 1.0
@@ -723,14 +720,10 @@ class _Tracer:
             nodes = out_lab[out_lab >= 0] // self.batch
             outputs[nodes.to(device)] = True
         activity = torch.zeros((self.batch, n), dtype=torch.float64, device=device)
-        for s, table in self.activity.items():
+        for s, table in self.activity.items():  # min-max per node set, as per neuron layer
             node_set = self.sets[s]
-            raw = table.to(device)
-            low = raw.min(dim=1, keepdim=True).values
-            span = raw.max(dim=1, keepdim=True).values - low
-            safe = torch.where(span > 0, span, torch.ones_like(span))
-            activity[:, node_set.start:node_set.start + node_set.count] = torch.where(
-                span > 0, (raw - low) / safe, torch.zeros_like(raw))
+            activity[:, node_set.start:node_set.start + node_set.count] = normalise_activity(
+                table.to(device))
         if not torch.isfinite(activity).all():
             raise ValueError("the activations contain NaN or Inf; check the data and the model.")
         return ChannelGraph(
@@ -820,12 +813,8 @@ def score_channel_edges(
     the edge length unless a skip route is shorter (then curvature is measured on the graph
     metric, the standard definition; in the paper's layered graph the two never differ).
     """
-    from .engine import Distances, EngineStats, node_measures, score_edges
-
     stats = stats if stats is not None else EngineStats()
     n = graph.num_nodes
-    from .measures import padded_neighbours
-
     in_table = padded_neighbours(graph.dst, graph.src, n)
     out_table = padded_neighbours(graph.src, graph.dst, n)
     scored = torch.nonzero(graph.module >= 0).squeeze(1)

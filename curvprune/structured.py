@@ -130,9 +130,11 @@ class ChannelPruningReport:
 
     @property
     def fell_back(self) -> bool:
+        """Whether the importance used its magnitude fallback (an untraceable model)."""
         return bool(getattr(self.importance, "fell_back", False))
 
     def summary(self) -> str:
+        """One line: parameters and MACs before and after, steps, fallback."""
         return (f"parameters {self.params_before:,} -> {self.params_after:,} "
                 f"({self.params_after / max(1, self.params_before):.1%}), MACs "
                 f"{self.macs_before:,.0f} -> {self.macs_after:,.0f} "

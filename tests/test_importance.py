@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 import curvprune
+from curvprune.structured import _widths as layer_widths
 from tests.test_channels import MODELS, Spectral, _inputs
 
 
@@ -67,12 +68,6 @@ def test_recomputed_at_every_iterative_step():
     assert model(x).shape == (2, 4)
 
 
-def _widths(model):
-    return {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d)
-            else (m.in_features, m.out_features)
-            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
 @pytest.mark.parametrize("global_pruning", [False, True])
 def test_global_pruning_and_round_to(global_pruning):
     x = _inputs((3, 8, 8))
@@ -87,7 +82,7 @@ def test_global_pruning_and_round_to(global_pruning):
         pruner.step()
         assert tp.utils.count_ops_and_params(model, x)[1] < base
         assert model(x).shape == (2, 3)
-        widths[name] = _widths(model)
+        widths[name] = layer_widths(model)
     if not global_pruning:  # per-layer counts depend on the ratio only: Torch-Pruning's own
         assert widths["curvature"] == widths["magnitude"]
 
