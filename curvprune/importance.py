@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .channels import UntraceableModel
-from .curvature import neural_curvature
+from .curvature import _check_alpha, neural_curvature
 
 __all__ = ["CurvatureImportance"]
 
@@ -91,7 +91,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             raise ValueError("CurvatureImportance needs calibration data (a tensor or a "
                              "DataLoader).")
         self.calibration = calibration
-        self.alpha = alpha
+        self.alpha = _check_alpha(alpha)  # refused here, not at the first pruner.step()
         self.reduction = reduction
         self.device = device
         self.threads = threads

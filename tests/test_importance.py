@@ -111,6 +111,8 @@ def test_bad_options():
         curvprune.CurvatureImportance(torch.zeros(1, 3, 8, 8), fallback="ignore")
     with pytest.raises(ValueError, match="calibration"):
         curvprune.CurvatureImportance(None)
+    with pytest.raises(ValueError, match="alpha"):
+        curvprune.CurvatureImportance(torch.zeros(1, 3, 8, 8), alpha=1.0)
 
 
 def test_iterative_vit_pruning_refreshes_heads_between_steps():
