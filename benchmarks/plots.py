@@ -25,11 +25,15 @@ STYLE = {
     "curv_pos_layer": ("curvature pos, per layer", "tab:blue", "-"),
     "curv_neg_layer": ("curvature neg, per layer", "tab:red", "-"),
     "magnitude_layer": ("magnitude, per layer", "tab:green", "-"),
+    "curv_pos_wanda_alloc": ("curvature pos, Wanda's layer amounts", "tab:blue", "--"),
+    "magnitude_wanda_alloc": ("magnitude, Wanda's layer amounts", "tab:green", "--"),
 }
 GROUPS = {
     "global": ["curv_pos", "curv_neg", "magnitude", "random", "wanda_row", "wanda_global",
                "snip"],
     "layer": ["curv_pos_layer", "curv_neg_layer", "magnitude_layer", "random"],
+    "allocation": ["curv_pos", "magnitude", "wanda_global", "curv_pos_wanda_alloc",
+                   "magnitude_wanda_alloc"],
 }
 MODEL_TITLES = {"lenet5": "LeNet-5", "mlp": "MLP", "vgg9": "VGG-9 (channel curvature)"}
 
@@ -50,7 +54,9 @@ def curves(model_entry: dict, criterion: str) -> tuple[list[float], list[float],
 
 
 def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[Path]:
-    """Write ``{stem}_global.png`` and ``{stem}_layer.png`` into ``folder``; return the paths."""
+    """Write ``{stem}_{group}.png`` into ``folder`` for each group of :data:`GROUPS` whose
+    criteria the results have (``allocation`` is missing from runs made before it existed);
+    return the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +69,9 @@ def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[P
     settings = data["settings"]
     written = []
     for group, criteria in GROUPS.items():
+        if not all(criterion in run["accuracy"] for m in models
+                   for run in data["models"][m]["seeds"].values() for criterion in criteria):
+            continue
         fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.2 * max(len(models), 1), 4.6),
                                  squeeze=False)
         for ax, name in zip(axes[0], models):
@@ -82,12 +91,13 @@ def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[P
             ax.set_title(f"{MODEL_TITLES.get(name, name)} (dense {100 * min(base):.1f}-"
                          f"{100 * max(base):.1f}%; {nseeds} seed{'s' if nseeds > 1 else ''})")
             ax.set_xlabel("weights removed (%)" + (" in every layer" if group == "layer" else ""))
+            ax.set_xlim(50 if group == "allocation" else 0, 100)
             ax.set_ylabel("test accuracy, no fine-tuning")
             ax.set_ylim(0, 1)
-            ax.set_xlim(0, 100)
             ax.grid(alpha=0.3)
         axes[0][0].legend(loc="lower left", fontsize=8)
-        scope = "global ranking" if group == "global" else "same fraction per layer"
+        scope = {"global": "global ranking", "layer": "same fraction per layer",
+                 "allocation": "within-layer order against layer allocation"}[group]
         fig.suptitle(f"Fashion-MNIST, unstructured pruning ({scope})\ncalibration "
                      f"{settings['per_class']}/class, alpha {settings['alpha']}; "
                      "mean and min-max over seeds", fontsize=10)

@@ -1,6 +1,7 @@
 """Structured (channel) pruning on Fashion-MNIST: curvature against Torch-Pruning's criteria.
 
-    python benchmarks/structured.py                      # 4 zoo models, ratios 0.1 .. 0.5
+    python benchmarks/structured.py                      # 4 zoo models, ratios 0.1 .. 0.5, 3 seeds
+    python benchmarks/structured.py --seeds 0 1 2 --resume   # keep the seeds already in the JSON
     python benchmarks/structured.py --models timm/resnet18 --ratios 0.3
     python benchmarks/structured.py --quick --out /tmp/q.json --plot /tmp/q.png   # CI smoke run
 
@@ -25,13 +26,17 @@ At ``--finetune-ratio`` each pruned model is also fine-tuned for ``--finetune-st
 on one thread.
 
 Results: ``benchmarks/results/structured.json`` and ``.md``, and ``docs/structured.png``.
-``--quick`` (CI, ~20 s): one untrained model, a random calibration batch, ratio 0.3, 10
+Each seed trains its own models, draws its own calibration set and fine-tunes with its own
+stream; the tables give the mean and the min-max over the seeds.
+
+``--quick`` (CI, ~20 s): one seed, one untrained model, a random calibration batch, ratio 0.3, 10
 fine-tuning steps, 500 test images: it checks that the script runs, not what it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -118,32 +123,108 @@ def prune_and_evaluate(name: str, state: dict, criterion: str, ratio: float, cal
     return row
 
 
+def _mean_range(values: list[float]) -> str:
+    """``mean`` of percentages, with ``(min-max)`` when there is more than one."""
+    values = [100 * v for v in values]
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def _rows(entry: dict, criterion: str, key: str) -> list[dict]:
+    return [run["results"][criterion][key] for run in entry["seeds"].values()]
+
+
 def plot(data: dict, path: Path) -> None:
+    """Accuracy against channel ratio per model: mean over seeds, min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(data["models"])
+    models = [m for m in data["models"] if data["models"][m]["seeds"]]
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
     for ax, name in zip(axes[0], models):
         entry = data["models"][name]
+        runs = list(entry["seeds"].values())
+        dense = [100 * run["dense_accuracy"] for run in runs]
         for criterion in CRITERIA:
-            ratios = sorted(float(r) for r in entry["results"][criterion])
-            acc = [100 * entry["results"][criterion][f"{r:g}"]["accuracy"] for r in ratios]
-            ax.plot([0] + ratios, [100 * entry["dense_accuracy"]] + acc, marker="o", ms=3,
-                    label=criterion)
-        ax.set_title(name, fontsize=9)
+            keys = sorted(runs[0]["results"][criterion], key=float)
+            x = [0.0] + [float(k) for k in keys]
+            per_seed = [[d] + [100 * run["results"][criterion][k]["accuracy"] for k in keys]
+                        for d, run in zip(dense, runs)]
+            mean = [sum(col) / len(col) for col in zip(*per_seed)]
+            line, = ax.plot(x, mean, marker="o", ms=3, label=criterion)
+            if len(runs) > 1:
+                ax.fill_between(x, [min(c) for c in zip(*per_seed)],
+                                [max(c) for c in zip(*per_seed)], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
+        ax.set_title(f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", fontsize=9)
         ax.set_xlabel("channel ratio removed per group")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Structured pruning on Fashion-MNIST, no fine-tuning", fontsize=10)
+    fig.suptitle("Structured pruning on Fashion-MNIST, no fine-tuning "
+                 "(mean and min-max over seeds)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     plt.close(fig)
+
+
+def markdown(data: dict) -> str:
+    """Tables per model: mean accuracy (min-max over seeds) per criterion and ratio, the
+    fine-tuned accuracies, parameters and MACs left, CPU latency."""
+    ratios = [f"{r:g}" for r in data["settings"]["ratios"]]
+    lines = []
+    for name, entry in data["models"].items():
+        runs = list(entry["seeds"].values())
+        if not runs:
+            continue
+        dense = _mean_range([run["dense_accuracy"] for run in runs])
+        latency = sorted(run["dense_latency_ms"] for run in runs)[len(runs) // 2]
+        lines += [f"**{name}**, seeds {', '.join(entry['seeds'])} (dense {dense}%, "
+                  f"{latency:.2f} ms); accuracy % right after pruning, mean (min-max)", "",
+                  "| ratio | params left | MACs left | " + " | ".join(CRITERIA)
+                  + " | latency (curvature) |", "|---" * (len(CRITERIA) + 4) + "|"]
+        tuned = []
+        for key in ratios:
+            first = _rows(entry, "curvature", key)[0]
+            left = first["params"] / first["params_before"]
+            macs = first["macs"] / first["macs_before"]
+            cells = [_mean_range([r["accuracy"] for r in _rows(entry, c, key)])
+                     for c in CRITERIA]
+            ms = sorted(r["latency_ms"] for r in _rows(entry, "curvature", key))
+            lines.append(f"| {key} | {100 * left:.0f}% | {100 * macs:.0f}% | "
+                         + " | ".join(cells) + f" | {ms[len(ms) // 2]:.2f} ms |")
+            if all("accuracy_finetuned" in r for c in CRITERIA for r in _rows(entry, c, key)):
+                tuned.append(f"| {key} | " + " | ".join(
+                    _mean_range([r["accuracy_finetuned"] for r in _rows(entry, c, key)])
+                    for c in CRITERIA) + " |")
+        if tuned:
+            steps = data["settings"]["finetune_steps"]
+            lines += ["", f"After {steps} fine-tuning steps:", "",
+                      "| ratio | " + " | ".join(CRITERIA) + " |",
+                      "|---" * (len(CRITERIA) + 1) + "|", *tuned]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def resumable(path: Path, settings: dict) -> dict:
+    """``{model: {seed: entry}}`` of an earlier run with the same settings (seeds, output
+    paths aside), for ``--resume``; a file written with other settings is an error."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    ignore = {"seeds", "models", "out", "plot", "resume"}
+    mismatched = sorted(k for k in set(settings) | set(old.get("settings", {}))
+                        if k not in ignore and settings.get(k) != old["settings"].get(k))
+    if mismatched:
+        raise SystemExit(f"--resume: {path} was written with other settings "
+                         f"({', '.join(mismatched)}); move it away or drop --resume")
+    return {name: entry["seeds"] for name, entry in old.get("models", {}).items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,15 +233,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training, calibration and fine-tuning seeds (default 0 1 2)")
     parser.add_argument("--finetune-ratio", type=float, default=0.3)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=RESULTS / "structured.json")
     parser.add_argument("--plot", type=Path, default=DOCS / "structured.png")
     parser.add_argument("--quick", action="store_true", help="tiny CI run (see the docstring)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (model, seed) results already in --out when it was "
+                             "written with the same settings; run the rest")
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.ratios = args.models[:1], [0.3]
+        args.models, args.ratios, args.seeds = args.models[:1], [0.3], args.seeds[:1]
         args.finetune_ratio, args.finetune_steps = 0.3, 10
     torch.set_num_threads(1)
     test = fashion_mnist(train=False, pad_to=32, channels=3)
@@ -168,57 +253,47 @@ def main(argv: list[str] | None = None) -> None:
     data = {"command": "python benchmarks/structured.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "settings": vars(args) | {
             "out": str(args.out), "plot": str(args.plot)}, "models": {}}
+    done = resumable(args.out, data["settings"]) if args.resume else {}
     if args.quick:
         test = torch.utils.data.TensorDataset(*(t[:500] for t in test.tensors))
     for name in args.models:
-        if args.quick:  # untrained: the smoke run checks the plumbing only
-            model = zoo.create(name)
-            dense = evaluate(model, test)
-            calib, labels = random_calibration(train, 10 * args.per_class, seed=args.seed)
-        else:
-            model, dense = trained_model(name, epochs=args.epochs, seed=args.seed, pad_to=32,
-                                         in_channels=3)
-            calib, labels = class_balanced_calibration(model, train, args.per_class,
-                                                       num_classes=10, seed=args.seed)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        dense_model = zoo.create(name)
-        dense_model.load_state_dict(state)
-        entry = {"dense_accuracy": dense, "results": {c: {} for c in CRITERIA},
-                 "dense_latency_ms": latency_ms(dense_model, calib[:1])}
-        for criterion in CRITERIA:
-            for ratio in args.ratios:
-                steps = args.finetune_steps if abs(ratio - args.finetune_ratio) < 1e-9 else 0
-                row = prune_and_evaluate(name, state, criterion, ratio, calib, labels, test,
-                                         args.seed, train=train, finetune_steps=steps)
-                entry["results"][criterion][f"{ratio:g}"] = row
-                print(name, criterion, ratio, row, flush=True)
-        data["models"][name] = entry
-        write_json(args.out, data)
-    lines = []
-    for name, entry in data["models"].items():
-        lines += [f"**{name}** (dense {100 * entry['dense_accuracy']:.1f}%, "
-                  f"{entry['dense_latency_ms']:.2f} ms)", "",
-                  "| ratio | params left | MACs left | " + " | ".join(CRITERIA)
-                  + " | latency (curvature) |", "|---" * (len(CRITERIA) + 4) + "|"]
-        for ratio in args.ratios:
-            key = f"{ratio:g}"
-            first = entry["results"]["curvature"][key]
-            left = first["params"] / first["params_before"]
-            macs = first["macs"] / first["macs_before"]
-            cells = []
-            for c in CRITERIA:
-                r = entry["results"][c][key]
-                cell = f"{100 * r['accuracy']:.1f}%"
-                if "accuracy_finetuned" in r:
-                    cell += f" (tuned {100 * r['accuracy_finetuned']:.1f}%)"
-                cells.append(cell)
-            lines.append(f"| {key} | {100 * left:.0f}% | {100 * macs:.0f}% | "
-                         + " | ".join(cells) + f" | {first['latency_ms']:.2f} ms |")
-        lines.append("")
+        seeds = data["models"].setdefault(name, {"seeds": {}})["seeds"]
+        for seed in args.seeds:
+            if str(seed) in done.get(name, {}):
+                print(f"{name} seed {seed}: kept from {args.out} (--resume)", flush=True)
+                seeds[str(seed)] = done[name][str(seed)]
+                continue
+            if args.quick:  # untrained: the smoke run checks the plumbing only
+                model = zoo.create(name)
+                dense = evaluate(model, test)
+                calib, labels = random_calibration(train, 10 * args.per_class, seed=seed)
+            else:
+                model, dense = trained_model(name, epochs=args.epochs, seed=seed, pad_to=32,
+                                             in_channels=3)
+                calib, labels = class_balanced_calibration(model, train, args.per_class,
+                                                           num_classes=10, seed=seed)
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            dense_model = zoo.create(name)
+            dense_model.load_state_dict(state)
+            entry = {"dense_accuracy": dense, "results": {c: {} for c in CRITERIA},
+                     "dense_latency_ms": latency_ms(dense_model, calib[:1])}
+            for criterion in CRITERIA:
+                for ratio in args.ratios:
+                    steps = args.finetune_steps if abs(ratio - args.finetune_ratio) < 1e-9 else 0
+                    row = prune_and_evaluate(name, state, criterion, ratio, calib, labels, test,
+                                             seed, train=train, finetune_steps=steps)
+                    entry["results"][criterion][f"{ratio:g}"] = row
+                    print(name, f"seed {seed}", criterion, ratio, row, flush=True)
+            seeds[str(seed)] = entry
+            write_json(args.out, data)
+    write_json(args.out, data)
+    text = markdown(data)
     md = args.out.with_suffix(".md")
-    md.write_text(f"Command: `{data['command']}`\n\n" + "\n".join(lines))
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(f"Command: `{data['command']}`\n\n" + text)
+    os.replace(tmp, md)
     plot(data, args.plot)
-    print("\n".join(lines))
+    print(text)
 
 
 if __name__ == "__main__":

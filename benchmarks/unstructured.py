@@ -20,6 +20,9 @@ on the Fashion-MNIST test set. Criteria:
 * ``snip``: |w dL/dw| on the calibration batch with its labels, global.
 * ``curv_pos_layer``, ``curv_neg_layer``, ``magnitude_layer``: every layer pruned by the same
   fraction.
+* ``curv_pos_wanda_alloc``, ``magnitude_wanda_alloc``: each layer loses as many weights as under
+  ``wanda_global``, chosen within the layer by curvature "pos" (or by magnitude, the control):
+  :func:`curvprune.allocate_like`.
 
 Results: ``--out`` folder (default ``benchmarks/results``) gets ``unstructured.json`` (raw
 accuracies, settings, the command); ``--plots`` folder (default ``docs``) gets
@@ -48,7 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, RESULTS, evaluate, trained_model  # noqa: E402
 from plots import plot_results  # noqa: E402
 
-from curvprune import CurvaturePruning, make_permanent, neural_curvature  # noqa: E402
+from curvprune import (  # noqa: E402
+    CurvaturePruning,
+    allocate_like,
+    make_permanent,
+    neural_curvature,
+)
 from curvprune.baselines import (  # noqa: E402
     magnitude_scores,
     prune_per_row,
@@ -59,7 +67,8 @@ from curvprune.baselines import (  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 from curvprune.models import create_model  # noqa: E402
 
-GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "wanda_row", "wanda_global", "snip"]
+GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "wanda_row", "wanda_global", "snip",
+          "curv_pos_wanda_alloc", "magnitude_wanda_alloc"]
 LAYER = ["curv_pos_layer", "curv_neg_layer", "magnitude_layer"]
 CRITERIA = GLOBAL + LAYER
 AMOUNTS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
@@ -123,6 +132,8 @@ def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *,
         "random": random_scores(model, seed=seed), "wanda_row": wanda, "wanda_global": wanda,
         "snip": snip_scores(model, (calib, labels)),
         "curv_pos_layer": pos, "curv_neg_layer": neg, "magnitude_layer": mag,
+        "curv_pos_wanda_alloc": allocate_like(pos, wanda),
+        "magnitude_wanda_alloc": allocate_like(mag, wanda),
     }
     return scores, info
 
@@ -177,6 +188,22 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def resumable(path: Path, settings: dict) -> dict:
+    """The per-model seed results of an earlier run written to ``path`` with the same
+    ``settings`` (the list of seeds aside), for ``--resume``; ``{}`` when there is no such file.
+    A file written with other settings is an error rather than silently mixed in."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    ignore = {"seeds", "models"}
+    mismatched = sorted(k for k in set(settings) | set(old.get("settings", {}))
+                        if k not in ignore and settings.get(k) != old["settings"].get(k))
+    if mismatched:
+        raise SystemExit(f"--resume: {path} was written with other settings "
+                         f"({', '.join(mismatched)}); move it away or drop --resume")
+    return {name: entry["seeds"] for name, entry in old.get("models", {}).items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["lenet5", "mlp"],
@@ -200,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                              "on a shared 2-core machine 2 threads ran 8x slower; the curvature "
                              "engine's solver threads are separate)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (model, seed) results already in the output JSON when it "
+                             "was written with the same settings (seeds aside); run the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     progress = not args.no_progress
@@ -232,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": "running",
         "models": {},
     }
+    done = resumable(out_json, data["settings"]) if args.resume else {}
     total_start = time.perf_counter()
     for name in args.models:
         entry = data["models"].setdefault(name, {"seeds": {}})
@@ -241,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             m_test, m_train = test, train
         for seed in args.seeds:
+            if str(seed) in done.get(name, {}):
+                print(f"{name} seed {seed}: kept from {out_json} (--resume)", flush=True)
+                entry["seeds"][str(seed)] = done[name][str(seed)]
+                continue
             if args.quick:
                 model = train_generic("mlp", {"hidden": (32,)}, epochs=100 / 469, seed=seed,
                                       cache=False, verbose=progress)

@@ -1,5 +1,6 @@
 """curvprune: post-training pruning of PyTorch models by neural graph curvature."""
 
+from .allocation import allocate_like
 from .analysis import (
     NNSTDResult,
     curvature_statistics,
@@ -46,6 +47,7 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "clone_pruned",
+    "allocate_like",
     "nnstd",
     "nnstd_masks",
     "NNSTDResult",

@@ -178,19 +178,34 @@ def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, n
     """Exact OT by POT's network simplex (the solver behind ``ot.emd2``).
 
     Zero-mass rows and columns are dropped by the solver itself, so padded problems are fine.
-    Returns ``(cost, source potentials, target potentials)``. POT only *warns* when the simplex
-    stops before optimality; here that never passes silently: the problem is solved again with
-    a budget 100 times larger, and a :class:`RuntimeError` is raised if that fails too.
+    Returns ``(cost, source potentials, target potentials)``.
+
+    POT only *warns* when the simplex stops before optimality; here that never passes silently.
+    With masses spanning hundreds of orders of magnitude (a measure can put 1e-199 on a far
+    neighbour) the simplex can cycle on degenerate pivots and exhaust any iteration budget; the
+    pivot sequence depends on the order of rows and columns, so the same problem is then solved
+    transposed and with its rows reversed (the same linear program, hence the same optimum),
+    and finally with a budget 100 times larger. If none of these reaches optimality a
+    :class:`RuntimeError` is raised: no approximate value is ever returned.
     """
     b = b * (a.sum() / b.sum())
-    for budget in (_MAX_ITER, 100 * _MAX_ITER):
-        _, value, f, g, code = emd_c(a, b, cost, budget, 1)
+    code = None
+    for attempt, budget in enumerate((_MAX_ITER, _MAX_ITER, _MAX_ITER, 100 * _MAX_ITER)):
+        if attempt == 1:  # transposed: W(a, b; C) = W(b, a; C^T), potentials swap
+            _, value, g, f, code = emd_c(b, a, np.ascontiguousarray(cost.T), budget, 1)
+        elif attempt == 2:  # rows in reverse order
+            _, value, f, g, code = emd_c(a[::-1].copy(), b, np.ascontiguousarray(cost[::-1]),
+                                         budget, 1)
+            f = f[::-1]
+        else:
+            _, value, f, g, code = emd_c(a, b, cost, budget, 1)
         if code == _OPTIMAL:
             return float(value), f, g
     raise RuntimeError(
         f"the exact transport solver stopped before optimality (POT result code {code}) on a "
-        f"{int((a > 0).sum())}x{int((b > 0).sum())} problem after {100 * _MAX_ITER} iterations; "
-        "no approximate value is returned. Please report this with the model."
+        f"{int((a > 0).sum())}x{int((b > 0).sum())} problem, in three row/column orders and "
+        f"with {100 * _MAX_ITER} iterations; no approximate value is returned. Please report "
+        "this with the model."
     )
 
 

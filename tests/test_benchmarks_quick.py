@@ -51,7 +51,7 @@ def test_unstructured_quick(tmp_path):
         sparsity = entry["sparsity"][criterion]
         assert sparsity["0"] < 0.01 and sparsity["0.5"] == pytest.approx(0.5, abs=0.02)
         assert sparsity["0.9"] == pytest.approx(0.9, abs=0.02)
-    for group in ("global", "layer"):
+    for group in ("global", "layer", "allocation"):
         png = plots / f"unstructured_{group}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(plots.glob("*.tmp*")) and not list(out.glob("*.tmp"))
@@ -67,7 +67,8 @@ def test_structured_quick(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
-    (entry,) = data["models"].values()
+    (model,) = data["models"].values()
+    (entry,) = model["seeds"].values()
     assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random"}
     for rows in entry["results"].values():
         row = rows["0.3"]
