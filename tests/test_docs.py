@@ -23,3 +23,12 @@ def test_docs_links_resolve():
             if not target or target.startswith("http"):
                 continue
             assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import curvprune
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    missing = [name for name in curvprune.__all__
+               if name != "__version__" and f"### `{name}`" not in text]
+    assert not missing, f"add {missing} to SECTIONS in tools/make_api_docs.py"
