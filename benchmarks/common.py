@@ -70,3 +70,19 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
             print(f"trained {name} in {time.perf_counter() - start:.0f} s -> {path}")
     model.eval()
     return model, evaluate(model, test)
+
+
+def resumable(path: Path, settings: dict, ignore: set[str]) -> dict:
+    """``{model: {seed: results}}`` of an earlier run written to ``path`` (a benchmark JSON with
+    ``settings`` and ``models[name]["seeds"]``), for a script's ``--resume``; ``{}`` when there
+    is no such file. The settings must equal ``settings`` except the keys in ``ignore``: a file
+    written with other settings is an error rather than silently mixed in."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    mismatched = sorted(k for k in set(settings) | set(old.get("settings", {}))
+                        if k not in ignore and settings.get(k) != old["settings"].get(k))
+    if mismatched:
+        raise SystemExit(f"--resume: {path} was written with other settings "
+                         f"({', '.join(mismatched)}); move it away or drop --resume")
+    return {name: entry["seeds"] for name, entry in old.get("models", {}).items()}

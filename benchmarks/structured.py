@@ -36,7 +36,6 @@ fine-tuning steps, 500 test images: it checks that the script runs, not what it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -49,7 +48,7 @@ import torch_pruning as tp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, evaluate, trained_model  # noqa: E402
+from common import RESULTS, evaluate, resumable, trained_model  # noqa: E402
 from unstructured import write_json  # noqa: E402
 
 import curvprune  # noqa: E402
@@ -212,21 +211,6 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def resumable(path: Path, settings: dict) -> dict:
-    """``{model: {seed: entry}}`` of an earlier run with the same settings (seeds, output
-    paths aside), for ``--resume``; a file written with other settings is an error."""
-    if not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    ignore = {"seeds", "models", "out", "plot", "resume"}
-    mismatched = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                        if k not in ignore and settings.get(k) != old["settings"].get(k))
-    if mismatched:
-        raise SystemExit(f"--resume: {path} was written with other settings "
-                         f"({', '.join(mismatched)}); move it away or drop --resume")
-    return {name: entry["seeds"] for name, entry in old.get("models", {}).items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -253,7 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     data = {"command": "python benchmarks/structured.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "settings": vars(args) | {
             "out": str(args.out), "plot": str(args.plot)}, "models": {}}
-    done = resumable(args.out, data["settings"]) if args.resume else {}
+    done = {}
+    if args.resume:
+        done = resumable(args.out, data["settings"],
+                         ignore={"seeds", "models", "out", "plot", "resume"})
     if args.quick:
         test = torch.utils.data.TensorDataset(*(t[:500] for t in test.tensors))
     for name in args.models:

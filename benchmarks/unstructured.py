@@ -48,7 +48,7 @@ import torch.nn.utils.prune as prune
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, evaluate, trained_model  # noqa: E402
+from common import CACHE, RESULTS, evaluate, resumable, trained_model  # noqa: E402
 from plots import plot_results  # noqa: E402
 
 from curvprune import (  # noqa: E402
@@ -188,22 +188,6 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def resumable(path: Path, settings: dict) -> dict:
-    """The per-model seed results of an earlier run written to ``path`` with the same
-    ``settings`` (the list of seeds aside), for ``--resume``; ``{}`` when there is no such file.
-    A file written with other settings is an error rather than silently mixed in."""
-    if not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    ignore = {"seeds", "models"}
-    mismatched = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                        if k not in ignore and settings.get(k) != old["settings"].get(k))
-    if mismatched:
-        raise SystemExit(f"--resume: {path} was written with other settings "
-                         f"({', '.join(mismatched)}); move it away or drop --resume")
-    return {name: entry["seeds"] for name, entry in old.get("models", {}).items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["lenet5", "mlp"],
@@ -262,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": "running",
         "models": {},
     }
-    done = resumable(out_json, data["settings"]) if args.resume else {}
+    done = resumable(out_json, data["settings"], ignore={"seeds", "models"}) if args.resume else {}
     total_start = time.perf_counter()
     for name in args.models:
         entry = data["models"].setdefault(name, {"seeds": {}})

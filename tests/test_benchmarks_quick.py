@@ -95,3 +95,19 @@ def test_granularity_quick(tmp_path):
                                     "channel_layer", "magnitude_layer"}
     assert set(row["scoring_seconds"]) == {"neuron", "channel"}
     assert all(0 <= v["0.5"] <= 1 for v in row["accuracy"].values())
+
+
+def test_resume_keeps_matching_runs_and_refuses_other_settings(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from common import resumable
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    path = tmp_path / "run.json"
+    assert resumable(path, {"alpha": 0.9}, ignore={"seeds"}) == {}  # nothing to resume
+    path.write_text(json.dumps({"settings": {"alpha": 0.9, "seeds": [0]},
+                                "models": {"lenet5": {"seeds": {"0": {"accuracy": 1}}}}}))
+    kept = resumable(path, {"alpha": 0.9, "seeds": [0, 1, 2]}, ignore={"seeds"})
+    assert kept == {"lenet5": {"0": {"accuracy": 1}}}
+    with pytest.raises(SystemExit, match="other settings \\(alpha\\)"):
+        resumable(path, {"alpha": 0.5, "seeds": [0]}, ignore={"seeds"})
