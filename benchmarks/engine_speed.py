@@ -2,18 +2,28 @@
 
     python benchmarks/engine_speed.py                  # LeNet-5, 10 examples, full reference
     python benchmarks/engine_speed.py --reference sample   # reference extrapolated from edges
+    python benchmarks/engine_speed.py --models vgg9        # the VGG-9 row (see below)
 
 The LeNet-5 variant (method.md section 5) is trained on Fashion-MNIST (5 epochs, seeded, cached
 under benchmarks/.cache). The calibration set is one correctly classified test example per class.
 With ``--reference full`` the reference scores the same 10 examples and the script checks that
-the two agree on every weight (max |difference|, and +inf on the same weights). Results go to
-``benchmarks/results/engine_speed.json`` and ``.md``.
+the two agree on every weight (max |difference|, and +inf on the same weights).
+
+VGG-9 (``create_model("vgg9", in_channels=1)``, trained 5 epochs on Fashion-MNIST padded to
+32 x 32, ~37M edges per example): the reference is timed on ``--vgg-sample-edges`` sampled edges
+of one example and extrapolated. The engine is **not run** on the CPU: its dense hop tables and
+the min-plus products that fill them are counted instead (bytes and operations, from the layer
+sizes and edge counts), which is what rules it out on 2 cores; ``--vgg-engine`` runs it anyway.
+
+Rows are merged into ``benchmarks/results/engine_speed.json`` by model (a run of one model keeps
+the other's row) and the table is rewritten in ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -28,7 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, trained_model  # noqa: E402
 
 from curvprune import neural_curvature  # noqa: E402
+from curvprune.calibration import capture_activations, scoring_mode  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
+from curvprune.engine import hop_table_bytes  # noqa: E402
+from curvprune.graph import layer_edges, trace_chain  # noqa: E402
 from curvprune.reference import reference_curvature, time_reference_per_edge  # noqa: E402
 
 
@@ -43,28 +56,35 @@ def compare(kappa: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) 
     return {"max_abs_diff": worst, "inf_mismatch": inf_mismatch}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", choices=["full", "sample"], default="full")
-    parser.add_argument("--examples-per-class", type=int, default=1)
-    parser.add_argument("--sample-edges", type=int, default=3000)
-    parser.add_argument("--alpha", type=float, default=0.9)
-    parser.add_argument("--out", type=Path, default=RESULTS / "engine_speed.json")
-    args = parser.parse_args()
+def engine_tables(model, example: torch.Tensor) -> dict:
+    """Bytes of the engine's dense hop tables (``L -> L+2`` and ``L -> L+3``, float64) and the
+    scalar operations of the min-plus products that fill them (one row of the target layer per
+    edge of the first hop), from the layer sizes and structural edge counts."""
+    modules = [layer.module for layer in trace_chain(model)]
+    with scoring_mode(model):
+        _, in_shapes, out_shapes = capture_activations(model, modules, example[:1])
+    sizes = [math.prod(in_shapes[0])] + [math.prod(s) for s in out_shapes]
+    edges = [layer_edges(m, in_shapes[k], out_shapes[k]).src.numel()
+             for k, m in enumerate(modules)]
+    n = len(edges)
+    ops = sum(edges[L] * sizes[L + 2] for L in range(n - 1)) + \
+        sum(edges[L] * sizes[L + 3] for L in range(n - 2))
+    return {"hop_table_bytes": hop_table_bytes(sizes), "min_plus_ops": ops,
+            "edges_per_example": sum(edges)}
 
+
+def lenet_row(args) -> dict:
     model, accuracy = trained_model("lenet5", epochs=5)
     calib, _ = class_balanced_calibration(model, fashion_mnist(train=False),
                                           args.examples_per_class)
     print(f"lenet5 test accuracy {accuracy:.4f}; {len(calib)} calibration examples")
-
     start = time.perf_counter()
     result = neural_curvature(model, calib, alpha=args.alpha, progress=True)
     engine_s = time.perf_counter() - start
-    edges = sum(result.edges_per_example.values())
     print(f"engine: {engine_s:.1f} s ({result.engine})")
-
     row = {
-        "model": "lenet5", "examples": len(calib), "edges_per_example": edges,
+        "model": "lenet5", "examples": len(calib),
+        "edges_per_example": sum(result.edges_per_example.values()),
         "alpha": args.alpha, "engine_s": engine_s, "engine_stats": result.engine,
         "test_accuracy": accuracy,
     }
@@ -80,32 +100,92 @@ def main() -> None:
         row["reference_s"] = per_edge * total * len(calib)
         row["reference_kind"] = f"extrapolated from {args.sample_edges} sampled edges"
     row["speedup"] = row["reference_s"] / engine_s
-    print(json.dumps(row, indent=2))
+    return row
 
+
+def vgg_row(args) -> dict:
+    model, accuracy = trained_model("vgg9", epochs=5, seed=0, pad_to=32, in_channels=1)
+    calib, _ = class_balanced_calibration(model, fashion_mnist(train=False, pad_to=32), 1)
+    example = calib[:1]
+    row = {"model": "vgg9", "examples": 1, "alpha": args.alpha, "test_accuracy": accuracy,
+           **engine_tables(model, example)}
+    print(f"vgg9 test accuracy {accuracy:.4f}; {row['edges_per_example']:,} edges; hop tables "
+          f"{row['hop_table_bytes'] / 2**30:.1f} GiB, min-plus {row['min_plus_ops']:.2e} ops")
+    start = time.perf_counter()
+    per_edge, total = time_reference_per_edge(model, example, alpha=args.alpha,
+                                              sample=args.vgg_sample_edges)
+    row["reference_sample_s"] = time.perf_counter() - start
+    row["reference_s"] = per_edge * total
+    row["reference_kind"] = f"extrapolated from {args.vgg_sample_edges} sampled edges"
+    if args.vgg_engine:
+        start = time.perf_counter()
+        result = neural_curvature(model, example, alpha=args.alpha, granularity="neuron",
+                                  memory_budget=row["hop_table_bytes"] + (1 << 30),
+                                  progress=True)
+        row["engine_s"] = time.perf_counter() - start
+        row["engine_stats"] = result.engine
+        row["speedup"] = row["reference_s"] / row["engine_s"]
+    else:
+        row["engine_s"] = None
+        row["engine_note"] = "not run on the CPU (--vgg-engine runs it)"
+    return row
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| model | examples | edges/example | engine (s) | reference (s) | speed-up "
+             "| max abs diff |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        diff = row.get("max_abs_diff")
+        if row.get("engine_s") is None:
+            engine = (f"not run: hop tables {row['hop_table_bytes'] / 2**30:.1f} GiB, "
+                      f"min-plus {row['min_plus_ops']:.1e} operations")
+            speedup = "n/a"
+        else:
+            engine, speedup = f"{row['engine_s']:.1f}", f"{row['speedup']:.1f}x"
+        lines.append(
+            f"| {row['model']} | {row['examples']} | {row['edges_per_example']:,} | {engine} | "
+            f"{row['reference_s']:.3g} ({row['reference_kind']}) | {speedup} | "
+            f"{'n/a' if diff is None else f'{diff:.1e}'} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=["lenet5", "vgg9"], default=["lenet5"])
+    parser.add_argument("--reference", choices=["full", "sample"], default="full")
+    parser.add_argument("--examples-per-class", type=int, default=1)
+    parser.add_argument("--sample-edges", type=int, default=3000)
+    parser.add_argument("--vgg-sample-edges", type=int, default=40)
+    parser.add_argument("--vgg-engine", action="store_true",
+                        help="also run the engine on VGG-9 (needs the hop tables' memory)")
+    parser.add_argument("--alpha", type=float, default=0.9)
+    parser.add_argument("--out", type=Path, default=RESULTS / "engine_speed.json")
+    args = parser.parse_args()
+
+    command = "python benchmarks/engine_speed.py " + " ".join(sys.argv[1:])
+    old = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    rows = {row["model"]: row for row in old["rows"]}
+    for name in args.models:
+        row = lenet_row(args) if name == "lenet5" else vgg_row(args)
+        row["command"] = command
+        print(json.dumps(row, indent=2))
+        rows[name] = row
+    ordered = [rows[m] for m in ("lenet5", "vgg9") if m in rows]
+    for row in ordered:  # rows from before commands were recorded per row
+        row.setdefault("command", old.get("command", command))
     report = {
-        "command": "python benchmarks/engine_speed.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__},
-        "rows": [row],
+        "rows": ordered,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(args.out)
+    commands = sorted({row["command"] for row in ordered})
+    lines = [f"Commands: {', '.join(f'`{c.strip()}`' for c in commands)} ({os.cpu_count()} CPU "
+             f"cores, torch {torch.__version__})", "", *table(ordered)]
     md = args.out.with_suffix(".md")
-    lines = [
-        f"Command: `{report['command']}` ({os.cpu_count()} CPU cores, torch {torch.__version__})",
-        "",
-        "| model | examples | edges/example | engine (s) | reference (s) | speed-up "
-        "| max abs diff |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    diff = row.get("max_abs_diff")
-    lines.append(
-        f"| {row['model']} | {row['examples']} | {edges:,} | {engine_s:.1f} | "
-        f"{row['reference_s']:.1f} ({row['reference_kind']}) | {row['speedup']:.1f}x | "
-        f"{'n/a' if diff is None else f'{diff:.1e}'} |"
-    )
     tmp = md.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(md)

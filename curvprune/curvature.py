@@ -31,7 +31,7 @@ from .calibration import (
     normalise_activity,
     scoring_mode,
 )
-from .engine import EngineStats, NeuronGraph, score_example
+from .engine import EngineStats, NeuronGraph, hop_table_bytes, score_example
 from .graph import layer_edges, trace_chain
 from .result import CurvatureResult
 
@@ -314,9 +314,7 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
         _, in_shapes, out_shapes = capture_activations(
             model, modules, _first_example(calibration, model_device))
     sizes = [math.prod(in_shapes[0])] + [math.prod(s) for s in out_shapes]
-    need = 8 * sum(sizes[L] * sizes[L + 2] for L in range(len(sizes) - 2))
-    need += 8 * sum(sizes[L] * sizes[L + 3] for L in range(len(sizes) - 3))
-    return "neuron" if need <= memory_budget else "channel"
+    return "neuron" if hop_table_bytes(sizes) <= memory_budget else "channel"
 
 
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,

@@ -52,7 +52,7 @@ from .graph import LayerEdges
 from .measures import neighbour_measures, padded_neighbours
 
 __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
-           "node_measures"]
+           "node_measures", "hop_table_bytes"]
 
 _MAX_ITER = 1_000_000
 _OPTIMAL = 1  # POT's result code for an optimal solution
@@ -132,6 +132,14 @@ class NeuronGraph:
             graph.hop3.append(min_plus(first.src, first.dst, first.length, sizes[L],
                                        graph.hop2[L + 1]))
         return graph
+
+
+def hop_table_bytes(sizes: list[int]) -> int:
+    """Bytes of the dense float64 hop tables ``L -> L+2`` and ``L -> L+3`` that
+    :meth:`NeuronGraph.build` keeps for node layers of these sizes."""
+    entries = sum(sizes[L] * sizes[L + 2] for L in range(len(sizes) - 2))
+    entries += sum(sizes[L] * sizes[L + 3] for L in range(len(sizes) - 3))
+    return 8 * entries
 
 
 def _gather_rows(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

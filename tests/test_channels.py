@@ -443,6 +443,25 @@ def test_auto_granularity():
         curvprune.neural_curvature(residual, x, granularity="channel", memory_budget=1000)
 
 
+def test_auto_granularity_budget_is_the_size_of_the_hop_tables_built():
+    from curvprune.calibration import capture_activations
+    from curvprune.engine import NeuronGraph
+    from curvprune.graph import layer_edges, trace_chain
+
+    chain = MODELS["chain"][0]()
+    x = _inputs((3, 8, 8))
+    modules = [layer.module for layer in trace_chain(chain)]
+    with torch.no_grad():
+        _, ins, outs = capture_activations(chain, modules, x[:1])
+    graph = NeuronGraph.build([layer_edges(m, ins[k], outs[k]) for k, m in enumerate(modules)],
+                              [m.weight.detach().flatten() for m in modules], torch.device("cpu"))
+    built = sum(t.numel() * t.element_size() for t in graph.hop2 + graph.hop3)
+    fits = curvprune.neural_curvature(chain, x, granularity="auto", memory_budget=built)
+    assert fits.granularity == "neuron"
+    over = curvprune.neural_curvature(chain, x, granularity="auto", memory_budget=built - 1)
+    assert over.granularity == "channel"
+
+
 def test_iterable_calibration_equals_one_batch():
     # float64, so that the forward pass rounds the same for any batch size.
     model = MODELS["residual"][0]().double()
