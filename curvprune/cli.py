@@ -268,6 +268,9 @@ def _cmd_prune(args) -> dict:
             raise UsageError("--structured uses channel granularity; drop --granularity neuron.")
         if args.amount >= 1:
             raise UsageError("--structured --amount is the channel ratio, in [0, 1).")
+        if args.allocation != "curvature":
+            raise UsageError("--allocation is for unstructured pruning; --structured removes "
+                             "the same channel ratio from every group.")
         return _cmd_prune_channels(args)
     model, test, calibration, out = _prepare(args)
     start = time.perf_counter()
@@ -275,7 +278,7 @@ def _cmd_prune(args) -> dict:
     try:
         report = prune_model(model, calibration, args.amount, scope=args.scope,
                              order=args.order, alpha=args.alpha, granularity=args.granularity,
-                             progress=not args.quiet)
+                             progress=not args.quiet, allocation=args.allocation)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     make_permanent(model)
@@ -407,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of the weights to remove, in [0, 1]")
     prune.add_argument("--scope", choices=["global", "layer"], default="global")
     prune.add_argument("--order", choices=["pos", "neg"], default="pos")
+    prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
+                       default="curvature",
+                       help="with --scope global: how much of each layer goes (curvature: one "
+                            "global ranking, the paper; wanda/magnitude: that criterion's "
+                            "per-layer amounts, curvature's order within each layer)")
     prune.add_argument("--structured", action="store_true",
                        help="remove whole channels through Torch-Pruning (CurvatureImportance); "
                             "--amount is then the channel ratio and --scope global ranks all "

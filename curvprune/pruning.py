@@ -45,6 +45,8 @@ from torch.nn.utils.prune import (
     _validate_pruning_amount_init,
 )
 
+from .allocation import allocate_like
+from .baselines import magnitude_scores, wanda_scores
 from .channels import UntraceableModel
 from .curvature import neural_curvature
 from .result import CurvatureResult, ImportanceScores, _check_score, _describe_module
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 _SCOPES = ("global", "layer")
+_ALLOCATIONS = ("curvature", "wanda", "magnitude")
 _ORDERS = ("pos", "neg")
 
 Scores = torch.Tensor | Mapping[tuple[nn.Module, str], torch.Tensor]
@@ -400,6 +403,7 @@ def prune_model(
     granularity: str = "neuron",
     device: str | torch.device | None = None,
     progress: bool = False,
+    allocation: str = "curvature",
 ) -> PruningReport:
     r"""Score ``model`` by neural curvature and prune its weights in place, in one call.
 
@@ -428,6 +432,13 @@ def prune_model(
             an iterable. They are still scored (they are part of the graph).
         alpha, granularity, device, progress: passed to
             :func:`~curvprune.curvature.neural_curvature`.
+        allocation: with ``scope="global"``, how much of each weight goes. ``"curvature"``
+            (default, the paper): one global ranking of kappa decides. ``"wanda"`` or
+            ``"magnitude"``: each weight loses as many entries as a global ranking by that
+            criterion (:func:`~curvprune.baselines.wanda_scores` on ``calibration``, or
+            :math:`|w|`) would remove, and curvature chooses which ones within it
+            (:func:`~curvprune.allocation.allocate_like`). On LeNet-5 ``"wanda"`` kept 75.6 %
+            accuracy at 80 % sparsity against 68.1 % for ``"curvature"`` (docs/benchmarks.md).
 
     Returns:
         A :class:`PruningReport` with the per-weight and overall sparsity and the
@@ -446,6 +457,13 @@ def prune_model(
         raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
     if order not in _ORDERS:
         raise ValueError(f"order must be 'pos' or 'neg', not {order!r}.")
+    if allocation not in _ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {list(_ALLOCATIONS)}, not {allocation!r}.")
+    if allocation != "curvature" and scope != "global":
+        raise ValueError(
+            f"allocation={allocation!r} sets how much of each layer a global ranking removes; "
+            "with scope='layer' every layer loses the same fraction. Use scope='global'."
+        )
     _validate_amount(amount)
     devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     if len(devices) > 1:
@@ -499,6 +517,11 @@ def prune_model(
         scores = ImportanceScores({(modules[n], "weight"): _magnitude_score(modules[n], order)
                                    for n in scored},
                                   names={(modules[n], "weight"): n for n in scored})
+    if allocation != "curvature":
+        targets_modules = [modules[n] for n in scored]
+        budget = (wanda_scores(model, calibration, targets_modules) if allocation == "wanda"
+                  else magnitude_scores(model, targets_modules))
+        scores = allocate_like(scores, budget)
     params = [(modules[n], "weight") for n in targets]
     if scope == "global":
         prune.global_unstructured(params, pruning_method=CurvaturePruning,

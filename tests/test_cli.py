@@ -61,6 +61,8 @@ def run_main(args, capsys):
       "--granularity", "neuron"], "channel granularity"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "1", "--structured"],
      "channel ratio"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.3", "--structured",
+      "--allocation", "wanda"], "--allocation is for unstructured"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     code, out, err = run_main(args + ["--out", str(tmp_path / "o")], capsys)
@@ -103,6 +105,35 @@ def test_prune_writes_model_report_and_plots(small_model_path, tmp_path, capsys)
     assert zero / sum(w.numel() for w in weights) == pytest.approx(0.6, abs=1e-4)
     for png in ("sparsity.png", "kappa_histograms.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fmnist
+def test_prune_with_wanda_allocation(small_model_path, tmp_path, capsys):
+    """--allocation wanda: every layer loses what global Wanda would remove from it."""
+    from curvprune.baselines import wanda_scores
+
+    runs = {}
+    for allocation in ("curvature", "wanda"):
+        out = tmp_path / allocation
+        code, _, err = run_main(["prune", "--model", str(small_model_path), "--amount", "0.7",
+                                 "--allocation", allocation, "--no-eval", "--out", str(out),
+                                 "--quiet"], capsys)
+        assert code == 0, err
+        runs[allocation] = json.loads((out / "report.json").read_text())
+    report = runs["wanda"]
+    assert report["settings"]["allocation"] == "wanda"
+    assert report["overall_sparsity"] == pytest.approx(0.7, abs=1e-4)
+    from curvprune.cli import _prepare, build_parser  # the calibration the command used
+
+    args = build_parser().parse_args(["prune", "--model", str(small_model_path), "--amount",
+                                      "0.7", "--out", str(tmp_path / "again")])
+    model, _, calib, _ = _prepare(args)
+    budget = wanda_scores(model, calib)
+    flat = torch.cat([v.flatten() for v in budget.values()])
+    cut = torch.sort(flat).values[round(0.7 * flat.numel()) - 1]
+    expected = [int((v <= cut).sum()) for v in budget.values()]
+    assert [layer["pruned"] for layer in report["layers"]] == expected
+    assert expected != [layer["pruned"] for layer in runs["curvature"]["layers"]]
 
 
 @needs_fmnist

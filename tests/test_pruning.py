@@ -590,6 +590,28 @@ def test_prune_model_global_matches_ranking(scored, fresh, order):
     assert "3.weight" in report.summary() and "PruningReport" in repr(report)
 
 
+@pytest.mark.parametrize("allocation", ["wanda", "magnitude"])
+def test_prune_model_allocation(scored, fresh, allocation):
+    from curvprune.baselines import magnitude_scores, wanda_scores
+
+    _, x, _ = scored
+    mods = weight_modules(fresh)
+    budget = (wanda_scores(fresh, x) if allocation == "wanda" else magnitude_scores(fresh))
+    report = prune_model(fresh, x, 0.6, allocation=allocation, exclude="0")
+    # each non-excluded layer loses what a global ranking by the budget over them removes ...
+    targets = [n for n in NAMES if n != "0.weight"]
+    flat = torch.cat([budget[(mods[n], "weight")].flatten() for n in targets])
+    cut = torch.sort(flat).values[round(0.6 * flat.numel()) - 1]
+    for name in targets:
+        expected = int((budget[(mods[name], "weight")] <= cut).sum())
+        assert report.layers[name].pruned == expected, name
+        # ... chosen by curvature within the layer
+        ranking = expected_order(report.result, "pos", [name])
+        assert pruned_set(fresh, [name]) == set(ranking[:expected])
+    assert report.layers["0.weight"].pruned == 0
+    assert report.pruned == round(0.6 * flat.numel())
+
+
 def test_prune_model_layer_scope(scored, fresh):
     _, x, _ = scored
     report = prune_model(fresh, x, 0.5, scope="layer", order="neg")
@@ -714,8 +736,11 @@ def test_int_amount_too_large_is_refused_before_pruning(fresh):
     assert not prune.is_pruned(fresh)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"scope": "model"}, "scope must be"),
-                                             ({"order": "up"}, "order must be")])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scope": "model"}, "scope must be"), ({"order": "up"}, "order must be"),
+    ({"allocation": "snip"}, "allocation must be one of"),
+    ({"allocation": "wanda", "scope": "layer"}, "Use scope='global'"),
+])
 def test_prune_model_bad_options(fresh, kwargs, message):
     with pytest.raises(ValueError, match=message):
         prune_model(fresh, inputs(), 0.5, **kwargs)

@@ -24,13 +24,13 @@ SECTIONS = [
                             "UntraceableModel"]),
     ("Unstructured pruning (torch.nn.utils.prune)", curvprune, [
         "CurvaturePruning", "curvature_unstructured", "prune_model", "PruningReport",
-        "LayerSparsity", "make_permanent", "save_pruned", "load_pruned", "clone_pruned", "pruning_hooks",
-        "allocate_like"]),
+        "LayerSparsity", "make_permanent", "save_pruned", "load_pruned", "clone_pruned",
+        "pruning_hooks", "allocate_like"]),
     ("Structured pruning (Torch-Pruning)", curvprune, [
         "CurvatureImportance", "prune_channels", "ChannelPruningReport"]),
     ("Analysis (curvprune.analysis)", analysis, [
-        "nnstd", "nnstd_masks", "NNSTDResult", "relational_measures", "graph_measures", "curvature_statistics",
-        "most_negative", "histogram"]),
+        "nnstd", "nnstd_masks", "NNSTDResult", "relational_measures", "graph_measures",
+        "curvature_statistics", "most_negative", "histogram"]),
     ("Baselines (curvprune.baselines)", baselines, [
         "magnitude_scores", "random_scores", "wanda_scores", "snip_scores", "prune_per_row"]),
     ("Data, models, evaluation", None, [
