@@ -518,9 +518,9 @@ def prune_model(
                                    for n in scored},
                                   names={(modules[n], "weight"): n for n in scored})
     if allocation != "curvature":
-        targets_modules = [modules[n] for n in scored]
-        budget = (wanda_scores(model, calibration, targets_modules) if allocation == "wanda"
-                  else magnitude_scores(model, targets_modules))
+        scored_modules = [modules[n] for n in scored]
+        budget = (wanda_scores(model, calibration, scored_modules) if allocation == "wanda"
+                  else magnitude_scores(model, scored_modules))
         scores = allocate_like(scores, budget)
     params = [(modules[n], "weight") for n in targets]
     if scope == "global":
