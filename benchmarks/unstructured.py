@@ -3,7 +3,7 @@
     python benchmarks/unstructured.py                       # full: LeNet-5 and MLP, 3 seeds
     python benchmarks/unstructured.py --per-class 5         # 5 calibration examples per class
     python benchmarks/unstructured.py --quick --out /tmp/q  # tiny CI run (well under a minute)
-    python benchmarks/unstructured.py --models vgg9 --seeds 0 --name unstructured_vgg9
+    python benchmarks/unstructured.py --models vgg9 --seeds 0 1 2 --name unstructured_vgg9
 
 For each model and seed the model is trained (seeded, cached under ``benchmarks/.cache``), a
 calibration set of ``--per-class`` correctly classified *training* examples per class is drawn

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn as nn
 
 from .result import ImportanceScores
 
@@ -49,8 +50,9 @@ def allocate_like(order: Mapping, budget: Mapping) -> ImportanceScores:
         b_l^{(r)}` (module docstring), in ``budget``'s dtype and on its device.
 
     Raises:
-        ValueError: the keys or the shapes of the two mappings differ, or a score is NaN.
-        TypeError: a score is not a tensor.
+        ValueError: the two mappings score different parameters, or a score has another shape
+            or device than its parameter, or a NaN.
+        TypeError: a key is not a ``(module, parameter name)`` pair, or a score is not a tensor.
 
     Example::
 
@@ -59,38 +61,26 @@ def allocate_like(order: Mapping, budget: Mapping) -> ImportanceScores:
         prune.global_unstructured(list(scores), pruning_method=CurvaturePruning,
                                   importance_scores=scores, amount=0.8)
     """
+    order, budget = ImportanceScores(order), ImportanceScores(budget)
     if set(order) != set(budget):
-        only_order = [_name(order, k) for k in order if k not in budget]
-        only_budget = [_name(budget, k) for k in budget if k not in order]
+        only_order = [order.names.get(k, order._label(k)) for k in order if k not in budget]
+        only_budget = [budget.names.get(k, budget._label(k)) for k in budget if k not in order]
         raise ValueError(
             "order and budget must score the same parameters; only in order: "
             f"{only_order}, only in budget: {only_budget}."
         )
-    out, names = {}, {}
+    out = {}
     for key in order:
-        s, b = order[key], budget[key]
-        for what, t in (("order", s), ("budget", b)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"the {what} score of {_name(order, key)!r} must be a tensor, "
-                                f"not {type(t).__name__}.")
-            if torch.isnan(t).any():
-                raise ValueError(f"the {what} score of {_name(order, key)!r} has NaN entries.")
-        if s.shape != b.shape:
-            raise ValueError(
-                f"the order score of {_name(order, key)!r} has shape {tuple(s.shape)} but the "
-                f"budget score has shape {tuple(b.shape)}; score the same model with both."
-            )
-        pi = torch.argsort(s.detach().reshape(-1).to(b.device), stable=True)
+        if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], nn.Module)
+                and isinstance(getattr(key[0], str(key[1]), None), torch.Tensor)):
+            raise TypeError(f"scores must be keyed by (module, parameter name), as "
+                            f"torch.nn.utils.prune takes them; got the key {key!r}.")
+        # .get checks each score against its parameter: a tensor of the parameter's shape and
+        # device, without NaN; so the two scores of a key also have one shape
+        s, b = order.get(key), budget.get(key)
+        pi = torch.argsort(s.detach().reshape(-1), stable=True)
         sorted_budget = torch.sort(b.detach().reshape(-1), stable=True).values
         combined = torch.empty_like(sorted_budget)
         combined[pi] = sorted_budget
         out[key] = combined.view(b.shape)
-        names[key] = _name(order, key, fallback=_name(budget, key))
-    return ImportanceScores(out, names=names)
-
-
-def _name(scores: Mapping, key, fallback: str | None = None) -> str:
-    """The qualified parameter name an :class:`ImportanceScores` knows for ``key``."""
-    if isinstance(scores, ImportanceScores) and key in scores.names:
-        return scores.names[key]
-    return fallback if fallback is not None else repr(key)
+    return ImportanceScores(out, names={**budget.names, **order.names})

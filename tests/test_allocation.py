@@ -63,7 +63,7 @@ def test_per_layer_counts_follow_budget_and_order_follows_order(amount):
        ties=st.booleans())
 def test_combined_scores_are_a_per_tensor_permutation_of_the_budget(sizes, seed, ties):
     g = torch.Generator().manual_seed(seed)
-    keys = [(nn.Linear(1, 1), "weight") for _ in sizes]
+    keys = [(nn.Linear(1, n), "bias") for n in sizes]  # a parameter of shape [n] per key
     order = {k: torch.rand(n, generator=g) for k, n in zip(keys, sizes)}
     if ties:
         order = {k: (v * 3).floor() for k, v in order.items()}
@@ -108,3 +108,6 @@ def test_bad_input_is_named():
     wrong[first] = [1.0]
     with pytest.raises(TypeError, match="must be a tensor, not list"):
         allocate_like(wrong, mag)
+    wrong = {("0", "weight"): torch.zeros(3)}
+    with pytest.raises(TypeError, match="keyed by \\(module, parameter name\\)"):
+        allocate_like(wrong, wrong)
