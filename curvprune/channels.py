@@ -52,8 +52,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .calibration import normalise_activity
-from .engine import Distances, EngineStats, node_measures, score_edges
+from .engine import Distances, EngineStats, bound_edges, node_measures, solve_edges
 from .measures import padded_neighbours
+from .minimum import MinimumSearch
 
 __all__ = ["ChannelGraph", "NodeSet", "UntraceableModel", "trace_channels"]
 
@@ -804,14 +805,18 @@ def score_channel_edges(
     stats=None,
     threads: int = 1,
     on_example=None,
+    best: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Curvature of every layer edge of ``graph`` on each example of its traced batch.
+    """Curvature of every layer edge of ``graph``: its minimum over the traced batch's examples.
 
     Returns ``(kappa, live)`` over all edges (``[num_edges]``): the minimum over the batch's
-    examples (merge edges, which are no weight, stay ``+inf``), and whether the edge was live
-    on at least one example. The edge distance is ``D(i, j)``, the shortest path, which equals
-    the edge length unless a skip route is shorter (then curvature is measured on the graph
-    metric, the standard definition; in the paper's layered graph the two never differ).
+    examples and ``best`` (merge edges, which are no weight, stay ``+inf``), and whether the
+    edge was live on at least one example. The edge distance is ``D(i, j)``, the shortest path,
+    which equals the edge length unless a skip route is shorter (then curvature is measured on
+    the graph metric, the standard definition; in the paper's layered graph the two never
+    differ). Only the (edge, example)s that can be an edge's minimum are solved exactly
+    (:mod:`curvprune.minimum`); ``best`` (minima of earlier batches, ``[num_edges]``) rules out
+    more of them.
     """
     stats = stats if stats is not None else EngineStats()
     n = graph.num_nodes
@@ -821,20 +826,37 @@ def score_channel_edges(
     src, dst = graph.src[scored], graph.dst[scored]
     d = distances[src, dst]
     tables = Distances(distances, distances, distances)
-    kappa = torch.full((graph.src.numel(),), math.inf, dtype=torch.float64, device=d.device)
+
+    def measures(b: int):
+        mu = node_measures(in_table, graph.activity[b])
+        nu = node_measures(out_table, graph.activity[b])
+        mu.has &= ~graph.inputs  # an input node's measure is its point mass
+        nu.has &= ~graph.outputs  # so is an output node's
+        return mu, nu
+
+    initial = None if best is None else [best[scored].clone()]
+    search = MinimumSearch([torch.arange(scored.numel(), device=d.device)], [scored.numel()],
+                           initial=initial)
     live = torch.zeros(graph.src.numel(), dtype=torch.bool, device=d.device)
     for b in range(graph.activity.shape[0]):
         acts = graph.activity[b]
         dead = ((~graph.inputs[src]) & (acts[src] == 0)) | ((~graph.outputs[dst])
                                                             & (acts[dst] == 0))
-        mu = node_measures(in_table, acts)
-        nu = node_measures(out_table, acts)
-        mu.has &= ~graph.inputs  # an input node's measure is its point mass
-        nu.has &= ~graph.outputs  # so is an output node's
-        value = score_edges(src, dst, d, dead, mu, nu, tables, alpha, certify_tol=certify_tol,
-                            stats=stats, threads=threads)
-        kappa[scored] = torch.minimum(kappa[scored], value)
+        mu, nu = measures(b)
+        lo, hi = bound_edges(src, dst, d, dead, mu, nu, tables, alpha, certify_tol=certify_tol,
+                             stats=stats)
+        search.add(0, b, lo, hi)
         live[scored] |= ~dead
         if on_example is not None:
             on_example()
+
+    def solve(group: int, b: int, edges: torch.Tensor) -> torch.Tensor:
+        mu, nu = measures(b)
+        return solve_edges(src[edges], dst[edges], d[edges], mu, nu, tables, alpha,
+                           stats=stats, threads=threads)
+
+    minimum = search.resolve(solve)[0]
+    stats.bounded += search.opened - search.solved
+    kappa = torch.full((graph.src.numel(),), math.inf, dtype=torch.float64, device=d.device)
+    kappa[scored] = minimum
     return kappa, live

@@ -31,8 +31,9 @@ from .calibration import (
     normalise_activity,
     scoring_mode,
 )
-from .engine import EngineStats, NeuronGraph, hop_table_bytes, score_example
+from .engine import EngineStats, NeuronGraph, bound_example, hop_table_bytes, solve_layer_edges
 from .graph import layer_edges, trace_chain
+from .minimum import MinimumSearch
 from .result import CurvatureResult
 
 __all__ = ["neural_curvature"]
@@ -125,8 +126,10 @@ def neural_curvature(
         device: where the engine runs; defaults to the model's device. The model itself is not
             moved; inputs are moved to the model's device for the forward pass.
         progress: show a progress bar over calibration examples.
-        certify_tol: relative tolerance of the engine's dual certificates (see
-            :mod:`curvprune.engine`); edges that miss it are solved exactly.
+        certify_tol: an edge is settled without a transport solve when its curvature bounds
+            are at most this far apart (see :func:`curvprune.engine.bound_edges`); the others
+            are solved exactly when they can be their weight's minimum
+            (:mod:`curvprune.minimum`).
         threads: CPU threads for the exact transport solves (default: ``torch.get_num_threads()``).
             With more than one, torch's own ops run on one thread during the call (restored
             after), so that the two do not compete for the cores.
@@ -178,8 +181,7 @@ def neural_curvature(
     stats = EngineStats()
     graph: NeuronGraph | None = None
     weight_shapes = [m.weight.shape for m in modules]
-    kappa = [torch.full((m.weight.numel(),), math.inf, dtype=torch.float64, device=engine_device)
-             for m in modules]
+    example_acts: list[list[torch.Tensor]] = []
     live = [torch.zeros(m.weight.numel(), dtype=torch.bool, device=engine_device)
             for m in modules]
     num_examples = 0
@@ -201,20 +203,29 @@ def neural_curvature(
                 graph = NeuronGraph.build(
                     structures, [m.weight.detach().flatten() for m in modules], engine_device
                 )
+                search = MinimumSearch([layer.widx for layer in graph.layers],
+                                       [m.weight.numel() for m in modules])
             acts = [normalise_activity(v).to(engine_device) for v in values]
             for b in range(acts[0].shape[0]):
+                example_acts.append([a[b] for a in acts])
                 # Only the engine runs single-threaded: the model's forward pass keeps the
                 # user's setting (float32 kernels round differently with other counts).
                 with _torch_threads(1 if threads > 1 else None):
-                    edge_kappa, edge_dead = score_example(
-                        graph, [a[b] for a in acts], alpha, certify_tol=certify_tol,
-                        stats=stats, threads=threads)
-                for k, layer in enumerate(graph.layers):
-                    kappa[k].scatter_reduce_(0, layer.widx, edge_kappa[k], reduce="amin")
-                    live[k].scatter_reduce_(0, layer.widx, ~edge_dead[k], reduce="amax")
+                    bounds = bound_example(graph, example_acts[-1], alpha,
+                                           certify_tol=certify_tol, stats=stats)
+                for k, (lo, hi, dead) in enumerate(bounds):
+                    search.add(k, num_examples, lo, hi)
+                    live[k].scatter_reduce_(0, graph.layers[k].widx, ~dead, reduce="amax")
                 num_examples += 1
                 if bar is not None:
                     bar.update(1)
+        # Only the edges that can still be a weight's minimum are solved exactly.
+        if bar is not None:
+            bar.set_description("curvature (exact minima)")
+        with _torch_threads(1 if threads > 1 else None):
+            kappa = search.resolve(lambda k, x, edges: solve_layer_edges(
+                graph, example_acts[x], k + 1, edges, alpha, stats=stats, threads=threads))
+        stats.bounded += search.opened - search.solved
     return CurvatureResult(
         kappa={n: kappa[k].view(weight_shapes[k]).to(modules[k].weight.device)
                for k, n in enumerate(names)},
@@ -353,7 +364,8 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
             with _torch_threads(1 if threads > 1 else None):
                 value, live = score_channel_edges(
                     graph, distances, alpha, certify_tol=certify_tol, stats=stats,
-                    threads=threads, on_example=bar.update if bar is not None else None)
+                    threads=threads, on_example=bar.update if bar is not None else None,
+                    best=edge_kappa)
             edge_kappa = torch.minimum(edge_kappa, value)
             edge_live |= live
             num_examples += inputs.shape[0]

@@ -9,7 +9,7 @@ the structure of the problem instead of solving one linear program per edge:
 * **Point masses.** If :math:`\mu_i = \delta_i` (input layer, or no active in-neighbour) then
   :math:`W_1 = \alpha d + (1-\alpha)\sum_m q_m D(i, m)` and
   :math:`\kappa = 1 - \sum_m q_m D(i, m) / d`; symmetrically for :math:`\nu_j = \delta_j`.
-* **Shared problems with a dual certificate.** Write :math:`\mu_i = \alpha\delta_i +
+* **Shared problems and bounds.** Write :math:`\mu_i = \alpha\delta_i +
   (1-\alpha)p` and :math:`\nu_j = \alpha\delta_j + (1-\alpha)q`. The plan that sends
   :math:`\alpha` along ``i -> j`` and transports ``p`` to ``q`` optimally under
   :math:`C(k, m)` costs :math:`\alpha d + (1-\alpha) X_0` with :math:`X_0 = OT(p, q; C)`, and
@@ -22,9 +22,12 @@ the structure of the problem instead of solving one linear program per edge:
       \max_{k} \big(f_k - D(k, j)\big) + \max_{m} \big(g_m - D(i, m) + d\big) \le 0,
 
   because then ``(f, g)`` extended by potentials for ``i`` and ``j`` is dual feasible for
-  :math:`W_1(\mu_i, \nu_j)` (the swap ``k -> j``, ``i -> m`` never pays). The engine checks this
-  certificate edge by edge; the residual of the check bounds the error, and edges whose residual
-  exceeds ``certify_tol * d`` are solved exactly.
+  :math:`W_1(\mu_i, \nu_j)` (the swap ``k -> j``, ``i -> m`` never pays). Clipping the
+  shifted potentials to those constraints gives a dual-feasible point, hence a lower bound, for
+  every edge; the no-swap plan and (for :math:`\alpha \ge 1/2`) the full swap give upper
+  bounds (:func:`bound_edges`). Edges whose bounds are within ``certify_tol`` are settled;
+  :func:`curvprune.neural_curvature` solves the others only when they can be their weight's
+  minimum (:mod:`curvprune.minimum`).
 * **Full swaps** (:math:`\alpha \ge 1/2`). If :math:`D(k, j) + D(i, m) - d \le C(k, m)` on the
   supports, every unit of ``p`` is best routed through ``j`` and every unit of ``q`` from ``i``:
   :math:`\kappa = 1 - (\sum_k p_k D(k, j) + \sum_m q_m D(i, m) - d) / d`. With
@@ -52,6 +55,7 @@ from .graph import LayerEdges
 from .measures import neighbour_measures, padded_neighbours
 
 __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
+           "bound_example", "bound_edges", "solve_layer_edges", "solve_edges", "layer_problem",
            "node_measures", "hop_table_bytes"]
 
 _MAX_ITER = 1_000_000
@@ -60,13 +64,22 @@ _OPTIMAL = 1  # POT's result code for an optimal solution
 
 @dataclass
 class EngineStats:
-    """Counts of how the engine resolved each live (edge, example)."""
+    """Counts of how the engine resolved each (edge, example).
+
+    ``dead``: an end has activity 0 (kappa 1). ``point_mass``: a side is a point mass (closed
+    form). ``certified``: settled by the bounds of :func:`bound_edges`. ``full_swap``: solved
+    in closed form (every unit swaps). ``solved``: solved by network simplex. ``bounded``: left
+    open by the bounds but never needed, since it cannot be its weight's minimum
+    (:mod:`curvprune.minimum`). ``shared_problems``: the ``(p, q)`` problems solved for the
+    bounds (one per distinct pair of neighbour measures).
+    """
 
     dead: int = 0
     point_mass: int = 0
     certified: int = 0
     full_swap: int = 0
     solved: int = 0
+    bounded: int = 0
     shared_problems: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -197,6 +210,13 @@ def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, n
     :class:`RuntimeError` is raised: no approximate value is ever returned.
     """
     b = b * (a.sum() / b.sum())
+    # POT's simplex reports "infeasible" when no cost is positive (its artificial arcs are then
+    # no dearer than the real ones); a constant shift changes every plan's cost by the same
+    # ``shift * sum(a)`` and the potentials by ``shift``, so such problems are solved shifted.
+    shift = float(cost.min()) if cost.size else 0.0
+    if shift < 0:
+        value, f, g = _solve_one(a, b, cost - shift)
+        return value + shift * float(a.sum()), f + shift, g
     code = None
     for attempt, budget in enumerate((_MAX_ITER, _MAX_ITER, _MAX_ITER, 100 * _MAX_ITER)):
         if attempt == 1:  # transposed: W(a, b; C) = W(b, a; C^T), potentials swap
@@ -253,54 +273,6 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
-def score_example(
-    graph: NeuronGraph,
-    acts: list[torch.Tensor],
-    alpha: float,
-    *,
-    certify_tol: float = 1e-12,
-    block: int = 1 << 22,
-    stats: EngineStats | None = None,
-    threads: int = 1,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Edge curvatures of one example, per parametrised layer.
-
-    Returns ``(kappa, dead)``: float64 ``[E_l]`` curvatures and bool ``[E_l]`` dead-edge masks.
-
-    Args:
-        graph: the example-independent graph.
-        acts: normalised activities of node layers ``0..n`` for this example.
-        alpha: idleness in ``[0, 1)``.
-        certify_tol: an edge is taken from its shared problem only when the certificate's
-            residual (an upper bound on the ``W1`` error) is at most ``certify_tol * d``.
-        block: number of float64 entries per vectorised chunk (bounds memory).
-        stats: counters to update.
-        threads: CPU threads for the exact network-simplex solves.
-    """
-    stats = stats if stats is not None else EngineStats()
-    n = len(graph.layers)
-    out, out_dead = [], []
-    for l in range(1, n + 1):
-        layer = graph.layers[l - 1]
-        src, dst = layer.src, layer.dst
-        dead = torch.zeros_like(src, dtype=torch.bool)
-        if l > 1:
-            dead |= acts[l - 1][src] == 0
-        if l < n:
-            dead |= acts[l][dst] == 0
-        # mu_i over in-neighbours of i (layer l-2); nu_j over out-neighbours of j (layer l+1).
-        mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2]) if l > 1 else None
-        nu = node_measures(graph.out_nbrs[l], acts[l + 1]) if l < n else None
-        tables = Distances(d_kj=graph.hop2[l - 2] if l > 1 else None,
-                           d_im=graph.hop2[l - 1] if l < n else None,
-                           d_km=graph.hop3[l - 2] if 1 < l < n else None)
-        out.append(score_edges(src, dst, layer.length, dead, mu, nu, tables, alpha,
-                               certify_tol=certify_tol, block=block, stats=stats,
-                               threads=threads))
-        out_dead.append(dead)
-    return out, out_dead
-
-
 @dataclass
 class Distances:
     """Ground distances an edge set needs, as tables indexed by the measures' node ids.
@@ -313,6 +285,103 @@ class Distances:
     d_kj: torch.Tensor | None
     d_im: torch.Tensor | None
     d_km: torch.Tensor | None
+
+
+def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int
+                  ) -> tuple[torch.Tensor, _Measure | None, _Measure | None, Distances]:
+    """Dead-edge mask, measures and distance tables of parametrised layer ``l`` (1-based) on
+    one example (``acts``: normalised activities of node layers ``0..n``)."""
+    n = len(graph.layers)
+    layer = graph.layers[l - 1]
+    dead = torch.zeros_like(layer.src, dtype=torch.bool)
+    if l > 1:
+        dead |= acts[l - 1][layer.src] == 0
+    if l < n:
+        dead |= acts[l][layer.dst] == 0
+    # mu_i over in-neighbours of i (layer l-2); nu_j over out-neighbours of j (layer l+1).
+    mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2]) if l > 1 else None
+    nu = node_measures(graph.out_nbrs[l], acts[l + 1]) if l < n else None
+    tables = Distances(d_kj=graph.hop2[l - 2] if l > 1 else None,
+                       d_im=graph.hop2[l - 1] if l < n else None,
+                       d_km=graph.hop3[l - 2] if 1 < l < n else None)
+    return dead, mu, nu, tables
+
+
+def bound_example(
+    graph: NeuronGraph,
+    acts: list[torch.Tensor],
+    alpha: float,
+    *,
+    certify_tol: float = 1e-12,
+    block: int = 1 << 22,
+    stats: EngineStats | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Bounds ``(lo, hi, dead)`` on the edge curvatures of one example, per parametrised layer
+    (see :func:`bound_edges`); no transport problem of a single edge is solved."""
+    out = []
+    for l in range(1, len(graph.layers) + 1):
+        layer = graph.layers[l - 1]
+        dead, mu, nu, tables = layer_problem(graph, acts, l)
+        lo, hi = bound_edges(layer.src, layer.dst, layer.length, dead, mu, nu, tables, alpha,
+                             certify_tol=certify_tol, block=block, stats=stats)
+        out.append((lo, hi, dead))
+    return out
+
+
+def solve_layer_edges(
+    graph: NeuronGraph,
+    acts: list[torch.Tensor],
+    l: int,
+    edges: torch.Tensor,
+    alpha: float,
+    *,
+    block: int = 1 << 22,
+    stats: EngineStats | None = None,
+    threads: int = 1,
+) -> torch.Tensor:
+    """Exact curvatures of the live edges ``edges`` (indices into ``graph.layers[l - 1]``,
+    both of whose measures have neighbour parts) on one example (see :func:`solve_edges`)."""
+    layer = graph.layers[l - 1]
+    _, mu, nu, tables = layer_problem(graph, acts, l)
+    return solve_edges(layer.src[edges], layer.dst[edges], layer.length[edges], mu, nu, tables,
+                       alpha, block=block, stats=stats, threads=threads)
+
+
+def score_example(
+    graph: NeuronGraph,
+    acts: list[torch.Tensor],
+    alpha: float,
+    *,
+    certify_tol: float = 1e-12,
+    block: int = 1 << 22,
+    stats: EngineStats | None = None,
+    threads: int = 1,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Edge curvatures of one example, per parametrised layer, every edge exact.
+
+    Returns ``(kappa, dead)``: float64 ``[E_l]`` curvatures and bool ``[E_l]`` dead-edge masks.
+    (:func:`curvprune.neural_curvature` needs only each weight's minimum and solves fewer
+    edges: see :mod:`curvprune.minimum`.)
+
+    Args:
+        graph: the example-independent graph.
+        acts: normalised activities of node layers ``0..n`` for this example.
+        alpha: idleness in ``[0, 1)``.
+        certify_tol: an edge is taken from its bounds when they are at most ``certify_tol``
+            apart (see :func:`bound_edges`).
+        block: number of float64 entries per vectorised chunk (bounds memory).
+        stats: counters to update.
+        threads: CPU threads for the exact network-simplex solves.
+    """
+    kappa, dead_masks = [], []
+    for l in range(1, len(graph.layers) + 1):
+        layer = graph.layers[l - 1]
+        dead, mu, nu, tables = layer_problem(graph, acts, l)
+        kappa.append(score_edges(layer.src, layer.dst, layer.length, dead, mu, nu, tables,
+                                 alpha, certify_tol=certify_tol, block=block, stats=stats,
+                                 threads=threads))
+        dead_masks.append(dead)
+    return kappa, dead_masks
 
 
 def score_edges(
@@ -330,10 +399,54 @@ def score_edges(
     stats: EngineStats | None = None,
     threads: int = 1,
 ) -> torch.Tensor:
-    """Curvatures ``[E]`` (float64) of edges ``src -> dst`` of distance ``d`` on one example.
+    """Exact curvatures ``[E]`` (float64) of edges ``src -> dst`` of distance ``d`` on one
+    example: :func:`bound_edges`, then :func:`solve_edges` where the bounds differ."""
+    lo, hi = bound_edges(src, dst, d, dead, mu, nu, tables, alpha, certify_tol=certify_tol,
+                         block=block, stats=stats)
+    open_ = torch.nonzero(lo < hi).squeeze(1)
+    if open_.numel():
+        lo[open_] = solve_edges(src[open_], dst[open_], d[open_], mu, nu, tables, alpha,
+                                block=block, stats=stats, threads=threads)
+    return lo
 
-    ``dead`` edges get 1; ``mu``/``nu`` are the neighbour measures of the sources' and the
-    targets' node sets (``None``: every node of that side is a point mass).
+
+def bound_edges(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    d: torch.Tensor,
+    dead: torch.Tensor,
+    mu: _Measure | None,
+    nu: _Measure | None,
+    tables: Distances,
+    alpha: float,
+    *,
+    certify_tol: float = 1e-12,
+    block: int = 1 << 22,
+    stats: EngineStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Bounds ``lo <= kappa <= hi`` (float64 ``[E]``) on the curvatures of edges ``src -> dst``
+    of distance ``d`` on one example; ``lo == hi`` where the value is settled.
+
+    ``dead`` edges get 1 and point-mass sides their closed forms; ``mu``/``nu`` are the
+    neighbour measures of the sources' and the targets' node sets (``None``: every node of that
+    side is a point mass). For the other edges, with :math:`X = (W_1 - \alpha d)/(1 - \alpha)`
+    so that :math:`\kappa = 1 - X / d`, the shared problem :math:`X_0 = OT(p, q; C)` and its
+    optimal potentials ``(f, g)`` give
+
+    .. math::
+
+        \max_t \sum_k p_k \min(f_k + t, A_k) + \sum_m q_m \min(g_m - t, B_m) - s
+        \;\le\; X \;\le\; \min\big(X_0,\ [\alpha \ge \tfrac12]\,(p \cdot A + q \cdot B)\big),
+
+    with :math:`A_k = D(k, j)`, :math:`B_m = D(i, m) - d` and ``s`` the potentials' own
+    feasibility residual. The left side is the value of a dual-feasible point of the edge's
+    problem (clipping ``f + t`` and ``g - t`` keeps :math:`f + g \le C` and adds the swap
+    constraints; the atoms take :math:`\alpha d`), so it holds for every alpha; the right side
+    is the cost of the no-swap plan and, for :math:`\alpha \ge 1/2`, of the full swap. It is
+    maximised over ``t`` at three points: the largest ``t`` that clips no row, the smallest that
+    clips no column, and their midpoint; when the first is not below the second, no term is
+    clipped and the two sides meet at :math:`X_0` (the certificate of the module docstring).
+    Bounds at most ``certify_tol`` apart settle the edge at ``lo``, the cost of a plan.
     """
     stats = stats if stats is not None else EngineStats()
     kappa = torch.ones_like(d)
@@ -356,27 +469,30 @@ def score_edges(
         cost = tables.d_kj[mu.table[i].clamp(min=0), j[:, None]]
         kappa[chunk] = 1.0 - _weighted_sum(mu.mass[i], cost) / d[chunk]
     stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
+    upper = kappa.clone()
     general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
     if general.numel():
-        kappa[general] = _general(tables, src[general], dst[general], d[general], mu, nu,
-                                  alpha, certify_tol, block, stats, threads)
-    return kappa
+        kappa[general], upper[general] = _shared_bounds(
+            tables, src[general], dst[general], d[general], mu, nu, alpha, certify_tol, block,
+            stats)
+    return kappa, upper
 
 
-def _general(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
-             mu: _Measure, nu: _Measure, alpha: float, certify_tol: float, block: int,
-             stats: EngineStats, threads: int) -> torch.Tensor:
-    """Edges whose two measures both have neighbour parts (see the module docstring)."""
+def solve_edges(src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor, mu: _Measure,
+                nu: _Measure, tables: Distances, alpha: float, *, block: int = 1 << 22,
+                stats: EngineStats | None = None, threads: int = 1) -> torch.Tensor:
+    """Exact curvatures of live edges whose two measures both have neighbour parts (see the
+    module docstring: full swaps in closed form, the rest by network simplex)."""
+    stats = stats if stats is not None else EngineStats()
     device = d.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
     d_kj, d_im, d_km = tables.d_kj, tables.d_im, tables.d_km
     dk, dm = k_tab.shape[1], m_tab.shape[1]
     kappa = torch.empty_like(d)
-    pending = _certify_shared(tables, src, dst, d, mu, nu, certify_tol, block, stats, kappa)
     zero = torch.zeros((), dtype=d.dtype, device=device)
     p_count, q_count = (p_mass > 0).sum(1), (q_mass > 0).sum(1)
     # Similar support sizes in one chunk, so each chunk is cut to its own widths.
-    pending = pending[torch.argsort(p_count[src[pending]] * (dm + 1) + q_count[dst[pending]])]
+    pending = torch.argsort(p_count[src] * (dm + 1) + q_count[dst])
     in_flight: list[tuple] = []
     for chunk in _chunks(pending, block, 4 * (dk + 1) * (dm + 1)):
         i, j, de = src[chunk], dst[chunk], d[chunk]
@@ -448,14 +564,14 @@ def _finish(item: tuple, kappa: torch.Tensor) -> None:
     kappa[chunk] = 1.0 - x / de
 
 
-def _certify_shared(tables: Distances, src: torch.Tensor, dst: torch.Tensor,
-                    d: torch.Tensor, mu: _Measure, nu: _Measure, certify_tol: float, block: int,
-                    stats: EngineStats, kappa: torch.Tensor) -> torch.Tensor:
-    """Resolve edges whose optimum is the shared no-swap plan; return the other edges.
 
-    Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair and accepts an edge when the
-    dual certificate of the module docstring holds within ``certify_tol * d`` (the residual,
-    including the potentials' own feasibility residual, bounds the error of ``W1``).
+def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
+                   mu: _Measure, nu: _Measure, alpha: float, certify_tol: float, block: int,
+                   stats: EngineStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` of :func:`bound_edges` for edges with two neighbour parts.
+
+    Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (bounded memory: the shared
+    problems' cost blocks are built a chunk at a time).
     """
     device = d.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
@@ -473,10 +589,9 @@ def _certify_shared(tables: Distances, src: torch.Tensor, dst: torch.Tensor,
     rep_i, rep_j = src[first_edge], dst[first_edge]
     stats.shared_problems += pairs.numel()
     x0 = np.empty(pairs.numel())
-    f_pad = np.full((pairs.numel(), dk), -np.inf)
-    g_pad = np.full((pairs.numel(), dm), -np.inf)
+    f_pad = np.zeros((pairs.numel(), dk))
+    g_pad = np.zeros((pairs.numel(), dm))
     slack = np.empty(pairs.numel())
-    # The shared problems' cost blocks are built a chunk at a time (bounded memory).
     for part in _chunks(torch.arange(pairs.numel(), device=device), block, dk * dm):
         ri, rj = rep_i[part], rep_j[part]
         pm, qm = p_mass[ri], q_mass[rj]
@@ -488,19 +603,35 @@ def _certify_shared(tables: Distances, src: torch.Tensor, dst: torch.Tensor,
             x0[t], f, g = _solve_one(pm_np[s], qm_np[s], cost_np[s])
             rows, cols = pm_np[s] > 0, qm_np[s] > 0
             f_pad[t, rows], g_pad[t, cols] = f[rows], g[cols]
-            # (f, g) may miss feasibility by rounding; that residual also bounds the error.
+            # (f, g) may miss feasibility by rounding; the lower bound pays for that residual.
             slack[t] = max(0.0, float((f[rows, None] + g[None, cols]
                                        - cost_np[s][np.ix_(rows, cols)]).max()))
     x0_t, slack_t = torch.from_numpy(x0).to(device), torch.from_numpy(slack).to(device)
     f_t, g_t = torch.from_numpy(f_pad).to(device), torch.from_numpy(g_pad).to(device)
-    pending = []
-    for chunk in _chunks(torch.arange(src.numel(), device=device), block, dk + dm):
-        i, j, pe = src[chunk], dst[chunk], pair_of_edge[chunk]
-        a_k = d_kj[k_tab[i].clamp(min=0), j[:, None]]  # D(k, j)
-        b_m = _gather_rows(d_im, i, m_tab[j]) - d[chunk, None]  # D(i, m) - d
-        residual = ((f_t[pe] - a_k).amax(dim=1) + (g_t[pe] - b_m).amax(dim=1)).clamp(min=0)
-        ok = residual + slack_t[pe] <= certify_tol * d[chunk]
-        kappa[chunk[ok]] = 1.0 - x0_t[pe[ok]] / d[chunk[ok]]
-        stats.certified += int(ok.sum())
-        pending.append(chunk[~ok])
-    return torch.cat(pending)
+    lo, hi = torch.empty_like(d), torch.empty_like(d)
+    inf = torch.tensor(math.inf, dtype=d.dtype, device=device)
+    zero = torch.zeros((), dtype=d.dtype, device=device)
+    for chunk in _chunks(torch.arange(src.numel(), device=device), block, 4 * (dk + dm)):
+        i, j, de, pe = src[chunk], dst[chunk], d[chunk], pair_of_edge[chunk]
+        pm, qm = p_mass[i], q_mass[j]
+        rows, cols = pm > 0, qm > 0
+        a_k = d_kj[k_tab[i].clamp(min=0), j[:, None]]  # A(k) = D(k, j)
+        b_m = _gather_rows(d_im, i, m_tab[j]) - de[:, None]  # B(m) = D(i, m) - d
+        f, g = f_t[pe], g_t[pe]
+        upper = x0_t[pe]
+        if alpha >= 0.5:
+            upper = torch.minimum(upper, _weighted_sum(pm, a_k) + _weighted_sum(qm, b_m))
+        t_row = torch.where(rows, a_k - f, inf).amin(1)  # largest t that clips no row
+        t_col = torch.where(cols, g - b_m, -inf).amax(1)  # smallest t that clips no column
+        lower = torch.full_like(de, -math.inf)
+        for t in (t_row, t_col, 0.5 * (t_row + t_col)):
+            value = (torch.where(rows, pm * torch.minimum(f + t[:, None], a_k), zero).sum(1)
+                     + torch.where(cols, qm * torch.minimum(g - t[:, None], b_m), zero).sum(1))
+            lower = torch.maximum(lower, value)
+        lower = lower - slack_t[pe]
+        lo[chunk] = 1.0 - upper / de
+        hi[chunk] = 1.0 - lower / de
+    settled = hi - lo <= certify_tol
+    hi[settled] = lo[settled]
+    stats.certified += int(settled.sum())
+    return lo, hi

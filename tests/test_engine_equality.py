@@ -390,8 +390,9 @@ def test_tiny_chunks_match_reference(spec, alpha, block, max_block):
     put boundaries everywhere on small networks."""
     model, x = build(spec)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(curvature_module, "score_example",
-                   functools.partial(engine_module.score_example, block=block))
+        for name in ("bound_example", "solve_layer_edges"):
+            mp.setattr(curvature_module, name,
+                       functools.partial(getattr(engine_module, name), block=block))
         mp.setattr(engine_module, "min_plus",
                    functools.partial(distance_module.min_plus, max_block=max_block))
         check_against_reference(model, x, alpha, repr(spec))

@@ -1,0 +1,152 @@
+"""Branch and bound for the per-weight minimum (``curvprune.minimum``) and the engine's bounds.
+
+``neural_curvature`` solves only the edges that can be a weight's minimum, so the equality
+tests of ``test_engine_equality.py`` check the minima. Here: the search itself on synthetic
+values; the engine's bounds contain every edge's exact value; and ``score_example`` (every
+edge exact) equals the reference edge by edge.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import alphas, assert_kappa_equal, build, net_specs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
+from curvprune.engine import EngineStats, NeuronGraph, bound_example, score_example
+from curvprune.graph import layer_edges, trace_chain
+from curvprune.minimum import MinimumSearch
+from curvprune.reference import reference_curvature
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
+
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def searches(draw):
+    """Groups of edges over weights with exact values and bounds around them, some settled."""
+    groups = []
+    for _ in range(draw(st.integers(1, 3))):
+        num_weights = draw(st.integers(1, 6))
+        num_edges = draw(st.integers(1, 12))
+        examples = draw(st.integers(1, 4))
+        seed = draw(st.integers(0, 2**31 - 1))
+        gen = torch.Generator().manual_seed(seed)
+        widx = torch.randint(0, num_weights, (num_edges,), generator=gen)
+        # Few distinct values, so that ties between edges and examples are common.
+        value = torch.randint(-3, 4, (examples, num_edges), generator=gen).double() / 2
+        below = torch.randint(0, 3, (examples, num_edges), generator=gen).double()
+        above = torch.randint(0, 3, (examples, num_edges), generator=gen).double()
+        groups.append((num_weights, widx, value, value - below, value + above))
+    return groups
+
+
+@settings(max_examples=300, **_SETTINGS)
+@given(groups=searches())
+def test_search_finds_every_exact_minimum(groups):
+    search = MinimumSearch([g[1] for g in groups], [g[0] for g in groups])
+    for k, (_, _, value, lo, hi) in enumerate(groups):
+        for x in range(value.shape[0]):
+            search.add(k, x, lo[x], hi[x])
+    calls = []
+
+    def solve(group, example, edges):
+        assert edges.numel() and edges.unique().numel() == edges.numel()
+        calls.append((group, example, edges.tolist()))
+        return groups[group][2][example, edges]
+
+    minima = search.resolve(solve)
+    for k, (num_weights, widx, value, lo, hi) in enumerate(groups):
+        expected = torch.full((num_weights,), torch.inf, dtype=torch.float64)
+        for x in range(value.shape[0]):
+            expected.scatter_reduce_(0, widx, value[x], reduce="amin")
+        assert torch.equal(minima[k], expected)
+        # An edge is solved at most once, and only if its bounds were apart.
+        solved = [(g, x, e) for g, x, edges in calls if g == k for e in edges]
+        assert len(solved) == len(set(solved))
+        assert all(lo[x, e] < hi[x, e] for _, x, e in solved)
+    assert search.solved == sum(len(edges) for _, _, edges in calls) <= search.opened
+
+
+def test_search_skips_edges_that_cannot_be_the_minimum():
+    # One weight, three edges: a settled one at 0, and two open ones above and below it.
+    widx = torch.zeros(3, dtype=torch.long)
+    search = MinimumSearch([widx], [1])
+    lo = torch.tensor([0.0, 0.5, -1.0], dtype=torch.float64)
+    hi = torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64)
+    search.add(0, 0, lo, hi)
+    asked = []
+
+    def solve(group, example, edges):
+        asked.extend(edges.tolist())
+        return torch.full((edges.numel(),), -0.5, dtype=torch.float64)
+
+    assert search.resolve(solve)[0].item() == -0.5
+    assert asked == [2]  # edge 1 (lo 0.5 >= 0) is never solved
+    assert search.opened == 2 and search.solved == 1
+
+
+def test_initial_upper_bounds_rule_out_edges():
+    widx = torch.tensor([0, 1])
+    search = MinimumSearch([widx], [2], initial=[torch.tensor([0.0, 5.0], dtype=torch.float64)])
+    search.add(0, 0, torch.tensor([1.0, 1.0], dtype=torch.float64),
+               torch.tensor([3.0, 3.0], dtype=torch.float64))
+    asked = []
+    minima = search.resolve(lambda g, x, e: asked.extend(e.tolist()) or torch.full(
+        (e.numel(),), 2.0, dtype=torch.float64))
+    assert asked == [1]
+    assert minima[0].tolist() == [0.0, 2.0]
+
+
+def _graph_and_acts(model, x):
+    modules = [layer.module for layer in trace_chain(model)]
+    with scoring_mode(model):
+        values, ins, outs = capture_activations(model, modules, x)
+    graph = NeuronGraph.build([layer_edges(m, ins[k], outs[k]) for k, m in enumerate(modules)],
+                              [m.weight.detach().flatten() for m in modules],
+                              torch.device("cpu"))
+    acts = [normalise_activity(v) for v in values]
+    return graph, [[a[b] for a in acts] for b in range(x.shape[0])]
+
+
+@settings(max_examples=150, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=2,
+                      shifts=(0.0, 0.0, -0.3)),
+       alpha=alphas)
+def test_bounds_contain_every_exact_edge_value(spec, alpha):
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    for acts in examples:
+        stats = EngineStats()
+        exact, _ = score_example(graph, acts, alpha)
+        for (lo, hi, _), value in zip(bound_example(graph, acts, alpha, stats=stats), exact):
+            assert (lo <= hi).all()
+            tol = 1e-9 * (1 + value.abs())
+            assert (lo <= value + tol).all(), (lo - value).max()
+            assert (value <= hi + tol).all(), (value - hi).max()
+            settled = lo == hi
+            assert ((lo - value).abs() <= tol)[settled].all()
+
+
+@settings(max_examples=150, **_SETTINGS)
+@given(spec=net_specs(conv=False, min_layers=3, max_examples=1,
+                      activations=("relu", "tanh", "leaky_relu")),
+       alpha=alphas)
+def test_score_example_equals_the_reference_edge_by_edge(spec, alpha):
+    """With linear layers and one example every weight is one edge, so the reference's
+    per-weight values are per-edge values: ``score_example`` must match each of them (not
+    only the minima)."""
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    kappa, _ = score_example(graph, examples[0], alpha)
+    names = [layer.name for layer in trace_chain(model)]
+    got = {}
+    for k, (name, layer) in enumerate(zip(names, graph.layers)):
+        weight = dict(model.named_parameters())[name]
+        flat = torch.full((weight.numel(),), torch.inf, dtype=torch.float64)
+        flat[layer.widx] = kappa[k]
+        got[name] = flat.view(weight.shape)
+    assert_kappa_equal(got, reference_curvature(model, x, alpha=alpha), atol=1e-6)
