@@ -52,7 +52,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .calibration import normalise_activity
-from .engine import Distances, EngineStats, bound_edges, node_measures, solve_edges
+from .engine import CERTIFY_TOL, Distances, EngineStats, bound_edges, node_measures, solve_edges
 from .measures import padded_neighbours
 from .minimum import MinimumSearch
 
@@ -801,7 +801,7 @@ def score_channel_edges(
     distances: torch.Tensor,
     alpha: float,
     *,
-    certify_tol: float = 1e-12,
+    certify_tol: float = CERTIFY_TOL,
     stats=None,
     threads: int = 1,
     on_example=None,

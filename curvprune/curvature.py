@@ -31,7 +31,14 @@ from .calibration import (
     normalise_activity,
     scoring_mode,
 )
-from .engine import EngineStats, NeuronGraph, bound_example, hop_table_bytes, solve_layer_edges
+from .engine import (
+    CERTIFY_TOL,
+    EngineStats,
+    NeuronGraph,
+    bound_example,
+    hop_table_bytes,
+    solve_layer_edges,
+)
 from .graph import layer_edges, trace_chain
 from .minimum import MinimumSearch
 from .result import CurvatureResult
@@ -94,7 +101,7 @@ def neural_curvature(
     granularity: str = "neuron",
     device: str | torch.device | None = None,
     progress: bool = False,
-    certify_tol: float = 1e-12,
+    certify_tol: float = CERTIFY_TOL,
     threads: int | None = None,
     memory_budget: int | None = None,
 ) -> CurvatureResult:

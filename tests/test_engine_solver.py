@@ -27,6 +27,26 @@ def test_solve_one_equals_emd2_including_zero_mass_padding():
         assert (f[rows, None] + g[None, cols] - cost[np.ix_(rows, cols)]).max() <= 1e-12
 
 
+@pytest.mark.parametrize("offset", [-20.0, -5.0, -1.0])
+def test_problems_with_negative_costs_are_solved(offset):
+    """The engine's merged problems have negative costs (``D(i, m) - d``). POT reports a problem
+    with no positive cost as infeasible (value 0); the wrapper shifts the costs instead."""
+    rng = np.random.default_rng(7)
+    for n, m, zeros in [(1, 5, 0), (2, 3, 0), (6, 4, 2)]:
+        a, b, cost = random_problem(rng, n, m, zeros)
+        cost = cost + offset
+        value, f, g = engine._solve_one(a, b, cost)
+        assert value == pytest.approx(ot.emd2(a, b, cost - offset) + offset, abs=1e-12)
+        rows, cols = a > 0, b > 0
+        assert (f[rows, None] + g[None, cols] - cost[np.ix_(rows, cols)]).max() <= 1e-12
+        assert f[rows] @ a[rows] + g[cols] @ b[cols] == pytest.approx(value, abs=1e-12)
+    # The failure it avoids: POT itself on a negative problem with zero-mass padding.
+    a, b, cost = np.array([0.5, 0.5]), np.array([0.0, 0.5, 0.5]), -np.arange(1.0, 7.0).reshape(2, 3)
+    with pytest.warns(UserWarning, match="infeasible"):
+        assert ot.emd2(a, b, cost) == 0
+    assert engine._solve_one(a, b, cost)[0] == pytest.approx(-4.0, abs=1e-12)  # any plan
+
+
 def test_solve_batch_matches_one_by_one_with_threads():
     rng = np.random.default_rng(1)
     problems = [random_problem(rng, 6, 9, 2) for _ in range(11)]
