@@ -441,13 +441,17 @@ def bound_edges(
     .. math::
 
         \max_t \sum_k p_k \min(f_k + t, A_k) + \sum_m q_m \min(g_m - t, B_m) - s
-        \;\le\; X \;\le\; \min\big(X_0,\ [\alpha \ge \tfrac12]\,(p \cdot A + q \cdot B)\big),
+        \;\le\; X \;\le\; \min\big(X_0,\ \lambda (p \cdot A + q \cdot B)
+        + (1 - \lambda) X_0\big),
 
-    with :math:`A_k = D(k, j)`, :math:`B_m = D(i, m) - d` and ``s`` the potentials' own
+    with :math:`A_k = D(k, j)`, :math:`B_m = D(i, m) - d`,
+    :math:`\lambda = \min(1, \alpha / (1 - \alpha))` and ``s`` the potentials' own
     feasibility residual. The left side is the value of a dual-feasible point of the edge's
     problem (clipping ``f + t`` and ``g - t`` keeps :math:`f + g \le C` and adds the swap
-    constraints; the atoms take :math:`\alpha d`), so it holds for every alpha; the right side
-    is the cost of the no-swap plan and, for :math:`\alpha \ge 1/2`, of the full swap. It is
+    constraints; the atoms take :math:`\alpha d`), so it holds for every alpha. The right side
+    is the cost of the no-swap plan and of a plan that routes a share :math:`\lambda` of every
+    unit through the atoms (``k -> j`` and ``i -> m``; the atoms hold :math:`\alpha`, so the
+    share is all of it only for :math:`\alpha \ge 1/2`) and the rest by the shared plan. It is
     maximised over ``t`` at three points: the largest ``t`` that clips no row, the smallest that
     clips no column, and their midpoint; when the first is not below the second, no term is
     clipped and the two sides meet at :math:`X_0` (the certificate of the module docstring).
@@ -614,6 +618,7 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
     x0_t, slack_t = torch.from_numpy(x0).to(device), torch.from_numpy(slack).to(device)
     f_t, g_t = torch.from_numpy(f_pad).to(device), torch.from_numpy(g_pad).to(device)
     lo, hi = torch.empty_like(d), torch.empty_like(d)
+    lam = min(1.0, alpha / (1.0 - alpha))
     inf = torch.tensor(math.inf, dtype=d.dtype, device=device)
     zero = torch.zeros((), dtype=d.dtype, device=device)
     for chunk in _chunks(torch.arange(src.numel(), device=device), block, 4 * (dk + dm)):
@@ -623,9 +628,11 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
         a_k = d_kj[k_tab[i].clamp(min=0), j[:, None]]  # A(k) = D(k, j)
         b_m = _gather_rows(d_im, i, m_tab[j]) - de[:, None]  # B(m) = D(i, m) - d
         f, g = f_t[pe], g_t[pe]
+        # Plans: no swap (X0), and a share lam of every unit swapped (all of it for alpha >= 1/2).
         upper = x0_t[pe]
-        if alpha >= 0.5:
-            upper = torch.minimum(upper, _weighted_sum(pm, a_k) + _weighted_sum(qm, b_m))
+        if lam > 0:
+            swap = _weighted_sum(pm, a_k) + _weighted_sum(qm, b_m)
+            upper = torch.minimum(upper, lam * swap + (1.0 - lam) * upper)
         t_row = torch.where(rows, a_k - f, inf).amin(1)  # largest t that clips no row
         t_col = torch.where(cols, g - b_m, -inf).amax(1)  # smallest t that clips no column
         lower = torch.full_like(de, -math.inf)
