@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -38,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, trained_model  # noqa: E402
 
 from curvprune import neural_curvature  # noqa: E402
-from curvprune.calibration import capture_activations, scoring_mode  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 from curvprune.engine import hop_table_bytes  # noqa: E402
-from curvprune.graph import layer_edges, trace_chain  # noqa: E402
+from curvprune.graph import chain_structure  # noqa: E402
 from curvprune.reference import reference_curvature, time_reference_per_edge  # noqa: E402
 
 
@@ -60,12 +58,9 @@ def engine_tables(model, example: torch.Tensor) -> dict:
     """Bytes of the engine's dense hop tables (``L -> L+2`` and ``L -> L+3``, float64) and the
     scalar operations of the min-plus products that fill them (one row of the target layer per
     edge of the first hop), from the layer sizes and structural edge counts."""
-    modules = [layer.module for layer in trace_chain(model)]
-    with scoring_mode(model):
-        _, in_shapes, out_shapes = capture_activations(model, modules, example[:1])
-    sizes = [math.prod(in_shapes[0])] + [math.prod(s) for s in out_shapes]
-    edges = [layer_edges(m, in_shapes[k], out_shapes[k]).src.numel()
-             for k, m in enumerate(modules)]
+    _, structures = chain_structure(model, example)
+    sizes = [structures[0].n_in] + [s.n_out for s in structures]
+    edges = [s.src.numel() for s in structures]
     n = len(edges)
     ops = sum(edges[L] * sizes[L + 2] for L in range(n - 1)) + \
         sum(edges[L] * sizes[L + 3] for L in range(n - 2))

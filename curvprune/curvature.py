@@ -39,7 +39,7 @@ from .engine import (
     hop_table_bytes,
     solve_layer_edges,
 )
-from .graph import layer_edges, trace_chain
+from .graph import chain_structure, layer_edges, trace_chain
 from .minimum import MinimumSearch
 from .result import CurvatureResult
 
@@ -324,14 +324,11 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
                         memory_budget: int) -> str:
     """``"neuron"`` if the model is a chain whose hop tables fit the budget, else ``"channel"``."""
     try:
-        layers = trace_chain(model)
+        trace_chain(model)
     except ValueError:
         return "channel"
-    modules = [layer.module for layer in layers]
-    with scoring_mode(model):
-        _, in_shapes, out_shapes = capture_activations(
-            model, modules, _first_example(calibration, model_device))
-    sizes = [math.prod(in_shapes[0])] + [math.prod(s) for s in out_shapes]
+    _, structures = chain_structure(model, _first_example(calibration, model_device))
+    sizes = [structures[0].n_in] + [s.n_out for s in structures]
     return "neuron" if hop_table_bytes(sizes) <= memory_budget else "channel"
 
 

@@ -241,3 +241,20 @@ def layer_edges(
     dst = (oc * (h_out * w_out) + yo * w_out + xo).expand(shape)[valid]
     widx = (((oc * cg_in + icg) * kh + ky) * kw + kx).expand(shape)[valid]
     return LayerEdges(src, dst, widx, c_in * h_in * w_in, c_out * h_out * w_out)
+
+
+def chain_structure(model: nn.Module, example: torch.Tensor
+                    ) -> tuple[list[ParamLayer], list[LayerEdges]]:
+    """The parametrised layers of a chain model and their structural edges.
+
+    One forward pass of ``example[:1]`` (in scoring mode: eval, no autograd, the model left as
+    it was) gives every layer's input and output shapes. Node-layer sizes are
+    ``[structures[0].n_in] + [s.n_out for s in structures]``.
+    """
+    from .calibration import capture_activations, scoring_mode
+
+    layers = trace_chain(model)
+    modules = [layer.module for layer in layers]
+    with scoring_mode(model):
+        _, in_shapes, out_shapes = capture_activations(model, modules, example[:1])
+    return layers, [layer_edges(m, in_shapes[k], out_shapes[k]) for k, m in enumerate(modules)]

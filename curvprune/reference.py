@@ -32,7 +32,7 @@ from .calibration import (
     normalise_activity,
     scoring_mode,
 )
-from .graph import layer_edges, trace_chain
+from .graph import chain_structure, layer_edges, trace_chain
 
 __all__ = ["reference_curvature", "channel_reference_curvature"]
 
@@ -172,14 +172,10 @@ def time_reference_per_edge(model: nn.Module, calibration, *, alpha: float = 0.9
     Returns ``(seconds_per_edge_example, edges_per_example)`` so that a caller can extrapolate
     the reference's time on a network too large for it to finish.
     """
-    layers = trace_chain(model)
-    modules = [layer.module for layer in layers]
     inputs = next(iter(iter_calibration_inputs(calibration)))
-    with scoring_mode(model):
-        _, in_shapes, out_shapes = capture_activations(model, modules, inputs[:1])
+    layers, structures = chain_structure(model, inputs)
     rng = np.random.default_rng(seed)
-    counts = [layer_edges(m, in_shapes[k], out_shapes[k]).src.numel()
-              for k, m in enumerate(modules)]
+    counts = [s.src.numel() for s in structures]
     total = sum(counts)
     chosen = {}
     for k, layer in enumerate(layers):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvprune import neural_curvature
-from curvprune.graph import layer_edges, trace_chain
+from curvprune.graph import chain_structure, layer_edges, trace_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
@@ -107,6 +107,23 @@ def test_conv_edges_special_cases(kwargs):
     out_shape = tuple(conv(torch.zeros(1, *in_shape)).shape[1:])
     edges = layer_edges(conv, in_shape, out_shape)
     assert torch.equal(_edge_keys(edges), _edges_by_perturbation(conv, in_shape))
+
+
+def test_chain_structure_gives_layer_sizes_and_edges_and_leaves_the_model_alone():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers, structures = chain_structure(model, torch.randn(5, 2, 6, 6))
+    assert [layer.name for layer in layers] == ["0.weight", "4.weight"]
+    assert [structures[0].n_in] + [s.n_out for s in structures] == [72, 27, 4]
+    # Each output position of the stride-2 conv sees a 3x3 window clipped by the border.
+    assert structures[0].src.numel() == 3 * 2 * sum(
+        len([r for r in range(2 * y - 1, 2 * y + 2) if 0 <= r < 6])
+        * len([c for c in range(2 * x - 1, 2 * x + 2) if 0 <= c < 6])
+        for y in range(3) for x in range(3))
+    assert structures[1].src.numel() == 27 * 4
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_linear_edges_are_complete_bipartite():

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
 from curvprune.engine import EngineStats, NeuronGraph, bound_example, score_example
-from curvprune.graph import layer_edges, trace_chain
+from curvprune.graph import chain_structure, trace_chain
 from curvprune.minimum import MinimumSearch
 from curvprune.reference import reference_curvature
 
@@ -102,12 +102,12 @@ def test_initial_upper_bounds_rule_out_edges():
 
 
 def _graph_and_acts(model, x):
-    modules = [layer.module for layer in trace_chain(model)]
-    with scoring_mode(model):
-        values, ins, outs = capture_activations(model, modules, x)
-    graph = NeuronGraph.build([layer_edges(m, ins[k], outs[k]) for k, m in enumerate(modules)],
-                              [m.weight.detach().flatten() for m in modules],
+    layers, structures = chain_structure(model, x)
+    modules = [layer.module for layer in layers]
+    graph = NeuronGraph.build(structures, [m.weight.detach().flatten() for m in modules],
                               torch.device("cpu"))
+    with scoring_mode(model):
+        values, _, _ = capture_activations(model, modules, x)
     acts = [normalise_activity(v) for v in values]
     return graph, [[a[b] for a in acts] for b in range(x.shape[0])]
 
