@@ -230,8 +230,10 @@ def neural_curvature(
         if bar is not None:
             bar.set_description("curvature (exact minima)")
         with _torch_threads(1 if threads > 1 else None):
-            kappa = search.resolve(lambda k, x, edges: solve_layer_edges(
-                graph, example_acts[x], k + 1, edges, alpha, stats=stats, threads=threads))
+            kappa = search.resolve(
+                lambda k, x, edges: solve_layer_edges(graph, example_acts[x], k + 1, edges,
+                                                      alpha, stats=stats, threads=threads),
+                on_solved=_show_solved(bar))
         stats.bounded += search.opened - search.solved
     return CurvatureResult(
         kappa={n: kappa[k].view(weight_shapes[k]).to(modules[k].weight.device)
@@ -281,6 +283,13 @@ def _progress_bar(progress: bool, desc: str, calibration):
         yield bar
     finally:
         bar.close()
+
+
+def _show_solved(bar):
+    """A callback that shows the number of exact solves on ``bar`` (``None`` without a bar)."""
+    if bar is None:
+        return None
+    return lambda count: bar.set_postfix_str(f"{count} edges solved exactly", refresh=True)
 
 
 def _float_batches(calibration, model_device: torch.device):
@@ -369,7 +378,7 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                 value, live = score_channel_edges(
                     graph, distances, alpha, certify_tol=certify_tol, stats=stats,
                     threads=threads, on_example=bar.update if bar is not None else None,
-                    best=edge_kappa)
+                    best=edge_kappa, on_solved=_show_solved(bar))
             edge_kappa = torch.minimum(edge_kappa, value)
             edge_live |= live
             num_examples += inputs.shape[0]

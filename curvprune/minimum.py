@@ -71,14 +71,15 @@ class MinimumSearch:
             parts.append((example, edges, lo[edges]))
         self._open[group] = parts
 
-    def resolve(self, solve: Callable[[int, int, torch.Tensor], torch.Tensor]
-                ) -> list[torch.Tensor]:
+    def resolve(self, solve: Callable[[int, int, torch.Tensor], torch.Tensor],
+                on_solved: Callable[[int], None] | None = None) -> list[torch.Tensor]:
         """Solve edges until every minimum is exact; return the minima per group.
 
         ``solve(group, example, edges)`` returns the exact values of ``edges`` (indices into
         the group's edges) on that example. Each round solves, per weight, the open edges with
         the lowest ``lo`` (one per weight for four rounds, then twice as many each round, so
-        that a weight with many open edges needs few rounds).
+        that a weight with many open edges needs few rounds). ``on_solved(count)`` is called
+        after each ``solve`` with the number solved so far (for progress display).
         """
         for group, parts in enumerate(self._open):
             if not parts:
@@ -107,6 +108,8 @@ class MinimumSearch:
                     value = solve(group, x, edges[now])
                     best.scatter_reduce_(0, widx[edges[now]], value, reduce="amin")
                     self.solved += now.numel()
+                    if on_solved is not None:
+                        on_solved(self.solved)
                 example, edges, lo = example[~chosen], edges[~chosen], lo[~chosen]
                 round_ += 1
                 if round_ >= 4:

@@ -58,7 +58,9 @@ def test_search_finds_every_exact_minimum(groups):
         calls.append((group, example, edges.tolist()))
         return groups[group][2][example, edges]
 
-    minima = search.resolve(solve)
+    counts = []
+    minima = search.resolve(solve, on_solved=counts.append)
+    assert counts == sorted(set(counts)) and counts[-1:] == ([search.solved] if calls else [])
     for k, (num_weights, widx, value, lo, hi) in enumerate(groups):
         expected = torch.full((num_weights,), torch.inf, dtype=torch.float64)
         for x in range(value.shape[0]):
