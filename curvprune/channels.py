@@ -52,7 +52,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .calibration import normalise_activity
-from .engine import CERTIFY_TOL, Distances, EngineStats, bound_edges, node_measures, solve_edges
+from .engine import (
+    CERTIFY_TOL,
+    Distances,
+    EngineStats,
+    bound_edges,
+    cut_measures,
+    node_measures,
+    solve_edges,
+)
 from .measures import padded_neighbours
 from .minimum import MinimumSearch
 
@@ -828,12 +836,17 @@ def score_channel_edges(
     d = distances[src, dst]
     tables = Distances(distances, distances, distances)
 
+    in_len = padded_neighbours(graph.dst, graph.length, n, fill=0.0)
+    out_len = padded_neighbours(graph.src, graph.length, n, fill=0.0)
+
     def measures(b: int):
-        mu = node_measures(in_table, graph.activity[b])
-        nu = node_measures(out_table, graph.activity[b])
+        mu = node_measures(in_table, graph.activity[b], in_len)
+        nu = node_measures(out_table, graph.activity[b], out_len)
         mu.has &= ~graph.inputs  # an input node's measure is its point mass
         nu.has &= ~graph.outputs  # so is an output node's
-        return mu, nu
+        # Every path k -> i -> j -> m is at most reach + D(i, j) + reach long (edge lengths
+        # bound shortest paths), so the cut of negligible masses is bounded as in the engine.
+        return cut_measures(mu, nu, src, dst, d, certify_tol)
 
     initial = None if best is None else [best[scored].clone()]
     search = MinimumSearch([torch.arange(scored.numel(), device=d.device)], [scored.numel()],

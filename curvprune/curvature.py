@@ -133,10 +133,13 @@ def neural_curvature(
         device: where the engine runs; defaults to the model's device. The model itself is not
             moved; inputs are moved to the model's device for the forward pass.
         progress: show a progress bar over calibration examples.
-        certify_tol: an edge is settled without a transport solve when its curvature bounds
-            are at most this far apart (see :func:`curvprune.engine.bound_edges`); the others
-            are solved exactly when they can be their weight's minimum
-            (:mod:`curvprune.minimum`).
+        certify_tol: tolerance of the engine's shortcuts (default 1e-14, a few ulps): masses
+            whose effect on kappa is below half of it are cut from the measures
+            (:func:`curvprune.engine.cut_measures`), and an edge whose curvature bounds are less
+            than half of it apart is settled without a transport solve
+            (:func:`curvprune.engine.bound_edges`); every kappa is within it of the exact value.
+            ``0`` turns both off. Other edges are solved exactly when they can be their
+            weight's minimum (:mod:`curvprune.minimum`).
         threads: CPU threads for the exact transport solves (default: ``torch.get_num_threads()``).
             With more than one, torch's own ops run on one thread during the call (restored
             after), so that the two do not compete for the cores.
@@ -232,7 +235,8 @@ def neural_curvature(
         with _torch_threads(1 if threads > 1 else None):
             kappa = search.resolve(
                 lambda k, x, edges: solve_layer_edges(graph, example_acts[x], k + 1, edges,
-                                                      alpha, stats=stats, threads=threads),
+                                                      alpha, certify_tol=certify_tol,
+                                                      stats=stats, threads=threads),
                 on_solved=_show_solved(bar))
         stats.bounded += search.opened - search.solved
     return CurvatureResult(

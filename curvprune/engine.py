@@ -28,6 +28,9 @@ the structure of the problem instead of solving one linear program per edge:
   bounds (:func:`bound_edges`). Edges whose bounds are within ``certify_tol`` are settled;
   :func:`curvprune.neural_curvature` solves the others only when they can be their weight's
   minimum (:mod:`curvprune.minimum`).
+* **Negligible masses cut.** Neighbour weights :math:`\exp(-1/a^2)` span hundreds of orders of
+  magnitude; the smallest masses are dropped while a bound on their effect on every edge's
+  kappa stays within ``certify_tol / 2`` (:func:`cut_measures`), which shrinks the problems.
 * **Full swaps** (:math:`\alpha \ge 1/2`). If :math:`D(k, j) + D(i, m) - d \le C(k, m)` on the
   supports, every unit of ``p`` is best routed through ``j`` and every unit of ``q`` from ``i``:
   :math:`\kappa = 1 - (\sum_k p_k D(k, j) + \sum_m q_m D(i, m) - d) / d`. With
@@ -56,11 +59,12 @@ from .measures import neighbour_measures, padded_neighbours
 
 __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
            "bound_example", "bound_edges", "solve_layer_edges", "solve_edges", "layer_problem",
-           "node_measures", "hop_table_bytes", "CERTIFY_TOL"]
+           "node_measures", "cut_measures", "hop_table_bytes", "CERTIFY_TOL"]
 
-#: Default gap under which an edge's curvature bounds settle it without a transport solve: a few
-#: ulps of kappa (see :func:`bound_edges`). Larger gaps only cost time: the edge goes on to the
-#: exact solver when it can be its weight's minimum.
+#: Default tolerance of the engine's shortcuts, in units of kappa: half of it for cutting
+#: negligible masses from the measures (:func:`cut_measures`), half for settling an edge whose
+#: bounds are that close (:func:`bound_edges`), so every kappa is within it of the exact value
+#: (a few ulps). A smaller value only costs time; 0 turns both shortcuts off.
 CERTIFY_TOL = 1e-14
 
 _MAX_ITER = 1_000_000
@@ -105,14 +109,17 @@ class NeuronGraph:
 
     Node layers are ``0..n``; ``layers[l-1]`` holds the nonzero edges of parametrised layer
     ``l`` (between node layers ``l-1`` and ``l``). ``in_nbrs[L]`` (``L >= 1``) and
-    ``out_nbrs[L]`` (``L < n``) are padded neighbour tables; ``hop2[L]`` is the ``L -> L+2``
-    distance table and ``hop3[L]`` the ``L -> L+3`` one.
+    ``out_nbrs[L]`` (``L < n``) are padded neighbour tables and ``in_len``/``out_len`` the
+    lengths of those edges, slot by slot; ``hop2[L]`` is the ``L -> L+2`` distance table and
+    ``hop3[L]`` the ``L -> L+3`` one.
     """
 
     sizes: list[int]
     layers: list[_Layer]
     in_nbrs: list[torch.Tensor | None] = field(default_factory=list)
     out_nbrs: list[torch.Tensor | None] = field(default_factory=list)
+    in_len: list[torch.Tensor | None] = field(default_factory=list)
+    out_len: list[torch.Tensor | None] = field(default_factory=list)
     hop2: list[torch.Tensor] = field(default_factory=list)
     hop3: list[torch.Tensor] = field(default_factory=list)
 
@@ -137,6 +144,14 @@ class NeuronGraph:
         ]
         graph.out_nbrs = [
             padded_neighbours(layers[L].src, layers[L].dst, sizes[L]) for L in range(n)
+        ] + [None]
+        graph.in_len = [None] + [
+            padded_neighbours(layers[L - 1].dst, layers[L - 1].length, sizes[L], fill=0.0)
+            for L in range(1, n + 1)
+        ]
+        graph.out_len = [
+            padded_neighbours(layers[L].src, layers[L].length, sizes[L], fill=0.0)
+            for L in range(n)
         ] + [None]
         # hop2[L]: L -> L+2 (through param layers L+1 and L+2); hop3[L]: L -> L+3.
         for L in range(n - 1):
@@ -171,20 +186,90 @@ class _Measure:
 
     ``table[v, s]`` is the neighbour in slot ``s`` of node ``v`` and ``mass[v, s]`` its mass
     (0 past the support); ``has[v]`` says whether ``v`` has any support (else a point mass).
+    ``reach[v]`` bounds the distance between ``v`` and every node of its (uncut) support.
     """
 
     table: torch.Tensor
     mass: torch.Tensor
     has: torch.Tensor
+    reach: torch.Tensor
 
 
-def node_measures(table: torch.Tensor, activity: torch.Tensor) -> _Measure:
-    """Measures of a layer with each node's support moved to the front and empty slots cut."""
+def node_measures(table: torch.Tensor, activity: torch.Tensor,
+                  lengths: torch.Tensor | None = None) -> _Measure:
+    """Measures of a layer with each node's support moved to the front and empty slots cut.
+
+    ``lengths`` (the edge lengths to the neighbours, slot by slot) give ``reach``; without
+    them ``reach`` is ``+inf`` (and :func:`cut_measures` cuts nothing)."""
     mass, has = neighbour_measures(table, activity)
+    if lengths is None:
+        reach = torch.full_like(has, math.inf, dtype=mass.dtype)
+    else:
+        reach = torch.where(mass > 0, lengths, 0.0).amax(1) if mass.shape[1] else \
+            torch.zeros_like(has, dtype=mass.dtype)
+    return _support_first(table, mass, has, reach)
+
+
+def _support_first(table: torch.Tensor, mass: torch.Tensor, has: torch.Tensor,
+                   reach: torch.Tensor) -> _Measure:
     order = torch.argsort((mass <= 0).to(torch.int8), dim=1, stable=True)
     width = int((mass > 0).sum(dim=1).max()) if mass.numel() else 0
     order = order[:, :width]
-    return _Measure(table.gather(1, order), mass.gather(1, order), has)
+    return _Measure(table.gather(1, order), mass.gather(1, order), has, reach)
+
+
+def cut_measures(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor,
+                 dst: torch.Tensor, d: torch.Tensor, tol: float
+                 ) -> tuple[_Measure | None, _Measure | None]:
+    r"""Drop the negligible masses of the measures of edges ``src -> dst`` (distance ``d``),
+    moving every edge's curvature by at most ``tol / 2``.
+
+    Neighbour weights :math:`\exp(-1/a^2)` span hundreds of orders of magnitude, so most of a
+    support often carries less mass than the rounding of the rest. Cutting mass
+    :math:`\epsilon_p` from ``p`` and :math:`\epsilon_q` from ``q`` (the rest rescaled to 1)
+    changes :math:`\kappa` by at most :math:`(\epsilon_p + \epsilon_q) M / d`, where ``M``
+    bounds every ground cost of the edge's problem: optimal potentials can be taken
+    c-concave, so they vary by at most ``M`` over a side, and the change of the masses sums to
+    zero on each side. With :math:`M \le L_p + d + L_q` (the path ``k -> i -> j -> m``;
+    ``L`` the nodes' ``reach``), each node's cut is chosen from its shortest edge in ``d`` and
+    the longest reach of the other side so that every edge stays within ``tol / 2``. The
+    smallest masses are cut first; the largest always stays.
+    """
+    if tol <= 0 or src.numel() == 0:
+        return mu, nu
+    if mu is not None:
+        other = float(nu.reach.max()) if nu is not None and nu.reach.numel() else 0.0
+        mu = _cut(mu, _cut_budget(mu, src, d, other, tol))
+    if nu is not None:
+        other = float(mu.reach.max()) if mu is not None and mu.reach.numel() else 0.0
+        nu = _cut(nu, _cut_budget(nu, dst, d, other, tol))
+    return mu, nu
+
+
+def _cut_budget(measure: _Measure, nodes: torch.Tensor, d: torch.Tensor, other: float,
+                tol: float) -> torch.Tensor:
+    """Mass each node may lose: ``eps ((reach + other) / d_min + 1) <= tol / 4``."""
+    d_min = torch.full_like(measure.reach, math.inf).scatter_reduce_(0, nodes, d, reduce="amin")
+    budget = (tol / 4) / ((measure.reach + other) / d_min + 1.0)
+    return torch.nan_to_num(budget, nan=0.0)
+
+
+def _cut(measure: _Measure, budget: torch.Tensor) -> _Measure:
+    """Zero each node's smallest masses while their sum stays within its budget; rescale."""
+    mass = measure.mass
+    if mass.shape[1] == 0:
+        return measure
+    ascending, order = torch.sort(torch.where(mass > 0, mass, math.inf), dim=1)
+    finite = torch.isfinite(ascending)
+    dropped = torch.cumsum(torch.where(finite, ascending, 0.0), dim=1)
+    cut_sorted = finite & (dropped <= budget[:, None])
+    cut = torch.zeros_like(cut_sorted).scatter_(1, order, cut_sorted)
+    if not cut.any():
+        return measure
+    kept = torch.where(cut, 0.0, mass)
+    total = kept.sum(1, keepdim=True)
+    kept = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), 0.0)
+    return _support_first(measure.table, kept, measure.has, measure.reach)
 
 
 def _chunks(index: torch.Tensor, block: int, width: int) -> tuple[torch.Tensor, ...]:
@@ -292,10 +377,12 @@ class Distances:
     d_km: torch.Tensor | None
 
 
-def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int
+def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int,
+                  certify_tol: float = CERTIFY_TOL
                   ) -> tuple[torch.Tensor, _Measure | None, _Measure | None, Distances]:
-    """Dead-edge mask, measures and distance tables of parametrised layer ``l`` (1-based) on
-    one example (``acts``: normalised activities of node layers ``0..n``)."""
+    """Dead-edge mask, measures (cut by :func:`cut_measures` within ``certify_tol / 2``) and
+    distance tables of parametrised layer ``l`` (1-based) on one example (``acts``: normalised
+    activities of node layers ``0..n``)."""
     n = len(graph.layers)
     layer = graph.layers[l - 1]
     dead = torch.zeros_like(layer.src, dtype=torch.bool)
@@ -304,8 +391,9 @@ def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int
     if l < n:
         dead |= acts[l][layer.dst] == 0
     # mu_i over in-neighbours of i (layer l-2); nu_j over out-neighbours of j (layer l+1).
-    mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2]) if l > 1 else None
-    nu = node_measures(graph.out_nbrs[l], acts[l + 1]) if l < n else None
+    mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2], graph.in_len[l - 1]) if l > 1 else None
+    nu = node_measures(graph.out_nbrs[l], acts[l + 1], graph.out_len[l]) if l < n else None
+    mu, nu = cut_measures(mu, nu, layer.src, layer.dst, layer.length, certify_tol)
     tables = Distances(d_kj=graph.hop2[l - 2] if l > 1 else None,
                        d_im=graph.hop2[l - 1] if l < n else None,
                        d_km=graph.hop3[l - 2] if 1 < l < n else None)
@@ -326,7 +414,7 @@ def bound_example(
     out = []
     for l in range(1, len(graph.layers) + 1):
         layer = graph.layers[l - 1]
-        dead, mu, nu, tables = layer_problem(graph, acts, l)
+        dead, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
         lo, hi = bound_edges(layer.src, layer.dst, layer.length, dead, mu, nu, tables, alpha,
                              certify_tol=certify_tol, block=block, stats=stats)
         out.append((lo, hi, dead))
@@ -340,14 +428,16 @@ def solve_layer_edges(
     edges: torch.Tensor,
     alpha: float,
     *,
+    certify_tol: float = CERTIFY_TOL,
     block: int = 1 << 22,
     stats: EngineStats | None = None,
     threads: int = 1,
 ) -> torch.Tensor:
     """Exact curvatures of the live edges ``edges`` (indices into ``graph.layers[l - 1]``,
-    both of whose measures have neighbour parts) on one example (see :func:`solve_edges`)."""
+    both of whose measures have neighbour parts) on one example (see :func:`solve_edges`;
+    ``certify_tol`` as for :func:`layer_problem`)."""
     layer = graph.layers[l - 1]
-    _, mu, nu, tables = layer_problem(graph, acts, l)
+    _, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
     return solve_edges(layer.src[edges], layer.dst[edges], layer.length[edges], mu, nu, tables,
                        alpha, block=block, stats=stats, threads=threads)
 
@@ -381,7 +471,7 @@ def score_example(
     kappa, dead_masks = [], []
     for l in range(1, len(graph.layers) + 1):
         layer = graph.layers[l - 1]
-        dead, mu, nu, tables = layer_problem(graph, acts, l)
+        dead, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
         kappa.append(score_edges(layer.src, layer.dst, layer.length, dead, mu, nu, tables,
                                  alpha, certify_tol=certify_tol, block=block, stats=stats,
                                  threads=threads))
@@ -455,7 +545,7 @@ def bound_edges(
     maximised over ``t`` at three points: the largest ``t`` that clips no row, the smallest that
     clips no column, and their midpoint; when the first is not below the second, no term is
     clipped and the two sides meet at :math:`X_0` (the certificate of the module docstring).
-    Bounds at most ``certify_tol`` apart settle the edge at ``lo``, the cost of a plan.
+    Bounds at most ``certify_tol / 2`` apart settle the edge at ``lo``, the cost of a plan.
     """
     stats = stats if stats is not None else EngineStats()
     kappa = torch.ones_like(d)
@@ -643,7 +733,7 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
         lower = lower - slack_t[pe]
         lo[chunk] = 1.0 - upper / de
         hi[chunk] = 1.0 - lower / de
-    settled = hi - lo <= certify_tol
+    settled = hi - lo <= certify_tol / 2
     hi[settled] = lo[settled]
     stats.certified += int(settled.sum())
     return lo, hi

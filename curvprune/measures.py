@@ -24,16 +24,20 @@ __all__ = ["padded_neighbours", "neighbour_measures"]
 _TINY = torch.finfo(torch.float64).tiny
 
 
-def padded_neighbours(keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """Group ``values`` by ``keys`` into an ``[n, max_degree]`` table padded with ``-1``."""
+def padded_neighbours(keys: torch.Tensor, values: torch.Tensor, n: int,
+                      fill: float = -1) -> torch.Tensor:
+    """Group ``values`` by ``keys`` into an ``[n, max_degree]`` table padded with ``fill``.
+
+    Values keep their order within a key, so tables of two value arrays over the same keys
+    line up slot by slot (neighbours and the lengths of the edges to them)."""
     if keys.numel() == 0:
-        return torch.full((n, 0), -1, dtype=torch.long, device=keys.device)
+        return torch.full((n, 0), fill, dtype=values.dtype, device=keys.device)
     order = torch.argsort(keys, stable=True)
     k, v = keys[order], values[order]
     counts = torch.bincount(k, minlength=n)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(k.numel(), device=k.device) - starts[k]
-    table = torch.full((n, int(counts.max())), -1, dtype=torch.long, device=keys.device)
+    table = torch.full((n, int(counts.max())), fill, dtype=values.dtype, device=keys.device)
     table[k, position] = v
     return table
 

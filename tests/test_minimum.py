@@ -15,7 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
-from curvprune.engine import EngineStats, NeuronGraph, bound_example, score_example
+from curvprune.engine import (
+    EngineStats,
+    NeuronGraph,
+    bound_example,
+    cut_measures,
+    layer_problem,
+    node_measures,
+    score_edges,
+    score_example,
+)
 from curvprune.graph import chain_structure, trace_chain
 from curvprune.minimum import MinimumSearch
 from curvprune.reference import reference_curvature
@@ -152,3 +161,52 @@ def test_score_example_equals_the_reference_edge_by_edge(spec, alpha):
         flat[layer.widx] = kappa[k]
         got[name] = flat.view(weight.shape)
     assert_kappa_equal(got, reference_curvature(model, x, alpha=alpha), atol=1e-6)
+
+
+@settings(max_examples=100, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1,
+                      shifts=(0.0, 0.0, -0.3)),
+       alpha=alphas, tol=st.sampled_from([1e-3, 1e-6, 1e-10]))
+def test_cut_measures_move_each_edge_within_half_the_tolerance(spec, alpha, tol):
+    """Cutting negligible masses (``engine.cut_measures``) keeps every edge's kappa within
+    ``certify_tol / 2`` of the uncut value (``certify_tol=0`` cuts nothing and settles only
+    equal bounds)."""
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    exact, _ = score_example(graph, examples[0], alpha, certify_tol=0.0)
+    for l, value in enumerate(exact, start=1):
+        layer = graph.layers[l - 1]
+        dead, mu, nu, tables = layer_problem(graph, examples[0], l, certify_tol=tol)
+        got = score_edges(layer.src, layer.dst, layer.length, dead, mu, nu, tables, alpha,
+                          certify_tol=0.0)
+        assert ((got - value).abs() <= tol / 2 + 1e-12 * (1 + value.abs())).all()
+
+
+def test_cut_measures_drop_the_smallest_masses_within_budget():
+    gen = torch.Generator().manual_seed(3)
+    n, width = 40, 12
+    table = torch.arange(width).repeat(n, 1)
+    activity = torch.rand(width, generator=gen) ** 3  # weights over many orders of magnitude
+    lengths = torch.rand(n, width, generator=gen, dtype=torch.float64) + 0.5
+    mu = node_measures(table, activity.double(), lengths)
+    src = torch.arange(n)
+    d = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1
+    tol = 1e-3
+    cut, _ = cut_measures(mu, None, src, torch.zeros(n, dtype=torch.long), d, tol)
+    assert torch.equal(cut.reach, mu.reach) and torch.equal(cut.has, mu.has)
+    assert cut.mass.shape[1] < mu.mass.shape[1]  # something was cut
+    full = torch.zeros(n, width, dtype=torch.float64).scatter_(1, mu.table, mu.mass)
+    kept = torch.zeros(n, width, dtype=torch.float64).scatter_(1, cut.table, cut.mass)
+    assert torch.allclose(kept.sum(1), torch.ones(n, dtype=torch.float64))
+    dropped = torch.where(kept == 0, full, 0.0)
+    # Within budget: eps ((reach + 0) / d + 1) <= tol / 4, and only masses below every kept one.
+    assert (dropped.sum(1) * (mu.reach / d + 1) <= tol / 4 * (1 + 1e-12)).all()
+    smallest_kept = torch.where(kept > 0, full, torch.inf).amin(1)
+    assert (dropped.amax(1) <= smallest_kept).all()
+    # Kept masses are the originals rescaled.
+    ratio = torch.where(kept > 0, kept / full, torch.nan)
+    assert torch.allclose(torch.nanmean(ratio, 1)[:, None].expand_as(ratio)[kept > 0],
+                          ratio[kept > 0])
+    # No lengths, no cut.
+    blind = node_measures(table, activity.double())
+    assert cut_measures(blind, None, src, src * 0, d, tol)[0].mass.shape == blind.mass.shape
