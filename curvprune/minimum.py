@@ -11,7 +11,7 @@ each weight's lowest :math:`lo_e` first; every exact value lowers :math:`U_w`, w
 more edges. When no edge with :math:`lo_e < U_w` is left, :math:`U_w` is the exact minimum (an
 edge whose ``hi`` set it would otherwise still be open, since its ``lo`` is below its ``hi``).
 
-On the paper's LeNet-5 with 10 calibration examples this solves 35k of the 323k edge-examples
+On the paper's LeNet-5 with 10 calibration examples this solves 35k of the 342k edge-examples
 the bounds leave open (``benchmarks/engine_speed.py``).
 """
 
