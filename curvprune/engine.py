@@ -24,8 +24,9 @@ the structure of the problem instead of solving one linear program per edge:
   because then ``(f, g)`` extended by potentials for ``i`` and ``j`` is dual feasible for
   :math:`W_1(\mu_i, \nu_j)` (the swap ``k -> j``, ``i -> m`` never pays). Clipping the
   shifted potentials to those constraints gives a dual-feasible point, hence a lower bound, for
-  every edge; the no-swap plan and (for :math:`\alpha \ge 1/2`) the full swap give upper
-  bounds (:func:`bound_edges`). Edges whose bounds are within ``certify_tol`` are settled;
+  every edge; the no-swap plan and a plan that swaps a share of every unit (all of it for
+  :math:`\alpha \ge 1/2`) give upper bounds (:func:`bound_edges`). Edges whose bounds are
+  within ``certify_tol / 2`` are settled;
   :func:`curvprune.neural_curvature` solves the others only when they can be their weight's
   minimum (:mod:`curvprune.minimum`).
 * **Negligible masses cut.** Neighbour weights :math:`\exp(-1/a^2)` span hundreds of orders of
@@ -462,8 +463,9 @@ def score_example(
         graph: the example-independent graph.
         acts: normalised activities of node layers ``0..n`` for this example.
         alpha: idleness in ``[0, 1)``.
-        certify_tol: an edge is taken from its bounds when they are at most ``certify_tol``
-            apart (see :func:`bound_edges`).
+        certify_tol: the measures are cut within ``certify_tol / 2`` (see
+            :func:`cut_measures`) and an edge is taken from its bounds when they are at most
+            ``certify_tol / 2`` apart (see :func:`bound_edges`); ``0`` solves every edge.
         block: number of float64 entries per vectorised chunk (bounds memory).
         stats: counters to update.
         threads: CPU threads for the exact network-simplex solves.
