@@ -1,9 +1,16 @@
 """Calibration data and node activities.
 
 A calibration set is a tensor batch, an ``(inputs, targets)`` pair, or any iterable of those
-(a :class:`~torch.utils.data.DataLoader` works as is). Node activities are recorded with
-temporary forward pre-hooks while the model runs in eval mode under ``torch.no_grad()``; hooks,
-training flags and parameters are restored before returning.
+(a :class:`~torch.utils.data.DataLoader` works as is). A list of single examples without their
+batch dimension (``[image, image, ...]`` of shape ``[C, H, W]`` for a model whose first layer is
+a ``Conv2d``, ``[x, x, ...]`` of shape ``[features]``, or ``[dataset[i] for i in ...]`` pairs of
+such an example and a scalar target) is stacked into one batch by :func:`prepare_calibration`,
+when all the examples have one shape. Every scoring entry point runs :func:`prepare_calibration`
+first, which also refuses a model on the ``meta`` device, and reads the batches with
+:func:`iter_calibration_inputs`, which refuses channels-last images (``[N, H, W, C]``).
+
+Node activities are recorded with temporary forward pre-hooks while the model runs in eval mode
+under ``torch.no_grad()``; hooks, training flags and parameters are restored before returning.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch.nn as nn
 
 __all__ = ["is_single_pair", "iter_calibration_inputs", "model_device", "scoring_mode",
            "capture_activations",
-           "normalise_activity"]
+           "normalise_activity", "check_model", "prepare_calibration", "check_layout"]
 
 Calibration = Any  # torch.Tensor | tuple | Iterable[torch.Tensor | tuple]
 
@@ -60,12 +67,107 @@ def is_single_pair(calibration: Any) -> bool:
     return not (second.dim() >= 3 or tuple(second.shape[1:]) == tuple(first.shape[1:]))
 
 
-def iter_calibration_inputs(calibration: Calibration) -> Iterator[torch.Tensor]:
+def check_model(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold no values (the ``meta`` device).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a parameter or buffer on the ``meta`` device.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise ValueError(
+                f"the model is on the 'meta' device ({name!r} has a shape but no values), so "
+                "it cannot be scored; materialise and load its weights first: "
+                "model.to_empty(device='cpu'), then model.load_state_dict(weights)."
+            )
+
+
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    """The first ``Conv2d`` or ``Linear`` registered in ``model`` (its input layer, in the
+    usual case where layers are registered in call order), or ``None``."""
+    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+
+
+def _is_scalar(target: Any) -> bool:
+    return isinstance(target, (int, float)) or (isinstance(target, torch.Tensor)
+                                                and target.dim() == 0)
+
+
+def _single_example(model: nn.Module, x: Any) -> bool:
+    """Whether ``x`` is one example without its batch dimension: a vector (a batch needs two
+    dimensions) or, for a model whose first layer is a ``Conv2d``, a 3-d image ``[C, H, W]``
+    (which a ``Conv2d`` would read as unbatched)."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    return x.dim() == 1 or (x.dim() == 3 and isinstance(_first_layer(model), nn.Conv2d))
+
+
+def prepare_calibration(model: nn.Module, calibration: Calibration) -> Calibration:
+    """Check ``model`` (:func:`check_model`) and stack a list of single examples into a batch.
+
+    A list or tuple whose items are all single examples without a batch dimension (tensors,
+    or ``(example, scalar target)`` pairs as a ``Dataset`` returns them; see
+    :func:`_single_example`) of one shape becomes ``torch.stack(examples)``, and one
+    ``(example, target)`` pair becomes ``example.unsqueeze(0)``; anything else is returned as
+    it is (a tensor batch, pairs, a ``DataLoader``...).
+
+    Raises:
+        ValueError: a model on the ``meta`` device; single examples of different shapes.
+    """
+    check_model(model)
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        return calibration
+    if is_single_pair(calibration):
+        if _single_example(model, calibration[0]):
+            return calibration[0].unsqueeze(0)
+        return calibration
+    examples = []
+    for item in calibration:
+        if (isinstance(item, (tuple, list)) and len(item) == 2 and _is_scalar(item[1])
+                and _single_example(model, item[0])):
+            item = item[0]
+        if not _single_example(model, item):
+            return calibration
+        examples.append(item)
+    shapes = sorted({tuple(x.shape) for x in examples})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"the calibration list holds single examples of several shapes {shapes[:4]}; one "
+            "neural graph needs one shape: resize them to one shape, then torch.stack them."
+        )
+    return torch.stack(examples)
+
+
+def check_layout(model: nn.Module, inputs: torch.Tensor, position: int = 0) -> None:
+    """Refuse a channels-last image batch ``[N, H, W, C]`` for a model that takes
+    ``[N, C, H, W]``: the model's first ``Conv2d`` wants ``C`` input channels, the batch's
+    second dimension is not ``C`` and its last one is.
+
+    Raises:
+        ValueError: naming the fix (``x.permute(0, 3, 1, 2)``).
+    """
+    first = _first_layer(model)
+    if (inputs.dim() == 4 and isinstance(first, nn.Conv2d)
+            and inputs.shape[1] != first.in_channels and inputs.shape[-1] == first.in_channels):
+        raise ValueError(
+            f"calibration batch {position} has shape {tuple(inputs.shape)}, channels last "
+            f"(N, H, W, C), but the model's first Conv2d takes {first.in_channels} channels "
+            "first: permute to N,C,H,W with x.permute(0, 3, 1, 2)."
+        )
+
+
+def iter_calibration_inputs(calibration: Calibration,
+                            model: nn.Module | None = None) -> Iterator[torch.Tensor]:
     """Yield the input tensors of a calibration set, one batch at a time.
+
+    With ``model``, every batch is checked with :func:`check_layout` (channels-last images).
 
     Raises:
         TypeError: if ``calibration`` or one of its batches has an unsupported type.
-        ValueError: if the calibration set holds no example.
+        ValueError: if the calibration set holds no example, or a batch is channels last.
     """
     if isinstance(calibration, torch.Tensor) or is_single_pair(calibration):
         batches: Iterable[Any] = [calibration]
@@ -92,6 +194,8 @@ def iter_calibration_inputs(calibration: Calibration) -> Iterator[torch.Tensor]:
             )
         if inputs.shape[0] == 0:
             continue
+        if model is not None:
+            check_layout(model, inputs, position)
         total += inputs.shape[0]
         yield inputs
     if total == 0:

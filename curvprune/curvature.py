@@ -29,6 +29,7 @@ from .calibration import (
     is_single_pair,
     iter_calibration_inputs,
     normalise_activity,
+    prepare_calibration,
     scoring_mode,
 )
 from .engine import (
@@ -166,6 +167,7 @@ def neural_curvature(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     alpha = _check_alpha(alpha)
+    calibration = prepare_calibration(model, calibration)
     if granularity not in _GRANULARITIES:
         raise ValueError(
             f"granularity must be one of {_GRANULARITIES}; got {granularity!r}."
@@ -197,7 +199,7 @@ def neural_curvature(
     num_examples = 0
     first_shapes = None
     with _progress_bar(progress, "curvature", calibration) as bar, scoring_mode(model):
-        for inputs in _float_batches(calibration, model_device):
+        for inputs in _float_batches(calibration, model_device, model):
             values, in_shapes, out_shapes = capture_activations(model, modules, inputs)
             if graph is not None and (in_shapes, out_shapes) != first_shapes:
                 raise ValueError(
@@ -207,6 +209,7 @@ def neural_curvature(
                 )
             if graph is None:
                 first_shapes = (in_shapes, out_shapes)
+                input_shape = tuple(inputs.shape[1:])
                 structures = [layer_edges(m, in_shapes[k], out_shapes[k])
                               for k, m in enumerate(modules)]
                 _check_shapes(structures, values, names)
@@ -253,6 +256,7 @@ def neural_curvature(
         engine=stats.as_dict(),
         magnitude={n: modules[k].weight.detach().abs().to(torch.float64).clone()
                    for k, n in enumerate(names)},
+        input_shape=input_shape,
     )
 
 
@@ -296,9 +300,10 @@ def _show_solved(bar):
     return lambda count: bar.set_postfix_str(f"{count} edges solved exactly", refresh=True)
 
 
-def _float_batches(calibration, model_device: torch.device):
-    """The calibration batches, checked to be floating point, on the model's device."""
-    for inputs in iter_calibration_inputs(calibration):
+def _float_batches(calibration, model_device: torch.device, model: nn.Module | None = None):
+    """The calibration batches, checked to be floating point (and, with ``model``, channels
+    first), on the model's device."""
+    for inputs in iter_calibration_inputs(calibration, model):
         if not inputs.is_floating_point():
             raise TypeError(f"calibration inputs must be floating point, not {inputs.dtype}.")
         yield inputs.to(model_device)
@@ -328,8 +333,9 @@ def _check_shapes(structures, values, names) -> None:
             )
 
 
-def _first_example(calibration, model_device: torch.device) -> torch.Tensor:
-    inputs = next(iter(iter_calibration_inputs(calibration)))
+def _first_example(calibration, model_device: torch.device,
+                   model: nn.Module | None = None) -> torch.Tensor:
+    inputs = next(iter(iter_calibration_inputs(calibration, model)))
     return inputs[:1].to(model_device)
 
 
@@ -340,7 +346,7 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
         trace_chain(model)
     except ValueError:
         return "channel"
-    _, structures = chain_structure(model, _first_example(calibration, model_device))
+    _, structures = chain_structure(model, _first_example(calibration, model_device, model))
     sizes = [structures[0].n_in] + [s.n_out for s in structures]
     return "neuron" if hop_table_bytes(sizes) <= memory_budget else "channel"
 
@@ -357,7 +363,7 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     num_examples = 0
     with _progress_bar(progress, "curvature (channel)", calibration) as bar, \
             scoring_mode(model):
-        for inputs in _float_batches(calibration, model_device):
+        for inputs in _float_batches(calibration, model_device, model):
             graph = trace_channels(model, inputs, device=engine_device)
             if first is None:
                 need = 8 * graph.num_nodes ** 2
@@ -369,6 +375,7 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                         "machine has the memory."
                     )
                 first = graph
+                input_shape = tuple(inputs.shape[1:])
                 distances = channel_distances(graph)
                 edge_kappa = torch.full_like(graph.length, math.inf)
                 edge_live = torch.zeros_like(graph.src, dtype=torch.bool)
@@ -406,5 +413,5 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
         kappa=kappa, live=live_w, modules=modules, alpha=alpha, granularity="channel",
         num_examples=num_examples, edges_per_example=edges,
         seconds=time.perf_counter() - start, engine=stats.as_dict(), magnitude=magnitude,
-        channel_graph=first, edge_kappa=edge_kappa,
+        channel_graph=first, edge_kappa=edge_kappa, input_shape=input_shape,
     )

@@ -37,8 +37,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .calibration import check_model
 from .channels import UntraceableModel
 from .curvature import _check_alpha, neural_curvature
+from .engine import CERTIFY_TOL
+from .result import CurvatureResult
 
 __all__ = ["CurvatureImportance"]
 
@@ -59,11 +62,18 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             (``"mean"``, ``"sum"``, ``"max"``, ``"prod"``, ``"first"``...).
         normalizer: Torch-Pruning's normaliser of a group's scores (``"mean"``, ``"max"``,
             ``"sum"``, ``"standarization"``, ``None``...).
-        device, threads, memory_budget: passed to :func:`~curvprune.neural_curvature`.
+        device, progress, threads, memory_budget, certify_tol: passed unchanged to
+            :func:`~curvprune.neural_curvature`.
         fallback: ``"magnitude"`` (default): a model the channel tracer cannot follow is scored
             by the group L2 magnitude (Torch-Pruning's ``GroupMagnitudeImportance(p=2)``) and a
             warning names it and the functions that stopped the tracer; ``"error"`` raises
             :class:`~curvprune.channels.UntraceableModel` instead.
+        result: a channel-granularity :class:`~curvprune.CurvatureResult` computed before, to
+            use instead of scoring (pass ``calibration=None``): it is bound to the pruned model
+            by parameter name (:meth:`~curvprune.CurvatureResult.bind`), so it may come from a
+            copy of it. It scores one state of the model: a model pruned since (the second
+            step of an iterative schedule) is refused with a ``ValueError``, as there is no
+            calibration to rescore it.
 
     Example::
 
@@ -81,16 +91,25 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     def __init__(self, calibration, *, alpha: float = 0.9, reduction: str = "mean",
                  group_reduction: str = "mean", normalizer: str | None = "mean",
                  device=None, threads: int | None = None, memory_budget: int | None = None,
-                 fallback: str = "magnitude"):
+                 fallback: str = "magnitude", progress: bool = False,
+                 certify_tol: float = CERTIFY_TOL, result: CurvatureResult | None = None):
         super().__init__(p=2, group_reduction=group_reduction, normalizer=normalizer)
         if reduction not in ("mean", "min"):
             raise ValueError(f"reduction must be 'mean' or 'min', not {reduction!r}.")
         if fallback not in ("magnitude", "error"):
             raise ValueError(f"fallback must be 'magnitude' or 'error', not {fallback!r}.")
-        if calibration is None:
+        if result is not None:
+            _check_channel_result(result)
+            if calibration is not None:
+                raise ValueError("pass calibration (to score the model) or result= (scores "
+                                 "computed before), not both.")
+        elif calibration is None:
             raise ValueError("CurvatureImportance needs calibration data (a tensor or a "
-                             "DataLoader).")
+                             "DataLoader), or result= a channel CurvatureResult.")
         self.calibration = calibration
+        self.precomputed = result
+        self.progress = progress
+        self.certify_tol = certify_tol
         self.alpha = _check_alpha(alpha)  # refused here, not at the first pruner.step()
         self.reduction = reduction
         self.device = device
@@ -114,9 +133,20 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         key = (id(model), self._state(model))
         if key == self._key:
             return
+        if self.precomputed is not None:
+            if self._key is not None and self._key[0] == key[0]:
+                raise ValueError(
+                    "CurvatureImportance(result=...) scores one state of the model, and the "
+                    "model has changed since (an earlier pruning step); pass calibration data "
+                    "to rescore every step (iterative_steps > 1)."
+                )
+            check_model(model)
+            self._use(self.precomputed.bind(model), key)
+            return
         try:
             result = neural_curvature(model, self.calibration, alpha=self.alpha,
                                       granularity="channel", device=self.device,
+                                      progress=self.progress, certify_tol=self.certify_tol,
                                       threads=self.threads, memory_budget=self.memory_budget)
         except UntraceableModel as exc:
             if self.fallback == "error":
@@ -129,6 +159,10 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             self.result, self.fell_back, self._node_importance = None, True, None
             self._key = key
             return
+        self._use(result, key)
+
+    def _use(self, result: CurvatureResult, key: tuple) -> None:
+        """Take the channel importances of ``result`` for the model state ``key``."""
         graph = result.channel_graph
         node_kappa = result.node_kappa(self.reduction)
         self._node_importance = (2.0 - node_kappa).to(torch.float32)
@@ -176,3 +210,16 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             return None
         reduced = self._reduce(group_imp, group_idxs)
         return self._normalize(reduced, self.normalizer)
+
+
+def _check_channel_result(result) -> None:
+    """A precomputed result must be a channel-granularity :class:`CurvatureResult`."""
+    if not isinstance(result, CurvatureResult):
+        raise TypeError(f"result must be a CurvatureResult (from neural_curvature), not "
+                        f"{type(result).__name__}.")
+    if result.granularity != "channel" or result.channel_graph is None:
+        raise ValueError(
+            f"channel pruning needs a result of granularity='channel', not "
+            f"{result.granularity!r}: neural_curvature(model, calibration, "
+            "granularity='channel')."
+        )

@@ -47,8 +47,10 @@ from torch.nn.utils.prune import (
 
 from .allocation import allocate_like
 from .baselines import magnitude_scores, wanda_scores
+from .calibration import check_model, prepare_calibration
 from .channels import UntraceableModel
 from .curvature import neural_curvature
+from .engine import CERTIFY_TOL
 from .result import CurvatureResult, ImportanceScores, _check_score, _describe_module
 
 __all__ = [
@@ -261,6 +263,11 @@ class PruningReport:
             after a fallback).
         fallback: ``None``, or why the weights were ranked by magnitude instead (a model the
             channel tracer cannot follow; a warning was issued too).
+        scores: the :class:`~curvprune.result.ImportanceScores` the masks were computed from
+            (higher = keep): the curvature ranks of ``result``, or with ``allocation="wanda"``
+            / ``"magnitude"`` the re-allocated scores (:func:`~curvprune.allocate_like`), or
+            the magnitude ranking of a fallback. ``scores.bind(other_model)`` carries them to
+            a copy of the model (see ``docs/pruning.md``).
     """
 
     layers: dict[str, LayerSparsity]
@@ -270,6 +277,7 @@ class PruningReport:
     order: str
     result: CurvatureResult | None
     fallback: str | None = None
+    scores: ImportanceScores | None = None
 
     @property
     def sparsity(self) -> dict[str, float]:
@@ -404,11 +412,16 @@ def prune_model(
     device: str | torch.device | None = None,
     progress: bool = False,
     allocation: str = "curvature",
+    result: CurvatureResult | None = None,
+    threads: int | None = None,
+    memory_budget: int | None = None,
+    certify_tol: float = CERTIFY_TOL,
 ) -> PruningReport:
     r"""Score ``model`` by neural curvature and prune its weights in place, in one call.
 
-    Runs :func:`~curvprune.curvature.neural_curvature` on ``calibration`` and masks weights
-    with :class:`CurvaturePruning` through :mod:`torch.nn.utils.prune`:
+    Runs :func:`~curvprune.curvature.neural_curvature` on ``calibration`` (or takes the scores
+    of ``result``, computed before) and masks weights with :class:`CurvaturePruning` through
+    :mod:`torch.nn.utils.prune`:
 
     * ``scope="global"``: one ranking across all scored weights not excluded
       (:func:`~torch.nn.utils.prune.global_unstructured`); a float ``amount`` prunes
@@ -420,6 +433,18 @@ def prune_model(
     to the entries still unpruned, and the new masks compose with the old ones. Biases and
     normalisation layers are never pruned.
 
+    Score once, prune many: ``prune_model(model, None, amount, result=r)`` with
+    ``r = neural_curvature(model, calibration)`` does not score; ``r`` is bound to ``model``
+    by parameter name (:meth:`CurvatureResult.bind
+    <curvprune.result.CurvatureResult.bind>`), so ``model`` can be a clone or a reloaded copy
+    of the scored model, and the masks are exactly those of ``prune_model(model, calibration,
+    amount)`` on an unpruned copy. Reusing ``r`` on a model pruned since does not rescore: the
+    ranking stays that of the scored model (pruning 0.3 then 0.5 of the rest removes the first
+    65 % of that ranking).
+
+    An int ``amount`` is a count, as in PyTorch; when it is at most 100 and prunes under 1 % of
+    the weights it may be a percentage (``amount=50`` for ``0.5``), and a ``UserWarning`` says so.
+
     Args:
         model: a model :func:`~curvprune.curvature.neural_curvature` accepts, pruned or not.
         calibration: the calibration set (tensor, ``(inputs, targets)`` or iterable of them).
@@ -430,8 +455,8 @@ def prune_model(
         exclude: weights to leave unpruned: parameter names (``"5.weight"``), module names
             (``"5"``, or a container such as ``"classifier"``) or module objects, alone or in
             an iterable. They are still scored (they are part of the graph).
-        alpha, granularity, device, progress: passed to
-            :func:`~curvprune.curvature.neural_curvature`.
+        alpha, granularity, device, progress, threads, memory_budget, certify_tol: passed
+            unchanged to :func:`~curvprune.curvature.neural_curvature` (unused with ``result``).
         allocation: with ``scope="global"``, how much of each weight goes. ``"curvature"``
             (default, the paper): one global ranking of kappa decides. ``"wanda"`` or
             ``"magnitude"``: each weight loses as many entries as a global ranking by that
@@ -439,15 +464,22 @@ def prune_model(
             :math:`|w|`) would remove, and curvature chooses which ones within it
             (:func:`~curvprune.allocation.allocate_like`). On LeNet-5 ``"wanda"`` kept 75.6 %
             accuracy at 80 % sparsity against 68.1 % for ``"curvature"`` (docs/benchmarks.md).
+            The re-allocated scores are returned as ``report.scores``.
+        result: a :class:`~curvprune.result.CurvatureResult` of this architecture (any
+            granularity) to prune by instead of scoring: pass ``calibration=None``. With
+            ``allocation="wanda"`` the calibration is still needed, for Wanda's input norms,
+            and is only used for them.
 
     Returns:
-        A :class:`PruningReport` with the per-weight and overall sparsity and the
-        :class:`~curvprune.result.CurvatureResult`.
+        A :class:`PruningReport` with the per-weight and overall sparsity, the
+        :class:`~curvprune.result.CurvatureResult` (bound to ``model``) and the scores used.
 
     Raises:
         ValueError: a bad ``scope``/``order``/``amount`` (PyTorch's messages for ``amount``), an
             ``exclude`` entry that names nothing or matches no scored weight, nothing left to
-            prune, parameters on several devices, or anything
+            prune, parameters on several devices, a model on the ``meta`` device, both or
+            neither of ``calibration`` and ``result``, a ``result`` that does not bind to
+            ``model`` (the first mismatching parameter is named), or anything
             :func:`~curvprune.curvature.neural_curvature` rejects.
         TypeError: wrong argument types.
     """
@@ -465,6 +497,8 @@ def prune_model(
             "with scope='layer' every layer loses the same fraction. Use scope='global'."
         )
     _validate_amount(amount)
+    check_model(model)
+    _check_sources(calibration, result, allocation)
     devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     if len(devices) > 1:
         raise ValueError(
@@ -476,9 +510,15 @@ def prune_model(
     _refresh(model)
 
     fallback = None
+    if calibration is not None:
+        calibration = prepare_calibration(model, calibration)
     try:
-        result = neural_curvature(model, calibration, alpha=alpha, granularity=granularity,
-                                  device=device, progress=progress)
+        if result is not None:
+            result = result.bind(model)
+        else:
+            result = neural_curvature(model, calibration, alpha=alpha, granularity=granularity,
+                                      device=device, progress=progress, threads=threads,
+                                      memory_budget=memory_budget, certify_tol=certify_tol)
         scored, modules = list(result.kappa), result.modules
     except UntraceableModel as exc:
         fallback = f"magnitude: {exc}"
@@ -510,6 +550,7 @@ def prune_model(
         else:
             for n in targets:  # check every layer before touching any
                 _validate_pruning_amount(amount, before[n])
+        _warn_count_amount(amount, list(before.values()), scope)
 
     if result is not None:
         scores = result.importance_scores(order)
@@ -537,7 +578,48 @@ def prune_model(
         layers[n] = LayerSparsity(n, total - _unpruned(module, "weight"), total, n in excluded)
     newly = sum(before[n] - _unpruned(modules[n], "weight") for n in targets)
     return PruningReport(layers=layers, newly_pruned=newly, amount=amount, scope=scope,
-                         order=order, result=result, fallback=fallback)
+                         order=order, result=result, fallback=fallback, scores=scores)
+
+
+def _check_sources(calibration: Any, result: Any, allocation: str) -> None:
+    """Exactly one source of scores: ``calibration`` (scored now) or ``result`` (scored
+    before); ``allocation="wanda"`` needs the calibration for its input norms either way."""
+    if result is None:
+        if calibration is None:
+            raise ValueError(
+                "calibration is None: pass calibration data to score the model, or "
+                "result=neural_curvature(model, calibration) to prune by scores computed before."
+            )
+        return
+    if not isinstance(result, CurvatureResult):
+        raise TypeError(
+            f"result must be a CurvatureResult (from neural_curvature), not "
+            f"{type(result).__name__}."
+        )
+    if allocation == "wanda" and calibration is None:
+        raise ValueError(
+            "allocation='wanda' needs calibration data for Wanda's input norms, also with "
+            "result=; pass both."
+        )
+    if calibration is not None and allocation != "wanda":
+        raise ValueError(
+            "pass calibration (to score the model now) or result= (scores computed before), "
+            "not both: prune_model(model, None, amount, result=result)."
+        )
+
+
+def _warn_count_amount(amount: Any, remaining: list[int], scope: str) -> None:
+    """Warn when an int ``amount`` (a count, as in PyTorch) looks like a percentage: at most
+    100 and pruning under 1 % of the entries still unpruned."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Integral):
+        return
+    total = sum(remaining)
+    pruned = int(amount) * (1 if scope == "global" else len(remaining))
+    if 0 < amount <= 100 and pruned < 0.01 * total:
+        warnings.warn(
+            f"amount={amount} is an int, which PyTorch reads as a count: it prunes {pruned} of "
+            f"{total} weights ({100 * pruned / total:.2g} %); for {amount} % pass "
+            f"amount={amount / 100:g}.", UserWarning, stacklevel=3)
 
 
 def _magnitude_score(module: nn.Module, order: str) -> torch.Tensor:

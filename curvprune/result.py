@@ -17,6 +17,7 @@ flattened index), so the ranking is a total order that does not depend on the de
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ class CurvatureResult:
             :class:`~curvprune.channels.ChannelGraph` (``None`` at neuron granularity).
         edge_kappa: at channel granularity, the curvature of every edge of ``channel_graph``
             (minimum over examples; merge edges, which are no weight, ``+inf``).
+        input_shape: the shape of one calibration example (``(C, H, W)``, ``(features,)``...),
+            or ``None`` when unknown; :func:`~curvprune.prune_channels` traces the model with
+            a zero example of this shape when it is given a result and no calibration.
+
+    Every per-weight mapping is keyed by the qualified parameter name (``"features.0.weight"``),
+    so a result can be moved to another instance of the same architecture with :meth:`bind`.
     """
 
     kappa: dict[str, torch.Tensor]
@@ -83,6 +90,7 @@ class CurvatureResult:
     magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
     channel_graph: Any = None
     edge_kappa: torch.Tensor | None = None
+    input_shape: tuple[int, ...] | None = None
 
     def node_kappa(self, reduction: str = "mean") -> torch.Tensor:
         r"""Curvature of each channel node: its incident layer edges' kappa combined.
@@ -166,6 +174,42 @@ class CurvatureResult:
             names={(self.modules[n], "weight"): n for n in ranks},
         )
 
+    def bind(self, model: nn.Module) -> CurvatureResult:
+        """This result's scores for ``model``, another instance of the architecture scored.
+
+        ``model`` can be a clone (:func:`~curvprune.clone_pruned`, ``copy.deepcopy``), a model
+        rebuilt and loaded from a checkpoint (``load_state_dict``, :func:`~curvprune.load_pruned`)
+        or the scored model itself. Every scored parameter is looked up by its name
+        (``"features.0.weight"``) and must exist in ``model`` with the scored shape, on a
+        module of the same type; a model under pruning hooks binds too (its ``weight`` is the
+        masked ``weight_orig``). Nothing is recomputed and nothing of ``model`` is changed: the
+        returned result holds the same curvature and tie-break magnitudes, moved to each
+        weight's device, and ``modules`` (and the channel graph's modules) point into
+        ``model``. So ``prune_model(clone, None, amount, result=result.bind(clone))`` prunes
+        exactly the entries that scoring and pruning the clone would (the scoring is
+        deterministic).
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ValueError: the first scored parameter that ``model`` lacks, that has another
+                shape, or that sits on a module of another type (the architectures differ).
+        """
+        modules = bind_modules(model, {n: tuple(k.shape) for n, k in self.kappa.items()},
+                               self.modules)
+
+        def moved(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {n: v.to(_weight_of(modules[n]).device) if n in modules else v
+                    for n, v in values.items()}
+
+        graph = self.channel_graph
+        if graph is not None:
+            graph = dataclasses.replace(
+                graph, modules=[(n, modules.get(n, m)) for n, m in graph.modules])
+        return dataclasses.replace(
+            self, kappa=moved(self.kappa), live=moved(self.live), modules=modules,
+            magnitude=moved(self.magnitude), channel_graph=graph,
+            edges_per_example=dict(self.edges_per_example), engine=dict(self.engine))
+
     def layer_summaries(self) -> list[LayerSummary]:
         """Per-weight statistics: counts of zero, dead and live weights and kappa quantiles."""
         rows = []
@@ -208,6 +252,56 @@ class CurvatureResult:
         return (f"CurvatureResult(granularity={self.granularity!r}, alpha={self.alpha}, "
                 f"weights={list(self.kappa)}, num_examples={self.num_examples}, "
                 f"seconds={self.seconds:.3f})")
+
+
+def _weight_of(module: nn.Module, attr: str = "weight") -> torch.Tensor | None:
+    """``module.<attr>``, or ``<attr>_orig`` on a module under pruning hooks whose computed
+    attribute is absent; ``None`` if neither is a tensor."""
+    weight = getattr(module, attr, None)
+    if not isinstance(weight, torch.Tensor):
+        weight = getattr(module, attr + "_orig", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def bind_modules(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
+                 scored: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """``{parameter name: module of model}`` for qualified names (``"<module>.weight"``).
+
+    Checks, in the order of ``shapes``, that ``model`` has each parameter with that shape and,
+    when ``scored`` gives the module the name was scored on, a module of the same type.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: naming the first parameter that is missing, has another shape, or sits on
+            a module of another type.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    named = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for name, shape in shapes.items():
+        owner, _, attr = name.rpartition(".")
+        module = named.get(owner)
+        weight = _weight_of(module, attr) if module is not None and attr else None
+        if weight is None:
+            raise ValueError(
+                f"cannot bind the scores to {type(model).__name__}: it has no parameter "
+                f"{name!r}; bind them to an instance of the architecture that was scored."
+            )
+        if tuple(weight.shape) != tuple(shape):
+            raise ValueError(
+                f"cannot bind the scores to {type(model).__name__}: parameter {name!r} has "
+                f"shape {tuple(weight.shape)} but was scored with shape {tuple(shape)}; the "
+                "architectures differ (rescore this model)."
+            )
+        old = (scored or {}).get(name)
+        if old is not None and type(old) is not type(module):
+            raise ValueError(
+                f"cannot bind the scores to {type(model).__name__}: parameter {name!r} belongs "
+                f"to a {type(module).__name__} but was scored on a {type(old).__name__}."
+            )
+        out[name] = module
+    return out
 
 
 def _describe_module(module: Any) -> str:
@@ -280,6 +374,45 @@ class ImportanceScores(dict):
 
     def __missing__(self, key: Any) -> torch.Tensor:
         raise KeyError(self._missing_message(key))
+
+    def by_name(self) -> dict[str, torch.Tensor]:
+        """The scores keyed by qualified parameter name (``{"features.0.weight": tensor}``).
+
+        Every key needs a recorded name (:attr:`names`; :meth:`CurvatureResult.importance_scores`
+        and the scores of :mod:`curvprune.baselines` have them), else :class:`ValueError`.
+        """
+        out = {}
+        for key, score in self.items():
+            if key not in self.names:
+                raise ValueError(
+                    f"the score of {self._label(key)} has no parameter name; build the "
+                    "ImportanceScores with names={(module, 'weight'): 'layer.weight', ...}."
+                )
+            out[self.names[key]] = score
+        return out
+
+    def bind(self, model: nn.Module) -> ImportanceScores:
+        """The same scores keyed by ``model``'s modules, found by parameter name.
+
+        For another instance of the scored architecture (a clone, a reloaded checkpoint): each
+        named parameter must exist in ``model`` with the score's shape (see
+        :meth:`CurvatureResult.bind`); scores are moved to each parameter's device, not
+        recomputed. Use it to prune a copy with the scores a :class:`~curvprune.PruningReport`
+        returns (``report.scores``), e.g. the re-allocated ones of ``allocation="wanda"``.
+
+        Raises:
+            ValueError: a score without a parameter name, or the first parameter ``model``
+                lacks or holds with another shape or module type.
+        """
+        by_name = self.by_name()
+        scored = {self.names[k]: k[0] for k in self
+                  if isinstance(k, tuple) and k and isinstance(k[0], nn.Module)}
+        modules = bind_modules(model, {n: tuple(s.shape) for n, s in by_name.items()}, scored)
+        keys = {n: (modules[n], n.rpartition(".")[2]) for n in by_name}
+        return ImportanceScores(
+            {keys[n]: s.to(_weight_of(*keys[n]).device) for n, s in by_name.items()},
+            names={keys[n]: n for n in by_name},
+        )
 
     def copy(self) -> ImportanceScores:
         """A shallow copy that keeps the type and the names."""

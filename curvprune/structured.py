@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .calibration import iter_calibration_inputs, model_device
-from .importance import CurvatureImportance
+from .calibration import check_model, iter_calibration_inputs, model_device, prepare_calibration
+from .engine import CERTIFY_TOL
+from .importance import CurvatureImportance, _check_channel_result
+from .result import CurvatureResult
 
 __all__ = ["prune_channels", "ChannelPruningReport", "attention_heads", "refresh_attention",
            "refresh_after_pruning", "classifier_layers"]
@@ -164,9 +166,21 @@ def prune_channels(
     ignored_layers: list[nn.Module] | None = None,
     example_inputs: torch.Tensor | None = None,
     alpha: float = 0.9,
+    result: CurvatureResult | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    threads: int | None = None,
+    memory_budget: int | None = None,
+    certify_tol: float = CERTIFY_TOL,
     **pruner_kwargs,
 ) -> ChannelPruningReport:
     r"""Remove a fraction ``ratio`` of the channels of ``model`` in place, by channel curvature.
+
+    Score once, prune many: ``prune_channels(model, None, ratio, result=r)`` with
+    ``r = neural_curvature(model, calibration, granularity="channel")`` does not score; ``r``
+    is bound to ``model`` by parameter name (:meth:`~curvprune.CurvatureResult.bind`), so it
+    can come from an unpruned copy (``copy.deepcopy(model)`` before each ratio) and gives
+    the channels that scoring that copy would.
 
     Args:
         model: any model Torch-Pruning's dependency graph handles (timm, torchvision...). It must
@@ -182,13 +196,22 @@ def prune_channels(
         example_inputs: one input batch for Torch-Pruning's tracing; default: the first
             calibration example.
         alpha: idleness for :class:`~curvprune.CurvatureImportance`.
+        result: a channel-granularity :class:`~curvprune.CurvatureResult` of this architecture
+            to prune by instead of scoring (pass ``calibration=None``; one step only). Without
+            calibration, ``example_inputs`` defaults to a zero batch of one example of the
+            shape that was scored (``result.input_shape``), in the model's dtype.
+        device, progress, threads, memory_budget, certify_tol: passed unchanged to
+            :func:`~curvprune.neural_curvature` through :class:`~curvprune.CurvatureImportance`.
         **pruner_kwargs: passed on to ``MetaPruner`` (e.g. ``prune_num_heads=True``).
 
     Returns:
         A :class:`ChannelPruningReport`.
 
     Raises:
-        ValueError: a ratio outside ``[0, 1)``, a model with pruning masks, or bad calibration.
+        ValueError: a ratio outside ``[0, 1)``, a model with pruning masks, bad calibration
+            (channels-last images, a model on the ``meta`` device...), both or neither of
+            ``calibration`` and ``result``, a result of neuron granularity or one that does
+            not bind to ``model``, ``result`` with ``importance`` or ``iterative_steps > 1``.
         TypeError: a model that is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):
@@ -201,11 +224,29 @@ def prune_channels(
     if any(name.endswith("_orig") for name, _ in model.named_parameters()):
         raise ValueError("the model carries torch.nn.utils.prune masks; Torch-Pruning cannot "
                          "copy it. Call curvprune.make_permanent(model) first.")
+    check_model(model)
+    if result is not None:
+        _check_result_call(model, calibration, result, importance, iterative_steps)
+    elif calibration is None and importance is None:
+        raise ValueError("calibration is None: pass calibration data to score the channels, or "
+                         "result=neural_curvature(model, calibration, granularity='channel').")
+    if calibration is not None:
+        calibration = prepare_calibration(model, calibration)
     if example_inputs is None:
-        example_inputs = next(iter(iter_calibration_inputs(calibration)))[:1]
+        if calibration is not None:
+            example_inputs = next(iter(iter_calibration_inputs(calibration, model)))[:1]
+        elif result is not None and result.input_shape is not None:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                         torch.float32)
+            example_inputs = torch.zeros((1, *result.input_shape), dtype=dtype)
+        else:
+            raise ValueError("pass example_inputs= (one input batch for Torch-Pruning's "
+                             "tracing): there is no calibration to take it from.")
     example_inputs = example_inputs.to(model_device(model))
     if importance is None:
-        importance = CurvatureImportance(calibration, alpha=alpha)
+        importance = CurvatureImportance(
+            calibration, alpha=alpha, device=device, progress=progress, threads=threads,
+            memory_budget=memory_budget, certify_tol=certify_tol, result=result)
     if ignored_layers is None:
         ignored_layers = classifier_layers(model)
     training = model.training
@@ -233,3 +274,21 @@ def prune_channels(
         macs_before=float(macs_before), macs_after=float(macs_after),
         widths_before=widths_before, widths_after=_widths(model), steps=iterative_steps,
         importance=importance)
+
+
+def _check_result_call(model, calibration, result, importance, iterative_steps) -> None:
+    """``prune_channels(..., result=r)``: no calibration or importance besides it, one step,
+    a channel result that binds to ``model`` (checked here, before Torch-Pruning's tracing)."""
+    _check_channel_result(result)
+    if calibration is not None:
+        raise ValueError("pass calibration (to score the channels now) or result= (scores "
+                         "computed before), not both: prune_channels(model, None, ratio, "
+                         "result=result).")
+    if importance is not None:
+        raise ValueError("result= sets the importance (CurvatureImportance(None, result=...)); "
+                         "do not pass importance= too.")
+    if iterative_steps != 1:
+        raise ValueError(f"a result scores one state of the model, so it prunes in one step, "
+                         f"not iterative_steps={iterative_steps}; pass calibration to rescore "
+                         "every step.")
+    result.bind(model)
