@@ -150,6 +150,16 @@ def _output_dir(path: str) -> Path:
     return out
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threads must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"threads must be at least 1, got {value}")
+    return value
+
+
 def _amount(text: str) -> float:
     try:
         value = float(text)
@@ -228,6 +238,9 @@ def _common(sub: argparse.ArgumentParser) -> None:
                      help="neuron (the paper's graph, chains only), channel (any model) or auto "
                           "(neuron when it fits, else channel)")
     sub.add_argument("--device", default=None)
+    sub.add_argument("--threads", type=_threads, default=None,
+                     help="CPU threads for the exact transport solves (default: all of "
+                          "torch's threads)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--out", required=True, help="output folder (created if missing)")
     sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
@@ -278,7 +291,8 @@ def _cmd_prune(args) -> dict:
     try:
         report = prune_model(model, calibration, args.amount, scope=args.scope,
                              order=args.order, alpha=args.alpha, granularity=args.granularity,
-                             progress=not args.quiet, allocation=args.allocation)
+                             progress=not args.quiet, allocation=args.allocation,
+                             threads=args.threads)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     make_permanent(model)
@@ -322,7 +336,7 @@ def _cmd_prune_channels(args) -> dict:
     before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
     try:
         report = prune_channels(model, calibration, args.amount, alpha=args.alpha,
-                                global_pruning=args.scope == "global")
+                                global_pruning=args.scope == "global", threads=args.threads)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
@@ -354,7 +368,8 @@ def _cmd_analyze(args) -> dict:
     model, _, calibration, out = _prepare(args)
     try:
         result = neural_curvature(model, calibration, alpha=args.alpha,
-                                  granularity=args.granularity, progress=not args.quiet)
+                                  granularity=args.granularity, progress=not args.quiet,
+                                  threads=args.threads)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     bottlenecks = most_negative(result, args.top)

@@ -3,7 +3,9 @@ forms that are accepted (tensor, pair, list, DataLoader) give the same kappa."""
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch.nn as nn
 from conftest import ConcatNet, ResidualNet, assert_kappa_equal
 from torch.utils.data import DataLoader, TensorDataset
 
+import curvprune
 from curvprune import neural_curvature
 
 
@@ -366,3 +369,130 @@ def test_one_hot_targets_make_a_pair():
         assert got.num_examples == 4
         for name in expected:
             assert torch.equal(got.kappa[name], expected[name])
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes a new user makes (issue 14, item 4): every entry point gets the same checks, from
+# curvprune.calibration.prepare_calibration / iter_calibration_inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _images(n: int = 4, channels: int = 1, size: int = 6) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(10 + n)
+    return torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
+
+
+def test_list_of_single_images_is_stacked():
+    """[image, image, ...] of shape [C, H, W] (no batch dimension) is one batch of them; so is
+    a list of (image, label) items as a Dataset gives them, and one such item."""
+    model = _cnn().double()
+    x = _images()
+    y = torch.tensor([0, 1, 2, 0])
+    expected = neural_curvature(model, x)
+    _same(neural_curvature(model, [x[i] for i in range(4)]), expected)
+    _same(neural_curvature(model, list(TensorDataset(x, y))), expected)
+    _same(neural_curvature(model, [(x[i], int(y[i])) for i in range(4)]), expected)
+    _same(neural_curvature(model, (x[0], 1)), neural_curvature(model, x[:1]))
+    _same(neural_curvature(model, [x[1], x[2]]), neural_curvature(model, x[1:3]))
+
+
+def test_list_of_single_vectors_is_stacked():
+    model = _mlp().double()
+    x = _x(3).double()
+    _same(neural_curvature(model, [x[0], x[1], x[2]]), neural_curvature(model, x))
+
+
+def test_single_examples_of_several_shapes():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    with pytest.raises(ValueError, match=r"single examples of several shapes.*torch\.stack"):
+        neural_curvature(model, [torch.randn(1, 6, 6), torch.randn(1, 7, 7)])
+
+
+def test_single_images_reach_every_entry_point():
+    from tests.test_pruning import tiny
+
+    model = tiny().double()
+    x = _images(3, size=7)
+    images = [x[i] for i in range(3)]
+    by_batch, by_list = copy.deepcopy(model), copy.deepcopy(model)
+    curvprune.prune_model(by_batch, x, 0.5, allocation="wanda")
+    curvprune.prune_model(by_list, images, 0.5, allocation="wanda")
+    for name in ("0", "3", "5"):
+        assert torch.equal(by_batch.get_submodule(name).weight_mask,
+                           by_list.get_submodule(name).weight_mask)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 2))
+    rgb = _images(3, channels=3).float()
+    a, b = copy.deepcopy(conv), copy.deepcopy(conv)
+    curvprune.prune_channels(a, rgb, 0.5)
+    curvprune.prune_channels(b, [rgb[i] for i in range(3)], 0.5)
+    assert torch.equal(a[0].weight, b[0].weight) and a[0].out_channels == 2
+
+
+def _meta(model: nn.Module) -> nn.Module:
+    return model.to("meta")
+
+
+def test_model_on_the_meta_device():
+    with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
+        neural_curvature(_meta(_mlp()), _x())
+    with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
+        neural_curvature(_meta(_cnn()), torch.randn(2, 1, 6, 6), granularity="channel")
+    with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
+        curvprune.prune_model(_meta(_mlp()), _x(), 0.5)
+    result = neural_curvature(_mlp(), _x())
+    with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
+        curvprune.prune_model(_meta(_mlp()), None, 0.5, result=result)
+    with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
+        curvprune.prune_channels(_meta(_cnn()), torch.randn(2, 1, 6, 6), 0.5)
+
+
+def test_channels_last_images():
+    """[N, H, W, C] images: one line that says to permute, not a raw RuntimeError."""
+    rgb = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2))
+    nhwc = torch.randn(2, 8, 8, 3)
+    message = r"shape \(2, 8, 8, 3\), channels last.*permute to N,C,H,W"
+    for granularity in ("neuron", "channel"):
+        model = rgb if granularity == "channel" else _cnn()
+        x = nhwc if granularity == "channel" else torch.randn(2, 6, 6, 1)
+        with pytest.raises(ValueError, match="channels last.*permute to N,C,H,W"):
+            neural_curvature(model, x, granularity=granularity)
+    with pytest.raises(ValueError, match=message):
+        curvprune.prune_channels(copy.deepcopy(rgb), nhwc, 0.5)
+    with pytest.raises(ValueError, match=message):
+        curvprune.prune_channels(copy.deepcopy(rgb), DataLoader(TensorDataset(nhwc), 2), 0.5)
+    with pytest.raises(ValueError, match="channels last"):
+        curvprune.prune_model(_cnn(), torch.randn(2, 6, 6, 1), 0.5)
+    with pytest.raises(ValueError, match=r"calibration batch 1 .*channels last"):
+        neural_curvature(rgb, [torch.randn(2, 3, 8, 8), nhwc], granularity="channel")
+    # single channels-last images in a list: stacked, then refused the same way
+    with pytest.raises(ValueError, match="channels last"):
+        neural_curvature(_cnn(), [torch.randn(6, 6, 1), torch.randn(6, 6, 1)])
+
+
+def _wide() -> nn.Sequential:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))  # 8,832 weights
+
+
+def test_int_amount_that_looks_like_a_percentage_warns():
+    """amount=50 keeps PyTorch's meaning (50 weights) but warns: it is under 1 % of the
+    weights and may have meant 0.5."""
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))
+    result = neural_curvature(_wide(), x)
+    model = _wide()
+    with pytest.warns(UserWarning, match=r"amount=50 is an int.*prunes 50 of 8832.*amount=0\.5"):
+        report = curvprune.prune_model(model, None, 50, result=result)
+    assert report.newly_pruned == 50
+    model = _wide()
+    with pytest.warns(UserWarning, match=r"amount=40 .*prunes 80 of 8832"):
+        curvprune.prune_model(model, None, 40, scope="layer", result=result)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for amount, scope in [(0.5, "global"), (500, "global"), (0, "global"),
+                              (50, "layer")]:  # 100 of 8832 is over 1 %
+            curvprune.prune_model(_wide(), None, amount, scope=scope, result=result)
+        # 50 of a 213-weight model is 23 %: a count, no warning
+        from tests.test_pruning import inputs, tiny
+        curvprune.prune_model(tiny(), inputs(), 50)
