@@ -123,7 +123,11 @@ def neural_curvature(
             it was found; half-precision models are scored in float64 from their values.
         calibration: a tensor batch, an ``(inputs, targets)`` pair, or an iterable of batches
             (a ``DataLoader`` works). The paper uses a few correctly classified examples per
-            class.
+            class. A list of single examples without a batch dimension (``[C, H, W]`` images
+            for a model whose first layer is a ``Conv2d``, ``[features]`` vectors, or the
+            ``(example, label)`` items of a ``Dataset``) is stacked into one batch when they
+            all have one shape (:func:`curvprune.calibration.prepare_calibration`). Images are
+            channels first, ``[N, C, H, W]``.
         alpha: idleness :math:`\alpha \in [0, 1)` of the measures (the paper uses 0.9). For
             :math:`\alpha \ge 1/2` kappa does not depend on alpha (see ``docs/method.md``).
         granularity: ``"neuron"`` (the paper's graph: one node per neuron, chains only),
@@ -157,7 +161,9 @@ def neural_curvature(
         TypeError: bad argument types, or a calibration batch that is not a tensor or pair.
         ValueError: an empty calibration set; NaN/Inf in inputs or activations; alpha outside
             ``[0, 1)``; an unsupported model (the message names the module); inputs the model
-            rejects; a device that is not there; a graph over ``memory_budget``.
+            rejects; a device that is not there; a graph over ``memory_budget``; a model on
+            the ``meta`` device; channels-last images ``[N, H, W, C]`` (the message says to
+            permute them); single examples of several shapes.
         UntraceableModel: (a ``ValueError``) at channel granularity, the model calls functions
             the channel tracer cannot follow; ``.functions`` lists them. Pruning entry points
             (:func:`~curvprune.prune_model`, :class:`~curvprune.CurvatureImportance`) catch it

@@ -497,8 +497,6 @@ def prune_model(
             "with scope='layer' every layer loses the same fraction. Use scope='global'."
         )
     _validate_amount(amount)
-    check_model(model)
-    _check_sources(calibration, result, allocation)
     devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     if len(devices) > 1:
         raise ValueError(
@@ -506,6 +504,8 @@ def prune_model(
             f"({sorted(map(str, devices))}); curvature pruning ranks all weights together, so "
             "move the model to one device first (model.to(device))."
         )
+    check_model(model)
+    _check_sources(calibration, result, allocation)
     exclusions = _resolve_exclude(model, exclude)
     _refresh(model)
 
