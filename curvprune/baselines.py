@@ -27,7 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .calibration import is_single_pair, iter_calibration_inputs, model_device, scoring_mode
+from .calibration import (
+    is_single_pair,
+    iter_calibration_inputs,
+    model_device,
+    prepare_calibration,
+    scoring_mode,
+)
 from .graph import conv_padding
 from .result import ImportanceScores
 
@@ -90,8 +96,14 @@ def _feature_sq_norms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def wanda_scores(model: nn.Module, calibration, modules: Iterable[nn.Module] | None = None
                  ) -> ImportanceScores:
-    r"""Wanda: :math:`S_{ij} = |W_{ij}| \cdot \lVert X_j \rVert_2` over the calibration set."""
+    r"""Wanda: :math:`S_{ij} = |W_{ij}| \cdot \lVert X_j \rVert_2` over the calibration set.
+
+    ``calibration`` takes the forms :func:`~curvprune.neural_curvature` takes, with the same
+    checks (:func:`~curvprune.calibration.prepare_calibration`: single examples stacked, a
+    ``meta`` model and channels-last images refused).
+    """
     targets = _targets(model, modules)
+    calibration = prepare_calibration(model, calibration)
     sums: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -107,7 +119,7 @@ def wanda_scores(model: nn.Module, calibration, modules: Iterable[nn.Module] | N
             handles.append(module.register_forward_pre_hook(make_hook(name, module)))
         with scoring_mode(model):
             device = model_device(model)
-            for inputs in iter_calibration_inputs(calibration):
+            for inputs in iter_calibration_inputs(calibration, model):
                 model(inputs.to(device))
     finally:
         for handle in handles:

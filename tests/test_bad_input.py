@@ -464,6 +464,9 @@ def test_channels_last_images():
         curvprune.prune_channels(copy.deepcopy(rgb), DataLoader(TensorDataset(nhwc), 2), 0.5)
     with pytest.raises(ValueError, match="channels last"):
         curvprune.prune_model(_cnn(), torch.randn(2, 6, 6, 1), 0.5)
+    from curvprune.baselines import wanda_scores
+    with pytest.raises(ValueError, match="channels last"):
+        wanda_scores(_cnn(), torch.randn(2, 6, 6, 1))
     with pytest.raises(ValueError, match=r"calibration batch 1 .*channels last"):
         neural_curvature(rgb, [torch.randn(2, 3, 8, 8), nhwc], granularity="channel")
     # single channels-last images in a list: stacked, then refused the same way
