@@ -3,11 +3,12 @@
 A calibration set is a tensor batch, an ``(inputs, targets)`` pair, or any iterable of those
 (a :class:`~torch.utils.data.DataLoader` works as is). A list of single examples without their
 batch dimension (``[image, image, ...]`` of shape ``[C, H, W]`` for a model whose first layer is
-a ``Conv2d``, ``[x, x, ...]`` of shape ``[features]``, or ``[dataset[i] for i in ...]`` pairs of
-such an example and a scalar target) is stacked into one batch by :func:`prepare_calibration`,
-when all the examples have one shape. Every scoring entry point runs :func:`prepare_calibration`
-first, which also refuses a model on the ``meta`` device, and reads the batches with
-:func:`iter_calibration_inputs`, which refuses channels-last images (``[N, H, W, C]``).
+a ``Conv2d`` or a flatten and a ``Linear``, ``[x, x, ...]`` of shape ``[features]``, or
+``[dataset[i] for i in ...]`` pairs of such an example and a scalar target) is stacked into one
+batch by :func:`prepare_calibration`, when all the examples have one shape. Every scoring
+entry point runs :func:`prepare_calibration` first, which also refuses a model on the ``meta``
+device, and reads the batches with :func:`iter_calibration_inputs`, which refuses channels-last
+images (``[N, H, W, C]``).
 
 Node activities are recorded with temporary forward pre-hooks while the model runs in eval mode
 under ``torch.no_grad()``; hooks, training flags and parameters are restored before returning.
@@ -98,11 +99,20 @@ def _is_scalar(target: Any) -> bool:
 
 def _single_example(model: nn.Module, x: Any) -> bool:
     """Whether ``x`` is one example without its batch dimension: a vector (a batch needs two
-    dimensions) or, for a model whose first layer is a ``Conv2d``, a 3-d image ``[C, H, W]``
-    (which a ``Conv2d`` would read as unbatched)."""
+    dimensions); for a model whose first layer is a ``Conv2d``, a 3-d image ``[C, H, W]``
+    (which a ``Conv2d`` would read as unbatched); for one whose first layer is a ``Linear``
+    (after a flatten), a tensor of exactly ``in_features`` entries whose first dimension is
+    not 1 (as a batch of ``x.shape[0]`` examples it could not feed that layer; with a first
+    dimension of 1 it is a valid batch of one example, the same graph either way)."""
     if not isinstance(x, torch.Tensor):
         return False
-    return x.dim() == 1 or (x.dim() == 3 and isinstance(_first_layer(model), nn.Conv2d))
+    first = _first_layer(model)
+    if x.dim() == 1:
+        return True
+    if isinstance(first, nn.Conv2d):
+        return x.dim() == 3
+    return (isinstance(first, nn.Linear) and x.numel() == first.in_features
+            and x.shape[0] != 1)
 
 
 def prepare_calibration(model: nn.Module, calibration: Calibration) -> Calibration:

@@ -402,6 +402,16 @@ def test_list_of_single_vectors_is_stacked():
     _same(neural_curvature(model, [x[0], x[1], x[2]]), neural_curvature(model, x))
 
 
+def test_list_of_single_images_for_a_flattening_mlp_is_stacked():
+    """[C, H, W] images for Flatten -> Linear(C*H*W): one batch of them (read as batches of C
+    examples they could not feed the Linear)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _same(neural_curvature(model, [x[0], x[1], x[2]]), neural_curvature(model, x))
+    grey = torch.randn(3, 1, 2, 6, dtype=torch.float64)  # [1, H, W]: a batch of one as well
+    _same(neural_curvature(model, [grey[0], grey[1], grey[2]]), neural_curvature(model, grey))
+
+
 def test_single_examples_of_several_shapes():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
     with pytest.raises(ValueError, match=r"single examples of several shapes.*torch\.stack"):
