@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from .calibration import iter_calibration_inputs, model_device
-from .importance import CurvatureImportance
+
+# Torch-Pruning (and the timm it imports) is loaded by prune_channels, not at import time:
+# ``import curvprune`` stays light.
 
 __all__ = ["prune_channels", "ChannelPruningReport", "attention_heads", "refresh_attention",
            "refresh_after_pruning", "classifier_layers"]
@@ -191,6 +192,10 @@ def prune_channels(
         ValueError: a ratio outside ``[0, 1)``, a model with pruning masks, or bad calibration.
         TypeError: a model that is not an ``nn.Module``.
     """
+    import torch_pruning as tp
+
+    from .importance import CurvatureImportance
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:

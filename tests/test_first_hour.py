@@ -1,0 +1,31 @@
+"""A new user's first hour: a light import, the demo's files, quiet logs, one default scope."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_does_not_load_timm_torch_pruning_or_plotting():
+    code = ("import sys, curvprune\n"
+            "heavy = ['timm', 'torch_pruning', 'torchvision', 'matplotlib', 'networkx', 'ot']\n"
+            "print(','.join(m for m in heavy if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"import curvprune loaded {out.stdout.strip()}"
+
+
+def test_lazy_names_still_resolve():
+    code = ("import sys, curvprune\n"
+            "from curvprune import CurvatureImportance, prune_channels\n"
+            "assert 'CurvatureImportance' in dir(curvprune)\n"
+            "assert all(hasattr(curvprune, n) for n in curvprune.__all__)\n"
+            "print(CurvatureImportance.__module__, 'torch_pruning' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["curvprune.importance", "True"]
