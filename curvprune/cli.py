@@ -260,6 +260,8 @@ def _cmd_prune(args) -> dict:
     from .evaluation import accuracy
     from .pruning import make_permanent, prune_model
 
+    if args.scope is None:  # the API's defaults: prune_model global, prune_channels per group
+        args.scope = "layer" if args.structured else "global"
     if args.structured:
         if args.order != "pos":
             raise UsageError("--structured ranks channels by curvature importance (bottlenecks "
@@ -408,7 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prune)
     prune.add_argument("--amount", type=_amount, required=True,
                        help="fraction of the weights to remove, in [0, 1]")
-    prune.add_argument("--scope", choices=["global", "layer"], default="global")
+    prune.add_argument("--scope", choices=["global", "layer"], default=None,
+                       help="global: one ranking of all weights (default, as prune_model); "
+                            "layer: every layer loses --amount. With --structured: layer (the "
+                            "default, as prune_channels) removes the ratio from every group, "
+                            "global ranks all groups together")
     prune.add_argument("--order", choices=["pos", "neg"], default="pos")
     prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
                        default="curvature",
@@ -417,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "per-layer amounts, curvature's order within each layer)")
     prune.add_argument("--structured", action="store_true",
                        help="remove whole channels through Torch-Pruning (CurvatureImportance); "
-                            "--amount is then the channel ratio and --scope global ranks all "
-                            "groups together")
+                            "--amount is then the channel ratio of every group (--scope global "
+                            "ranks all groups together)")
     prune.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     prune.add_argument("--eval-limit", type=int, default=None,
                        help="evaluate on at most this many test examples")
