@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import time
 
 import torch
@@ -231,7 +232,8 @@ def neural_curvature(
                     bar.update(1)
         # Only the edges that can still be a weight's minimum are solved exactly.
         if bar is not None:
-            bar.set_description("curvature (exact minima)")
+            bar.set_description("curvature (exact minima)",
+                                refresh=getattr(bar, "curvprune_interactive", True))
         with _torch_threads(1 if threads > 1 else None):
             kappa = search.resolve(
                 lambda k, x, edges: solve_layer_edges(graph, example_acts[x], k + 1, edges,
@@ -276,13 +278,21 @@ def _torch_threads(count: int | None):
 
 @contextlib.contextmanager
 def _progress_bar(progress: bool, desc: str, calibration):
-    """A tqdm bar over calibration examples (``None`` when ``progress`` is off), closed after."""
+    """A tqdm bar over calibration examples (``None`` when ``progress`` is off), closed after.
+
+    On a terminal (or a notebook) the bar redraws at most 10 times a second; when stderr is not
+    a terminal (a log file, a CI job) it writes at most one line every 30 seconds, so long runs
+    do not flood logs."""
     if not progress:
         yield None
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=desc, unit="example", total=_count_examples(calibration))
+    notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+    interactive = notebook or _isatty(sys.stderr)
+    bar = tqdm(desc=desc, unit="example", total=_count_examples(calibration),
+               mininterval=0.1 if interactive else 30.0)
+    bar.curvprune_interactive = interactive
     try:
         yield bar
     finally:
@@ -293,7 +303,15 @@ def _show_solved(bar):
     """A callback that shows the number of exact solves on ``bar`` (``None`` without a bar)."""
     if bar is None:
         return None
-    return lambda count: bar.set_postfix_str(f"{count} edges solved exactly", refresh=True)
+    refresh = getattr(bar, "curvprune_interactive", True)  # else shown at the next redraw
+    return lambda count: bar.set_postfix_str(f"{count} edges solved exactly", refresh=refresh)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _float_batches(calibration, model_device: torch.device):

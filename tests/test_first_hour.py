@@ -29,3 +29,22 @@ def test_lazy_names_still_resolve():
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["curvprune.importance", "True"]
+
+
+def test_progress_bar_does_not_flood_a_log(capsys):
+    """stderr is not a terminal under capsys: the bar writes its first and last states only
+    (one line per 30 s at most), not one frame per example and per exact solve."""
+    import torch
+    import torch.nn as nn
+
+    import curvprune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 16),
+                          nn.ReLU(), nn.Linear(16, 10)).eval()
+    result = curvprune.neural_curvature(model, torch.randn(8, 1, 8, 8), progress=True)
+    err = capsys.readouterr().err
+    frames = [f for f in err.split("\r") if f.strip()]
+    assert result.engine["solved"] > 10  # many solves, each used to redraw the bar
+    assert 1 <= len(frames) <= 3, frames
+    assert "8/8" in frames[-1]
