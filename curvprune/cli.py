@@ -390,7 +390,7 @@ def _jsonable(value: Any) -> Any:
 def _cmd_demo(args) -> dict:
     from .demo import run_demo
 
-    return run_demo(seed=args.seed, quiet=args.quiet)
+    return run_demo(seed=args.seed, quiet=args.quiet, out=args.out)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subs.add_parser("demo", help="the main job on an embedded default (no arguments)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--out", default=".",
+                      help="folder for model.pt (the trained model), demo_accuracy.png and "
+                           "kappa_histograms.png (default: the current folder)")
     demo.set_defaults(func=_cmd_demo)
     prune = subs.add_parser("prune", help="score, prune, evaluate and save a model")
     _common(prune)
