@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .calibration import (
     capture_activations,
+    half_dtype,
     is_single_pair,
     iter_calibration_inputs,
     normalise_activity,
@@ -198,7 +199,7 @@ def neural_curvature(
     num_examples = 0
     first_shapes = None
     with _progress_bar(progress, "curvature", calibration) as bar, scoring_mode(model):
-        for inputs in _float_batches(calibration, model_device):
+        for inputs in _float_batches(calibration, model_device, half_dtype(model)):
             values, in_shapes, out_shapes = capture_activations(model, modules, inputs)
             if graph is not None and (in_shapes, out_shapes) != first_shapes:
                 raise ValueError(
@@ -314,12 +315,13 @@ def _isatty(stream) -> bool:
         return False
 
 
-def _float_batches(calibration, model_device: torch.device):
-    """The calibration batches, checked to be floating point, on the model's device."""
+def _float_batches(calibration, model_device: torch.device, dtype: torch.dtype | None = None):
+    """The calibration batches, checked to be floating point, on the model's device (and in
+    ``dtype``, a half-precision model's, when given)."""
     for inputs in iter_calibration_inputs(calibration):
         if not inputs.is_floating_point():
             raise TypeError(f"calibration inputs must be floating point, not {inputs.dtype}.")
-        yield inputs.to(model_device)
+        yield inputs.to(model_device, dtype)
 
 
 def _count_examples(calibration) -> int | None:
@@ -346,9 +348,10 @@ def _check_shapes(structures, values, names) -> None:
             )
 
 
-def _first_example(calibration, model_device: torch.device) -> torch.Tensor:
+def _first_example(calibration, model_device: torch.device,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     inputs = next(iter(iter_calibration_inputs(calibration)))
-    return inputs[:1].to(model_device)
+    return inputs[:1].to(model_device, dtype if inputs.is_floating_point() else None)
 
 
 def _choose_granularity(model: nn.Module, calibration, model_device: torch.device,
@@ -358,7 +361,8 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
         trace_chain(model)
     except ValueError:
         return "channel"
-    _, structures = chain_structure(model, _first_example(calibration, model_device))
+    _, structures = chain_structure(model, _first_example(calibration, model_device,
+                                                              half_dtype(model)))
     sizes = [structures[0].n_in] + [s.n_out for s in structures]
     return "neuron" if hop_table_bytes(sizes) <= memory_budget else "channel"
 
@@ -375,7 +379,7 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     num_examples = 0
     with _progress_bar(progress, "curvature (channel)", calibration) as bar, \
             scoring_mode(model):
-        for inputs in _float_batches(calibration, model_device):
+        for inputs in _float_batches(calibration, model_device, half_dtype(model)):
             graph = trace_channels(model, inputs, device=engine_device)
             if first is None:
                 need = 8 * graph.num_nodes ** 2

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .calibration import iter_calibration_inputs, model_device
+from .calibration import half_dtype, iter_calibration_inputs, model_device
 
 # Torch-Pruning (and the timm it imports) is loaded by prune_channels, not at import time:
 # ``import curvprune`` stays light.
@@ -208,7 +208,8 @@ def prune_channels(
                          "copy it. Call curvprune.make_permanent(model) first.")
     if example_inputs is None:
         example_inputs = next(iter(iter_calibration_inputs(calibration)))[:1]
-    example_inputs = example_inputs.to(model_device(model))
+    example_inputs = example_inputs.to(model_device(model), half_dtype(model)
+                                       if example_inputs.is_floating_point() else None)
     if importance is None:
         importance = CurvatureImportance(calibration, alpha=alpha)
     if ignored_layers is None:

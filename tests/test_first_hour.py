@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,3 +46,61 @@ def test_progress_bar_does_not_flood_a_log(capsys):
     assert result.engine["solved"] > 10  # many solves, each used to redraw the bar
     assert 1 <= len(frames) <= 3, frames
     assert "8/8" in frames[-1]
+
+
+def _half_ok(model, x) -> bool:
+    try:
+        model(x)
+    except RuntimeError:  # some CPU builds lack a half-precision kernel
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("granularity", ["neuron", "channel"])
+def test_float32_calibration_is_cast_to_a_half_model(dtype, granularity):
+    """docs/channels.md: half models are scored as they are. float32 calibration data is cast to
+    the model's dtype: the same curvature as data given in that dtype, the model unchanged."""
+    import torch
+    import torch.nn as nn
+
+    import curvprune
+
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 6),
+                          nn.ReLU(), nn.Linear(6, 4)).eval().to(dtype)
+    x = torch.rand(3, 1, 6, 6)
+    if not _half_ok(model, x.to(dtype)):
+        pytest.skip(f"{dtype} Conv2d/Linear not available on this CPU build")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cast = curvprune.neural_curvature(model, x, granularity=granularity)
+    given = curvprune.neural_curvature(model, x.to(dtype), granularity=granularity)
+    assert set(cast.kappa) == set(given.kappa) == {"0.weight", "3.weight", "5.weight"}
+    for name, kappa in cast.kappa.items():
+        assert kappa.dtype == torch.float64
+        assert torch.equal(kappa, given.kappa[name]), name
+    after = model.state_dict()
+    assert all(after[k].dtype == dtype and torch.equal(after[k], v) for k, v in before.items())
+    # a DataLoader of float32 (inputs, targets) pairs too
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(3)),
+                                         batch_size=2)
+    looped = curvprune.neural_curvature(model, loader, granularity=granularity)
+    assert all(torch.equal(looped.kappa[n], k) for n, k in given.kappa.items())
+
+
+def test_prune_model_on_a_bfloat16_model_with_float32_data():
+    import torch
+    import torch.nn as nn
+
+    import curvprune
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval().to(torch.bfloat16)
+    x = torch.rand(4, 1, 4, 4)
+    if not _half_ok(model, x.to(torch.bfloat16)):
+        pytest.skip("bfloat16 Linear not available on this CPU build")
+    report = curvprune.prune_model(model, x, 0.5)
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.02)
+    assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
