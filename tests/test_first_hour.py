@@ -104,3 +104,30 @@ def test_prune_model_on_a_bfloat16_model_with_float32_data():
     report = curvprune.prune_model(model, x, 0.5)
     assert report.overall_sparsity == pytest.approx(0.5, abs=0.02)
     assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_readme_metapruner_snippet_runs_as_written_on_a_timm_vit():
+    """The README's Torch-Pruning snippet, exec'd exactly as written, on a reduced timm ViT."""
+    import torch
+
+    import curvprune
+    from curvprune import zoo
+
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (snippet,) = [b for b in blocks if "MetaPruner" in b]
+    name = "timm/vit_tiny_patch16_224"
+    model = zoo.create(name)
+    example_inputs = zoo.example_input(name, batch=2)
+    calibration = example_inputs
+    params = sum(p.numel() for p in model.parameters())
+    scope = {"curvprune": curvprune, "model": model, "example_inputs": example_inputs,
+             "calibration": calibration}
+    exec(compile(snippet, "README.md (MetaPruner snippet)", "exec"), scope)  # noqa: S102
+    assert not scope["imp"].fell_back and scope["imp"].result is not None
+    assert sum(p.numel() for p in model.parameters()) < params
+    for m in model.modules():
+        if hasattr(m, "qkv"):
+            assert m.head_dim * m.num_heads * 3 == m.qkv.out_features
+    with torch.no_grad():
+        assert model(example_inputs).shape == (2, 10)
