@@ -138,3 +138,19 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch, capsys):
         if code not in (0, None):
             failures.append(f"{page}: `{line}` -> {code} {err.strip()[-300:]}")
     assert not failures, "\n".join(failures)
+
+
+def test_readme_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    modules = sorted(p.stem for p in (ROOT / "curvprune").glob("*.py") if p.stem != "__init__")
+    missing = [m for m in modules if f"`{m}`" not in layout]
+    assert not missing, f"README's Layout section does not name {missing}"
+
+
+def test_no_stale_not_yet_available_statements():
+    """Features that exist are not announced as missing (channel granularity, ...)."""
+    stale = ("not yet available", "not provided yet", "does not provide yet", "provide yet")
+    pages = DOC_PAGES + sorted((ROOT / "curvprune").glob("*.py"))
+    found = [f"{p.name}: {s!r}" for p in pages for s in stale if s in p.read_text().lower()]
+    assert not found, found
