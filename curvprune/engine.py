@@ -65,7 +65,7 @@ __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_ed
 # ``import curvprune``; ``emd_c`` is its network simplex.
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name == "emd_c":
         from ot.lp.emd_wrap import emd_c
 

@@ -48,8 +48,9 @@ settings.load_profile(PROFILE)  # an unknown name fails here, naming the registe
 
 def profile_examples(count: int) -> int:
     """A test's own ``max_examples`` under the active profile: ``count`` under ``ci``, a tenth
-    of it (at least 5) under ``dev``."""
-    scale = _SCALE.get(PROFILE, 1.0)
+    of it (at least 5) under ``dev`` (also when chosen by ``pytest --hypothesis-profile``)."""
+    current = getattr(settings, "get_current_profile_name", lambda: PROFILE)()
+    scale = _SCALE.get(current, 1.0)
     return count if scale >= 1 else max(5, round(count * scale))
 
 # --------------------------------------------------------------------------------------------

@@ -131,3 +131,27 @@ def test_readme_metapruner_snippet_runs_as_written_on_a_timm_vit():
             assert m.head_dim * m.num_heads * 3 == m.qkv.out_features
     with torch.no_grad():
         assert model(example_inputs).shape == (2, 10)
+
+
+def test_hypothesis_profiles_dev_by_default_ci_under_ci(monkeypatch):
+    import conftest
+    from hypothesis import settings
+
+    for env, want in [({}, "dev"), ({"CI": "true"}, "ci"), ({"CI": "false"}, "dev"),
+                      ({"HYPOTHESIS_PROFILE": "ci"}, "ci"),
+                      ({"CI": "true", "HYPOTHESIS_PROFILE": "dev"}, "dev")]:
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("HYPOTHESIS_PROFILE", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert conftest._profile_name() == want, env
+    current = settings.get_current_profile_name()
+    try:
+        settings.load_profile("ci")
+        assert settings.default.max_examples == 100
+        assert [conftest.profile_examples(n) for n in (600, 30)] == [600, 30]
+        settings.load_profile("dev")
+        assert settings.default.max_examples == 10
+        assert [conftest.profile_examples(n) for n in (600, 30)] == [60, 5]
+    finally:
+        settings.load_profile(current)
