@@ -103,12 +103,28 @@ def _shrink(dataset, n: int):
     return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
 
 
+def _write_assumed_state_dicts(argv: list[str]) -> None:
+    import torch
+
+    from curvprune.cli import load_model
+
+    for flag in ("--weights", "--checkpoint"):
+        if flag in argv[:-1] and "--model" in argv[:-1]:
+            path = Path(argv[argv.index(flag) + 1])
+            if not path.exists():
+                model = load_model(argv[argv.index("--model") + 1])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), path)
+
+
 @pytest.mark.slow
 def test_documented_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """Each documented command is parsed as written and run to exit status 0, in order, in one
     folder (so ``--model model.pt`` finds the model the demo wrote). Quick mode: the datasets are
     cut to their first examples (the demo's to 10,000 training and 1,000 test examples, the
-    command's to 2,000 and 500), nothing else changes."""
+    command's to 2,000 and 500), nothing else changes. A state dict that a command assumes the
+    user has (``--weights FILE`` or ``--checkpoint FILE`` not written by an earlier command) is
+    written first from the ``--model`` architecture's own random weights."""
     import importlib
 
     from curvprune import data, demo
@@ -124,6 +140,7 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     failures = []
     for page, line, argv in documented_commands():
+        _write_assumed_state_dicts(argv)
         try:
             if argv[0] == "curvprune":
                 code = main(argv[1:])
