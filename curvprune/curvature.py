@@ -134,7 +134,8 @@ def neural_curvature(
             model is a chain whose distance tables fit ``memory_budget``, else channel).
         device: where the engine runs; defaults to the model's device. The model itself is not
             moved; inputs are moved to the model's device for the forward pass.
-        progress: show a progress bar over calibration examples.
+        progress: show a progress bar over calibration examples (tqdm, on stderr; when stderr
+            is not a terminal, e.g. a log file, at most one line every 30 seconds).
         certify_tol: tolerance of the engine's shortcuts (default 1e-14, a few ulps): masses
             whose effect on kappa is below half of it are cut from the measures
             (:func:`curvprune.engine.cut_measures`), and an edge whose curvature bounds are less
