@@ -1,4 +1,10 @@
-"""curvprune: post-training pruning of PyTorch models by neural graph curvature."""
+"""curvprune: post-training pruning of PyTorch models by neural graph curvature.
+
+``import curvprune`` loads torch, NumPy, SciPy and POT only. Torch-Pruning (which imports timm)
+is loaded the first time :class:`CurvatureImportance` is used, or by :func:`prune_channels`.
+"""
+
+from typing import Any
 
 from .allocation import allocate_like
 from .analysis import (
@@ -11,7 +17,6 @@ from .analysis import (
 )
 from .channels import UntraceableModel
 from .curvature import neural_curvature
-from .importance import CurvatureImportance
 from .pruning import (
     CurvaturePruning,
     LayerSparsity,
@@ -28,6 +33,22 @@ from .result import CurvatureResult, ImportanceScores
 from .structured import ChannelPruningReport, prune_channels
 
 __version__ = "0.1.0"
+
+_LAZY = {"CurvatureImportance": "importance"}  # name -> submodule, imported on first use
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "neural_curvature",

@@ -10,8 +10,8 @@ for every ``Linear`` and ``Conv2d`` of the model (or the modules given), higher 
   its input feature over the calibration set (Sun et al., 2023, "A Simple and Effective Pruning
   Approach for Large Language Models"). For a conv, the input feature of ``W[o, i, kh, kw]`` is
   the unfolded patch element ``(i, kh, kw)`` over all positions. Wanda compares weights within
-  each output row; prune with ``scope="row"`` semantics (see :func:`prune_per_row`) to follow it,
-  or globally.
+  each output row: :func:`prune_per_row` prunes each row by the same fraction to follow it;
+  ``torch.nn.utils.prune.global_unstructured`` with these scores ranks all weights together.
 * :func:`snip_scores`: :math:`|w \cdot \partial L / \partial w|` on the calibration batch (Lee et
   al., 2019, "SNIP"), with cross-entropy on the batch's targets, or on the model's own
   predictions when the calibration set has no targets.

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["is_single_pair", "iter_calibration_inputs", "model_device", "scoring_mode",
-           "capture_activations",
-           "normalise_activity", "check_model", "prepare_calibration", "check_layout"]
+__all__ = ["is_single_pair", "iter_calibration_inputs", "model_device", "half_dtype",
+           "scoring_mode", "capture_activations", "normalise_activity", "check_model",
+           "prepare_calibration", "check_layout"]
 
 Calibration = Any  # torch.Tensor | tuple | Iterable[torch.Tensor | tuple]
 
@@ -210,6 +210,18 @@ def iter_calibration_inputs(calibration: Calibration,
         yield inputs
     if total == 0:
         raise ValueError("the calibration set is empty: give at least one example.")
+
+
+def half_dtype(model: nn.Module) -> torch.dtype | None:
+    """``torch.float16`` or ``torch.bfloat16`` when every floating parameter of ``model`` has that
+    dtype (a half-precision model), else ``None``. Calibration data for such a model is cast to
+    its dtype (rounded as the model itself would see it in half precision)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:
+        dtype = dtypes.pop()
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return None
 
 
 def model_device(model: nn.Module) -> torch.device:

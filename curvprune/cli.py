@@ -273,6 +273,8 @@ def _cmd_prune(args) -> dict:
     from .evaluation import accuracy
     from .pruning import make_permanent, prune_model
 
+    if args.scope is None:  # the API's defaults: prune_model global, prune_channels per group
+        args.scope = "layer" if args.structured else "global"
     if args.structured:
         if args.order != "pos":
             raise UsageError("--structured ranks channels by curvature importance (bottlenecks "
@@ -403,7 +405,7 @@ def _jsonable(value: Any) -> Any:
 def _cmd_demo(args) -> dict:
     from .demo import run_demo
 
-    return run_demo(seed=args.seed, quiet=args.quiet)
+    return run_demo(seed=args.seed, quiet=args.quiet, out=args.out)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -418,12 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subs.add_parser("demo", help="the main job on an embedded default (no arguments)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--out", default=".",
+                      help="folder for model.pt (the trained model), demo_accuracy.png and "
+                           "kappa_histograms.png (default: the current folder)")
     demo.set_defaults(func=_cmd_demo)
     prune = subs.add_parser("prune", help="score, prune, evaluate and save a model")
     _common(prune)
     prune.add_argument("--amount", type=_amount, required=True,
                        help="fraction of the weights to remove, in [0, 1]")
-    prune.add_argument("--scope", choices=["global", "layer"], default="global")
+    prune.add_argument("--scope", choices=["global", "layer"], default=None,
+                       help="global: one ranking of all weights (default, as prune_model); "
+                            "layer: every layer loses --amount. With --structured: layer (the "
+                            "default, as prune_channels) removes the ratio from every group, "
+                            "global ranks all groups together")
     prune.add_argument("--order", choices=["pos", "neg"], default="pos")
     prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
                        default="curvature",
@@ -432,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "per-layer amounts, curvature's order within each layer)")
     prune.add_argument("--structured", action="store_true",
                        help="remove whole channels through Torch-Pruning (CurvatureImportance); "
-                            "--amount is then the channel ratio and --scope global ranks all "
-                            "groups together")
+                            "--amount is then the channel ratio of every group (--scope global "
+                            "ranks all groups together)")
     prune.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     prune.add_argument("--eval-limit", type=int, default=None,
                        help="evaluate on at most this many test examples")

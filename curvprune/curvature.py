@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import time
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn as nn
 
 from .calibration import (
     capture_activations,
+    half_dtype,
     is_single_pair,
     iter_calibration_inputs,
     normalise_activity,
@@ -137,7 +139,8 @@ def neural_curvature(
             model is a chain whose distance tables fit ``memory_budget``, else channel).
         device: where the engine runs; defaults to the model's device. The model itself is not
             moved; inputs are moved to the model's device for the forward pass.
-        progress: show a progress bar over calibration examples.
+        progress: show a progress bar over calibration examples (tqdm, on stderr; when stderr
+            is not a terminal, e.g. a log file, at most one line every 30 seconds).
         certify_tol: tolerance of the engine's shortcuts (default 1e-14, a few ulps): masses
             whose effect on kappa is below half of it are cut from the measures
             (:func:`curvprune.engine.cut_measures`), and an edge whose curvature bounds are less
@@ -205,7 +208,7 @@ def neural_curvature(
     num_examples = 0
     first_shapes = None
     with _progress_bar(progress, "curvature", calibration) as bar, scoring_mode(model):
-        for inputs in _float_batches(calibration, model_device, model):
+        for inputs in _float_batches(calibration, model_device, model, half_dtype(model)):
             values, in_shapes, out_shapes = capture_activations(model, modules, inputs)
             if graph is not None and (in_shapes, out_shapes) != first_shapes:
                 raise ValueError(
@@ -240,7 +243,8 @@ def neural_curvature(
                     bar.update(1)
         # Only the edges that can still be a weight's minimum are solved exactly.
         if bar is not None:
-            bar.set_description("curvature (exact minima)")
+            bar.set_description("curvature (exact minima)",
+                                refresh=getattr(bar, "curvprune_interactive", True))
         with _torch_threads(1 if threads > 1 else None):
             kappa = search.resolve(
                 lambda k, x, edges: solve_layer_edges(graph, example_acts[x], k + 1, edges,
@@ -286,13 +290,21 @@ def _torch_threads(count: int | None):
 
 @contextlib.contextmanager
 def _progress_bar(progress: bool, desc: str, calibration):
-    """A tqdm bar over calibration examples (``None`` when ``progress`` is off), closed after."""
+    """A tqdm bar over calibration examples (``None`` when ``progress`` is off), closed after.
+
+    On a terminal (or a notebook) the bar redraws at most 10 times a second; when stderr is not
+    a terminal (a log file, a CI job) it writes at most one line every 30 seconds, so long runs
+    do not flood logs."""
     if not progress:
         yield None
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=desc, unit="example", total=_count_examples(calibration))
+    notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+    interactive = notebook or _isatty(sys.stderr)
+    bar = tqdm(desc=desc, unit="example", total=_count_examples(calibration),
+               mininterval=0.1 if interactive else 30.0)
+    bar.curvprune_interactive = interactive
     try:
         yield bar
     finally:
@@ -303,16 +315,25 @@ def _show_solved(bar):
     """A callback that shows the number of exact solves on ``bar`` (``None`` without a bar)."""
     if bar is None:
         return None
-    return lambda count: bar.set_postfix_str(f"{count} edges solved exactly", refresh=True)
+    refresh = getattr(bar, "curvprune_interactive", True)  # else shown at the next redraw
+    return lambda count: bar.set_postfix_str(f"{count} edges solved exactly", refresh=refresh)
 
 
-def _float_batches(calibration, model_device: torch.device, model: nn.Module | None = None):
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _float_batches(calibration, model_device: torch.device, model: nn.Module | None = None,
+                   dtype: torch.dtype | None = None):
     """The calibration batches, checked to be floating point (and, with ``model``, channels
-    first), on the model's device."""
+    first), on the model's device (and in ``dtype``, a half-precision model's, when given)."""
     for inputs in iter_calibration_inputs(calibration, model):
         if not inputs.is_floating_point():
             raise TypeError(f"calibration inputs must be floating point, not {inputs.dtype}.")
-        yield inputs.to(model_device)
+        yield inputs.to(model_device, dtype)
 
 
 def _count_examples(calibration) -> int | None:
@@ -340,9 +361,10 @@ def _check_shapes(structures, values, names) -> None:
 
 
 def _first_example(calibration, model_device: torch.device,
-                   model: nn.Module | None = None) -> torch.Tensor:
+                   model: nn.Module | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     inputs = next(iter(iter_calibration_inputs(calibration, model)))
-    return inputs[:1].to(model_device)
+    return inputs[:1].to(model_device, dtype if inputs.is_floating_point() else None)
 
 
 def _choose_granularity(model: nn.Module, calibration, model_device: torch.device,
@@ -352,7 +374,8 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
         trace_chain(model)
     except ValueError:
         return "channel"
-    _, structures = chain_structure(model, _first_example(calibration, model_device, model))
+    _, structures = chain_structure(model, _first_example(calibration, model_device, model,
+                                                          half_dtype(model)))
     sizes = [structures[0].n_in] + [s.n_out for s in structures]
     return "neuron" if hop_table_bytes(sizes) <= memory_budget else "channel"
 
@@ -369,7 +392,7 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     num_examples = 0
     with _progress_bar(progress, "curvature (channel)", calibration) as bar, \
             scoring_mode(model):
-        for inputs in _float_batches(calibration, model_device, model):
+        for inputs in _float_batches(calibration, model_device, model, half_dtype(model)):
             graph = trace_channels(model, inputs, device=engine_device)
             if first is None:
                 need = 8 * graph.num_nodes ** 2

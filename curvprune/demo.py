@@ -1,8 +1,14 @@
 """The main job on an embedded default: ``python -m curvprune.demo``.
 
-Trains a small MLP for one epoch (seconds), scores it by neural curvature on one correctly
-classified example per class, and reports test accuracy after pruning 50/80/90% of the weights by
-curvature ("pos"), the paper's control ("neg") and global magnitude, with no fine-tuning.
+Trains a small MLP (784-64-32-10) for one epoch (seconds), scores it by neural curvature on one
+correctly classified example per class, and reports test accuracy after pruning 50/80/90% of the
+weights by curvature ("pos"), the paper's control ("neg") and global magnitude, with no
+fine-tuning.
+
+Writes to ``--out`` (default: the current folder) ``model.pt``, the trained dense model saved
+whole (``torch.save(model)``), so that ``curvprune prune --model model.pt ...`` and
+``curvprune analyze --model model.pt ...`` run on it next; ``demo_accuracy.png`` (accuracy
+against the fraction removed, per criterion) and ``kappa_histograms.png`` (curvature per layer).
 
 Data: Fashion-MNIST when Debian's ``dataset-fashion-mnist`` is installed, else a synthetic
 10-class image set generated from a fixed seed (no download either way).
@@ -11,7 +17,9 @@ Data: Fashion-MNIST when Debian's ``dataset-fashion-mnist`` is installed, else a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -48,9 +56,18 @@ def _datasets() -> tuple[str, torch.utils.data.Dataset, torch.utils.data.Dataset
 
 
 def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
-             quiet: bool = False) -> dict:
-    """Run the demo and return its numbers (accuracy per criterion and amount)."""
+             quiet: bool = False, out: str | Path | None = None) -> dict:
+    """Run the demo and return its numbers (accuracy per criterion and amount).
+
+    With ``out`` (a folder, created if missing; an unwritable one raises
+    ``curvprune.cli.UsageError`` before training), also write ``model.pt`` (the trained dense
+    model, saved whole), ``demo_accuracy.png`` and ``kappa_histograms.png`` there; the report's
+    ``"files"`` lists them."""
     say = (lambda *a: None) if quiet else print
+    if out is not None:  # checked before training: an unwritable folder fails at once
+        from .cli import _output_dir
+
+        out = _output_dir(str(out))
     torch.manual_seed(seed)
     name, train, test = _datasets()
     model = create_model("mlp", hidden=(64, 32))
@@ -94,15 +111,55 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
         report["accuracy"][amount] = row
         say(f"{amount:>8.0%} {row['curvature']:>10.3f} {row['control']:>8.3f} "
             f"{row['magnitude']:>10.3f}")
+    if out is not None:
+        report["files"] = _write_outputs(Path(out), model, scores, report)
+        say(f"wrote {', '.join(report['files'])}")
     return report
+
+
+def _write_outputs(out: Path, model: nn.Module, scores, report: dict) -> list[str]:
+    """``model.pt``, ``demo_accuracy.png`` and ``kappa_histograms.png`` in ``out``."""
+    from .cli import _atomic_write, _plot_histograms, _save_figure
+
+    _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    amounts = list(report["accuracy"])
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, style in (("curvature", "o-"), ("control", "s--"), ("magnitude", "^:")):
+        ax.plot([0.0] + amounts,
+                [report["dense_accuracy"]] + [report["accuracy"][a][label] for a in amounts],
+                style, label=label)
+    ax.set_xlabel("fraction of weights removed (no fine-tuning)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"demo: MLP on {report['data']}")
+    ax.legend()
+    fig.tight_layout()
+    _save_figure(fig, out / "demo_accuracy.png")
+    plt.close(fig)
+    _plot_histograms(scores, out / "kappa_histograms.png")
+    return [str(out / name) for name in ("model.pt", "demo_accuracy.png", "kappa_histograms.png")]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=".",
+                        help="folder for model.pt, demo_accuracy.png and kappa_histograms.png "
+                             "(default: the current folder)")
     args = parser.parse_args(argv)
-    run_demo(seed=args.seed, quiet=args.quiet)
+    from .cli import UsageError
+
+    try:
+        run_demo(seed=args.seed, quiet=args.quiet, out=args.out)
+    except UsageError as exc:
+        sys.stderr.write(f"curvprune demo: error: {exc}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from ot.lp.emd_wrap import emd_c
 
 from .distance import length_matrix, min_plus
 from .graph import LayerEdges
@@ -61,6 +60,19 @@ from .measures import neighbour_measures, padded_neighbours
 __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
            "bound_example", "bound_edges", "solve_layer_edges", "solve_edges", "layer_problem",
            "node_measures", "cut_measures", "hop_table_bytes", "CERTIFY_TOL"]
+
+# POT (which imports networkx and scikit-learn) is loaded by the first transport problem, not by
+# ``import curvprune``; ``emd_c`` is its network simplex.
+
+
+def __getattr__(name: str) -> object:
+    if name == "emd_c":
+        from ot.lp.emd_wrap import emd_c
+
+        globals()["emd_c"] = emd_c
+        return emd_c
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: Default tolerance of the engine's shortcuts, in units of kappa: half of it for cutting
 #: negligible masses from the measures (:func:`cut_measures`), half for settling an edge whose
@@ -300,6 +312,7 @@ def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, n
     and finally with a budget 100 times larger. If none of these reaches optimality a
     :class:`RuntimeError` is raised: no approximate value is ever returned.
     """
+    emd_c = globals().get("emd_c") or __getattr__("emd_c")
     b = b * (a.sum() / b.sum())
     # POT's simplex reports "infeasible" when no cost is positive (its artificial arcs are then
     # no dearer than the real ones); a constant shift changes every plan's cost by the same

@@ -42,9 +42,8 @@ _SIDE_FUNCTIONS = {operator.getitem, getattr}
 
 _CHANNEL_HINT = (
     "Neuron granularity (the paper's graph) supports chains of Conv2d and Linear layers with "
-    "elementwise modules between them; models with pooling, residual branches or attention "
-    "need the channel-level graph (granularity='channel'), which this version does not "
-    "provide yet."
+    "elementwise modules between them; for models with pooling, residual branches or attention "
+    "use the channel graph: granularity='channel' (or 'auto', which picks it)."
 )
 
 

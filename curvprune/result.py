@@ -59,7 +59,8 @@ class CurvatureResult:
         live: ``{parameter name: bool tensor}``: whether the weight has at least one live edge.
         modules: ``{parameter name: module}`` owning each weight (its attribute is ``"weight"``).
         alpha: the idleness used.
-        granularity: ``"neuron"``.
+        granularity: ``"neuron"`` (the paper's graph: one node per neuron) or ``"channel"``
+            (one node per channel, :mod:`curvprune.channels`).
         num_examples: calibration examples scored.
         edges_per_example: ``{parameter name: edges}`` (nonzero weights times positions).
         seconds: wall time of the scoring call.

@@ -14,12 +14,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
-from .calibration import check_model, iter_calibration_inputs, model_device, prepare_calibration
+from .calibration import (
+    check_model,
+    half_dtype,
+    iter_calibration_inputs,
+    model_device,
+    prepare_calibration,
+)
 from .engine import CERTIFY_TOL
-from .importance import CurvatureImportance, _check_channel_result
 from .result import CurvatureResult
+
+# Torch-Pruning (and the timm it imports) is loaded by prune_channels, not at import time:
+# ``import curvprune`` stays light.
 
 __all__ = ["prune_channels", "ChannelPruningReport", "attention_heads", "refresh_attention",
            "refresh_after_pruning", "classifier_layers"]
@@ -214,6 +221,10 @@ def prune_channels(
             not bind to ``model``, ``result`` with ``importance`` or ``iterative_steps > 1``.
         TypeError: a model that is not an ``nn.Module``.
     """
+    import torch_pruning as tp
+
+    from .importance import CurvatureImportance
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
@@ -242,7 +253,8 @@ def prune_channels(
         else:
             raise ValueError("pass example_inputs= (one input batch for Torch-Pruning's "
                              "tracing): there is no calibration to take it from.")
-    example_inputs = example_inputs.to(model_device(model))
+    example_inputs = example_inputs.to(model_device(model), half_dtype(model)
+                                       if example_inputs.is_floating_point() else None)
     if importance is None:
         importance = CurvatureImportance(
             calibration, alpha=alpha, device=device, progress=progress, threads=threads,
@@ -279,6 +291,8 @@ def prune_channels(
 def _check_result_call(model, calibration, result, importance, iterative_steps) -> None:
     """``prune_channels(..., result=r)``: no calibration or importance besides it, one step,
     a channel result that binds to ``model`` (checked here, before Torch-Pruning's tracing)."""
+    from .importance import _check_channel_result
+
     _check_channel_result(result)
     if calibration is not None:
         raise ValueError("pass calibration (to score the channels now) or result= (scores "

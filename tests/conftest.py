@@ -1,4 +1,13 @@
-"""Shared helpers of the engine tests: random chain networks and kappa comparisons.
+"""Shared helpers of the engine tests: random chain networks and kappa comparisons, and the
+hypothesis profiles of the two test tiers.
+
+Two hypothesis profiles: ``ci`` runs every property test with its full example count (the
+counts written in the tests, hypothesis' 100 where none is written); ``dev``, the default on a
+contributor's machine, runs a tenth of them (at least 5), so that
+``python3 -m pytest -q -m "not slow"`` takes minutes. ``ci`` is chosen when the ``CI``
+environment variable is set (``.ci/run`` sets it); ``HYPOTHESIS_PROFILE=ci`` or ``=dev``
+chooses explicitly. A test that writes its own count passes it through
+:func:`profile_examples`, so that it follows the profile too.
 
 Random networks are described by a :class:`NetSpec` (drawn with hypothesis by :func:`net_specs`)
 and built deterministically from it by :func:`build`, so a failing example printed by hypothesis
@@ -8,11 +17,41 @@ is a complete reproducer: ``build(NetSpec(...))`` gives the model and its calibr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from hypothesis import settings
 from hypothesis import strategies as st
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis profiles: "ci" (full counts) and "dev" (a tenth)
+# --------------------------------------------------------------------------------------------
+
+_SCALE = {"ci": 1.0, "dev": 0.1}
+settings.register_profile("ci", max_examples=100)
+settings.register_profile("dev", max_examples=10)
+
+
+def _profile_name() -> str:
+    chosen = os.environ.get("HYPOTHESIS_PROFILE")
+    if chosen:
+        return chosen
+    ci = os.environ.get("CI", "").strip().lower()
+    return "ci" if ci not in ("", "0", "false", "no") else "dev"
+
+
+PROFILE = _profile_name()
+settings.load_profile(PROFILE)  # an unknown name fails here, naming the registered ones
+
+
+def profile_examples(count: int) -> int:
+    """A test's own ``max_examples`` under the active profile: ``count`` under ``ci``, a tenth
+    of it (at least 5) under ``dev`` (also when chosen by ``pytest --hypothesis-profile``)."""
+    current = getattr(settings, "get_current_profile_name", lambda: PROFILE)()
+    scale = _SCALE.get(current, 1.0)
+    return count if scale >= 1 else max(5, round(count * scale))
 
 # --------------------------------------------------------------------------------------------
 # Comparing kappa dictionaries

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
+from conftest import profile_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,7 +59,7 @@ def test_per_layer_counts_follow_budget_and_order_follows_order(amount):
         assert torch.equal(masks[name], first_k(order, removed).to(masks[name].dtype)), name
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=profile_examples(40), deadline=None)
 @given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4), seed=st.integers(0, 2**16),
        ties=st.booleans())
 def test_combined_scores_are_a_per_tensor_permutation_of_the_budget(sizes, seed, ties):

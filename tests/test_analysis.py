@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import profile_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
@@ -37,7 +38,7 @@ from curvprune.analysis import (
     relational_measures_masks,
 )
 
-FAST = settings(max_examples=60, deadline=None,
+FAST = settings(max_examples=profile_examples(60), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The benchmark script's --quick mode end to end (CI): JSON complete, plots written."""
+"""The benchmark script's --quick mode end to end (CI): JSON complete, plots written.
+
+The smoke runs train and score real models for a minute or more each: they carry the ``slow``
+marker (CI runs them; ``pytest -m "not slow"`` skips them)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ def _has_fashion_mnist() -> bool:
     return any((FASHION_MNIST_DIR / f"t10k-images-idx3-ubyte{s}").exists() for s in ("", ".gz"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
 def test_unstructured_quick(tmp_path):
     out, plots = tmp_path / "out", tmp_path / "plots"
@@ -57,6 +61,7 @@ def test_unstructured_quick(tmp_path):
     assert not list(plots.glob("*.tmp*")) and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
 def test_structured_quick(tmp_path):
     out, plot = tmp_path / "structured.json", tmp_path / "structured.png"
@@ -81,6 +86,7 @@ def test_structured_quick(tmp_path):
     assert out.with_suffix(".md").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
 def test_granularity_quick(tmp_path):
     out = tmp_path / "granularity.json"

@@ -562,6 +562,7 @@ def test_warnings_are_not_raised_for_traceable_models():
 # Random networks (hypothesis): every traced construct, zero weights, dead channels
 # --------------------------------------------------------------------------------------------
 
+from conftest import profile_examples  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -644,7 +645,8 @@ def random_nets(draw):
                 alpha=draw(st.sampled_from([0.0, 0.5, 0.9, 0.3])))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=profile_examples(30), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(random_nets())
 def test_random_networks_engine_equals_reference(spec):
     spec = dict(spec)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,11 +208,51 @@ def test_untrained_model_gets_a_clear_calibration_error(tmp_path, capsys):
     assert code == 2 and "calibration" in err
 
 
-def test_console_script_is_installed():
-    exe = shutil.which("curvprune")
-    if exe is None:
-        pytest.skip("package not installed with its console script")
-    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0
+def test_console_script_runs_this_checkout():
+    """``curvprune`` as installed runs ``curvprune.cli:main``; run this checkout's module the
+    same way (not whatever ``curvprune`` is first on PATH, which may be another install)."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    code = ("import sys, curvprune, curvprune.cli; print(curvprune.__file__, file=sys.stderr); "
+            "sys.argv[0] = 'curvprune'; raise SystemExit(curvprune.cli.main())")
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stderr.strip().splitlines()[-1]).resolve() == (
+        root / "curvprune" / "__init__.py").resolve()
     for command in ("demo", "prune", "analyze"):
         assert command in out.stdout
+    assert 'curvprune = "curvprune.cli:main"' in (root / "pyproject.toml").read_text()
+
+
+@needs_fmnist
+def test_structured_default_scope_is_prune_channels_default(small_model_path, tmp_path, capsys):
+    """``--structured`` without ``--scope`` prunes as ``prune_channels`` does by default (every
+    group loses the ratio), not by one global ranking."""
+    import inspect
+
+    from curvprune.cli import _prepare, build_parser
+    from curvprune.structured import prune_channels
+
+    assert inspect.signature(prune_channels).parameters["global_pruning"].default is False
+    argv = ["prune", "--model", str(small_model_path), "--amount", "0.3", "--structured",
+            "--no-eval", "--quiet"]
+    code, _, err = run_main(argv + ["--out", str(tmp_path / "cli")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["settings"]["scope"] == "layer"
+    model, _, calibration, _ = _prepare(build_parser().parse_args(
+        argv + ["--out", str(tmp_path / "api")]))
+    api = prune_channels(model, calibration, 0.3)
+    assert {k: list(v) for k, v in api.widths_after.items()} == report["widths_after"]
+    hidden = [k for k in sorted(report["widths_before"])][:-1]  # the classifier is kept
+    for k in hidden:  # every group keeps 70 % of its channels (Torch-Pruning rounds down)
+        before, after = report["widths_before"][k][1], report["widths_after"][k][1]
+        assert 0 <= 0.7 * before - after < 1, (k, before, after)
+    # unstructured pruning keeps the global default of prune_model
+    code, _, err = run_main(["prune", "--model", str(small_model_path), "--amount", "0.3",
+                             "--no-eval", "--quiet", "--out", str(tmp_path / "u")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "u" / "report.json").read_text())["settings"]["scope"] == \
+        "global"

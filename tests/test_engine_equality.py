@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import alphas, assert_kappa_equal, build, net_specs
+from conftest import alphas, assert_kappa_equal, build, net_specs, profile_examples
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -62,14 +62,14 @@ def activities(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=600, **_SETTINGS)
+@settings(max_examples=profile_examples(600), **_SETTINGS)
 @given(spec=net_specs(max_examples=3), alpha=alphas)
 def test_random_chains_match_reference(spec, alpha):
     model, x = build(spec)
     check_against_reference(model, x, alpha, repr(spec))
 
 
-@settings(max_examples=250, **_SETTINGS)
+@settings(max_examples=profile_examples(250), **_SETTINGS)
 @given(spec=net_specs(conv=True, max_convs=3, max_linears=1, max_examples=2),
        alpha=st.sampled_from([0.0, 0.5, 0.9]))
 def test_conv_chains_match_reference(spec, alpha):
@@ -78,7 +78,7 @@ def test_conv_chains_match_reference(spec, alpha):
     check_against_reference(model, x, alpha, repr(spec))
 
 
-@settings(max_examples=400, **_SETTINGS)
+@settings(max_examples=profile_examples(400), **_SETTINGS)
 @given(
     spec=net_specs(max_convs=2, max_linears=4, min_layers=3, max_examples=2,
                    shifts=(0.0, 0.0, -0.3), activations=("relu", "tanh", "leaky_relu", "none"),
@@ -92,7 +92,7 @@ def test_deep_live_chains_match_reference(spec, alpha):
     check_against_reference(model, x, alpha, repr(spec))
 
 
-@settings(max_examples=100, **_SETTINGS)
+@settings(max_examples=profile_examples(100), **_SETTINGS)
 @given(spec=net_specs(max_examples=2, activations=("tanh",), batchnorm=True,
                       shifts=(0.0,), min_layers=2))
 def test_tanh_chains_match_reference(spec):
@@ -101,7 +101,7 @@ def test_tanh_chains_match_reference(spec):
     check_against_reference(model, x, 0.9, repr(spec))
 
 
-@settings(max_examples=100, **_SETTINGS)
+@settings(max_examples=profile_examples(100), **_SETTINGS)
 @given(spec=net_specs(max_examples=2, min_layers=2, shifts=(0.0, -0.3)))
 def test_kappa_does_not_depend_on_alpha_above_half(spec):
     """method.md "Observed": for alpha >= 0.5 kappa is the same for every alpha, in the engine and
@@ -118,7 +118,7 @@ def test_kappa_does_not_depend_on_alpha_above_half(spec):
 
 
 @pytest.mark.slow
-@settings(max_examples=800, **_SETTINGS)
+@settings(max_examples=profile_examples(800), **_SETTINGS)
 @given(spec=net_specs(max_nodes=120, max_convs=3, max_linears=4, max_width=16, max_examples=3),
        alpha=alphas)
 def test_bigger_random_chains_match_reference(spec, alpha):
@@ -127,7 +127,7 @@ def test_bigger_random_chains_match_reference(spec, alpha):
 
 
 @pytest.mark.slow
-@settings(max_examples=500, **_SETTINGS)
+@settings(max_examples=profile_examples(500), **_SETTINGS)
 @given(
     spec=net_specs(max_nodes=90, max_convs=3, max_linears=4, max_width=12, min_layers=4,
                    max_examples=3, shifts=(0.0, 0.0, -0.3),
@@ -382,7 +382,7 @@ def test_tied_weights_and_inputs(alpha):
     check_against_reference(model, x, alpha)
 
 
-@settings(max_examples=150, **_SETTINGS)
+@settings(max_examples=profile_examples(150), **_SETTINGS)
 @given(
     spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=2,
                    shifts=(0.0, 0.0, -0.3), zero_modes=("none", "random", "rows", "cols")),
@@ -405,7 +405,7 @@ def test_tiny_chunks_match_reference(spec, alpha, block, max_block):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@settings(max_examples=60, **_SETTINGS)
+@settings(max_examples=profile_examples(60), **_SETTINGS)
 @given(spec=net_specs(max_examples=2), alpha=alphas, model_on_gpu=st.booleans())
 def test_cuda_engine_matches_reference(spec, alpha, model_on_gpu):
     """The engine on the GPU (model on the GPU, or on the CPU with ``device='cuda'``)."""

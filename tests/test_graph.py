@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ConcatNet, ResidualNet, conv_out_size
+from conftest import ConcatNet, ResidualNet, conv_out_size, profile_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,7 +79,7 @@ def _conv_cases(draw):
     return conv, (c_in, h, w)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=profile_examples(200), deadline=None)
 @given(_conv_cases())
 def test_conv_edges_match_one_hot_convolution(case):
     conv, in_shape = case

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import profile_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,7 +103,7 @@ def _activities():
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero")  # reference: a**2 underflows for a < 1e-154
-@settings(max_examples=200)
+@settings(max_examples=profile_examples(200))
 @given(activity=_activities(), data=st.data())
 def test_measures_match_reference_definition(activity, data):
     n_act = len(activity)

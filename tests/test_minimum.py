@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import alphas, assert_kappa_equal, build, net_specs
+from conftest import alphas, assert_kappa_equal, build, net_specs, profile_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +53,7 @@ def searches(draw):
     return groups
 
 
-@settings(max_examples=300, **_SETTINGS)
+@settings(max_examples=profile_examples(300), **_SETTINGS)
 @given(groups=searches())
 def test_search_finds_every_exact_minimum(groups):
     search = MinimumSearch([g[1] for g in groups], [g[0] for g in groups])
@@ -123,7 +123,7 @@ def _graph_and_acts(model, x):
     return graph, [[a[b] for a in acts] for b in range(x.shape[0])]
 
 
-@settings(max_examples=150, **_SETTINGS)
+@settings(max_examples=profile_examples(150), **_SETTINGS)
 @given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=2,
                       shifts=(0.0, 0.0, -0.3)),
        alpha=alphas)
@@ -142,7 +142,7 @@ def test_bounds_contain_every_exact_edge_value(spec, alpha):
             assert ((lo - value).abs() <= tol)[settled].all()
 
 
-@settings(max_examples=150, **_SETTINGS)
+@settings(max_examples=profile_examples(150), **_SETTINGS)
 @given(spec=net_specs(conv=False, min_layers=3, max_examples=1,
                       activations=("relu", "tanh", "leaky_relu")),
        alpha=alphas)
@@ -163,7 +163,7 @@ def test_score_example_equals_the_reference_edge_by_edge(spec, alpha):
     assert_kappa_equal(got, reference_curvature(model, x, alpha=alpha), atol=1e-6)
 
 
-@settings(max_examples=100, **_SETTINGS)
+@settings(max_examples=profile_examples(100), **_SETTINGS)
 @given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1,
                       shifts=(0.0, 0.0, -0.3)),
        alpha=alphas, tol=st.sampled_from([1e-3, 1e-6, 1e-10]))

@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from conftest import profile_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils import prune
@@ -274,7 +275,7 @@ def test_order_neg_prunes_lowest_kappa_first(scored, fresh):
     assert pruned_set(fresh) == set(prune_set)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=profile_examples(30), deadline=None)
 @given(amount=st.one_of(st.floats(0.0, 1.0), st.integers(0, 213)),
        order=st.sampled_from(["pos", "neg"]),
        layers=st.sets(st.sampled_from(NAMES), min_size=1))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import build, net_specs
+from conftest import build, net_specs, profile_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,7 @@ def _structure(model: nn.Module, x: torch.Tensor):
     return modules, acts, edges
 
 
-@settings(max_examples=40, **_SETTINGS)
+@settings(max_examples=profile_examples(40), **_SETTINGS)
 @given(spec=net_specs(max_examples=3), alpha=st.sampled_from([0.0, 0.5, 0.9]))
 def test_shapes_infinities_and_live_flags(spec, alpha):
     model, x = build(spec)
@@ -76,7 +76,7 @@ def test_shapes_infinities_and_live_flags(spec, alpha):
             assert (kappa[live] <= 1 / (1 - alpha) + 1e-12).all()
 
 
-@settings(max_examples=30, **_SETTINGS)
+@settings(max_examples=profile_examples(30), **_SETTINGS)
 @given(spec=net_specs(max_examples=2), order=st.sampled_from(["pos", "neg"]))
 def test_importance_scores_are_a_permutation_in_rank_order(spec, order):
     model, x = build(spec)
