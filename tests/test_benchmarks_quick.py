@@ -108,7 +108,8 @@ def test_structured_quick(tmp_path):
     data = json.loads(out.read_text())
     (model,) = data["models"].values()
     (entry,) = model["seeds"].values()
-    assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random"}
+    assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random", "activation",
+                                     "hessian"}
     for rows in entry["results"].values():
         row = rows["0.3"]
         assert row["params"] < row["params_before"] and row["macs"] < row["macs_before"]
