@@ -41,7 +41,8 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
         from curvprune import zoo
 
         model = zoo.create(name)
-    else:
+    else:  # seeded initial weights: torch's own start seed varies by process
+        torch.manual_seed(seed)
         model = create_model(name, in_channels=in_channels)
     test = fashion_mnist(train=False, pad_to=pad_to, channels=in_channels)
     if path.exists():

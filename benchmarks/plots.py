@@ -19,6 +19,7 @@ STYLE = {
     "curv_neg": ("curvature neg (control)", "tab:red", "-"),
     "magnitude": ("magnitude", "tab:green", "-"),
     "random": ("random", "tab:gray", "--"),
+    "lamp": ("LAMP", "tab:brown", "-"),
     "wanda_row": ("Wanda per row", "tab:purple", "-"),
     "wanda_global": ("Wanda global", "tab:purple", ":"),
     "snip": ("SNIP", "tab:orange", "-"),
@@ -29,12 +30,13 @@ STYLE = {
     "magnitude_wanda_alloc": ("magnitude, Wanda's layer amounts", "tab:green", "--"),
 }
 GROUPS = {
-    "global": ["curv_pos", "curv_neg", "magnitude", "random", "wanda_row", "wanda_global",
-               "snip"],
+    "global": ["curv_pos", "curv_neg", "magnitude", "random", "lamp", "wanda_row",
+               "wanda_global", "snip"],
     "layer": ["curv_pos_layer", "curv_neg_layer", "magnitude_layer", "random"],
-    "allocation": ["curv_pos", "magnitude", "wanda_global", "curv_pos_wanda_alloc",
+    "allocation": ["curv_pos", "magnitude", "lamp", "wanda_global", "curv_pos_wanda_alloc",
                    "magnitude_wanda_alloc"],
 }
+OPTIONAL = {"lamp"}  # drawn where the results have it (runs made before it existed do not)
 MODEL_TITLES = {"lenet5": "LeNet-5", "mlp": "MLP", "vgg9": "VGG-9 (channel curvature)"}
 
 
@@ -55,8 +57,9 @@ def curves(model_entry: dict, criterion: str) -> tuple[list[float], list[float],
 
 def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[Path]:
     """Write ``{stem}_{group}.png`` into ``folder`` for each group of :data:`GROUPS` whose
-    criteria the results have (``allocation`` is missing from runs made before it existed);
-    return the paths."""
+    criteria the results have (``allocation`` is missing from runs made before it existed;
+    criteria of :data:`OPTIONAL`, and those a run did not choose, are left out of a plot when
+    missing); return the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,9 +72,13 @@ def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[P
     settings = data["settings"]
     written = []
     for group, criteria in GROUPS.items():
-        if not all(criterion in run["accuracy"] for m in models
-                   for run in data["models"][m]["seeds"].values() for criterion in criteria):
+        present = [c for c in criteria if all(c in run["accuracy"] for m in models
+                                              for run in data["models"][m]["seeds"].values())]
+        chosen = settings.get("criteria", criteria)  # a run of some criteria (--criteria)
+        if any(c not in present and c not in OPTIONAL and c in chosen for c in criteria) \
+                or len(present) < 2:
             continue
+        criteria = present
         fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.2 * max(len(models), 1), 4.6),
                                  squeeze=False)
         for ax, name in zip(axes[0], models):

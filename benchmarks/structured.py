@@ -18,7 +18,17 @@ then the test accuracy is measured:
 * ``magnitude``: ``GroupMagnitudeImportance(p=2)``;
 * ``taylor``: ``GroupTaylorImportance`` with gradients of the cross-entropy on the calibration
   batch;
-* ``random``: ``RandomImportance`` (seeded).
+* ``random``: ``RandomImportance`` (seeded);
+* ``activation``: ``ActivationImportance``: a channel's mean |activation| on the calibration
+  batch, read at the inputs of the layers that consume it (one forward pass of the batch inside
+  its ``compute_importance`` context; Torch-Pruning sums a Linear's input over examples and
+  tokens and averages a conv's over examples and positions);
+* ``hessian``: ``GroupHessianImportance`` (Optimal Brain Damage, the sum of w^2 h over a
+  channel's weights) with h the diagonal empirical Fisher: the mean over the calibration
+  examples of each example's squared gradient of its cross-entropy, placed in ``.grad``.
+  Torch-Pruning's own ``accumulate_grad`` (1.6.0) keeps only the last example (it looks its
+  buffer up by parameter name, but stores it by parameter), so the benchmark accumulates itself
+  (:func:`fisher_diagonal`).
 
 At ``--finetune-ratio`` each pruned model is also fine-tuned for ``--finetune-steps`` Adam steps
 (batch 128, lr 1e-3, seeded) and evaluated again. Parameters and MACs come from
@@ -28,6 +38,12 @@ on one thread.
 Results: ``benchmarks/results/structured.json`` and ``.md``, and ``docs/structured.png``.
 Each seed trains its own models, draws its own calibration set and fine-tunes with its own
 stream; the tables give the mean and the min-max over the seeds.
+
+``--resume`` keeps the (model, seed) results already in ``--out`` (same settings) and the
+models this run does not name; a kept seed that lacks some of :data:`CRITERIA` (a run made
+before ``activation`` and ``hessian`` existed) gets only those run, on the same trained model
+(the script stops if the dense accuracy differs from the kept one), and records them under
+``criteria_added``.
 
 ``--quick`` (CI, ~20 s): one seed, one untrained model, a random calibration batch, ratio 0.3, 10
 fine-tuning steps, 500 test images: it checks that the script runs, not what it measures.
@@ -62,7 +78,7 @@ from curvprune.data import (  # noqa: E402
 MODELS = ["timm/resnet18", "timm/mobilenetv3_large_100", "timm/convnext_atto",
           "timm/vit_tiny_patch16_224"]
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5]
-CRITERIA = ["curvature", "magnitude", "taylor", "random"]
+CRITERIA = ["curvature", "magnitude", "taylor", "random", "activation", "hessian"]
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -92,6 +108,21 @@ def fine_tune(model, train, steps: int, seed: int) -> None:
     model.eval()
 
 
+def fisher_diagonal(model, calib: torch.Tensor, labels: torch.Tensor) -> None:
+    """Set every parameter's ``.grad`` to the mean over the examples of ``calib`` of the squared
+    gradient of that example's cross-entropy (one backward pass per example, eval mode)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    model.eval()
+    for i in range(len(calib)):
+        loss = torch.nn.functional.cross_entropy(model(calib[i:i + 1]), labels[i:i + 1])
+        for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                t += g.pow(2)
+    for p, t in zip(params, total):
+        p.grad = t / len(calib)
+
+
 def prune_and_evaluate(name: str, state: dict, criterion: str, ratio: float, calib, labels,
                        test, seed: int, train=None, finetune_steps: int = 0) -> dict:
     model = zoo.create(name)
@@ -104,6 +135,13 @@ def prune_and_evaluate(name: str, state: dict, criterion: str, ratio: float, cal
         importance = tp.importance.GroupTaylorImportance()
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(calib), labels).backward()
+    elif criterion == "activation":
+        importance = tp.importance.ActivationImportance()
+        with importance.compute_importance(model), torch.no_grad():
+            model(calib)  # the hooks keep the last forward's activations: one batch
+    elif criterion == "hessian":
+        importance = tp.importance.GroupHessianImportance()
+        fisher_diagonal(model, calib, labels)
     else:
         torch.manual_seed(seed)
         importance = tp.importance.RandomImportance()
@@ -135,6 +173,12 @@ def _rows(entry: dict, criterion: str, key: str) -> list[dict]:
     return [run["results"][criterion][key] for run in entry["seeds"].values()]
 
 
+def _criteria(runs: list[dict]) -> list[str]:
+    """The criteria of :data:`CRITERIA` that every seed has (runs made before a criterion
+    existed lack it)."""
+    return [c for c in CRITERIA if all(c in run["results"] for run in runs)]
+
+
 def plot(data: dict, path: Path) -> None:
     """Accuracy against channel ratio per model: mean over seeds, min-max band."""
     import matplotlib
@@ -148,7 +192,7 @@ def plot(data: dict, path: Path) -> None:
         entry = data["models"][name]
         runs = list(entry["seeds"].values())
         dense = [100 * run["dense_accuracy"] for run in runs]
-        for criterion in CRITERIA:
+        for criterion in _criteria(runs):
             keys = sorted(runs[0]["results"][criterion], key=float)
             x = [0.0] + [float(k) for k in keys]
             per_seed = [[d] + [100 * run["results"][criterion][k]["accuracy"] for k in keys]
@@ -182,31 +226,32 @@ def markdown(data: dict) -> str:
         runs = list(entry["seeds"].values())
         if not runs:
             continue
+        criteria = _criteria(runs)
         dense = _mean_range([run["dense_accuracy"] for run in runs])
         latency = sorted(run["dense_latency_ms"] for run in runs)[len(runs) // 2]
         lines += [f"**{name}**, seeds {', '.join(entry['seeds'])} (dense {dense}%, "
                   f"{latency:.2f} ms); accuracy % right after pruning, mean (min-max)", "",
-                  "| ratio | params left | MACs left | " + " | ".join(CRITERIA)
-                  + " | latency (curvature) |", "|---" * (len(CRITERIA) + 4) + "|"]
+                  "| ratio | params left | MACs left | " + " | ".join(criteria)
+                  + " | latency (curvature) |", "|---" * (len(criteria) + 4) + "|"]
         tuned = []
         for key in ratios:
             first = _rows(entry, "curvature", key)[0]
             left = first["params"] / first["params_before"]
             macs = first["macs"] / first["macs_before"]
             cells = [_mean_range([r["accuracy"] for r in _rows(entry, c, key)])
-                     for c in CRITERIA]
+                     for c in criteria]
             ms = sorted(r["latency_ms"] for r in _rows(entry, "curvature", key))
             lines.append(f"| {key} | {100 * left:.0f}% | {100 * macs:.0f}% | "
                          + " | ".join(cells) + f" | {ms[len(ms) // 2]:.2f} ms |")
-            if all("accuracy_finetuned" in r for c in CRITERIA for r in _rows(entry, c, key)):
+            if all("accuracy_finetuned" in r for c in criteria for r in _rows(entry, c, key)):
                 tuned.append(f"| {key} | " + " | ".join(
                     _mean_range([r["accuracy_finetuned"] for r in _rows(entry, c, key)])
-                    for c in CRITERIA) + " |")
+                    for c in criteria) + " |")
         if tuned:
             steps = data["settings"]["finetune_steps"]
             lines += ["", f"After {steps} fine-tuning steps:", "",
-                      "| ratio | " + " | ".join(CRITERIA) + " |",
-                      "|---" * (len(CRITERIA) + 1) + "|", *tuned]
+                      "| ratio | " + " | ".join(criteria) + " |",
+                      "|---" * (len(criteria) + 1) + "|", *tuned]
         lines.append("")
     return "\n".join(lines)
 
@@ -241,14 +286,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         done = resumable(args.out, data["settings"],
                          ignore={"seeds", "models", "out", "plot", "resume"})
+        for name in done:  # models of the file that this run does not touch stay as they are
+            if name not in args.models:
+                data["models"][name] = {"seeds": done[name]}
     if args.quick:
         test = torch.utils.data.TensorDataset(*(t[:500] for t in test.tensors))
     for name in args.models:
         seeds = data["models"].setdefault(name, {"seeds": {}})["seeds"]
         for seed in args.seeds:
-            if str(seed) in done.get(name, {}):
+            kept = done.get(name, {}).get(str(seed))
+            missing = [c for c in CRITERIA if kept is not None and c not in kept["results"]]
+            if kept is not None and not missing:
                 print(f"{name} seed {seed}: kept from {args.out} (--resume)", flush=True)
-                seeds[str(seed)] = done[name][str(seed)]
+                seeds[str(seed)] = kept
                 continue
             if args.quick:  # untrained: the smoke run checks the plumbing only
                 model = zoo.create(name)
@@ -262,9 +312,21 @@ def main(argv: list[str] | None = None) -> None:
             state = {k: v.clone() for k, v in model.state_dict().items()}
             dense_model = zoo.create(name)
             dense_model.load_state_dict(state)
-            entry = {"dense_accuracy": dense, "results": {c: {} for c in CRITERIA},
-                     "dense_latency_ms": latency_ms(dense_model, calib[:1])}
-            for criterion in CRITERIA:
+            if kept is not None:  # a kept seed: add the criteria it lacks, same model
+                if dense != kept["dense_accuracy"]:
+                    raise SystemExit(f"--resume: {name} seed {seed} is not the model of "
+                                     f"{args.out} (dense accuracy {dense} against "
+                                     f"{kept['dense_accuracy']}); rerun without --resume")
+                print(f"{name} seed {seed}: kept from {args.out} (--resume); adding "
+                      f"{', '.join(missing)}", flush=True)
+                entry = kept
+                entry.setdefault("criteria_added", {}).update(
+                    {c: data["command"] for c in missing})
+            else:
+                entry = {"dense_accuracy": dense, "results": {},
+                         "dense_latency_ms": latency_ms(dense_model, calib[:1])}
+            for criterion in missing if kept is not None else CRITERIA:
+                entry["results"][criterion] = {}
                 for ratio in args.ratios:
                     steps = args.finetune_steps if abs(ratio - args.finetune_ratio) < 1e-9 else 0
                     row = prune_and_evaluate(name, state, criterion, ratio, calib, labels, test,

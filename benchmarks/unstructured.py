@@ -4,6 +4,8 @@
     python benchmarks/unstructured.py --per-class 5         # 5 calibration examples per class
     python benchmarks/unstructured.py --quick --out /tmp/q  # tiny CI run (well under a minute)
     python benchmarks/unstructured.py --models vgg9 --seeds 0 1 2 --name unstructured_vgg9
+    python benchmarks/unstructured.py --resume              # add new criteria to kept seeds
+    python benchmarks/unstructured.py --criteria magnitude lamp --name unstructured_lamp
 
 For each model and seed the model is trained (seeded, cached under ``benchmarks/.cache``), a
 calibration set of ``--per-class`` correctly classified *training* examples per class is drawn
@@ -15,6 +17,8 @@ on the Fashion-MNIST test set. Criteria:
   neuron granularity for LeNet-5 and the MLP, channel granularity for VGG-9 (its neuron graph,
   43M edges per example, is out of the engine's reach: ``granularity="auto"`` picks channel).
 * ``magnitude``: global |w|.  ``random``: seeded uniform scores, global.
+* ``lamp``: LAMP (Lee et al., 2021), w_u^2 / sum_{v >= u} w_v^2 within each layer sorted by
+  magnitude, ranked globally (:func:`curvprune.baselines.lamp_scores`).
 * ``wanda_row``: Wanda, each output row pruned by the fraction (the Wanda paper's group,
   ``prune_per_row``); ``wanda_global``: Wanda scores ranked globally.
 * ``snip``: |w dL/dw| on the calibration batch with its labels, global.
@@ -23,6 +27,13 @@ on the Fashion-MNIST test set. Criteria:
 * ``curv_pos_wanda_alloc``, ``magnitude_wanda_alloc``: each layer loses as many weights as under
   ``wanda_global``, chosen within the layer by curvature "pos" (or by magnitude, the control):
   :func:`curvprune.allocate_like`.
+
+``--resume`` keeps the (model, seed) results already in the output JSON (written with the same
+settings, seeds and criteria aside). A kept seed that lacks some of today's criteria gets only
+those computed: the model is retrained from its seed (or loaded from the cache), the curvature is
+recomputed only if a missing criterion needs it, and ``magnitude`` is rerun as a check that the
+model is the one the kept rows came from (the script stops if its accuracies differ). The seed
+records which criteria were added by which command (``criteria_added``).
 
 Results: ``--out`` folder (default ``benchmarks/results``) gets ``unstructured.json`` (raw
 accuracies, settings, the command); ``--plots`` folder (default ``docs``) gets
@@ -58,6 +69,7 @@ from curvprune import (  # noqa: E402
     neural_curvature,
 )
 from curvprune.baselines import (  # noqa: E402
+    lamp_scores,
     magnitude_scores,
     prune_per_row,
     random_scores,
@@ -67,8 +79,8 @@ from curvprune.baselines import (  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 from curvprune.models import create_model  # noqa: E402
 
-GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "wanda_row", "wanda_global", "snip",
-          "curv_pos_wanda_alloc", "magnitude_wanda_alloc"]
+GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "lamp", "wanda_row", "wanda_global",
+          "snip", "curv_pos_wanda_alloc", "magnitude_wanda_alloc"]
 LAYER = ["curv_pos_layer", "curv_neg_layer", "magnitude_layer"]
 CRITERIA = GLOBAL + LAYER
 AMOUNTS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
@@ -84,6 +96,7 @@ def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: floa
     settings = dict(name=name, kwargs=kwargs, epochs=epochs, seed=seed, lr=lr)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = CACHE / f"{name}-{key}.pt"
+    torch.manual_seed(seed)  # the initial weights too: torch's own start seed varies by process
     model = create_model(name, **kwargs)
     if cache and path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
@@ -112,30 +125,39 @@ def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: floa
 
 
 def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *, alpha: float,
-                 seed: int, progress: bool, granularity: str = "neuron") -> tuple[dict, dict]:
-    """Every criterion's importance scores (computed once), plus timing and curvature facts."""
+                 seed: int, progress: bool, granularity: str = "neuron",
+                 criteria: list[str] | None = None) -> tuple[dict, dict]:
+    """Every criterion's importance scores (computed once), plus timing and curvature facts;
+    only those of ``criteria`` when given (the curvature only if one of them needs it)."""
+    wanted = set(CRITERIA if criteria is None else criteria)
     info: dict = {}
-    start = time.perf_counter()
-    result = neural_curvature(model, calib, alpha=alpha, progress=progress,
-                              granularity=granularity,
-                              threads=os.cpu_count() or 1)
-    info["curvature_seconds"] = round(time.perf_counter() - start, 2)
-    info["granularity"] = result.granularity
-    live = {n: float(v.float().mean()) for n, v in result.live.items()} \
-        if isinstance(result.live, dict) else None
-    info["live_fraction"] = live
-    pos, neg = result.importance_scores("pos"), result.importance_scores("neg")
+    scores: dict = {}
+    if wanted & {"curv_pos", "curv_neg", "curv_pos_layer", "curv_neg_layer",
+                 "curv_pos_wanda_alloc"}:
+        start = time.perf_counter()
+        result = neural_curvature(model, calib, alpha=alpha, progress=progress,
+                                  granularity=granularity,
+                                  threads=os.cpu_count() or 1)
+        info["curvature_seconds"] = round(time.perf_counter() - start, 2)
+        info["granularity"] = result.granularity
+        live = {n: float(v.float().mean()) for n, v in result.live.items()} \
+            if isinstance(result.live, dict) else None
+        info["live_fraction"] = live
+        pos, neg = result.importance_scores("pos"), result.importance_scores("neg")
+        scores.update({"curv_pos": pos, "curv_neg": neg, "curv_pos_layer": pos,
+                       "curv_neg_layer": neg})
     mag = magnitude_scores(model)
-    wanda = wanda_scores(model, calib)
-    scores = {
-        "curv_pos": pos, "curv_neg": neg, "magnitude": mag,
-        "random": random_scores(model, seed=seed), "wanda_row": wanda, "wanda_global": wanda,
-        "snip": snip_scores(model, (calib, labels)),
-        "curv_pos_layer": pos, "curv_neg_layer": neg, "magnitude_layer": mag,
-        "curv_pos_wanda_alloc": allocate_like(pos, wanda),
-        "magnitude_wanda_alloc": allocate_like(mag, wanda),
-    }
-    return scores, info
+    scores.update({"magnitude": mag, "magnitude_layer": mag, "lamp": lamp_scores(model),
+                   "random": random_scores(model, seed=seed)})
+    if wanted & {"wanda_row", "wanda_global", "curv_pos_wanda_alloc", "magnitude_wanda_alloc"}:
+        wanda = wanda_scores(model, calib)
+        scores.update({"wanda_row": wanda, "wanda_global": wanda,
+                       "magnitude_wanda_alloc": allocate_like(mag, wanda)})
+        if "curv_pos" in scores:
+            scores["curv_pos_wanda_alloc"] = allocate_like(scores["curv_pos"], wanda)
+    if "snip" in wanted:
+        scores["snip"] = snip_scores(model, (calib, labels))
+    return {c: scores[c] for c in CRITERIA if c in wanted}, info
 
 
 def prune_with(model: nn.Module, criterion: str, scores: dict, amount: float
@@ -163,13 +185,15 @@ def prune_with(model: nn.Module, criterion: str, scores: dict, amount: float
 
 def run_seed(model: nn.Module, test, scores: dict, amounts: list[float], *,
              progress: bool) -> tuple[dict, dict, dict]:
+    """Prune and evaluate every criterion of ``scores`` at every amount."""
     from tqdm.auto import tqdm
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    accuracy: dict = {c: {} for c in CRITERIA}
-    sparsity: dict = {c: {} for c in CRITERIA}
-    layers: dict = {c: {} for c in CRITERIA}
-    jobs = [(c, a) for c in CRITERIA for a in amounts]
+    criteria = list(scores)
+    accuracy: dict = {c: {} for c in criteria}
+    sparsity: dict = {c: {} for c in criteria}
+    layers: dict = {c: {} for c in criteria}
+    jobs = [(c, a) for c in criteria for a in amounts]
     for criterion, amount in tqdm(jobs, desc="prune+evaluate", disable=not progress):
         key = f"{amount:g}"
         overall, per_layer = prune_with(model, criterion, scores[criterion], amount)
@@ -211,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
                              "on a shared 2-core machine 2 threads ran 8x slower; the curvature "
                              "engine's solver threads are separate)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--criteria", nargs="+", choices=CRITERIA, default=CRITERIA,
+                        help="run only these criteria (default all; the curvature is computed "
+                             "only if one of them needs it)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the (model, seed) results already in the output JSON when it "
                              "was written with the same settings (seeds aside); run the rest")
@@ -239,14 +266,23 @@ def main(argv: list[str] | None = None) -> None:
             "test_examples": len(test), "fine_tuning": False,
             "amount_meaning": "fraction of all Linear/Conv2d weights removed (global), or of "
                               "each layer's weights (*_layer, wanda_row: of each output row)",
-            "criteria": CRITERIA,
+            "criteria": [c for c in CRITERIA if c in args.criteria],
         },
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "status": "running",
         "models": {},
     }
-    done = resumable(out_json, data["settings"], ignore={"seeds", "models"}) if args.resume else {}
+    done: dict = {}
+    if args.resume:
+        done = resumable(out_json, data["settings"], ignore={"seeds", "models", "criteria"})
+        if done:
+            old = json.loads(out_json.read_text())
+            data["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
+            for name in done:  # models of the file that this run does not touch stay as they are
+                if name not in args.models:
+                    data["models"][name] = old["models"][name]
+                    data["settings"]["models"] = data["settings"]["models"] + [name]
     total_start = time.perf_counter()
     for name in args.models:
         entry = data["models"].setdefault(name, {"seeds": {}})
@@ -256,9 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             m_test, m_train = test, train
         for seed in args.seeds:
-            if str(seed) in done.get(name, {}):
+            kept = done.get(name, {}).get(str(seed))
+            missing = [c for c in data["settings"]["criteria"]
+                       if kept is not None and c not in kept["accuracy"]]
+            if kept is not None and not missing:
                 print(f"{name} seed {seed}: kept from {out_json} (--resume)", flush=True)
-                entry["seeds"][str(seed)] = done[name][str(seed)]
+                entry["seeds"][str(seed)] = kept
                 continue
             if args.quick:
                 model = train_generic("mlp", {"hidden": (32,)}, epochs=100 / 469, seed=seed,
@@ -276,17 +315,45 @@ def main(argv: list[str] | None = None) -> None:
                 accuracy = evaluate(model, m_test)
             calib, labels = class_balanced_calibration(model, m_train, args.per_class,
                                                        num_classes=10, seed=seed)
+            granularity = "auto" if name == "vgg9" else "neuron"
+            if kept is not None:  # add the missing criteria to the kept seed
+                print(f"{name} seed {seed}: kept from {out_json} (--resume); adding "
+                      f"{', '.join(missing)}", flush=True)
+                stale = (f"--resume: {name} seed {seed} is not the model of {out_json} "
+                         "({}); rerun without --resume")
+                if accuracy != kept["test_accuracy"]:
+                    raise SystemExit(stale.format(f"test accuracy {accuracy} against "
+                                                  f"{kept['test_accuracy']}"))
+                check = "magnitude" in kept["accuracy"]  # rerun it: the same accuracies?
+                scores, _ = build_scores(model, calib, labels, alpha=args.alpha, seed=seed,
+                                         progress=progress, granularity=granularity,
+                                         criteria=missing + ["magnitude"] * check)
+                acc, sparsity, layers = run_seed(model, m_test, scores, args.amounts,
+                                                 progress=progress)
+                if check and acc["magnitude"] != kept["accuracy"]["magnitude"]:
+                    raise SystemExit(stale.format("magnitude pruning gives other accuracies"))
+                for c in missing:
+                    kept["accuracy"][c], kept["sparsity"][c] = acc[c], sparsity[c]
+                    kept["layer_sparsity"][c] = layers[c]
+                    kept.setdefault("criteria_added", {})[c] = data["command"]
+                entry["seeds"][str(seed)] = kept
+                write_json(out_json, data)
+                continue
             print(f"{name} seed {seed}: test accuracy {accuracy:.4f}; scoring "
                   f"{len(calib)} calibration examples", flush=True)
             scores, info = build_scores(model, calib, labels, alpha=args.alpha, seed=seed,
-                                        progress=progress,
-                                        granularity="auto" if name == "vgg9" else "neuron")
-            print(f"  curvature scoring {info['curvature_seconds']} s", flush=True)
+                                        progress=progress, granularity=granularity,
+                                        criteria=data["settings"]["criteria"])
+            if "curvature_seconds" in info:
+                print(f"  curvature scoring {info['curvature_seconds']} s", flush=True)
             acc, sparsity, layers = run_seed(model, m_test, scores, args.amounts,
                                              progress=progress)
             entry["seeds"][str(seed)] = {"test_accuracy": accuracy, **info, "accuracy": acc,
                                          "sparsity": sparsity, "layer_sparsity": layers}
             write_json(out_json, data)
+    chosen = {c for run in data["models"].values() for seed in run["seeds"].values()
+              for c in seed["accuracy"]}
+    data["settings"]["criteria"] = [c for c in CRITERIA if c in chosen]  # kept ones too
     data["status"] = "complete"
     data["total_seconds"] = round(time.perf_counter() - total_start, 1)
     write_json(out_json, data)

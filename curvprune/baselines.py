@@ -6,6 +6,10 @@ for every ``Linear`` and ``Conv2d`` of the model (or the modules given), higher 
 
 * :func:`magnitude_scores`: :math:`|w|` (global magnitude pruning).
 * :func:`random_scores`: i.i.d. uniform scores from a seeded generator.
+* :func:`lamp_scores`: LAMP, the layer-adaptive magnitude score (Lee et al., 2021,
+  "Layer-adaptive Sparsity for the Magnitude-based Pruning"): within each weight tensor sorted
+  by magnitude, :math:`w_u^2 / \sum_{v \ge u} w_v^2`; ranked globally it sets each layer's
+  sparsity by itself.
 * :func:`wanda_scores`: :math:`|W_{ij}| \, \lVert X_j \rVert_2`, the weight times the L2 norm of
   its input feature over the calibration set (Sun et al., 2023, "A Simple and Effective Pruning
   Approach for Large Language Models"). For a conv, the input feature of ``W[o, i, kh, kw]`` is
@@ -37,8 +41,8 @@ from .calibration import (
 from .graph import conv_padding
 from .result import ImportanceScores
 
-__all__ = ["prunable_modules", "magnitude_scores", "random_scores", "wanda_scores",
-           "snip_scores", "prune_per_row"]
+__all__ = ["prunable_modules", "magnitude_scores", "random_scores", "lamp_scores",
+           "wanda_scores", "snip_scores", "prune_per_row"]
 
 
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -80,6 +84,48 @@ def random_scores(model: nn.Module, modules: Iterable[nn.Module] | None = None, 
     generator = torch.Generator().manual_seed(seed)
     return _wrap({n: torch.rand(m.weight.shape, generator=generator, dtype=torch.float64)
                   .to(m.weight.device) for n, m in targets.items()}, targets)
+
+
+def _lamp_tensor(weight: torch.Tensor) -> torch.Tensor:
+    r"""LAMP scores of one weight tensor (float64, same shape; see :func:`lamp_scores`)."""
+    w2 = weight.detach().to(torch.float64).reshape(-1).pow(2)
+    order = torch.argsort(w2, stable=True)  # ascending magnitude, ties by flat index
+    ordered = w2[order]
+    tail = ordered.flip(0).cumsum(0).flip(0)  # tail[k] = sum of ordered[k:]
+    ratio = torch.where(tail > 0, ordered / tail.clamp(min=torch.finfo(torch.float64).tiny),
+                        torch.zeros((), dtype=torch.float64, device=w2.device))
+    scores = torch.empty_like(w2)
+    scores[order] = ratio
+    return scores.view(weight.shape)
+
+
+def lamp_scores(model: nn.Module, modules: Iterable[nn.Module] | None = None
+                ) -> ImportanceScores:
+    r"""LAMP (Lee et al., 2021): a layer-adaptive magnitude score, to be ranked globally.
+
+    Within each weight tensor (one Linear or Conv2d, flattened) the weights are sorted by
+    magnitude ascending, :math:`|w_1| \le |w_2| \le \dots \le |w_n|`, and the score of the
+    :math:`u`-th is
+
+    .. math:: \mathrm{LAMP}(u) = \frac{w_u^2}{\sum_{v \ge u} w_v^2},
+
+    the weight's share of the squared magnitude of the weights at least as large. The largest
+    weight of each tensor scores exactly 1 (when it is nonzero) and every other at most 1/2
+    (its sum includes the largest), so pruning globally by LAMP while keeping at least as many
+    weights as there are layers keeps the largest weight of every layer. The score grows with
+    the magnitude within a tensor, so LAMP changes only how many weights each layer loses,
+    not which.
+
+    Ties: equal magnitudes are ordered by flattened index (a stable sort), so of two equal
+    weights the one with the lower index counts as the smaller and gets the lower score (the
+    sum of the other includes only itself and larger ones). A weight whose tail sum is zero
+    (a zero weight with only zeros at or above it in the order, i.e. an all-zero tensor) scores
+    0. Pruned weights (``torch.nn.utils.prune`` masks) are read as the masked ``weight``, so
+    they are zeros and score 0. Computed in float64.
+    """
+    targets = _targets(model, modules)
+    return _wrap({n: _lamp_tensor(m.weight).to(m.weight.device)
+                  for n, m in targets.items()}, targets)
 
 
 def _feature_sq_norms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 
+from curvprune import CurvaturePruning
 from curvprune.baselines import (
+    lamp_scores,
     magnitude_scores,
     prune_per_row,
     random_scores,
@@ -105,6 +107,108 @@ def test_wanda_matches_brute_force(groups):
     after = snapshot(model)
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
     assert before[1] == after[1] and before[2] == after[2]
+
+
+def lamp_brute_force(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP by explicit loops: order by (|w|, flat index); sum w_v^2 over v at or above u."""
+    flat = [float(x) for x in weight.detach().reshape(-1)]
+    rank = {i: r for r, i in enumerate(sorted(range(len(flat)), key=lambda i: (abs(flat[i]), i)))}
+    out = []
+    for u in range(len(flat)):
+        tail = 0.0
+        for v in range(len(flat)):
+            if rank[v] >= rank[u]:
+                tail += flat[v] ** 2
+        out.append(flat[u] ** 2 / tail if tail > 0 else 0.0)
+    return torch.tensor(out, dtype=torch.float64).view(weight.shape)
+
+
+def lamp_model() -> nn.Module:
+    """Small CNN whose weights are rounded to a few levels: ties, zeros and negative twins."""
+    model = small_cnn()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.copy_((m.weight * 8).round() / 8)
+        model[6].weight[0].zero_()
+        model[6].weight[1, :4] = torch.tensor([0.25, -0.25, 0.25, 0.0])
+    return model
+
+
+def test_lamp_matches_brute_force_with_ties_and_zeros():
+    model = lamp_model()
+    scores = lamp_scores(model)
+    assert len(scores) == 4
+    for (module, name), s in scores.items():
+        w = getattr(module, name)
+        flat = w.detach().abs().reshape(-1)
+        assert len(flat.unique()) < flat.numel() and (flat == 0).any()  # ties and zeros
+        assert s.dtype == torch.float64 and s.shape == w.shape
+        assert torch.allclose(s, lamp_brute_force(w), rtol=1e-12, atol=0)
+        assert torch.all(s[w == 0] == 0)
+        # the largest weight (last in the order) scores exactly 1, the rest at most 1/2
+        top = max(range(flat.numel()), key=lambda i: (float(flat[i]), i))
+        assert s.reshape(-1)[top] == 1.0
+        others = torch.cat([s.reshape(-1)[:top], s.reshape(-1)[top + 1:]])
+        assert others.max() <= 0.5
+    # of two equal weights, the lower flat index is the smaller: lower score
+    row = scores[(model[6], "weight")][1, :3]
+    assert row[0] < row[1] < row[2]
+    # an all-zero layer scores 0 everywhere, no NaN
+    with torch.no_grad():
+        model[8].weight.zero_()
+    assert torch.equal(lamp_scores(model)[(model[8], "weight")],
+                       torch.zeros_like(model[8].weight, dtype=torch.float64))
+
+
+def test_lamp_tensor_is_exact_on_a_hand_example():
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, -1.0, 0.0, 2.0]]))
+    # order 0, -1, 2, 3: tails 14, 14, 13, 9
+    s = lamp_scores(nn.Sequential(layer))[(layer, "weight")]
+    assert torch.equal(s, torch.tensor([[1.0, 1 / 14, 0.0, 4 / 13]], dtype=torch.float64))
+
+
+def test_lamp_global_pruning_keeps_every_layers_largest_weight():
+    model = small_cnn()
+    scores = lamp_scores(model)
+    params = list(scores)
+    total = sum(m.weight.numel() for m, _ in params)
+    prune.global_unstructured(params, pruning_method=CurvaturePruning, importance_scores=scores,
+                              amount=total - len(params))  # keep one weight per layer
+    for module, _ in params:
+        assert int(module.weight_mask.sum()) == 1
+        flat = module.weight_orig.detach().abs().reshape(-1)
+        assert module.weight_mask.reshape(-1)[flat.argmax()] == 1
+    # global magnitude at the same amount empties layers (so the property is LAMP's)
+    other = small_cnn()
+    mag = magnitude_scores(other)
+    prune.global_unstructured(list(mag), pruning_method=CurvaturePruning,
+                              importance_scores=mag, amount=total - len(params))
+    assert any(int(m.weight_mask.sum()) == 0 for m, _ in mag)
+
+
+def test_lamp_within_a_layer_prunes_like_magnitude_and_reads_masks():
+    model, other = small_cnn(), small_cnn()
+    scores, mag = lamp_scores(model), magnitude_scores(other)
+    for (m, _), (o, _) in zip(scores, mag):
+        CurvaturePruning.apply(m, "weight", amount=0.6, importance_scores=scores)
+        CurvaturePruning.apply(o, "weight", amount=0.6, importance_scores=mag)
+        assert torch.equal(m.weight_mask, o.weight_mask)
+    again = lamp_scores(model)
+    for (m, _), s in again.items():
+        assert torch.all(s[m.weight_mask == 0] == 0)
+        assert torch.allclose(s, lamp_brute_force(m.weight), rtol=1e-12, atol=0)
+
+
+def test_lamp_leaves_the_model_alone():
+    model = small_cnn()
+    before = snapshot(model)
+    lamp_scores(model, modules=[model[0], model[8]])
+    after = snapshot(model)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:] == after[1:]
 
 
 def test_snip_matches_backward_and_leaves_model_alone():

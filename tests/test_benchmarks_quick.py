@@ -40,7 +40,7 @@ def test_unstructured_quick(tmp_path):
         from unstructured import CRITERIA
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    assert set(CRITERIA) >= {"curv_pos", "curv_neg", "magnitude", "random", "wanda_row",
+    assert set(CRITERIA) >= {"curv_pos", "curv_neg", "magnitude", "random", "lamp", "wanda_row",
                              "wanda_global", "snip", "curv_pos_layer", "curv_neg_layer",
                              "magnitude_layer"}
     seeds = data["models"]["mlp"]["seeds"]
@@ -63,6 +63,45 @@ def test_unstructured_quick(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+def test_unstructured_resume_adds_only_the_missing_criteria(tmp_path):
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), "--quick", "--no-progress", "--out", str(out),
+             "--plots", str(tmp_path / "plots"), *extra],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    full, partial = tmp_path / "full", tmp_path / "partial"
+    done = run(full, "--criteria", "magnitude", "lamp", "wanda_global")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = json.loads((full / "unstructured.json").read_text())
+    assert reference["settings"]["criteria"] == ["magnitude", "lamp", "wanda_global"]
+    # the same file without LAMP, as written before LAMP existed
+    older = json.loads(json.dumps(reference))
+    seed = older["models"]["mlp"]["seeds"]["0"]
+    for key in ("accuracy", "sparsity", "layer_sparsity"):
+        del seed[key]["lamp"]
+    older["settings"]["criteria"].remove("lamp")
+    partial.mkdir()
+    (partial / "unstructured.json").write_text(json.dumps(older))
+    done = run(partial, "--resume", "--criteria", "magnitude", "lamp", "wanda_global")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "adding lamp" in done.stdout
+    resumed = json.loads((partial / "unstructured.json").read_text())
+    seed = resumed["models"]["mlp"]["seeds"]["0"]
+    want = reference["models"]["mlp"]["seeds"]["0"]
+    for key in ("accuracy", "sparsity", "layer_sparsity"):
+        assert seed[key] == want[key]  # retrained, rescored: the same rows
+    assert set(seed["criteria_added"]) == {"lamp"} and "--resume" in seed["criteria_added"]["lamp"]
+    assert resumed["settings"]["criteria"] == ["magnitude", "lamp", "wanda_global"]
+    assert resumed["earlier_commands"] == [reference["command"]]
+    # kept rows from another model are refused, not mixed in
+    older["models"]["mlp"]["seeds"]["0"]["test_accuracy"] = 0.5
+    (partial / "unstructured.json").write_text(json.dumps(older))
+    done = run(partial, "--resume", "--criteria", "magnitude", "lamp", "wanda_global")
+    assert done.returncode != 0 and "is not the model" in done.stderr
+
+
+@pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
 def test_structured_quick(tmp_path):
     out, plot = tmp_path / "structured.json", tmp_path / "structured.png"
     done = subprocess.run(
@@ -74,7 +113,8 @@ def test_structured_quick(tmp_path):
     data = json.loads(out.read_text())
     (model,) = data["models"].values()
     (entry,) = model["seeds"].values()
-    assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random"}
+    assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random", "activation",
+                                     "hessian"}
     for rows in entry["results"].values():
         row = rows["0.3"]
         assert row["params"] < row["params_before"] and row["macs"] < row["macs_before"]

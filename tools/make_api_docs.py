@@ -32,7 +32,8 @@ SECTIONS = [
         "nnstd", "nnstd_masks", "NNSTDResult", "relational_measures", "graph_measures",
         "curvature_statistics", "most_negative", "histogram"]),
     ("Baselines (curvprune.baselines)", baselines, [
-        "magnitude_scores", "random_scores", "wanda_scores", "snip_scores", "prune_per_row"]),
+        "magnitude_scores", "random_scores", "lamp_scores", "wanda_scores", "snip_scores",
+        "prune_per_row"]),
     ("Data, models, evaluation", None, [
         (data, "fashion_mnist"), (data, "load_dataset"), (data, "class_balanced_calibration"),
         (data, "random_calibration"), (models, "create_model"), (zoo, "create"),
