@@ -160,6 +160,19 @@ def _amount(text: str) -> float:
     return value
 
 
+def _nodes(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"nodes must be a positive integer or 'none', got "
+                                         f"{text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"nodes must be a positive integer, got {value}")
+    return value
+
+
 def _calibration(model, dataset, per_class: int, seed: int, kind: str = "correct"):
     from .data import class_balanced_calibration, random_calibration
 
@@ -295,12 +308,20 @@ def _cmd_prune(args) -> dict:
         "scoring_seconds": report.result.seconds if report.result is not None else None,
         "seconds": time.perf_counter() - start,
     }
+    files = ["model.pt", "report.json", "sparsity.png"]
+    if report.result is not None:
+        files.append("kappa_histograms.png")
+    data["files"] = files
     _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
     _write_json(out / "report.json", data)
     _plot_sparsity(report, out / "sparsity.png")
-    _plot_histograms(report.result, out / "kappa_histograms.png")
-    _print_done(args, report.summary(), before, after, out,
-                "model.pt, report.json, sparsity.png, kappa_histograms.png")
+    if report.result is not None:
+        _plot_histograms(report.result, out / "kappa_histograms.png")
+    else:  # no curvature to plot: leave no stale plot of an earlier run beside this report
+        (out / "kappa_histograms.png").unlink(missing_ok=True)
+    if report.result is None and not args.quiet:
+        print(f"note: no kappa_histograms.png: the weights were ranked by {report.fallback}")
+    _print_done(args, report.summary(), before, after, out, ", ".join(files))
     return data
 
 
@@ -349,30 +370,86 @@ def _cmd_analyze(args) -> dict:
     from dataclasses import asdict
 
     from .analysis import curvature_statistics, most_negative, relational_measures
+    from .channels import UntraceableModel
     from .curvature import neural_curvature
 
     model, _, calibration, out = _prepare(args)
+    notes = []
     try:
         result = neural_curvature(model, calibration, alpha=args.alpha,
                                   granularity=args.granularity, progress=not args.quiet)
+    except UntraceableModel as exc:  # the graph measures need no curvature: report them
+        result = None
+        notes.append(f"no curvature statistics: {exc}")
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
-    bottlenecks = most_negative(result, args.top)
-    relational = relational_measures(model)
+    try:
+        relational = relational_measures(model, nodes=args.nodes)
+    except ValueError as exc:
+        raise UsageError(f"relational measures: {exc}") from exc
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
-        "statistics": [asdict(s) for s in curvature_statistics(result)],
-        "bottlenecks": {name: asdict(b) for name, b in bottlenecks.items()},
-        "relational": {"summary": relational.summary()},
-        "seconds": result.seconds,
+        "statistics": None if result is None else
+        [asdict(s) for s in curvature_statistics(result)],
+        "bottlenecks": None if result is None else
+        {name: asdict(b) for name, b in most_negative(result, args.top).items()},
+        "relational": _relational_json(relational),
+        "relational_pruned": {},
+        "seconds": None if result is None else result.seconds,
+        "notes": notes,
     }
+    summaries = [relational.summary()]
+    for amount in args.amount or []:
+        if result is None:
+            notes.append(f"no relational measures at --amount {amount}: no curvature ranking")
+            continue
+        pruned = _relational_at_amount(result, amount, args.nodes)
+        data["relational_pruned"][str(amount)] = _relational_json(pruned)
+        summaries.append(f"after pruning {amount:.0%} of the scored weights by curvature "
+                         f"(order pos, global):\n{pruned.summary()}")
+    files = ["analysis.json"]
+    if result is not None:
+        _plot_histograms(result, out / "kappa_histograms.png")
+        files.append("kappa_histograms.png")
+    else:
+        (out / "kappa_histograms.png").unlink(missing_ok=True)
     _write_json(out / "analysis.json", json.loads(json.dumps(data, default=_jsonable)))
-    _plot_histograms(result, out / "kappa_histograms.png")
     if not args.quiet:
-        print(result.summary())
-        print(relational.summary())
-        print(f"wrote {out}/analysis.json, kappa_histograms.png")
+        if result is not None:
+            print(result.summary())
+        print("\n".join(summaries))
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {out}/{', '.join(files)}")
     return data
+
+
+def _relational_json(relational) -> dict:
+    """The relational measures as JSON: per-layer and network measures, notes and the table."""
+    from dataclasses import asdict
+
+    return {"nodes": relational.nodes,
+            "layers": {name: {"pruned": asdict(r.pruned), "dense": asdict(r.dense)}
+                       for name, r in relational.layers.items()},
+            "network": None if relational.network is None else
+            {"pruned": asdict(relational.network.pruned),
+             "dense": asdict(relational.network.dense)},
+            "notes": relational.notes, "summary": relational.summary()}
+
+
+def _relational_at_amount(result, amount: float, nodes: int | None):
+    """Relational measures of the masks a global curvature pruning (order pos) of ``amount``
+    of the scored weights leaves: the first ``round(amount * N)`` weights of
+    :meth:`CurvatureResult.pruning_order` go (zero weights first, as in ``prune_model``)."""
+    from .analysis import relational_measures_masks
+
+    ranks = result.pruning_order("pos")
+    total = sum(r.numel() for r in ranks.values())
+    cut = round(amount * total)
+    masks = {name: (r >= cut).cpu() for name, r in ranks.items()}
+    groups = {name: result.modules[name].groups for name in ranks
+              if isinstance(result.modules[name], nn.Conv2d)}
+    return relational_measures_masks(masks, nodes=nodes, groups=groups)
 
 
 def _jsonable(value: Any) -> Any:
@@ -427,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "graph measures")
     _common(analyze)
     analyze.add_argument("--top", type=int, default=10, help="bottlenecks listed per layer")
+    analyze.add_argument("--nodes", type=_nodes, default=64,
+                         help="node count of the relational graphs (You et al. 2020; default "
+                              "64, 'none' for one node per channel of a layer's narrower side)")
+    analyze.add_argument("--amount", type=_amount, action="append",
+                         help="also report the relational measures after a global curvature "
+                              "pruning of this fraction of the weights (repeatable)")
     analyze.set_defaults(func=_cmd_analyze)
     return parser
 
