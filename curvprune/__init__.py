@@ -10,6 +10,7 @@ from .analysis import (
     relational_measures,
 )
 from .channels import UntraceableModel
+from .checkpoint import load_checkpoint
 from .curvature import neural_curvature
 from .importance import CurvatureImportance
 from .pruning import (
@@ -47,6 +48,7 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "clone_pruned",
+    "load_checkpoint",
     "allocate_like",
     "nnstd",
     "nnstd_masks",

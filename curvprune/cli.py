@@ -54,12 +54,30 @@ def _save_figure(fig, path: Path) -> None:
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None
-               ) -> nn.Module:
+def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None,
+               checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """A model from a spec: ``PATH.pt`` (a whole model saved with ``torch.save(model)``),
     ``curvprune:NAME`` (the paper's networks), ``timm:NAME`` or ``torchvision:NAME``
     (architectures with random weights: nothing is downloaded), or ``zoo:NAME`` (a
-    reduced-width timm/torchvision architecture of :mod:`curvprune.zoo`, random weights)."""
+    reduced-width timm/torchvision architecture of :mod:`curvprune.zoo`, random weights).
+
+    ``checkpoint``: a state dict file (plain, or wrapped under ``"state_dict"``/``"model"``)
+    loaded into the architecture by :func:`curvprune.load_checkpoint`: the trained weights to
+    prune. Raises ``UsageError`` (a one-line message) for an unknown spec or a checkpoint that
+    does not fit.
+    """
+    model = _build_model(spec, num_classes=num_classes, in_channels=in_channels)
+    if checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        try:
+            load_checkpoint(model, checkpoint, label=f"checkpoint {checkpoint}")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    return model
+
+
+def _build_model(spec: str, *, num_classes: int, in_channels: int | None) -> nn.Module:
     known = spec.partition(":")[0] in ("curvprune", "timm", "torchvision", "zoo")
     if not known and (spec.endswith((".pt", ".pth")) or os.path.sep in spec):
         path = Path(spec)
@@ -69,7 +87,8 @@ def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = No
         if not isinstance(obj, nn.Module):
             raise UsageError(
                 f"{spec} holds a {type(obj).__name__}, not a model; save the whole model with "
-                "torch.save(model, path), or use curvprune:NAME with --weights for a state dict.")
+                "torch.save(model, path), or build the architecture (timm:NAME, "
+                "torchvision:NAME, curvprune:NAME) and pass the state dict as --checkpoint.")
         return obj
     kind, _, name = spec.partition(":")
     if not name:
@@ -228,7 +247,10 @@ def _plot_histograms(result, path: Path) -> None:
 def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--model", required=True,
                      help="PATH.pt (a saved model), curvprune:lenet5, timm:NAME, torchvision:NAME")
-    sub.add_argument("--weights", help="a state dict to load into the model")
+    sub.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="PATH",
+                     help="trained weights to load into the model before scoring: a state "
+                          "dict saved with torch.save(model.state_dict(), PATH), plain or "
+                          "wrapped under 'state_dict'/'model'")
     sub.add_argument("--data", default="fashion-mnist",
                      help="fashion-mnist, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR")
     sub.add_argument("--calibration-per-class", type=int, default=1)
@@ -248,11 +270,7 @@ def _common(sub: argparse.ArgumentParser) -> None:
 
 def _prepare(args) -> tuple[nn.Module, Any, Any, Path]:
     out = _output_dir(args.out)
-    model = load_model(args.model)
-    if args.weights:
-        if not Path(args.weights).is_file():
-            raise UsageError(f"weights file not found: {args.weights}")
-        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+    model = load_model(args.model, checkpoint=args.checkpoint)
     if args.device:
         from .curvature import resolve_device
 
