@@ -12,6 +12,7 @@ from .analysis import (
 from .channels import UntraceableModel
 from .checkpoint import load_checkpoint
 from .curvature import neural_curvature
+from .estimate import ScoringEstimate, estimate
 from .importance import CurvatureImportance
 from .pruning import (
     CurvaturePruning,
@@ -32,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "neural_curvature",
+    "estimate",
+    "ScoringEstimate",
     "CurvatureImportance",
     "prune_channels",
     "ChannelPruningReport",

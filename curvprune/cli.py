@@ -1,4 +1,4 @@
-"""The ``curvprune`` command: ``demo``, ``prune`` and ``analyze``.
+"""The ``curvprune`` command: ``demo``, ``prune``, ``analyze`` and ``estimate``.
 
 Every output file is written to a temporary name and renamed into place, so an interrupted run
 never leaves a half-written file. Bad input (an unknown model, a missing data path, an amount out
@@ -244,7 +244,7 @@ def _plot_histograms(result, path: Path) -> None:
     plt.close(fig)
 
 
-def _common(sub: argparse.ArgumentParser) -> None:
+def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
     sub.add_argument("--model", required=True,
                      help="PATH.pt (a saved model), curvprune:lenet5, timm:NAME, torchvision:NAME")
     sub.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="PATH",
@@ -264,12 +264,14 @@ def _common(sub: argparse.ArgumentParser) -> None:
                           "(neuron when it fits, else channel)")
     sub.add_argument("--device", default=None)
     sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--out", required=True, help="output folder (created if missing)")
+    sub.add_argument("--out", required=out_required,
+                     help="output folder (created if missing)" if out_required else
+                     "accepted and ignored (nothing is written)")
     sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
 
-def _prepare(args) -> tuple[nn.Module, Any, Any, Path]:
-    out = _output_dir(args.out)
+def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None]:
+    out = _output_dir(args.out) if write else None
     model = load_model(args.model, checkpoint=args.checkpoint)
     if args.device:
         from .curvature import resolve_device
@@ -470,6 +472,34 @@ def _relational_at_amount(result, amount: float, nodes: int | None):
     return relational_measures_masks(masks, nodes=nodes, groups=groups)
 
 
+def _cmd_estimate(args) -> dict:
+    from .estimate import estimate
+
+    model, _, calibration, _ = _prepare(args, write=False)
+    granularity = "channel" if args.structured else args.granularity
+    if args.structured and args.granularity == "neuron":
+        raise UsageError("--structured uses channel granularity; drop --granularity neuron.")
+    from .channels import UntraceableModel
+
+    try:
+        result = estimate(model, calibration, granularity=granularity, alpha=args.alpha,
+                          measure=not args.no_measure)
+    except UntraceableModel as exc:  # prune falls back to magnitude: nothing to score
+        data = {"fallback": f"magnitude: {exc}"}
+        print(json.dumps(data, indent=2) if args.json else
+              f"no curvature scoring: {exc}; prune would rank the weights by magnitude |w| "
+              "(no scoring cost) and analyze would report the graph measures only")
+        return data
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    data = result.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(result.summary())
+    return data
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -529,7 +559,27 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also report the relational measures after a global curvature "
                               "pruning of this fraction of the weights (repeatable)")
     analyze.set_defaults(func=_cmd_analyze)
+    _add_estimate(subs)
     return parser
+
+
+def _add_estimate(subs) -> None:
+    estimate = subs.add_parser(
+        "estimate", help="graph size, memory and time of scoring, before running it",
+        description="Print what scoring would cost (the model and data arguments of prune; "
+                    "its pruning options are accepted and ignored, so a prune command line "
+                    "works with the word changed). Nothing is written.")
+    _common(estimate, out_required=False)
+    estimate.add_argument("--structured", action="store_true",
+                          help="estimate for prune --structured (channel granularity)")
+    estimate.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    estimate.add_argument("--no-measure", action="store_true",
+                          help="skip the timing (graph size and memory only)")
+    for flag, kwargs in [("--amount", {}), ("--scope", {}), ("--order", {}),
+                         ("--allocation", {}), ("--eval-limit", {}),
+                         ("--no-eval", {"action": "store_true"})]:
+        estimate.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
+    estimate.set_defaults(func=_cmd_estimate)
 
 
 def main(argv: list[str] | None = None) -> int:
