@@ -142,3 +142,54 @@ def test_estimate_command_measures_and_falls_back(capsys):
     assert main(["estimate", "--model", "zoo:timm/mixer_s16_224", "--calibration",
                  "random"]) == 0
     assert "prune would rank the weights by magnitude" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "channel"])
+def test_progress_clock_starts_after_the_graph_build(granularity, monkeypatch):
+    # A slow build must not count as the first example's time: the bar's clock (and so its
+    # rate and ETA) starts once the graph and its distance tables exist.
+    import time
+
+    import tqdm.auto
+
+    import curvprune.channels as channels
+    import curvprune.curvature as curvature
+
+    built = []
+    if granularity == "neuron":
+        original = NeuronGraph.build.__func__
+
+        def slow_build(cls, *args, **kwargs):
+            time.sleep(0.3)
+            graph = original(cls, *args, **kwargs)
+            built.append(time.time())
+            return graph
+        monkeypatch.setattr(NeuronGraph, "build", classmethod(slow_build))
+    else:
+        original_distances = channels.channel_distances
+
+        def slow_distances(graph):
+            time.sleep(0.3)
+            table = original_distances(graph)
+            built.append(time.time())
+            return table
+        monkeypatch.setattr(channels, "channel_distances", slow_distances)
+
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def update(self, n=1):
+            if self.desc.startswith("curvature") and self.n == 0:
+                bars.append((self.start_t, self.total))
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    model = small_lenet()
+    x = torch.randn(3, 1, 11, 11, generator=torch.Generator().manual_seed(2))
+    reference = neural_curvature(model, [x[:1], x[1:]], granularity=granularity)
+    result = curvature.neural_curvature(model, [x[:1], x[1:]], granularity=granularity,
+                                        progress=True)
+    assert len(built) == 2 and bars and bars[0][1] == 3  # a list of batches is counted
+    assert bars[0][0] >= built[1]  # the clock started after the (slow) build
+    for name in reference.kappa:
+        assert torch.equal(result.kappa[name], reference.kappa[name])
