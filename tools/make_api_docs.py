@@ -35,7 +35,8 @@ SECTIONS = [
     ("Baselines (curvprune.baselines)", baselines, [
         "magnitude_scores", "random_scores", "wanda_scores", "snip_scores", "prune_per_row"]),
     ("Data, models, evaluation", None, [
-        (curvprune, "load_checkpoint"), (data, "fashion_mnist"), (data, "load_dataset"), (data, "class_balanced_calibration"),
+        (curvprune, "load_checkpoint"), (data, "fashion_mnist"), (data, "load_dataset"),
+        (data, "class_balanced_calibration"),
         (data, "random_calibration"), (models, "create_model"), (zoo, "create"),
         (zoo, "example_input"), (evaluation, "accuracy")]),
 ]
