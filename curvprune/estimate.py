@@ -45,7 +45,8 @@ class ScoringEstimate:
             ``L -> L+2`` and ``L -> L+3`` hop tables; channel: the ``nodes x nodes`` float64
             table).
         memory_budget: the budget the tables are checked against.
-        fits: ``distance_bytes <= memory_budget`` (a channel graph over it is refused).
+        fits: ``distance_bytes <= memory_budget`` (``"auto"`` picks the neuron graph only
+            when it fits; a channel graph over it is refused).
         calibration_examples: examples in the calibration set.
         build_seconds: measured time of building the graph and its distance tables (paid once);
             ``None`` when not measured.
@@ -80,7 +81,7 @@ class ScoringEstimate:
             f"granularity {self.granularity}: {self.nodes:,} nodes, {self.edges:,} edges per "
             f"example, {len(self.edges_per_layer)} weights",
             f"distance tables {mib:,.1f} MiB (budget {self.memory_budget / 2**20:,.0f} MiB"
-            f"{'' if self.fits else ': OVER, the run would be refused'})",
+            f"{'' if self.fits else ': OVER the budget'})",
             f"calibration examples {self.calibration_examples}",
         ]
         if self.seconds is not None:
