@@ -104,3 +104,34 @@ def test_demo_command_on_its_fallback_data(monkeypatch, capsys):
                         lambda train=True: (_ for _ in ()).throw(FileNotFoundError("none")))
     assert main(["demo", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_analyze_a_pruned_model_reports_its_relational_graphs(tmp_path, capsys):
+    from dataclasses import asdict
+
+    import torch.nn as nn
+    from torch.nn.utils import prune
+
+    from curvprune import make_permanent
+    from curvprune.analysis import relational_measures
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 24), nn.ReLU(), nn.Linear(24, 12),
+                          nn.ReLU(), nn.Linear(12, 10)).eval()
+    prune.global_unstructured([(model[1], "weight"), (model[3], "weight")],
+                              pruning_method=prune.RandomUnstructured, amount=0.9)
+    make_permanent(model)
+    path = tmp_path / "pruned.pt"
+    torch.save(model, path)
+    code = main(["analyze", "--model", str(path), "--calibration", "random", "--nodes", "none",
+                 "--quiet", "--out", str(tmp_path / "a")])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    expected = relational_measures(model, nodes=None)
+    for name, row in expected.layers.items():
+        got = data["relational"]["layers"][name]
+        assert got["pruned"] == pytest.approx(asdict(row.pruned))
+        assert got["dense"] == pytest.approx(asdict(row.dense))
+    hidden = data["relational"]["layers"]["3.weight"]  # 24 -> 12: 12 nodes
+    assert hidden["pruned"]["edges"] < hidden["dense"]["edges"] == 12 * 11 // 2
+    assert hidden["pruned"]["clustering"] < 1.0
