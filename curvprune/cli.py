@@ -73,7 +73,9 @@ def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = No
         try:
             load_checkpoint(model, checkpoint, label=f"checkpoint {checkpoint}")
         except ValueError as exc:
-            raise UsageError(str(exc)) from exc
+            hint = (f" The architecture was built with {num_classes} classes (--num-classes)."
+                    if "shape mismatch" in str(exc) else "")
+            raise UsageError(f"{exc}{hint}") from exc
     return model
 
 
@@ -251,6 +253,9 @@ def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
                      help="trained weights to load into the model before scoring: a state "
                           "dict saved with torch.save(model.state_dict(), PATH), plain or "
                           "wrapped under 'state_dict'/'model'")
+    sub.add_argument("--num-classes", type=int, default=None, metavar="N",
+                     help="classes of a timm:/torchvision:/curvprune: architecture (default: "
+                          "the data's); match the checkpoint's classifier")
     sub.add_argument("--data", default="fashion-mnist",
                      help="fashion-mnist, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR")
     sub.add_argument("--calibration-per-class", type=int, default=1)
@@ -270,9 +275,25 @@ def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
     sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
 
+def _data_classes(dataset) -> int:
+    """Number of classes of a dataset: ``.classes`` (CIFAR, ImageFolder) or the largest label
+    plus one (the ``TensorDataset`` of Fashion-MNIST and MNIST)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) > 1 and tensors[1].numel():
+        return int(tensors[1].max()) + 1
+    return 10
+
+
 def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None]:
     out = _output_dir(args.out) if write else None
-    model = load_model(args.model, checkpoint=args.checkpoint)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UsageError("--num-classes must be at least 1")
+    test = _load_data(args.data, train=False)
+    num_classes = args.num_classes or _data_classes(test)
+    model = load_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
     if args.device:
         from .curvature import resolve_device
 
@@ -280,7 +301,6 @@ def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None
             model.to(resolve_device(args.device, model))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-    test = _load_data(args.data, train=False)
     if args.calibration_per_class < 1:
         raise UsageError("--calibration-per-class must be at least 1")
     test = _match_input(model, test)

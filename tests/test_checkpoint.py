@@ -161,3 +161,22 @@ def test_cli_prunes_the_checkpoint_weights(tmp_path, capsys):
                      str(_other_checkpoint(tmp_path)), "--calibration", "random"])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and "does not fit ResNet" in err, err
+
+
+@needs_fmnist
+def test_num_classes_matches_a_checkpoint_trained_on_other_classes(tmp_path, capsys):
+    from curvprune.models import create_model
+
+    torch.manual_seed(5)
+    path = tmp_path / "lenet5_5.pt"
+    torch.save(create_model("lenet5", num_classes=5).state_dict(), path)
+    args = ["estimate", "--model", "curvprune:lenet5", "--checkpoint", str(path),
+            "--calibration", "random", "--no-measure", "--json"]
+    assert main(args) == 2  # built for the data's 10 classes by default
+    err = capsys.readouterr().err
+    assert "shape mismatch" in err and "built with 10 classes (--num-classes)" in err
+    assert main(args + ["--num-classes", "5"]) == 0
+    edges = json.loads(capsys.readouterr().out)["edges_per_layer"]
+    assert list(edges.values())[-1] == 84 * 5  # the classifier: 84 -> 5
+    assert main(args + ["--num-classes", "0"]) == 2
+    assert "--num-classes must be at least 1" in capsys.readouterr().err
