@@ -172,6 +172,9 @@ def estimate(
     if granularity not in ("neuron", "channel", "auto"):
         raise ValueError(f"granularity must be 'neuron', 'channel' or 'auto'; got "
                          f"{granularity!r}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
     budget = MEMORY_BUDGET if memory_budget is None else memory_budget
     model_device = _model_device(model)
     engine_device = resolve_device(device, model)

@@ -83,6 +83,8 @@ def test_estimate_over_budget_and_bad_input():
         estimate(model, x, granularity="neurons")
     with pytest.raises(ValueError, match="alpha"):
         estimate(model, x, alpha=1.0)
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        estimate(model, x, threads=0, measure=False)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         estimate("model", x)
     with pytest.raises(UntraceableModel):
