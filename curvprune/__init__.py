@@ -16,7 +16,9 @@ from .analysis import (
     relational_measures,
 )
 from .channels import UntraceableModel
+from .checkpoint import load_checkpoint
 from .curvature import neural_curvature
+from .estimate import ScoringEstimate, estimate
 from .pruning import (
     CurvaturePruning,
     LayerSparsity,
@@ -52,6 +54,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "neural_curvature",
+    "estimate",
+    "ScoringEstimate",
     "CurvatureImportance",
     "prune_channels",
     "ChannelPruningReport",
@@ -68,6 +72,7 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "clone_pruned",
+    "load_checkpoint",
     "allocate_like",
     "nnstd",
     "nnstd_masks",

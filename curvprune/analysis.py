@@ -7,15 +7,17 @@ Three groups of functions (see ``docs/analysis.md`` for the conventions in full)
   the hidden neurons.
 * **Relational-graph measures** (You et al., ICML 2020): :func:`relational_measures` (and
   :func:`relational_measures_masks`) give the average clustering coefficient :math:`C` and the
-  average shortest-path length :math:`L` of the graph a pruning leaves, per layer and for the
-  whole chain, beside the dense graph's; :func:`graph_measures` computes both for any undirected
-  graph.
+  average shortest-path length :math:`L` of the relational graph (:func:`relational_graph`:
+  a layer's input and output channels grouped into one set of nodes) each layer of a pruned
+  model defines, and of their union, beside the dense graphs'; any model with Linear/Conv2d
+  layers. :func:`graph_measures` computes both for any undirected graph.
 * **Curvature statistics** of a :class:`~curvprune.result.CurvatureResult`:
   :func:`curvature_statistics`, :func:`most_negative` (bottlenecks) and :func:`histogram`.
 
-A network is read as a chain of ``Linear``/``Conv2d`` weights
-(:func:`~curvprune.graph.trace_chain`); its connectivity is the set of non-zero weights
-(:func:`connectivity_masks`), which respects ``torch.nn.utils.prune`` masks.
+NNSTD reads a network as a chain of ``Linear``/``Conv2d`` weights
+(:func:`~curvprune.graph.trace_chain`); the relational measures read every ``Linear``/``Conv2d``
+weight on its own. Connectivity is the set of non-zero weights (:func:`connectivity_masks`),
+which respects ``torch.nn.utils.prune`` masks.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "RelationalMeasures",
     "RelationalResult",
     "graph_measures",
+    "relational_graph",
     "relational_measures",
     "relational_measures_masks",
     "CurvatureStatistics",
@@ -55,7 +58,6 @@ __all__ = [
 ]
 
 _CONV_MODES = ("channel", "kernel")
-_LEVELS = ("channel", "neuron")
 # Preference for keeping neuron i <-> i among (nearly) tied assignments; see _match.
 _TIE_BREAK = 1e-9
 MaskLike = torch.Tensor | np.ndarray
@@ -580,18 +582,21 @@ def graph_measures(adjacency: Any, *, method: str = "auto") -> GraphMeasures:
 
 
 # --------------------------------------------------------------------------------------------
-# Relational-graph measures of a pruned chain
+# Relational-graph measures (You et al. 2020)
 # --------------------------------------------------------------------------------------------
+
+#: Default number of nodes of a relational graph (You et al. work with 64-node graphs).
+RELATIONAL_NODES = 64
 
 
 @dataclass(frozen=True)
 class RelationalMeasures:
-    """:class:`GraphMeasures` of one graph a pruning leaves, beside the dense graph's.
+    """:class:`GraphMeasures` of one relational graph a pruning leaves, beside the dense graph's.
 
     Attributes:
-        name: the weight name (a layer's graph) or ``"chain"`` (the whole chain's graph).
-        pruned: the measures with the present weights as edges.
-        dense: the measures of the same architecture with every weight present.
+        name: the weight name (a layer's graph) or ``"network"`` (the union over layers).
+        pruned: the measures with the present weights.
+        dense: the measures of the same layer(s) with every weight present.
     """
 
     name: str
@@ -601,147 +606,199 @@ class RelationalMeasures:
 
 @dataclass(frozen=True)
 class RelationalResult:
-    """Relational-graph measures of a network, per layer and for the whole chain.
+    """Relational-graph measures of a network, per layer and for the network as a whole.
 
     Attributes:
-        level: ``"channel"`` or ``"neuron"``.
-        layers: ``{weight name: RelationalMeasures}`` of each layer's bipartite graph.
-        chain: the measures of the whole chain's graph (name ``"chain"``).
+        nodes: the node count asked for (``None``: as fine as each layer allows).
+        layers: ``{weight name: RelationalMeasures}`` of every Linear/Conv2d weight.
+        network: the measures of the union of the layers' graphs on one shared node set
+            (the layers with at least ``nodes`` channels on both sides), or ``None`` when no
+            such layer exists (see ``notes``).
+        notes: ``{weight name or "network": text}``: why a layer is left out of the network
+            graph, or why there is no network graph.
     """
 
-    level: str
+    nodes: int | None
     layers: dict[str, RelationalMeasures]
-    chain: RelationalMeasures
+    network: RelationalMeasures | None
+    notes: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """A plain-text table: C and L of each graph, pruned and dense."""
-        lines = [f"relational-graph measures ({self.level} level); a disconnected graph's L is "
-                 "over its largest component (noted)",
-                 f"{'graph':<28}{'nodes':>7}{'edges':>9}{'C':>8}{'L':>8}"
-                 f"{'edges*':>9}{'C*':>8}{'L*':>8}   (* = dense)"]
-        for row in [*self.layers.values(), self.chain]:
+        """A plain-text table: C and L of each relational graph, pruned and dense."""
+        size = "per-layer node count" if self.nodes is None else f"at most {self.nodes} nodes"
+        lines = [f"relational-graph measures (You et al. 2020; {size}; a disconnected graph's "
+                 "L is over its largest component, noted)",
+                 f"{'graph':<28}{'nodes':>7}{'edges':>7}{'C':>8}{'L':>8}"
+                 f"{'edges*':>8}{'C*':>8}{'L*':>8}   (* = dense)"]
+        rows = [*self.layers.values()] + ([self.network] if self.network is not None else [])
+        for row in rows:
             p, d = row.pruned, row.dense
             mark = "" if p.connected else f" (largest component {p.largest_component})"
-            lines.append(f"{row.name:<28}{p.nodes:>7}{p.edges:>9}{p.clustering:>8.4f}"
-                         f"{p.path_length:>8.4f}{d.edges:>9}{d.clustering:>8.4f}"
+            lines.append(f"{row.name:<28}{p.nodes:>7}{p.edges:>7}{p.clustering:>8.4f}"
+                         f"{p.path_length:>8.4f}{d.edges:>8}{d.clustering:>8.4f}"
                          f"{d.path_length:>8.4f}{mark}")
+        lines += [f"note: {name}: {text}" for name, text in self.notes.items()]
         return "\n".join(lines)
 
 
-def _bipartite_blocks(layers: list[_Layer], level: str) -> list[np.ndarray]:
-    """Per layer, ``[n_in, n_out]`` bool: input unit ``i`` is connected to output unit ``j``,
-    with consecutive layers' units made to agree (see :func:`relational_measures`)."""
-    if level == "neuron":
-        for layer in layers:
-            if layer.kind != "linear":
-                raise ValueError(
-                    f"level='neuron' needs a network of Linear layers only; {layer.name!r} is a "
-                    "conv (its neuron graph has one node per position). Use level='channel'."
-                )
-    blocks = [layer.unit_matrix().T for layer in layers]
-    for k in range(1, len(layers)):
-        prev, layer = layers[k - 1], layers[k]
-        n_prev, n_in = blocks[k - 1].shape[1], blocks[k].shape[0]
-        if n_prev == n_in:
-            continue
-        if prev.kind == "conv" and layer.kind == "linear" and n_in % n_prev == 0:
-            # Flatten: channel c owns the features c*HW ... (c+1)*HW - 1.
-            blocks[k] = blocks[k].reshape(n_prev, n_in // n_prev, -1).any(axis=1)
-        elif prev.kind == "linear" and layer.kind == "conv" and n_prev % n_in == 0:
-            # the reverse (a reshape to C x H x W): feature f belongs to channel f // HW.
-            blocks[k - 1] = blocks[k - 1].reshape(blocks[k - 1].shape[0], n_in, -1).any(axis=2)
-        else:
-            raise ValueError(
-                f"{layer.name!r} has {n_in} input units but {prev.name!r} has {n_prev} output "
-                "units, and they cannot be grouped into each other's channels."
-            )
-    return blocks
+def _check_nodes(nodes: int | None) -> int | None:
+    if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int)
+                              or nodes < 1):
+        raise ValueError(f"nodes must be a positive integer or None, not {nodes!r}.")
+    return nodes
 
 
-def _layer_graph(block: np.ndarray) -> sp.csr_matrix:
-    n_in, n_out = block.shape
-    b = sp.csr_matrix(block.astype(np.float64))
-    return sp.bmat([[sp.csr_matrix((n_in, n_in)), b], [b.T, sp.csr_matrix((n_out, n_out))]],
-                   format="csr")
+def _node_edges(connected: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The node pairs ``(a, b)`` (``a != b``, unordered, unique) of the relational graph on ``n``
+    nodes of one ``[out, in]`` connectivity matrix (see :func:`relational_graph`)."""
+    n_out, n_in = connected.shape
+    out_node = (np.arange(n_out) * n) // n_out
+    in_node = (np.arange(n_in) * n) // n_in
+    o, i = np.nonzero(connected)
+    a, b = in_node[i], out_node[o]
+    keep = a != b  # a node's own update is no edge
+    a, b = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
+    pairs = np.unique(a.astype(np.int64) * n + b)
+    return pairs // n, pairs % n
 
 
-def _chain_graph(blocks: list[np.ndarray]) -> sp.csr_matrix:
-    sizes = [blocks[0].shape[0]] + [b.shape[1] for b in blocks]
-    offsets = np.cumsum([0] + sizes)
-    rows, cols = [], []
-    for k, block in enumerate(blocks):
-        i, j = np.nonzero(block)
-        rows.append(i + offsets[k])
-        cols.append(j + offsets[k + 1])
-    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-    n = int(offsets[-1])
-    upper = sp.csr_matrix((np.ones(r.size), (r, c)), shape=(n, n))
-    return (upper + upper.T).tocsr()
+def _adjacency(n: int, a: np.ndarray, b: np.ndarray) -> sp.csr_matrix:
+    upper = sp.csr_matrix((np.ones(a.size), (a, b)), shape=(n, n))
+    return ((upper + upper.T) > 0).astype(np.float64).tocsr()
 
 
-def relational_measures(model: nn.Module, *, level: str = "channel",
-                        method: str = "auto") -> RelationalResult:
-    r"""Clustering coefficient :math:`C` and path length :math:`L` of the graph a pruning leaves.
+def relational_graph(connected: MaskLike, nodes: int | None = RELATIONAL_NODES) -> sp.csr_matrix:
+    r"""The relational graph (You et al. 2020) of one layer, as a 0/1 symmetric adjacency matrix.
 
-    The graph is undirected: its nodes are units, its edges the present (non-zero) weights
-    (:func:`connectivity_masks`, so pruning masks are respected).
-
-    * ``level="channel"``: a conv layer's units are channels (in-channel :math:`i` ~ out-channel
-      :math:`o` iff any kernel weight of ``W[o, i]`` is non-zero; a grouped conv links only
-      channels of one group); a Linear layer's units are its features, except that the
-      ``C*H*W`` features a conv's ``Flatten`` feeds to a Linear are grouped back into the
-      ``C`` channels (channel :math:`c` ~ output :math:`j` iff any of the features
-      :math:`cHW .. (c+1)HW - 1` has a non-zero weight to :math:`j`), so the chain joins up.
-    * ``level="neuron"``: every unit is a neuron; only for networks of Linear layers (where it
-      gives the same graph as ``"channel"``), since a conv's neuron graph has a node per
-      position.
-
-    Each layer's graph has the layer's input and output units as nodes (bipartite); the chain's
-    graph has all layers' units, one node layer after another. Both are bipartite (edges only
-    join consecutive node layers), so :math:`C = 0` for them by definition, pruned or dense;
-    :math:`L` is the informative measure here. When pruning disconnects the graph (isolated
-    units, cut-off parts), :math:`L` is taken over the largest connected component and
-    ``connected`` is ``False``. The dense graph is that of the same architecture with every
-    weight present. See :func:`graph_measures` for the formulas.
+    ``connected`` is the layer's ``[out, in]`` connectivity: entry ``[o, i]`` is true when the
+    weight from input channel :math:`i` to output channel :math:`o` is present (for a conv, any
+    non-zero tap of ``W[o, i]``). The graph has :math:`n = \min(\text{nodes}, n_{in},
+    n_{out})` nodes (``nodes=None``: :math:`\min(n_{in}, n_{out})`); input channel :math:`i`
+    belongs to node :math:`\lfloor i n / n_{in} \rfloor` and output channel :math:`o` to node
+    :math:`\lfloor o n / n_{out} \rfloor` (contiguous groups whose sizes differ by at most one;
+    with equal widths and :math:`n` = the width, input channel :math:`i` and output channel
+    :math:`i` are the one node :math:`i`). Nodes :math:`a \ne b` are joined when a present
+    weight goes from a channel of :math:`a` to a channel of :math:`b` or from :math:`b` to
+    :math:`a`; a weight within one node is the node's own update, not an edge. A dense layer
+    gives the complete graph (:math:`L = 1`, and :math:`C = 1` from 3 nodes on), and the graph
+    is not bipartite: a layer can have triangles.
 
     Args:
-        model: a chain :func:`~curvprune.graph.trace_chain` accepts.
-        level: ``"channel"`` or ``"neuron"``.
+        connected: ``[out, in]`` bool (or numeric: non-zero is present), numpy or torch.
+        nodes: the node count to group into (at most), or ``None`` for the finest grouping.
+    """
+    nodes = _check_nodes(nodes)
+    if isinstance(connected, torch.Tensor):
+        array = (connected.detach() != 0).cpu().numpy()
+    else:
+        array = np.asarray(connected) != 0
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"connected must be a non-empty [out, in] matrix, not of shape "
+                         f"{tuple(array.shape)}.")
+    n = min(array.shape) if nodes is None else min(nodes, *array.shape)
+    return _adjacency(n, *_node_edges(array, n))
+
+
+def _layers_any(model: nn.Module) -> list[_Layer]:
+    """Every Linear/Conv2d weight of ``model`` (module order), as connectivity masks."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, not {type(model).__name__}.")
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+            groups = module.groups if kind == "conv" else 1
+            layers.append(_Layer(f"{name}.weight" if name else "weight",
+                                 _nonzero(module).cpu().numpy(), groups, kind))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer.")
+    return layers
+
+
+def relational_measures(model: nn.Module, *, nodes: int | None = RELATIONAL_NODES,
+                        method: str = "auto") -> RelationalResult:
+    r"""Clustering coefficient :math:`C` and path length :math:`L` of the relational graphs
+    (You et al., ICML 2020) of a model's layers, pruned and dense.
+
+    Every ``Linear`` and ``Conv2d`` weight (any model: chains, residual networks, ViTs) defines
+    one relational graph (:func:`relational_graph`): its input and output channels grouped into
+    the same :math:`n` nodes, so input channel :math:`i` and output channel :math:`i` of an
+    equal-width layer are one node, and an edge joins two nodes that exchange a message through
+    a present weight. A conv pair of channels is present when any kernel tap is non-zero; a
+    grouped conv joins only channels of one group. Present means non-zero
+    (``weight_orig * weight_mask`` under a pruning reparametrisation).
+
+    The network graph is the union of the layers' graphs on one node set of ``nodes`` nodes,
+    from the layers with at least ``nodes`` channels on both sides (the others are listed in
+    :attr:`RelationalResult.notes`); with ``nodes=None`` it is built only when every layer has
+    the same node count. Each graph is reported beside the dense one (every weight present: the
+    complete graph for an ungrouped layer: :math:`L = 1`, :math:`C = 1` from 3 nodes on).
+    :math:`C` and :math:`L` are :func:`graph_measures`'; when pruning disconnects a graph,
+    :math:`L` is over its largest component and ``connected`` is ``False``.
+
+    Args:
+        model: any module with ``Linear``/``Conv2d`` layers.
+        nodes: the node count of the graphs (at most; a layer narrower than ``nodes`` uses its
+            smaller width), or ``None`` for one node per channel of the narrower side.
         method: passed to :func:`graph_measures`.
 
     Raises:
-        ValueError: an unknown level, ``level="neuron"`` with a conv layer, a model that is not
-            a chain, or consecutive layers whose units cannot be matched.
+        ValueError: no Linear/Conv2d layer, or a bad ``nodes``/``method``.
     """
-    return _relational(_layers_from_model(model), level, method)
+    return _relational(_layers_any(model), _check_nodes(nodes), method)
 
 
-def relational_measures_masks(masks: Mapping[str, MaskLike], *, level: str = "channel",
+def relational_measures_masks(masks: Mapping[str, MaskLike], *,
+                              nodes: int | None = RELATIONAL_NODES,
                               groups: Mapping[str, int] | None = None,
                               method: str = "auto") -> RelationalResult:
-    """:func:`relational_measures` of connectivity masks ``{weight name: tensor}`` in chain
-    order (as for :func:`nnstd_masks`; ``groups`` gives grouped convs' groups)."""
-    return _relational(_layers_from_masks(masks, groups), level, method)
+    """:func:`relational_measures` of connectivity masks ``{weight name: tensor}`` (a Linear
+    weight's ``[out, in]`` or a Conv2d weight's ``[out, in / groups, kh, kw]`` shape; non-zero
+    is present); ``groups`` gives grouped convs' groups (default 1)."""
+    return _relational(_layers_from_masks(masks, groups), _check_nodes(nodes), method)
 
 
-def _relational(layers: list[_Layer], level: str, method: str) -> RelationalResult:
-    if level not in _LEVELS:
-        raise ValueError(f"level must be one of {_LEVELS}, not {level!r}.")
-    dense_layers = [_Layer(l.name, np.ones_like(l.mask), l.groups, l.kind) for l in layers]
-    pruned = _bipartite_blocks(layers, level)
-    dense = _bipartite_blocks(dense_layers, level)
-    rows = {
-        layer.name: RelationalMeasures(
-            layer.name,
-            graph_measures(_layer_graph(p), method=method),
-            graph_measures(_layer_graph(d), method=method),
-        )
-        for layer, p, d in zip(layers, pruned, dense)
-    }
-    chain = RelationalMeasures("chain", graph_measures(_chain_graph(pruned), method=method),
-                               graph_measures(_chain_graph(dense), method=method))
-    return RelationalResult(level, rows, chain)
+def _relational(layers: list[_Layer], nodes: int | None, method: str) -> RelationalResult:
+    if method not in ("auto", "bfs", "matmul"):
+        raise ValueError(f"method must be 'auto', 'bfs' or 'matmul', not {method!r}.")
+    rows, notes = {}, {}
+    pruned_units = [layer.unit_matrix() for layer in layers]
+    dense_units = [_Layer(l.name, np.ones_like(l.mask), l.groups, l.kind).unit_matrix()
+                   for l in layers]
+    for layer, p, d in zip(layers, pruned_units, dense_units):
+        rows[layer.name] = RelationalMeasures(
+            layer.name, graph_measures(relational_graph(p, nodes), method=method),
+            graph_measures(relational_graph(d, nodes), method=method))
+    widths = [min(u.shape) for u in pruned_units]
+    if nodes is None:
+        shared = widths[0] if len(set(widths)) == 1 else None
+        if shared is None:
+            notes["network"] = ("no network graph: the layers have different node counts "
+                                f"({min(widths)} to {max(widths)}); pass nodes=N to group "
+                                "every layer into N nodes")
+    else:
+        shared = nodes
+        for layer, w in zip(layers, widths):
+            if w < nodes:
+                notes[layer.name] = (f"left out of the network graph: {w} channels on its "
+                                     f"narrower side, fewer than {nodes} nodes")
+        if all(w < nodes for w in widths):
+            shared = None
+            notes["network"] = (f"no network graph: no layer has {nodes} channels on both "
+                                "sides; pass a smaller nodes")
+    network = None
+    if shared is not None:
+        members = [k for k, w in enumerate(widths) if w >= shared]
+
+        def union(units: list[np.ndarray]) -> sp.csr_matrix:
+            pairs = [_node_edges(units[k], shared) for k in members]
+            return _adjacency(shared, np.concatenate([a for a, _ in pairs]),
+                              np.concatenate([b for _, b in pairs]))
+
+        network = RelationalMeasures("network",
+                                     graph_measures(union(pruned_units), method=method),
+                                     graph_measures(union(dense_units), method=method))
+    return RelationalResult(nodes, rows, network, notes)
 
 
 # --------------------------------------------------------------------------------------------

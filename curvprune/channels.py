@@ -815,6 +815,7 @@ def score_channel_edges(
     on_example=None,
     best: torch.Tensor | None = None,
     on_solved=None,
+    on_progress=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Curvature of every layer edge of ``graph``: its minimum over the traced batch's examples.
 
@@ -825,7 +826,8 @@ def score_channel_edges(
     the graph metric, the standard definition; in the paper's layered graph the two never
     differ). Only the (edge, example)s that can be an edge's minimum are solved exactly
     (:mod:`curvprune.minimum`); ``best`` (minima of earlier batches, ``[num_edges]``) rules out
-    more of them. ``on_example()`` and ``on_solved(count)`` report progress.
+    more of them. ``on_example()``, ``on_solved(count)`` and ``on_progress(settled, total)``
+    (:meth:`~curvprune.minimum.MinimumSearch.resolve`) report progress.
     """
     stats = stats if stats is not None else EngineStats()
     n = graph.num_nodes
@@ -869,7 +871,7 @@ def score_channel_edges(
         return solve_edges(src[edges], dst[edges], d[edges], mu, nu, tables, alpha,
                            stats=stats, threads=threads)
 
-    minimum = search.resolve(solve, on_solved=on_solved)[0]
+    minimum = search.resolve(solve, on_solved=on_solved, on_progress=on_progress)[0]
     stats.bounded += search.opened - search.solved
     kappa = torch.full((graph.src.numel(),), math.inf, dtype=torch.float64, device=d.device)
     kappa[scored] = minimum

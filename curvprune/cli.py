@@ -1,4 +1,4 @@
-"""The ``curvprune`` command: ``demo``, ``prune`` and ``analyze``.
+"""The ``curvprune`` command: ``demo``, ``prune``, ``analyze`` and ``estimate``.
 
 Every output file is written to a temporary name and renamed into place, so an interrupted run
 never leaves a half-written file. Bad input (an unknown model, a missing data path, an amount out
@@ -54,12 +54,32 @@ def _save_figure(fig, path: Path) -> None:
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None
-               ) -> nn.Module:
+def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None,
+               checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """A model from a spec: ``PATH.pt`` (a whole model saved with ``torch.save(model)``),
     ``curvprune:NAME`` (the paper's networks), ``timm:NAME`` or ``torchvision:NAME``
     (architectures with random weights: nothing is downloaded), or ``zoo:NAME`` (a
-    reduced-width timm/torchvision architecture of :mod:`curvprune.zoo`, random weights)."""
+    reduced-width timm/torchvision architecture of :mod:`curvprune.zoo`, random weights).
+
+    ``checkpoint``: a state dict file (plain, or wrapped under ``"state_dict"``/``"model"``)
+    loaded into the architecture by :func:`curvprune.load_checkpoint`: the trained weights to
+    prune. Raises ``UsageError`` (a one-line message) for an unknown spec or a checkpoint that
+    does not fit.
+    """
+    model = _build_model(spec, num_classes=num_classes, in_channels=in_channels)
+    if checkpoint is not None:
+        from .checkpoint import load_checkpoint
+
+        try:
+            load_checkpoint(model, checkpoint, label=f"checkpoint {checkpoint}")
+        except ValueError as exc:
+            hint = (f" The architecture was built with {num_classes} classes (--num-classes)."
+                    if "shape mismatch" in str(exc) else "")
+            raise UsageError(f"{exc}{hint}") from exc
+    return model
+
+
+def _build_model(spec: str, *, num_classes: int, in_channels: int | None) -> nn.Module:
     known = spec.partition(":")[0] in ("curvprune", "timm", "torchvision", "zoo")
     if not known and (spec.endswith((".pt", ".pth")) or os.path.sep in spec):
         path = Path(spec)
@@ -69,7 +89,8 @@ def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = No
         if not isinstance(obj, nn.Module):
             raise UsageError(
                 f"{spec} holds a {type(obj).__name__}, not a model; save the whole model with "
-                "torch.save(model, path), or use curvprune:NAME with --weights for a state dict.")
+                "torch.save(model, path), or build the architecture (timm:NAME, "
+                "torchvision:NAME, curvprune:NAME) and pass the state dict as --checkpoint.")
         return obj
     kind, _, name = spec.partition(":")
     if not name:
@@ -170,6 +191,19 @@ def _amount(text: str) -> float:
     return value
 
 
+def _nodes(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"nodes must be a positive integer or 'none', got "
+                                         f"{text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"nodes must be a positive integer, got {value}")
+    return value
+
+
 def _calibration(model, dataset, per_class: int, seed: int, kind: str = "correct"):
     from .data import class_balanced_calibration, random_calibration
 
@@ -222,10 +256,16 @@ def _plot_histograms(result, path: Path) -> None:
     plt.close(fig)
 
 
-def _common(sub: argparse.ArgumentParser) -> None:
+def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
     sub.add_argument("--model", required=True,
                      help="PATH.pt (a saved model), curvprune:lenet5, timm:NAME, torchvision:NAME")
-    sub.add_argument("--weights", help="a state dict to load into the model")
+    sub.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="PATH",
+                     help="trained weights to load into the model before scoring: a state "
+                          "dict saved with torch.save(model.state_dict(), PATH), plain or "
+                          "wrapped under 'state_dict'/'model'")
+    sub.add_argument("--num-classes", type=int, default=None, metavar="N",
+                     help="classes of a timm:/torchvision:/curvprune: architecture (default: "
+                          "the data's); match the checkpoint's classifier")
     sub.add_argument("--data", default="fashion-mnist",
                      help="fashion-mnist, mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR")
     sub.add_argument("--calibration-per-class", type=int, default=1)
@@ -242,17 +282,31 @@ def _common(sub: argparse.ArgumentParser) -> None:
                      help="CPU threads for the exact transport solves (default: all of "
                           "torch's threads)")
     sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--out", required=True, help="output folder (created if missing)")
+    sub.add_argument("--out", required=out_required,
+                     help="output folder (created if missing)" if out_required else
+                     "accepted and ignored (nothing is written)")
     sub.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
 
-def _prepare(args) -> tuple[nn.Module, Any, Any, Path]:
-    out = _output_dir(args.out)
-    model = load_model(args.model)
-    if args.weights:
-        if not Path(args.weights).is_file():
-            raise UsageError(f"weights file not found: {args.weights}")
-        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+def _data_classes(dataset) -> int:
+    """Number of classes of a dataset: ``.classes`` (CIFAR, ImageFolder) or the largest label
+    plus one (the ``TensorDataset`` of Fashion-MNIST and MNIST)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) > 1 and tensors[1].numel():
+        return int(tensors[1].max()) + 1
+    return 10
+
+
+def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None]:
+    out = _output_dir(args.out) if write else None
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UsageError("--num-classes must be at least 1")
+    test = _load_data(args.data, train=False)
+    num_classes = args.num_classes or _data_classes(test)
+    model = load_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
     if args.device:
         from .curvature import resolve_device
 
@@ -260,7 +314,6 @@ def _prepare(args) -> tuple[nn.Module, Any, Any, Path]:
             model.to(resolve_device(args.device, model))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-    test = _load_data(args.data, train=False)
     if args.calibration_per_class < 1:
         raise UsageError("--calibration-per-class must be at least 1")
     test = _match_input(model, test)
@@ -311,12 +364,20 @@ def _cmd_prune(args) -> dict:
         "scoring_seconds": report.result.seconds if report.result is not None else None,
         "seconds": time.perf_counter() - start,
     }
+    files = ["model.pt", "report.json", "sparsity.png"]
+    if report.result is not None:
+        files.append("kappa_histograms.png")
+    data["files"] = files
     _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
     _write_json(out / "report.json", data)
     _plot_sparsity(report, out / "sparsity.png")
-    _plot_histograms(report.result, out / "kappa_histograms.png")
-    _print_done(args, report.summary(), before, after, out,
-                "model.pt, report.json, sparsity.png, kappa_histograms.png")
+    if report.result is not None:
+        _plot_histograms(report.result, out / "kappa_histograms.png")
+    else:  # no curvature to plot: leave no stale plot of an earlier run beside this report
+        (out / "kappa_histograms.png").unlink(missing_ok=True)
+    if report.result is None and not args.quiet:
+        print(f"note: no kappa_histograms.png: the weights were ranked by {report.fallback}")
+    _print_done(args, report.summary(), before, after, out, ", ".join(files))
     return data
 
 
@@ -329,6 +390,18 @@ def _print_done(args, summary: str, before, after, out: Path, files: str) -> Non
     print(f"wrote {out}/{files}")
 
 
+def _zoo_ignored_layers(spec: str, model: nn.Module) -> list[nn.Module] | None:
+    """For a ``zoo:NAME`` model, the layers its registry entry keeps unpruned (the classifier
+    and the residual streams Torch-Pruning's tracer misreads: see
+    :func:`curvprune.zoo.ignored_layers`); ``None`` (prune_channels' default) otherwise."""
+    kind, _, name = spec.partition(":")
+    if kind != "zoo":
+        return None
+    from . import zoo
+
+    return zoo.ignored_layers(name, model)
+
+
 def _cmd_prune_channels(args) -> dict:
     from .evaluation import accuracy
     from .structured import prune_channels
@@ -338,7 +411,8 @@ def _cmd_prune_channels(args) -> dict:
     before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
     try:
         report = prune_channels(model, calibration, args.amount, alpha=args.alpha,
-                                global_pruning=args.scope == "global", threads=args.threads)
+                                global_pruning=args.scope == "global", threads=args.threads,
+                                ignored_layers=_zoo_ignored_layers(args.model, model))
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
@@ -365,30 +439,114 @@ def _cmd_analyze(args) -> dict:
     from dataclasses import asdict
 
     from .analysis import curvature_statistics, most_negative, relational_measures
+    from .channels import UntraceableModel
     from .curvature import neural_curvature
 
     model, _, calibration, out = _prepare(args)
+    notes = []
     try:
         result = neural_curvature(model, calibration, alpha=args.alpha,
                                   granularity=args.granularity, progress=not args.quiet,
                                   threads=args.threads)
+    except UntraceableModel as exc:  # the graph measures need no curvature: report them
+        result = None
+        notes.append(f"no curvature statistics: {exc}")
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
-    bottlenecks = most_negative(result, args.top)
-    relational = relational_measures(model)
+    try:
+        relational = relational_measures(model, nodes=args.nodes)
+    except ValueError as exc:
+        raise UsageError(f"relational measures: {exc}") from exc
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
-        "statistics": [asdict(s) for s in curvature_statistics(result)],
-        "bottlenecks": {name: asdict(b) for name, b in bottlenecks.items()},
-        "relational": {"summary": relational.summary()},
-        "seconds": result.seconds,
+        "statistics": None if result is None else
+        [asdict(s) for s in curvature_statistics(result)],
+        "bottlenecks": None if result is None else
+        {name: asdict(b) for name, b in most_negative(result, args.top).items()},
+        "relational": _relational_json(relational),
+        "relational_pruned": {},
+        "seconds": None if result is None else result.seconds,
+        "notes": notes,
     }
+    summaries = [relational.summary()]
+    for amount in args.amount or []:
+        if result is None:
+            notes.append(f"no relational measures at --amount {amount}: no curvature ranking")
+            continue
+        pruned = _relational_at_amount(result, amount, args.nodes)
+        data["relational_pruned"][str(amount)] = _relational_json(pruned)
+        summaries.append(f"after pruning {amount:.0%} of the scored weights by curvature "
+                         f"(order pos, global):\n{pruned.summary()}")
+    files = ["analysis.json"]
+    if result is not None:
+        _plot_histograms(result, out / "kappa_histograms.png")
+        files.append("kappa_histograms.png")
+    else:
+        (out / "kappa_histograms.png").unlink(missing_ok=True)
     _write_json(out / "analysis.json", json.loads(json.dumps(data, default=_jsonable)))
-    _plot_histograms(result, out / "kappa_histograms.png")
     if not args.quiet:
+        if result is not None:
+            print(result.summary())
+        print("\n".join(summaries))
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {out}/{', '.join(files)}")
+    return data
+
+
+def _relational_json(relational) -> dict:
+    """The relational measures as JSON: per-layer and network measures, notes and the table."""
+    from dataclasses import asdict
+
+    return {"nodes": relational.nodes,
+            "layers": {name: {"pruned": asdict(r.pruned), "dense": asdict(r.dense)}
+                       for name, r in relational.layers.items()},
+            "network": None if relational.network is None else
+            {"pruned": asdict(relational.network.pruned),
+             "dense": asdict(relational.network.dense)},
+            "notes": relational.notes, "summary": relational.summary()}
+
+
+def _relational_at_amount(result, amount: float, nodes: int | None):
+    """Relational measures of the masks a global curvature pruning (order pos) of ``amount``
+    of the scored weights leaves: the first ``round(amount * N)`` weights of
+    :meth:`CurvatureResult.pruning_order` go (zero weights first, as in ``prune_model``)."""
+    from .analysis import relational_measures_masks
+
+    ranks = result.pruning_order("pos")
+    total = sum(r.numel() for r in ranks.values())
+    cut = round(amount * total)
+    masks = {name: (r >= cut).cpu() for name, r in ranks.items()}
+    groups = {name: result.modules[name].groups for name in ranks
+              if isinstance(result.modules[name], nn.Conv2d)}
+    return relational_measures_masks(masks, nodes=nodes, groups=groups)
+
+
+def _cmd_estimate(args) -> dict:
+    from .estimate import estimate
+
+    model, _, calibration, _ = _prepare(args, write=False)
+    granularity = "channel" if args.structured else args.granularity
+    if args.structured and args.granularity == "neuron":
+        raise UsageError("--structured uses channel granularity; drop --granularity neuron.")
+    from .channels import UntraceableModel
+
+    try:
+        result = estimate(model, calibration, granularity=granularity, alpha=args.alpha,
+                          measure=not args.no_measure)
+    except UntraceableModel as exc:  # prune falls back to magnitude: nothing to score
+        data = {"fallback": f"magnitude: {exc}"}
+        print(json.dumps(data, indent=2) if args.json else
+              f"no curvature scoring: {exc}; prune would rank the weights by magnitude |w| "
+              "(no scoring cost) and analyze would report the graph measures only")
+        return data
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    data = result.as_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
         print(result.summary())
-        print(relational.summary())
-        print(f"wrote {out}/analysis.json, kappa_histograms.png")
     return data
 
 
@@ -451,8 +609,34 @@ def build_parser() -> argparse.ArgumentParser:
                                               "graph measures")
     _common(analyze)
     analyze.add_argument("--top", type=int, default=10, help="bottlenecks listed per layer")
+    analyze.add_argument("--nodes", type=_nodes, default=64,
+                         help="node count of the relational graphs (You et al. 2020; default "
+                              "64, 'none' for one node per channel of a layer's narrower side)")
+    analyze.add_argument("--amount", type=_amount, action="append",
+                         help="also report the relational measures after a global curvature "
+                              "pruning of this fraction of the weights (repeatable)")
     analyze.set_defaults(func=_cmd_analyze)
+    _add_estimate(subs)
     return parser
+
+
+def _add_estimate(subs) -> None:
+    estimate = subs.add_parser(
+        "estimate", help="graph size, memory and time of scoring, before running it",
+        description="Print what scoring would cost (the model and data arguments of prune; "
+                    "its pruning options are accepted and ignored, so a prune command line "
+                    "works with the word changed). Nothing is written.")
+    _common(estimate, out_required=False)
+    estimate.add_argument("--structured", action="store_true",
+                          help="estimate for prune --structured (channel granularity)")
+    estimate.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    estimate.add_argument("--no-measure", action="store_true",
+                          help="skip the timing (graph size and memory only)")
+    for flag, kwargs in [("--amount", {}), ("--scope", {}), ("--order", {}),
+                         ("--allocation", {}), ("--eval-limit", {}),
+                         ("--no-eval", {"action": "store_true"})]:
+        estimate.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
+    estimate.set_defaults(func=_cmd_estimate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,6 +227,7 @@ def neural_curvature(
                 )
                 search = MinimumSearch([layer.widx for layer in graph.layers],
                                        [m.weight.numel() for m in modules])
+                _restart_clock(bar)  # the ETA is per example: the one-off build is not in it
             acts = [normalise_activity(v).to(engine_device) for v in values]
             for b in range(acts[0].shape[0]):
                 example_acts.append([a[b] for a in acts])
@@ -242,15 +243,12 @@ def neural_curvature(
                 if bar is not None:
                     bar.update(1)
         # Only the edges that can still be a weight's minimum are solved exactly.
-        if bar is not None:
-            bar.set_description("curvature (exact minima)",
-                                refresh=getattr(bar, "curvprune_interactive", True))
-        with _torch_threads(1 if threads > 1 else None):
+        with _torch_threads(1 if threads > 1 else None), _MinimaBar(progress) as minima:
             kappa = search.resolve(
                 lambda k, x, edges: solve_layer_edges(graph, example_acts[x], k + 1, edges,
                                                       alpha, certify_tol=certify_tol,
                                                       stats=stats, threads=threads),
-                on_solved=_show_solved(bar))
+                on_progress=minima)
         stats.bounded += search.opened - search.solved
     return CurvatureResult(
         kappa={n: kappa[k].view(weight_shapes[k]).to(modules[k].weight.device)
@@ -300,8 +298,7 @@ def _progress_bar(progress: bool, desc: str, calibration):
         return
     from tqdm.auto import tqdm
 
-    notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
-    interactive = notebook or _isatty(sys.stderr)
+    interactive = _interactive(tqdm)
     bar = tqdm(desc=desc, unit="example", total=_count_examples(calibration),
                mininterval=0.1 if interactive else 30.0)
     bar.curvprune_interactive = interactive
@@ -311,12 +308,47 @@ def _progress_bar(progress: bool, desc: str, calibration):
         bar.close()
 
 
-def _show_solved(bar):
-    """A callback that shows the number of exact solves on ``bar`` (``None`` without a bar)."""
-    if bar is None:
-        return None
-    refresh = getattr(bar, "curvprune_interactive", True)  # else shown at the next redraw
-    return lambda count: bar.set_postfix_str(f"{count} edges solved exactly", refresh=refresh)
+def _restart_clock(bar) -> None:
+    """Start ``bar``'s clock now (no example counted yet), so that its rate and ETA measure
+    the per-example work only, not the graph build that came before."""
+    if bar is not None and bar.n == 0:
+        bar.reset()
+
+
+class _MinimaBar:
+    """The exact-minima phase's bar: ``on_progress(settled, total)`` of
+    :meth:`MinimumSearch.resolve`, the open edge-examples settled (solved exactly, or ruled out
+    by a solve) out of all those the bounds left open. The total is known when the phase
+    starts, so the ETA is the remaining count at the rate so far (solves rule out more edges
+    early on, so the rate is uneven). No bar without ``progress``."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+        self.bar = None
+
+    def __enter__(self) -> _MinimaBar:
+        return self
+
+    def __call__(self, settled: int, total: int) -> None:
+        if not self.progress:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            interactive = _interactive(tqdm)
+            self.bar = tqdm(desc="exact minima", unit="edge", total=total,
+                            mininterval=0.1 if interactive else 30.0)
+        self.bar.update(settled - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interactive(tqdm) -> bool:
+    """Whether ``tqdm`` draws in a notebook or on a terminal (else a log: redraw rarely)."""
+    notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+    return notebook or _isatty(sys.stderr)
 
 
 def _isatty(stream) -> bool:
@@ -342,6 +374,11 @@ def _count_examples(calibration) -> int | None:
         return calibration.shape[0] if calibration.dim() else None
     if is_single_pair(calibration):
         return calibration[0].shape[0] if calibration[0].dim() else None
+    if isinstance(calibration, (list, tuple)):  # a list of batches: count their examples
+        try:
+            return sum(inputs.shape[0] for inputs in iter_calibration_inputs(calibration))
+        except (TypeError, ValueError):
+            return None  # the scoring loop reports what is wrong with it
     dataset = getattr(calibration, "dataset", None)
     try:
         return len(dataset) if dataset is not None else None
@@ -406,6 +443,7 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                 first = graph
                 input_shape = tuple(inputs.shape[1:])
                 distances = channel_distances(graph)
+                _restart_clock(bar)  # the ETA is per example: the one-off build is not in it
                 edge_kappa = torch.full_like(graph.length, math.inf)
                 edge_live = torch.zeros_like(graph.src, dtype=torch.bool)
             elif not first.same_structure(graph):
@@ -414,11 +452,11 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                     "channel graph than the first batch: every calibration example must "
                     "have the same shape."
                 )
-            with _torch_threads(1 if threads > 1 else None):
+            with _torch_threads(1 if threads > 1 else None), _MinimaBar(progress) as minima:
                 value, live = score_channel_edges(
                     graph, distances, alpha, certify_tol=certify_tol, stats=stats,
                     threads=threads, on_example=bar.update if bar is not None else None,
-                    best=edge_kappa, on_solved=_show_solved(bar))
+                    best=edge_kappa, on_progress=minima)
             edge_kappa = torch.minimum(edge_kappa, value)
             edge_live |= live
             num_examples += inputs.shape[0]

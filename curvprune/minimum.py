@@ -71,16 +71,26 @@ class MinimumSearch:
             parts.append((example, edges, lo[edges]))
         self._open[group] = parts
 
+    @property
+    def pending(self) -> int:
+        """Open edge-examples: those :meth:`resolve` will solve or rule out."""
+        return sum(int(e.numel()) for parts in self._open for _, e, _ in parts)
+
     def resolve(self, solve: Callable[[int, int, torch.Tensor], torch.Tensor],
-                on_solved: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+                on_solved: Callable[[int], None] | None = None,
+                on_progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
         """Solve edges until every minimum is exact; return the minima per group.
 
         ``solve(group, example, edges)`` returns the exact values of ``edges`` (indices into
         the group's edges) on that example. Each round solves, per weight, the open edges with
         the lowest ``lo`` (one per weight for four rounds, then twice as many each round, so
         that a weight with many open edges needs few rounds). ``on_solved(count)`` is called
-        after each ``solve`` with the number solved so far (for progress display).
+        after each ``solve`` with the number solved so far, and ``on_progress(settled, total)``
+        with the open edge-examples settled so far (solved, or ruled out by a solve) out of the
+        :attr:`pending` ones at the start (for progress display).
         """
+        total = self.pending
+        settled = 0
         for group, parts in enumerate(self._open):
             if not parts:
                 continue
@@ -92,6 +102,7 @@ class MinimumSearch:
             take, round_ = 1, 0
             while True:
                 keep = lo < best[widx[edges]]
+                settled += int(edges.numel()) - int(keep.sum())
                 example, edges, lo = example[keep], edges[keep], lo[keep]
                 if not edges.numel():
                     break
@@ -108,8 +119,11 @@ class MinimumSearch:
                     value = solve(group, x, edges[now])
                     best.scatter_reduce_(0, widx[edges[now]], value, reduce="amin")
                     self.solved += now.numel()
+                    settled += now.numel()
                     if on_solved is not None:
                         on_solved(self.solved)
+                    if on_progress is not None:
+                        on_progress(settled, total)
                 example, edges, lo = example[~chosen], edges[~chosen], lo[~chosen]
                 round_ += 1
                 if round_ >= 4:

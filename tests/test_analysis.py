@@ -34,6 +34,7 @@ from curvprune.analysis import (
     most_negative,
     nnstd,
     nnstd_masks,
+    relational_graph,
     relational_measures,
     relational_measures_masks,
 )
@@ -498,33 +499,23 @@ def tiny_conv(seed: int = 0) -> nn.Sequential:
                          nn.ReLU(), nn.Linear(4, 2))
 
 
-def nx_graphs(model: nn.Sequential) -> tuple[dict[str, nx.Graph], nx.Graph]:
-    """The channel-level graphs of ``tiny_conv``, built directly from its effective weights."""
-    with torch.no_grad():
-        w0 = (model[0].weight_orig * model[0].weight_mask if hasattr(model[0], "weight_mask")
-              else model[0].weight)
-        w3 = (model[3].weight_orig * model[3].weight_mask if hasattr(model[3], "weight_mask")
-              else model[3].weight)
-        w5 = model[5].weight
-    pairs = {  # (in unit, out unit) edges of each layer at channel level
-        "0.weight": {(i, o) for o in range(3) for i in range(2) if w0[o, i].ne(0).any()},
-        "3.weight": {(f // 9, j) for j in range(4) for f in range(27) if w3[j, f] != 0},
-        "5.weight": {(i, j) for j in range(2) for i in range(4) if w5[j, i] != 0},
-    }
-    sizes = [2, 3, 4, 2]
-    layers = {}
-    chain = nx.Graph()
-    for k, (name, edges) in enumerate(pairs.items()):
-        g = nx.Graph()
-        g.add_nodes_from(("in", i) for i in range(sizes[k]))
-        g.add_nodes_from(("out", j) for j in range(sizes[k + 1]))
-        g.add_edges_from((("in", i), ("out", j)) for i, j in edges)
-        layers[name] = g
-    for k, size in enumerate(sizes):
-        chain.add_nodes_from((k, u) for u in range(size))
-    for k, edges in enumerate(pairs.values()):
-        chain.add_edges_from(((k, i), (k + 1, j)) for i, j in edges)
-    return layers, chain
+# --------------------------------------------------------------------------------------------
+# Relational graphs (You et al. 2020) of pruned networks
+# --------------------------------------------------------------------------------------------
+
+
+def nx_relational(connected: np.ndarray, n: int) -> nx.Graph:
+    """The relational graph by its definition, written out with loops: input channel i of an
+    [out, in] matrix is in node i * n // n_in, output channel o in node o * n // n_out."""
+    n_out, n_in = connected.shape
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    for o in range(n_out):
+        for i in range(n_in):
+            a, b = i * n // n_in, o * n // n_out
+            if connected[o, i] and a != b:
+                g.add_edge(a, b)
+    return g
 
 
 def assert_measures(got, g: nx.Graph) -> None:
@@ -535,81 +526,129 @@ def assert_measures(got, g: nx.Graph) -> None:
     assert got.connected == connected and got.largest_component == size
 
 
-def complete_bipartite_l(m: int, n: int) -> float:
-    return (2 * m * (m - 1) + 2 * n * (n - 1) + 2 * m * n) / ((m + n) * (m + n - 1))
+def test_relational_graph_hand_made_equal_widths():
+    # 4 channels in and out: weights 0->1, 1->2, 2->3, 3->0, 0->2, and the self-update 1->1.
+    w = np.zeros((4, 4), bool)  # [out, in]
+    for i, o in [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (1, 1)]:
+        w[o, i] = True
+    g = nx.Graph([(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)])  # two triangles: 012, 023
+    adj = relational_graph(w, nodes=None)
+    assert adj.shape == (4, 4) and adj.diagonal().sum() == 0
+    assert {(int(a), int(b)) for a, b in zip(*adj.nonzero())} == \
+        set(g.edges) | {(b, a) for a, b in g.edges}
+    got = graph_measures(adj)
+    assert_measures(got, g)
+    assert got.clustering == pytest.approx(nx.average_clustering(g)) and got.clustering > 0.8
+    assert graph_measures(relational_graph(torch.as_tensor(w), None)) == got
+
+
+def test_relational_graph_hand_made_different_widths():
+    # 3 inputs, 6 outputs, 3 nodes: input i is node i, outputs {0,1}, {2,3}, {4,5} are nodes
+    # 0, 1, 2. Weights: in 0 -> out 3 (node 0 ~ 1), in 1 -> out 5 (1 ~ 2), in 2 -> out 1
+    # (2 ~ 0), in 1 -> out 2 (node 1 to itself: no edge).
+    w = np.zeros((6, 3), bool)
+    for i, o in [(0, 3), (1, 5), (2, 1), (1, 2)]:
+        w[o, i] = True
+    got = graph_measures(relational_graph(w, nodes=64))  # capped at the narrower width, 3
+    assert_measures(got, nx.Graph([(0, 1), (1, 2), (2, 0)]))
+    assert got.clustering == 1.0
+    # Grouped coarser: 2 nodes; inputs {0, 1} -> node 0, {2} -> node 1 (i * 2 // 3).
+    coarse = nx_relational(w, 2)
+    assert set(coarse.edges) == {(0, 1)}
+    assert_measures(graph_measures(relational_graph(w, nodes=2)), coarse)
+    with pytest.raises(ValueError, match="nodes must be a positive integer"):
+        relational_graph(w, nodes=0)
+    with pytest.raises(ValueError, match=r"\[out, in\] matrix"):
+        relational_graph(np.ones((2, 2, 3)), nodes=None)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_relational_measures_match_networkx(seed):
+@pytest.mark.parametrize("nodes", [None, 3, 5])
+def test_relational_measures_match_networkx(seed, nodes):
     model = tiny_conv(seed)
     gen = torch.Generator().manual_seed(seed)
     pruned_copy(model, {
-        "0.weight": (torch.rand(3, 2, 2, 2, generator=gen) < 0.25).numpy(),
-        "3.weight": (torch.rand(4, 27, generator=gen) < 0.1).numpy(),
+        "0.weight": (torch.rand(3, 2, 2, 2, generator=gen) < 0.4).numpy(),
+        "3.weight": (torch.rand(4, 27, generator=gen) < 0.3).numpy(),
     })
     with torch.no_grad():
         model[5].weight[0, 1:] = 0
-    layers, chain = nx_graphs(model)
-    got = relational_measures(model)
-    assert got.level == "channel" and list(got.layers) == ["0.weight", "3.weight", "5.weight"]
-    for name, g in layers.items():
-        assert_measures(got.layers[name].pruned, g)
-        assert got.layers[name].pruned.clustering == 0  # bipartite
-    assert_measures(got.chain.pruned, chain)
-    # the dense graphs: complete bipartite layers (3 channels for the flattened FC input)
-    for name, (m, n) in zip(layers, [(2, 3), (3, 4), (4, 2)]):
-        dense = got.layers[name].dense
-        assert dense.edges == m * n and dense.connected
-        assert dense.path_length == pytest.approx(complete_bipartite_l(m, n), abs=1e-12)
-    dense_model = tiny_conv(seed)
-    assert_measures(got.chain.dense, nx_graphs(dense_model)[1])
-    assert got.layers["3.weight"].dense.nodes == 3 + 4
-    assert "chain" in got.summary()
+        w0 = (model[0].weight_orig * model[0].weight_mask).ne(0).flatten(2).any(2).numpy()
+        w3 = (model[3].weight_orig * model[3].weight_mask).ne(0).numpy()
+        w5 = model[5].weight.ne(0).numpy()
+    got = relational_measures(model, nodes=nodes)
+    assert list(got.layers) == ["0.weight", "3.weight", "5.weight"]
+    units = {"0.weight": w0, "3.weight": w3, "5.weight": w5}
+    for name, w in units.items():
+        n = min(w.shape) if nodes is None else min(nodes, *w.shape)
+        assert_measures(got.layers[name].pruned, nx_relational(w, n))
+        assert_measures(got.layers[name].dense, nx.complete_graph(n))
+        assert got.layers[name].dense.path_length == 1.0
+        assert got.layers[name].dense.clustering == (1.0 if n >= 3 else 0.0)  # degree < 2: 0
+    if nodes is None:  # node counts 2, 4, 2: no shared node set
+        assert got.network is None and "different node counts" in got.notes["network"]
+    else:  # layers with at least `nodes` channels on both sides share one node set
+        members = [w for w in units.values() if min(w.shape) >= nodes]
+        if members:
+            union = nx.compose_all([nx_relational(w, nodes) for w in members])
+            assert_measures(got.network.pruned, union)
+            left_out = {name for name, w in units.items() if min(w.shape) < nodes}
+            assert left_out == set(got.notes)
+        else:
+            assert got.network is None and "no layer has" in got.notes["network"]
+    assert "relational-graph measures" in got.summary()
+
+
+def test_relational_grouped_conv_and_pruning_moves_c_and_l():
+    conv = np.ones((4, 1, 3, 3), bool)  # depthwise 4 -> 4: only self-updates
+    got = relational_measures_masks({"c": conv}, groups={"c": 4}, nodes=None)
+    assert got.layers["c"].dense.edges == 0 and got.layers["c"].dense.components == 4
+    grouped = np.ones((4, 2, 1, 1), bool)  # groups=2: channels {0,1} and {2,3}
+    got = relational_measures_masks({"g": grouped}, groups={"g": 2}, nodes=None)
+    assert_measures(got.layers["g"].dense, nx.Graph([(0, 1), (2, 3)]))
+    # a pruned 8-wide layer: a ring plus chords has C > 0 and L > 1, the dense one C = L = 1
+    ring = np.zeros((8, 8), bool)
+    for i in range(8):
+        ring[(i + 1) % 8, i] = ring[(i + 2) % 8, i] = True
+    got = relational_measures_masks({"r": ring}, nodes=None)
+    expected = nx.circulant_graph(8, [1, 2])
+    assert_measures(got.layers["r"].pruned, expected)
+    assert 0 < got.layers["r"].pruned.clustering < 1 < got.layers["r"].pruned.path_length
+    assert got.network is not None and got.network.pruned == got.layers["r"].pruned
 
 
 def test_relational_disconnected_layer_is_flagged():
-    masks = {"a": np.ones((3, 4), bool), "b": np.ones((2, 3), bool)}
-    masks["a"][:, 0] = False  # input unit 0 isolated
-    masks["b"][1, :] = False  # output unit 1 isolated
-    got = relational_measures_masks(masks)
+    masks = {"a": np.ones((3, 3), bool)}
+    masks["a"][:, 2] = False
+    masks["a"][2, :] = False  # channel 2 (node 2) sends and receives nothing
+    got = relational_measures_masks(masks, nodes=None)
     a = got.layers["a"].pruned
-    assert not a.connected and a.largest_component == 6 and a.components == 2
-    assert a.path_length == pytest.approx(complete_bipartite_l(3, 3))
-    chain = got.chain.pruned
-    assert not chain.connected and chain.largest_component == 4 + 3 + 2 - 2
-    assert got.chain.dense.connected and got.layers["a"].dense.connected
+    assert not a.connected and a.largest_component == 2 and a.components == 2
+    assert a.path_length == 1.0 and "largest component 2" in got.summary()
 
 
-def test_relational_levels_and_grouped_conv():
-    rng = np.random.default_rng(0)
-    mlp = random_masks(rng, [6, 5, 3], 0.6)
-    neuron, channel = relational_measures_masks(mlp, level="neuron"), relational_measures_masks(mlp)
-    assert neuron.level == "neuron" and channel.level == "channel"
-    assert neuron.layers == channel.layers and neuron.chain == channel.chain
-    conv = {"c": np.ones((4, 1, 3, 3), bool), "f": np.ones((2, 16), bool)}
-    with pytest.raises(ValueError, match="level='neuron'.*'c'"):
-        relational_measures_masks(conv, level="neuron")
-    with pytest.raises(ValueError, match="level"):
-        relational_measures_masks(conv, level="neurons")
-    got = relational_measures_masks(conv, groups={"c": 4})  # depthwise 4->4: 4 components
-    assert got.layers["c"].dense.components == 4 and not got.layers["c"].dense.connected
-    assert got.layers["f"].dense.nodes == 4 + 2  # 16 features grouped into 4 channels
-    with pytest.raises(ValueError, match="'f'.*cannot be grouped"):
-        relational_measures_masks({"c": np.ones((3, 1, 1, 1), bool),
-                                   "f": np.ones((2, 10), bool)})
+def test_relational_measures_on_a_non_chain_model():
+    from curvprune import zoo
+
+    model = zoo.create("timm/resnet18")
+    got = relational_measures(model, nodes=16)
+    convs = [f"{n}.weight" for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert list(got.layers) == convs  # the residual branches' 1x1 downsample convs too
+    assert got.network is not None and got.network.dense.clustering == 1.0
+    # the 3-channel stem and the 10-class head are narrower than 16 nodes: left out, noted
+    assert set(got.notes) == {"conv1.weight", "fc.weight"}
+    assert got.layers["conv1.weight"].pruned.nodes == 3
+    with pytest.raises(ValueError, match="no Linear or Conv2d"):
+        relational_measures(nn.ReLU())
 
 
-def test_linear_reshaped_into_conv_channels():
+def test_nnstd_linear_reshaped_into_conv_channels():
     # FC 3 -> 8 whose outputs are reshaped to 2 channels x 2 x 2, then a 1x1 conv 2 -> 2.
     fc = np.zeros((8, 3), bool)
-    fc[0, 0] = True  # feature 0 (channel 0) reads input 0
-    fc[6, 2] = True  # feature 6 (channel 1) reads input 2
+    fc[0, 0] = True
+    fc[6, 2] = True
     conv = np.ones((2, 2, 1, 1), bool)
-    got = relational_measures_masks({"f": fc, "c": conv})
-    g = nx.Graph([(("x", 0), ("h", 0)), (("x", 2), ("h", 1))])
-    g.add_node(("x", 1))
-    assert_measures(got.layers["f"].pruned, g)  # 3 inputs + 2 channels, 2 edges
-    assert got.chain.pruned.nodes == 3 + 2 + 2 and got.chain.pruned.components == 2
     r = nnstd_masks({"f": fc, "c": conv}, {"f": fc, "c": conv})
     assert not r.carried["c"] and "do not match the 8 outputs" in r.notes["c"]
 

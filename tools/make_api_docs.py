@@ -21,7 +21,7 @@ from curvprune import analysis, baselines, data, evaluation, models, zoo  # noqa
 
 SECTIONS = [
     ("Scoring", curvprune, ["neural_curvature", "CurvatureResult", "ImportanceScores",
-                            "UntraceableModel"]),
+                            "UntraceableModel", "estimate", "ScoringEstimate"]),
     ("Unstructured pruning (torch.nn.utils.prune)", curvprune, [
         "CurvaturePruning", "curvature_unstructured", "prune_model", "PruningReport",
         "LayerSparsity", "make_permanent", "save_pruned", "load_pruned", "clone_pruned",
@@ -29,13 +29,15 @@ SECTIONS = [
     ("Structured pruning (Torch-Pruning)", curvprune, [
         "CurvatureImportance", "prune_channels", "ChannelPruningReport"]),
     ("Analysis (curvprune.analysis)", analysis, [
-        "nnstd", "nnstd_masks", "NNSTDResult", "relational_measures", "graph_measures",
+        "nnstd", "nnstd_masks", "NNSTDResult", "relational_measures",
+        "relational_measures_masks", "relational_graph", "RelationalResult", "graph_measures",
         "curvature_statistics", "most_negative", "histogram"]),
     ("Baselines (curvprune.baselines)", baselines, [
         "magnitude_scores", "random_scores", "lamp_scores", "wanda_scores", "snip_scores",
         "prune_per_row"]),
     ("Data, models, evaluation", None, [
-        (data, "fashion_mnist"), (data, "load_dataset"), (data, "class_balanced_calibration"),
+        (curvprune, "load_checkpoint"), (data, "fashion_mnist"), (data, "load_dataset"),
+        (data, "class_balanced_calibration"),
         (data, "random_calibration"), (models, "create_model"), (zoo, "create"),
         (zoo, "example_input"), (evaluation, "accuracy")]),
 ]
