@@ -60,7 +60,7 @@ from .measures import neighbour_measures, padded_neighbours
 
 __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
            "bound_example", "bound_edges", "solve_layer_edges", "solve_edges", "layer_problem",
-           "node_measures", "cut_measures", "hop_table_bytes", "CERTIFY_TOL"]
+           "node_measures", "cut_measures", "cut_error", "hop_table_bytes", "CERTIFY_TOL"]
 
 #: Default tolerance of the engine's shortcuts, in units of kappa: half of it for cutting
 #: negligible masses from the measures (:func:`cut_measures`), half for settling an edge whose
@@ -187,13 +187,16 @@ class _Measure:
 
     ``table[v, s]`` is the neighbour in slot ``s`` of node ``v`` and ``mass[v, s]`` its mass
     (0 past the support); ``has[v]`` says whether ``v`` has any support (else a point mass).
-    ``reach[v]`` bounds the distance between ``v`` and every node of its (uncut) support.
+    ``reach[v]`` bounds the distance between ``v`` and every node of its (uncut) support;
+    ``cut[v]`` says whether :func:`cut_measures` dropped mass from ``v``'s measure (``None``:
+    nothing was cut anywhere).
     """
 
     table: torch.Tensor
     mass: torch.Tensor
     has: torch.Tensor
     reach: torch.Tensor
+    cut: torch.Tensor | None = None
 
 
 def node_measures(table: torch.Tensor, activity: torch.Tensor,
@@ -212,11 +215,11 @@ def node_measures(table: torch.Tensor, activity: torch.Tensor,
 
 
 def _support_first(table: torch.Tensor, mass: torch.Tensor, has: torch.Tensor,
-                   reach: torch.Tensor) -> _Measure:
+                   reach: torch.Tensor, cut: torch.Tensor | None = None) -> _Measure:
     order = torch.argsort((mass <= 0).to(torch.int8), dim=1, stable=True)
     width = int((mass > 0).sum(dim=1).max()) if mass.numel() else 0
     order = order[:, :width]
-    return _Measure(table.gather(1, order), mass.gather(1, order), has, reach)
+    return _Measure(table.gather(1, order), mass.gather(1, order), has, reach, cut)
 
 
 def cut_measures(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor,
@@ -270,7 +273,7 @@ def _cut(measure: _Measure, budget: torch.Tensor) -> _Measure:
     kept = torch.where(cut, 0.0, mass)
     total = kept.sum(1, keepdim=True)
     kept = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), 0.0)
-    return _support_first(measure.table, kept, measure.has, measure.reach)
+    return _support_first(measure.table, kept, measure.has, measure.reach, cut.any(1))
 
 
 def _chunks(index: torch.Tensor, block: int, width: int) -> tuple[torch.Tensor, ...]:
@@ -409,15 +412,31 @@ def bound_example(
     certify_tol: float = CERTIFY_TOL,
     block: int = 1 << 22,
     stats: EngineStats | None = None,
+    settle: bool = True,
+    cut_tol: float | None = None,
+    edges: list[torch.Tensor | None] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Bounds ``(lo, hi, dead)`` on the edge curvatures of one example, per parametrised layer
-    (see :func:`bound_edges`); no transport problem of a single edge is solved."""
+    (see :func:`bound_edges`); no transport problem of a single edge is solved.
+
+    The measures are cut with ``cut_tol`` (default ``certify_tol``; see :func:`layer_problem`).
+    With ``settle=False`` the bounds are widened by :func:`cut_error` and bracket the
+    curvature of the uncut measures (interval mode). ``edges``: per layer, the indices of the
+    edges to bound (``None``: all of them); the outputs then follow that order.
+    """
     out = []
+    cut_tol = certify_tol if cut_tol is None else cut_tol
     for l in range(1, len(graph.layers) + 1):
         layer = graph.layers[l - 1]
-        dead, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
-        lo, hi = bound_edges(layer.src, layer.dst, layer.length, dead, mu, nu, tables, alpha,
-                             certify_tol=certify_tol, block=block, stats=stats)
+        dead, mu, nu, tables = layer_problem(graph, acts, l, cut_tol)
+        src, dst, length = layer.src, layer.dst, layer.length
+        sub = None if edges is None else edges[l - 1]
+        if sub is not None:
+            src, dst, length, dead = src[sub], dst[sub], length[sub], dead[sub]
+        error = None if settle else cut_error(mu, nu, src, dst, dead, cut_tol)
+        lo, hi = bound_edges(src, dst, length, dead, mu, nu, tables, alpha,
+                             certify_tol=certify_tol, block=block, stats=stats, settle=settle,
+                             error=error)
         out.append((lo, hi, dead))
     return out
 
@@ -433,14 +452,23 @@ def solve_layer_edges(
     block: int = 1 << 22,
     stats: EngineStats | None = None,
     threads: int = 1,
-) -> torch.Tensor:
+    with_error: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact curvatures of the live edges ``edges`` (indices into ``graph.layers[l - 1]``,
     both of whose measures have neighbour parts) on one example (see :func:`solve_edges`;
-    ``certify_tol`` as for :func:`layer_problem`)."""
+    ``certify_tol`` as for :func:`layer_problem`).
+
+    With ``with_error=True`` returns ``(value - e, value + e)`` with ``e`` the
+    :func:`cut_error` of each edge: bounds on the curvature of the uncut measures."""
     layer = graph.layers[l - 1]
     _, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
-    return solve_edges(layer.src[edges], layer.dst[edges], layer.length[edges], mu, nu, tables,
-                       alpha, block=block, stats=stats, threads=threads)
+    src, dst = layer.src[edges], layer.dst[edges]
+    value = solve_edges(src, dst, layer.length[edges], mu, nu, tables, alpha, block=block,
+                        stats=stats, threads=threads)
+    if not with_error:
+        return value
+    error = cut_error(mu, nu, src, dst, torch.zeros_like(src, dtype=torch.bool), certify_tol)
+    return value - error, value + error
 
 
 def score_example(
@@ -520,9 +548,17 @@ def bound_edges(
     certify_tol: float = CERTIFY_TOL,
     block: int = 1 << 22,
     stats: EngineStats | None = None,
+    settle: bool = True,
+    error: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Bounds ``lo <= kappa <= hi`` (float64 ``[E]``) on the curvatures of edges ``src -> dst``
     of distance ``d`` on one example; ``lo == hi`` where the value is settled.
+
+    With ``settle=False`` (interval mode, used by :func:`curvprune.neural_curvature`) no edge
+    is collapsed onto one of its bounds: ``lo`` and ``hi`` are widened by ``error`` (a bound
+    per edge on how far the measures' cut moved kappa, :func:`cut_error`), so that they
+    bracket the curvature of the uncut measures, and edges whose widened bounds are at most
+    ``certify_tol`` apart are counted as certified.
 
     ``dead`` edges get 1 and point-mass sides their closed forms; ``mu``/``nu`` are the
     neighbour measures of the sources' and the targets' node sets (``None``: every node of that
@@ -575,8 +611,26 @@ def bound_edges(
     if general.numel():
         kappa[general], upper[general] = _shared_bounds(
             tables, src[general], dst[general], d[general], mu, nu, alpha, certify_tol, block,
-            stats)
+            stats, settle)
+    if not settle:
+        if error is not None:
+            kappa, upper = kappa - error, upper + error
+        stats.certified += int((upper[general] - kappa[general] <= certify_tol).sum())
     return kappa, upper
+
+
+def cut_error(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor, dst: torch.Tensor,
+              dead: torch.Tensor, cut_tol: float) -> torch.Tensor:
+    """Per edge, a bound on how far :func:`cut_measures` (run with ``cut_tol``) moved kappa:
+    ``cut_tol / 2`` for a live edge one of whose measures lost mass, else 0 (float64 ``[E]``).
+    """
+    touched = torch.zeros_like(dead)
+    if mu is not None and mu.cut is not None:
+        touched |= mu.cut[src] & mu.has[src]
+    if nu is not None and nu.cut is not None:
+        touched |= nu.cut[dst] & nu.has[dst]
+    touched &= ~dead
+    return touched.to(torch.float64) * (cut_tol / 2)
 
 
 def solve_edges(src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor, mu: _Measure,
@@ -668,7 +722,8 @@ def _finish(item: tuple, kappa: torch.Tensor) -> None:
 
 def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
                    mu: _Measure, nu: _Measure, alpha: float, certify_tol: float, block: int,
-                   stats: EngineStats) -> tuple[torch.Tensor, torch.Tensor]:
+                   stats: EngineStats, settle: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)`` of :func:`bound_edges` for edges with two neighbour parts.
 
     Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (bounded memory: the shared
@@ -735,7 +790,8 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
         lower = lower - slack_t[pe]
         lo[chunk] = 1.0 - upper / de
         hi[chunk] = 1.0 - lower / de
-    settled = hi - lo <= certify_tol / 2
-    hi[settled] = lo[settled]
-    stats.certified += int(settled.sum())
+    if settle:
+        settled = hi - lo <= certify_tol / 2
+        hi[settled] = lo[settled]
+        stats.certified += int(settled.sum())
     return lo, hi
