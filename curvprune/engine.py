@@ -26,12 +26,13 @@ the structure of the problem instead of solving one linear program per edge:
   shifted potentials to those constraints gives a dual-feasible point, hence a lower bound, for
   every edge; the no-swap plan and a plan that swaps a share of every unit (all of it for
   :math:`\alpha \ge 1/2`) give upper bounds (:func:`bound_edges`). Edges whose bounds are
-  within ``certify_tol / 2`` are settled;
-  :func:`curvprune.neural_curvature` solves the others only when they can be their weight's
-  minimum (:mod:`curvprune.minimum`).
+  close are settled; :func:`curvprune.neural_curvature` solves the others only while they can
+  matter to their weight's minimum, to within its ``tolerance`` (:mod:`curvprune.minimum`).
 * **Negligible masses cut.** Neighbour weights :math:`\exp(-1/a^2)` span hundreds of orders of
   magnitude; the smallest masses are dropped while a bound on their effect on every edge's
-  kappa stays within ``certify_tol / 2`` (:func:`cut_measures`), which shrinks the problems.
+  kappa stays within half the cut tolerance (:func:`cut_measures`; ``tolerance / 4`` in
+  :func:`curvprune.neural_curvature`, whose bounds are widened by it: :func:`cut_error`),
+  which shrinks the problems.
 * **Full swaps** (:math:`\alpha \ge 1/2`). If :math:`D(k, j) + D(i, m) - d \le C(k, m)` on the
   supports, every unit of ``p`` is best routed through ``j`` and every unit of ``q`` from ``i``:
   :math:`\kappa = 1 - (\sum_k p_k D(k, j) + \sum_m q_m D(i, m) - d) / d`. With
@@ -62,10 +63,12 @@ __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_ed
            "bound_example", "bound_edges", "solve_layer_edges", "solve_edges", "layer_problem",
            "node_measures", "cut_measures", "cut_error", "hop_table_bytes", "CERTIFY_TOL"]
 
-#: Default tolerance of the engine's shortcuts, in units of kappa: half of it for cutting
-#: negligible masses from the measures (:func:`cut_measures`), half for settling an edge whose
-#: bounds are that close (:func:`bound_edges`), so every kappa is within it of the exact value
-#: (a few ulps). A smaller value only costs time; 0 turns both shortcuts off.
+#: Default tolerance of the engine's shortcuts, in units of kappa (a few ulps). In the
+#: per-edge functions (``certify_tol``): half of it for cutting negligible masses from the
+#: measures (:func:`cut_measures`), half for settling an edge whose bounds are that close
+#: (:func:`bound_edges`), so every kappa is within it of the exact value. In
+#: :func:`curvprune.neural_curvature` it is the default ``tolerance``: the largest width of a
+#: weight's certified interval. 0 turns the shortcuts off.
 CERTIFY_TOL = 1e-14
 
 _MAX_ITER = 1_000_000
