@@ -431,9 +431,13 @@ def bound_example(
     cut_tol = certify_tol if cut_tol is None else cut_tol
     for l in range(1, len(graph.layers) + 1):
         layer = graph.layers[l - 1]
+        sub = None if edges is None else edges[l - 1]
+        if sub is not None and sub.numel() == 0:
+            empty = layer.length[:0]
+            out.append((empty, empty.clone(), layer.src[:0] < 0))
+            continue
         dead, mu, nu, tables = layer_problem(graph, acts, l, cut_tol)
         src, dst, length = layer.src, layer.dst, layer.length
-        sub = None if edges is None else edges[l - 1]
         if sub is not None:
             src, dst, length, dead = src[sub], dst[sub], length[sub], dead[sub]
         error = None if settle else cut_error(mu, nu, src, dst, dead, cut_tol)

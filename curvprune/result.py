@@ -101,6 +101,13 @@ class CurvatureResult:
     refined: int = 0
     refiner: Any = field(default=None, repr=False, compare=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The engine's hook holds the graph and activities of the call: not pickled (a loaded
+        # result keeps its values and bounds but cannot refine).
+        state = self.__dict__.copy()
+        state["refiner"] = None
+        return state
+
     def __post_init__(self) -> None:
         # A result built without bounds is exact: its bounds are its values.
         for name, k in self.kappa.items():

@@ -228,6 +228,22 @@ def test_refine_at_channel_granularity():
     assert_kappa_equal(coarse.kappa, exact.kappa, atol=1e-12)
 
 
+def test_pickled_result_keeps_its_bounds():
+    import pickle
+
+    model, x = _mlp(), torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
+    result = neural_curvature(model, x, tolerance=0.5)
+    loaded = pickle.loads(pickle.dumps(result))
+    for name in result.kappa:
+        assert torch.equal(loaded.kappa_lo[name], result.kappa_lo[name])
+        assert torch.equal(loaded.kappa_hi[name], result.kappa_hi[name])
+    assert loaded.tolerance == 0.5 and loaded.max_width == result.max_width
+    assert result.refiner is not None and loaded.refiner is None
+    inexact = {n: lo < loaded.kappa_hi[n] for n, lo in loaded.kappa_lo.items()}
+    with pytest.raises(ValueError, match="holds no engine to refine"):
+        loaded.refine(inexact)
+
+
 def test_certify_tol_is_a_deprecated_alias():
     model, x = _mlp(), torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
     with pytest.warns(DeprecationWarning, match="certify_tol is deprecated"):
