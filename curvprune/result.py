@@ -54,7 +54,8 @@ class CurvatureResult:
         kappa: ``{parameter name: tensor of the weight's shape}`` (float64, on the weight's
             device): the minimum curvature over the weight's positions and the calibration
             examples; an edge with a dead end counts as exactly 1.0; a weight with no edge
-            (exactly zero) is ``+inf``.
+            (exactly zero) is ``+inf``. It is the midpoint of the certified interval
+            ``kappa_lo``/``kappa_hi`` (exact in practice at the default tolerance).
         live: ``{parameter name: bool tensor}``: whether the weight has at least one live edge.
         modules: ``{parameter name: module}`` owning each weight (its attribute is ``"weight"``).
         alpha: the idleness used.
