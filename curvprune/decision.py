@@ -17,6 +17,12 @@ those are the *straddling* entries. :func:`decide_exactly` solves them exactly
 (:meth:`CurvatureResult.refine <curvprune.result.CurvatureResult.refine>`), decides again and
 repeats until none is left; every round makes at least one more entry exact, so it ends, and
 then the pruned set is the one that exact curvature (``tolerance=0``) gives.
+
+Values the scoring run found exactly (``kappa_lo == kappa_hi``) were computed along another
+path than a ``tolerance=0`` run (tables shaped by the measures' cut) and may differ from it in
+the last few ulps; so that near-ties between them are broken as that run breaks them, they count
+as exact only after :meth:`~curvprune.result.CurvatureResult.refine` (before, their keys are
+widened by :data:`ROUNDING`, 64 ulps relative).
 """
 
 from __future__ import annotations
@@ -35,10 +41,21 @@ Decide = Callable[[CurvatureResult], tuple[dict[str, torch.Tensor],
                                            list[dict[str, torch.Tensor]]]]
 
 
-def sort_key_bounds(result: CurvatureResult, order: str
+#: Relative margin for values the scoring run computed exactly (``kappa_lo == kappa_hi``) but
+#: along another path than a ``tolerance=0`` run (cut-shaped tables): they may differ from it by
+#: a few ulps, so two of them closer than this are refined too (64 ulps).
+ROUNDING = 64 * 2.0 ** -52
+
+
+def sort_key_bounds(result: CurvatureResult, order: str,
+                    refined: dict[str, torch.Tensor] | None = None
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per weight, bounds ``(a, b)`` on its sort key under exact curvature (smaller key =
-    pruned first; see the module docstring). ``a == b`` where the key is exact."""
+    pruned first; see the module docstring). ``a == b`` where the key is exact.
+
+    With ``refined`` (the entries solved by :meth:`CurvatureResult.refine
+    <curvprune.result.CurvatureResult.refine>`), every other live entry is widened by
+    :data:`ROUNDING` (relative), so that only zero, dead and refined entries count as exact."""
     out = {}
     for name, lo in result.kappa_lo.items():
         hi, live = result.kappa_hi[name], result.live[name]
@@ -50,16 +67,23 @@ def sort_key_bounds(result: CurvatureResult, order: str
             a, b = -value_hi, -value_lo
         else:
             a, b = value_lo, value_hi
+        if refined is not None:
+            loose = live & ~zero & ~refined[name].to(lo.device)
+            pad = ROUNDING * torch.maximum(torch.maximum(a.abs(), b.abs()),
+                                           torch.ones_like(a))
+            a, b = torch.where(loose, a - pad, a), torch.where(loose, b + pad, b)
         first = torch.full_like(lo, -torch.inf)
         out[name] = (torch.where(zero, first, a), torch.where(zero, first, b))
     return out
 
 
 def straddling(result: CurvatureResult, order: str, pruned: dict[str, torch.Tensor],
-               groups: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+               groups: list[dict[str, torch.Tensor]],
+               refined: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The inexact entries whose interval lets exact curvature move them across the pruning
-    boundary of their group (module docstring); empty masks when the decision is exact."""
-    keys = sort_key_bounds(result, order)
+    boundary of their group (module docstring); empty masks when the decision is exact.
+    ``refined``: as for :func:`sort_key_bounds`."""
+    keys = sort_key_bounds(result, order, refined)
     out = {name: torch.zeros_like(k[0], dtype=torch.bool) for name, k in keys.items()}
     for group in groups:
         last_pruned = -torch.inf  # B = max over P of b
@@ -88,14 +112,16 @@ def decide_exactly(result: CurvatureResult, order: str, decide: Decide
     Returns ``(pruned, refined, rounds)``: the certified pruned masks, the number of weights
     solved exactly and the number of refinement rounds.
     """
+    done = {n: torch.zeros_like(k, dtype=torch.bool) for n, k in result.kappa.items()}
     refined = rounds = 0
     while True:
         pruned, groups = decide(result)
-        need = straddling(result, order, pruned, groups)
-        if not any(bool(m.any()) for m in need.values()):
+        need = straddling(result, order, pruned, groups, done)
+        need = {n: m & ~done[n] for n, m in need.items() if (m & ~done[n]).any()}
+        if not need:
             return pruned, refined, rounds
-        count = result.refine({n: m for n, m in need.items() if m.any()})
-        if count == 0:  # cannot happen: straddling entries are inexact (kept as a guard)
-            raise RuntimeError("decision-exact pruning made no progress; please report this.")
-        refined += count
+        # Refined entries are exact (a == b), so every round solves new entries: it ends.
+        refined += result.refine(need, force=True)
+        for n, m in need.items():
+            done[n] |= m
         rounds += 1

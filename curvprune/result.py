@@ -131,7 +131,7 @@ class CurvatureResult:
         exact curvature, up to the solver's rounding)."""
         return {name: self.kappa_lo[name] == self.kappa_hi[name] for name in self.kappa}
 
-    def refine(self, weights: Mapping[str, torch.Tensor]) -> int:
+    def refine(self, weights: Mapping[str, torch.Tensor], *, force: bool = False) -> int:
         """Solve the chosen weights exactly, in place: their ``kappa``, ``kappa_lo`` and
         ``kappa_hi`` become the exact curvature (as with ``tolerance=0``).
 
@@ -141,7 +141,10 @@ class CurvatureResult:
 
         Args:
             weights: ``{parameter name: bool tensor of the weight's shape}``; weights already
-                exact are skipped.
+                exact (``kappa_lo == kappa_hi``) are skipped unless ``force``, zero weights
+                always.
+            force: solve the chosen weights again even where the scoring found them exactly
+                (so that their values are those of a ``tolerance=0`` run to the last bit).
 
         Returns:
             The number of weights solved.
@@ -162,7 +165,7 @@ class CurvatureResult:
                 raise ValueError(f"refine: the mask of {name!r} has shape {tuple(mask.shape)}, "
                                  f"the weight {tuple(self.kappa[name].shape)}.")
             lo, hi = self.kappa_lo[name], self.kappa_hi[name]
-            mask = mask.to(lo.device) & (lo < hi)
+            mask = mask.to(lo.device) & torch.isfinite(hi) & ((lo < hi) | force)
             if mask.any():
                 masks[name] = mask
         if not masks:

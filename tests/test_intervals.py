@@ -364,3 +364,26 @@ def test_straddling_finds_overlaps_across_the_boundary():
     # Between 0.9 [0.8, 1] and 0.5 [0.4, 0.6] nothing can cross.
     pruned = {"w": torch.tensor([True, False, False, False, True])}
     assert not straddling(result, "pos", pruned, group)["w"].any()
+
+
+def test_near_ties_of_scored_values_are_refined():
+    """Two values found exactly by the scoring run, one ulp apart across the boundary: they
+    may round differently in a tolerance=0 run, so with the refined entries given they both
+    straddle (and not once refined)."""
+    from curvprune.decision import ROUNDING
+    from curvprune.result import CurvatureResult
+
+    x = 0.3
+    kappa = torch.tensor([x, math.nextafter(x, 1.0), 0.1], dtype=torch.float64)
+    live = torch.ones(3, dtype=torch.bool)
+    result = CurvatureResult(kappa={"w": kappa}, live={"w": live}, modules={}, alpha=0.9,
+                             granularity="neuron", num_examples=1, edges_per_example={"w": 3},
+                             seconds=0.0)
+    group = [{"w": torch.ones(3, dtype=torch.bool)}]
+    pruned = {"w": torch.tensor([False, True, False])}  # "pos": the larger one goes first
+    assert not straddling(result, "pos", pruned, group)["w"].any()
+    none = {"w": torch.zeros(3, dtype=torch.bool)}
+    assert straddling(result, "pos", pruned, group, none)["w"].tolist() == [True, True, False]
+    done = {"w": torch.tensor([True, True, False])}
+    assert not straddling(result, "pos", pruned, group, done)["w"].any()
+    assert ROUNDING * 0.3 > math.ulp(0.3)
