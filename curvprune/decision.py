@@ -22,7 +22,8 @@ Values the scoring run found exactly (``kappa_lo == kappa_hi``) were computed al
 path than a ``tolerance=0`` run (tables shaped by the measures' cut) and may differ from it in
 the last few ulps; so that near-ties between them are broken as that run breaks them, they count
 as exact only after :meth:`~curvprune.result.CurvatureResult.refine` (before, their keys are
-widened by :data:`ROUNDING`, 64 ulps relative).
+widened by :data:`ROUNDING`, 64 ulps relative), except the constants 1 and 0 that the engine
+assigns to dead edges and point-mass pairs on every path.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def sort_key_bounds(result: CurvatureResult, order: str,
 
     With ``refined`` (the entries solved by :meth:`CurvatureResult.refine
     <curvprune.result.CurvatureResult.refine>`), every other live entry is widened by
-    :data:`ROUNDING` (relative), so that only zero, dead and refined entries count as exact."""
+    :data:`ROUNDING` (relative), so that only zero, dead and refined entries, and the constants
+    1 (a dead edge) and 0 (two point masses), count as exact."""
     out = {}
     for name, lo in result.kappa_lo.items():
         hi, live = result.kappa_hi[name], result.live[name]
@@ -68,7 +70,9 @@ def sort_key_bounds(result: CurvatureResult, order: str,
         else:
             a, b = value_lo, value_hi
         if refined is not None:
-            loose = live & ~zero & ~refined[name].to(lo.device)
+            # 1 (a dead edge) and 0 (two point masses) are constants on every path: exact.
+            constant = (lo == hi) & ((lo == 0) | (lo == 1))
+            loose = live & ~zero & ~constant & ~refined[name].to(lo.device)
             pad = ROUNDING * torch.maximum(torch.maximum(a.abs(), b.abs()),
                                            torch.ones_like(a))
             a, b = torch.where(loose, a - pad, a), torch.where(loose, b + pad, b)

@@ -387,3 +387,9 @@ def test_near_ties_of_scored_values_are_refined():
     done = {"w": torch.tensor([True, True, False])}
     assert not straddling(result, "pos", pruned, group, done)["w"].any()
     assert ROUNDING * 0.3 > math.ulp(0.3)
+    # The constant 1 (a dead edge) ties exactly on every path: not widened.
+    ones = torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64)
+    result = CurvatureResult(kappa={"w": ones}, live={"w": live}, modules={}, alpha=0.9,
+                             granularity="neuron", num_examples=1, edges_per_example={"w": 3},
+                             seconds=0.0)
+    assert not straddling(result, "pos", pruned, group, none)["w"].any()
