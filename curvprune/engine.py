@@ -270,6 +270,9 @@ def _cut(measure: _Measure, budget: torch.Tensor) -> _Measure:
     finite = torch.isfinite(ascending)
     dropped = torch.cumsum(torch.where(finite, ascending, 0.0), dim=1)
     cut_sorted = finite & (dropped <= budget[:, None])
+    # The largest mass always stays (a budget of 1 or more would otherwise empty the measure).
+    largest = finite.sum(1, keepdim=True) - 1
+    cut_sorted &= torch.arange(mass.shape[1], device=mass.device)[None, :] != largest
     cut = torch.zeros_like(cut_sorted).scatter_(1, order, cut_sorted)
     if not cut.any():
         return measure

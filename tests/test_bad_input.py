@@ -202,7 +202,7 @@ def test_prune_model_checks_tolerance_before_touching_the_model(tolerance, error
         assert torch.equal(v, before[k])
 
 
-@pytest.mark.parametrize("tolerance", [0, np.float64(1e-3), np.float32(0.25), 2])
+@pytest.mark.parametrize("tolerance", [0, np.float64(1e-3), np.float32(0.25), 2, 100.0])
 def test_tolerance_accepts_real_numbers(tolerance):
     result = neural_curvature(_mlp(), _x(), tolerance=tolerance)
     assert result.tolerance == float(tolerance) and isinstance(result.tolerance, float)
