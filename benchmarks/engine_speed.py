@@ -15,6 +15,18 @@ of one example and extrapolated. The engine is **not run** on the CPU: its dense
 the min-plus products that fill them are counted instead (bytes and operations, from the layer
 sizes and edge counts), which is what rules it out on 2 cores; ``--vgg-engine`` runs it anyway.
 
+Curvature intervals (``--tolerance-study 1e-6 1e-3 1e-2``, engine only): LeNet-5 is scored at
+the default tolerance (1e-14), at ``tolerance=0`` (the exact baseline) and at each tolerance;
+each row has the scoring time, the largest interval width, whether the midpoints prune the same
+set as exact curvature at ``--amounts`` (global, order "pos"; else the fraction of the exact
+pruned set shared), and the decision-exact refinement (``curvprune.decision.decide_exactly``,
+as ``prune_model`` runs it): its time, the weights it solved, and that its pruned set equals the
+exact one. The ~450 s reference is not rerun: the stored LeNet-5 row's time is quoted. The
+study is written under ``"tolerance_study"`` (the model rows are kept), with the machine's load
+average before and after, since the machine is shared.
+
+    python benchmarks/engine_speed.py --tolerance-study 1e-6 1e-3 1e-2
+
 Rows are merged into ``benchmarks/results/engine_speed.json`` by model (a run of one model keeps
 the other's row) and the table is rewritten in ``.md``.
 """
@@ -22,6 +34,7 @@ the other's row) and the table is rewritten in ``.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,8 +51,10 @@ from common import RESULTS, trained_model  # noqa: E402
 
 from curvprune import neural_curvature  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
+from curvprune.decision import decide_exactly  # noqa: E402
 from curvprune.engine import hop_table_bytes  # noqa: E402
 from curvprune.graph import chain_structure  # noqa: E402
+from curvprune.pruning import _decide  # noqa: E402
 from curvprune.reference import reference_curvature, time_reference_per_edge  # noqa: E402
 
 
@@ -66,6 +81,89 @@ def engine_tables(model, example: torch.Tensor) -> dict:
         sum(edges[L] * sizes[L + 3] for L in range(n - 2))
     return {"hop_table_bytes": hop_table_bytes(sizes), "min_plus_ops": ops,
             "edges_per_example": sum(edges)}
+
+
+def _pruned(result, amount: float) -> dict[str, torch.Tensor]:
+    """The entries a global "pos" pruning by ``amount`` removes, by the result's midpoints."""
+    names = list(result.kappa)
+    pruned, _ = _decide(result.importance_scores("pos"), None, result.modules, names,
+                        "global", amount)
+    return pruned
+
+
+def _decide_fn(amount: float):
+    def decide(result):
+        names = list(result.kappa)
+        return _decide(result.importance_scores("pos"), None, result.modules, names, "global",
+                       amount)
+    return decide
+
+
+def _fresh(result):
+    """A copy of ``result`` whose values ``refine`` can change without touching the original."""
+    clone = {k: v.clone() for k, v in result.kappa.items()}
+    return dataclasses.replace(
+        result, kappa=clone, kappa_lo={k: v.clone() for k, v in result.kappa_lo.items()},
+        kappa_hi={k: v.clone() for k, v in result.kappa_hi.items()}, refined=0)
+
+
+def tolerance_study(args, stored: dict | None) -> dict:
+    """The ``--tolerance-study`` entry (module docstring)."""
+    load_before = os.getloadavg()
+    model, accuracy = trained_model("lenet5", epochs=5)
+    calib, _ = class_balanced_calibration(model, fashion_mnist(train=False),
+                                          args.examples_per_class)
+    start = time.perf_counter()
+    default = neural_curvature(model, calib, alpha=args.alpha)
+    default_s = time.perf_counter() - start
+    start = time.perf_counter()
+    exact = neural_curvature(model, calib, alpha=args.alpha, tolerance=0.0)
+    exact_s = time.perf_counter() - start
+    print(f"default {default_s:.1f} s, exact {exact_s:.1f} s")
+    study = {
+        "model": "lenet5", "examples": len(calib), "alpha": args.alpha,
+        "test_accuracy": accuracy, "default_s": default_s, "default_stats": default.engine,
+        "default_max_width": default.max_width, "exact_s": exact_s,
+        "exact_stats": exact.engine, "amounts": args.amounts,
+        "rows": tolerance_rows(model, calib, args, exact),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    }
+    if stored is not None:
+        study["reference_s_stored"] = stored.get("reference_s")
+        study["reference_note"] = ("the stored lenet5 row's reference time (another run, "
+                                   "not rerun)")
+    return study
+
+
+def tolerance_rows(model, calib, args, exact) -> list[dict]:
+    """Scoring at each tolerance against the exact (``tolerance=0``) result ``exact``."""
+    want = {a: _pruned(exact, a) for a in args.amounts}
+    rows = []
+    for tolerance in args.tolerances:
+        start = time.perf_counter()
+        result = neural_curvature(model, calib, alpha=args.alpha, tolerance=tolerance)
+        seconds = time.perf_counter() - start
+        row = {"tolerance": tolerance, "engine_s": seconds, "max_width": result.max_width,
+               "engine_stats": result.engine, "amounts": {}}
+        for amount in args.amounts:
+            got = _pruned(result, amount)
+            total = sum(int(m.sum()) for m in want[amount].values())
+            shared = sum(int((got[n] & want[amount][n]).sum()) for n in got)
+            copy = _fresh(result)
+            start = time.perf_counter()
+            decided, refined, rounds = decide_exactly(copy, "pos", _decide_fn(amount))
+            refine_s = time.perf_counter() - start
+            row["amounts"][str(amount)] = {
+                "midpoints_identical": all(torch.equal(got[n], want[amount][n]) for n in got),
+                "midpoints_shared": shared / total if total else 1.0,
+                "refine_s": refine_s, "refined_weights": refined, "refine_rounds": rounds,
+                "decision_exact_s": seconds + refine_s,
+                "decision_equals_exact": all(torch.equal(decided[n], want[amount][n])
+                                             for n in decided),
+            }
+        print(json.dumps(row, indent=2))
+        rows.append(row)
+    return rows
 
 
 def lenet_row(args) -> dict:
@@ -144,10 +242,44 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def tolerance_table(study: dict) -> list[str]:
+    """The ``--tolerance-study`` table (see the module docstring)."""
+    amounts = [str(a) for a in study["amounts"]]
+    pct = "/".join(f"{float(a) * 100:.0f}" for a in amounts)
+    load = "/".join(f"{x:.1f}" for x in study["load_average_before"][:1]
+                    + study["load_average_after"][:1])
+    reference = study.get("reference_s_stored")
+    lines = [f"Curvature intervals: `{study['command'].strip()}`. LeNet-5 (test accuracy "
+             f"{study['test_accuracy']:.4f}), {study['examples']} examples, in one run: "
+             f"default tolerance (1e-14) {study['default_s']:.1f} s, tolerance 0 (exact) "
+             f"{study['exact_s']:.1f} s; load average {load} (before/after) on "
+             f"{os.cpu_count()} cores"
+             + (f"; the reference is not rerun (stored: {reference:.0f} s, another run)"
+                if reference else "")
+             + f". Pruned sets: global, order pos, at {pct} % sparsity.", "",
+             f"| tolerance | scoring (s) | largest width | midpoints prune the exact set "
+             f"({pct} %) | decision-exact: weights refined ({pct} %) | decision-exact time "
+             f"(s, {pct} %) | equals exact |",
+             "|---|---|---|---|---|---|---|"]
+    for t in study["rows"]:
+        per = [t["amounts"][a] for a in amounts]
+        same = " / ".join("yes" if p["midpoints_identical"] else
+                          f"{100 * p['midpoints_shared']:.2f} %" for p in per)
+        refined = " / ".join(str(p["refined_weights"]) for p in per)
+        times = " / ".join(f"{p['decision_exact_s']:.1f}" for p in per)
+        equal = "yes" if all(p["decision_equals_exact"] for p in per) else "NO"
+        lines.append(f"| {t['tolerance']:g} | {t['engine_s']:.1f} | {t['max_width']:.1e} | "
+                     f"{same} | {refined} | {times} | {equal} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=["lenet5", "vgg9"], default=["lenet5"])
     parser.add_argument("--reference", choices=["full", "sample"], default="full")
+    parser.add_argument("--tolerance-study", dest="tolerances", nargs="+", type=float,
+                        default=None, help="only the engine at these tolerances (LeNet-5)")
+    parser.add_argument("--amounts", nargs="+", type=float, default=[0.5, 0.8, 0.9])
     parser.add_argument("--examples-per-class", type=int, default=1)
     parser.add_argument("--sample-edges", type=int, default=3000)
     parser.add_argument("--vgg-sample-edges", type=int, default=40)
@@ -160,11 +292,16 @@ def main() -> None:
     command = "python benchmarks/engine_speed.py " + " ".join(sys.argv[1:])
     old = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     rows = {row["model"]: row for row in old["rows"]}
-    for name in args.models:
-        row = lenet_row(args) if name == "lenet5" else vgg_row(args)
-        row["command"] = command
-        print(json.dumps(row, indent=2))
-        rows[name] = row
+    study = old.get("tolerance_study")
+    if args.tolerances is not None:
+        study = tolerance_study(args, rows.get("lenet5"))
+        study["command"] = command
+    else:
+        for name in args.models:
+            row = lenet_row(args) if name == "lenet5" else vgg_row(args)
+            row["command"] = command
+            print(json.dumps(row, indent=2))
+            rows[name] = row
     ordered = [rows[m] for m in ("lenet5", "vgg9") if m in rows]
     for row in ordered:  # rows from before commands were recorded per row
         row.setdefault("command", old.get("command", command))
@@ -173,6 +310,8 @@ def main() -> None:
                     "platform": platform.platform(), "torch": torch.__version__},
         "rows": ordered,
     }
+    if study is not None:
+        report["tolerance_study"] = study
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
@@ -180,6 +319,8 @@ def main() -> None:
     commands = sorted({row["command"] for row in ordered})
     lines = [f"Commands: {', '.join(f'`{c.strip()}`' for c in commands)} ({os.cpu_count()} CPU "
              f"cores, torch {torch.__version__})", "", *table(ordered)]
+    if study is not None:
+        lines += ["", *tolerance_table(study)]
     md = args.out.with_suffix(".md")
     tmp = md.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")

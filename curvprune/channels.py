@@ -57,6 +57,7 @@ from .engine import (
     Distances,
     EngineStats,
     bound_edges,
+    cut_error,
     cut_measures,
     node_measures,
     solve_edges,
@@ -824,19 +825,59 @@ def score_channel_edges(
     edge was live on at least one example. The edge distance is ``D(i, j)``, the shortest path,
     which equals the edge length unless a skip route is shorter (then curvature is measured on
     the graph metric, the standard definition; in the paper's layered graph the two never
-    differ). Only the (edge, example)s that can be an edge's minimum are solved exactly
-    (:mod:`curvprune.minimum`); ``best`` (minima of earlier batches, ``[num_edges]``) rules out
-    more of them. ``on_example()``, ``on_solved(count)`` and ``on_progress(settled, total)``
+    differ). ``kappa`` is the midpoint of the bounds of :func:`channel_edge_bounds` run with
+    ``tolerance=certify_tol`` (within ``certify_tol / 2`` of the exact value; ``0``: exact).
+    ``best`` (minima of earlier batches, ``[num_edges]``) rules out more (edge, example)s;
+    ``on_example()``, ``on_solved(count)`` and ``on_progress(settled, total)``
     (:meth:`~curvprune.minimum.MinimumSearch.resolve`) report progress.
+    """
+    upper, lower, live = channel_edge_bounds(
+        graph, distances, alpha, tolerance=certify_tol, stats=stats, threads=threads,
+        on_example=on_example, upper=best, on_solved=on_solved, on_progress=on_progress)
+    return 0.5 * (lower + upper), live
+
+
+def channel_edge_bounds(
+    graph: ChannelGraph,
+    distances: torch.Tensor,
+    alpha: float,
+    *,
+    tolerance: float = CERTIFY_TOL,
+    stats=None,
+    threads: int = 1,
+    on_example=None,
+    upper: torch.Tensor | None = None,
+    on_solved=None,
+    on_progress=None,
+    edges: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Certified bounds on the curvature of every layer edge of ``graph``, minimum over the
+    traced batch's examples.
+
+    Returns ``(upper, lower, live)`` over all edges (``[num_edges]``): ``lower <= kappa <=
+    upper`` with ``upper - lower <= tolerance`` (both exact and equal for ``tolerance=0``),
+    where ``kappa`` is the minimum over the batch's examples and ``upper`` (upper bounds from
+    earlier batches); merge edges, which are no weight, stay ``+inf``. ``live``: whether the
+    edge was live on at least one example. The tolerance is spent as in
+    :func:`curvprune.neural_curvature` (``docs/method.md``): the measures are cut within
+    ``tolerance / 4`` per edge, the bounds are widened by that, and the minimum search stops
+    once an edge's bounds are ``tolerance`` apart. Only the (edge, example)s that can matter are
+    solved exactly (:mod:`curvprune.minimum`). ``edges``: a bool mask over all edges; only those
+    layer edges are scored (the others stay ``+inf``). ``on_example()``, ``on_solved(count)``
+    and ``on_progress(settled, total)`` report progress.
     """
     stats = stats if stats is not None else EngineStats()
     n = graph.num_nodes
     in_table = padded_neighbours(graph.dst, graph.src, n)
     out_table = padded_neighbours(graph.src, graph.dst, n)
-    scored = torch.nonzero(graph.module >= 0).squeeze(1)
+    chosen = graph.module >= 0
+    if edges is not None:
+        chosen &= edges.to(chosen.device)
+    scored = torch.nonzero(chosen).squeeze(1)
     src, dst = graph.src[scored], graph.dst[scored]
     d = distances[src, dst]
     tables = Distances(distances, distances, distances)
+    cut_tol = tolerance / 2
 
     in_len = padded_neighbours(graph.dst, graph.length, n, fill=0.0)
     out_len = padded_neighbours(graph.src, graph.length, n, fill=0.0)
@@ -848,31 +889,37 @@ def score_channel_edges(
         nu.has &= ~graph.outputs  # so is an output node's
         # Every path k -> i -> j -> m is at most reach + D(i, j) + reach long (edge lengths
         # bound shortest paths), so the cut of negligible masses is bounded as in the engine.
-        return cut_measures(mu, nu, src, dst, d, certify_tol)
+        return cut_measures(mu, nu, src, dst, d, cut_tol)
 
-    initial = None if best is None else [best[scored].clone()]
+    initial = None if upper is None else [upper[scored].clone()]
     search = MinimumSearch([torch.arange(scored.numel(), device=d.device)], [scored.numel()],
-                           initial=initial)
+                           initial=initial, tolerance=tolerance)
     live = torch.zeros(graph.src.numel(), dtype=torch.bool, device=d.device)
     for b in range(graph.activity.shape[0]):
         acts = graph.activity[b]
         dead = ((~graph.inputs[src]) & (acts[src] == 0)) | ((~graph.outputs[dst])
                                                             & (acts[dst] == 0))
         mu, nu = measures(b)
-        lo, hi = bound_edges(src, dst, d, dead, mu, nu, tables, alpha, certify_tol=certify_tol,
-                             stats=stats)
+        lo, hi = bound_edges(src, dst, d, dead, mu, nu, tables, alpha, certify_tol=tolerance,
+                             stats=stats, settle=False,
+                             error=cut_error(mu, nu, src, dst, dead, cut_tol))
         search.add(0, b, lo, hi)
         live[scored] |= ~dead
         if on_example is not None:
             on_example()
 
-    def solve(group: int, b: int, edges: torch.Tensor) -> torch.Tensor:
+    def solve(group: int, b: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, nu = measures(b)
-        return solve_edges(src[edges], dst[edges], d[edges], mu, nu, tables, alpha,
-                           stats=stats, threads=threads)
+        value = solve_edges(src[edges], dst[edges], d[edges], mu, nu, tables, alpha,
+                            stats=stats, threads=threads)
+        error = cut_error(mu, nu, src[edges], dst[edges],
+                          torch.zeros_like(edges, dtype=torch.bool), cut_tol)
+        return value - error, value + error
 
     minimum = search.resolve(solve, on_solved=on_solved, on_progress=on_progress)[0]
     stats.bounded += search.opened - search.solved
-    kappa = torch.full((graph.src.numel(),), math.inf, dtype=torch.float64, device=d.device)
-    kappa[scored] = minimum
-    return kappa, live
+    hi = torch.full((graph.src.numel(),), math.inf, dtype=torch.float64, device=d.device)
+    lo = hi.clone()
+    hi[scored] = minimum
+    lo[scored] = search.lower()[0]
+    return hi, lo, live

@@ -204,6 +204,16 @@ def _nodes(text: str) -> int | None:
     return value
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tolerance must be a number, got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"tolerance must be a finite number >= 0, got {text}")
+    return value
+
+
 def _calibration(model, dataset, per_class: int, seed: int, kind: str = "correct"):
     from .data import class_balanced_calibration, random_calibration
 
@@ -339,6 +349,9 @@ def _cmd_prune(args) -> dict:
         if args.allocation != "curvature":
             raise UsageError("--allocation is for unstructured pruning; --structured removes "
                              "the same channel ratio from every group.")
+        if args.tolerance is not None:
+            raise UsageError("--tolerance (decision-exact pruning) is for unstructured "
+                             "pruning; --structured scores channels exactly.")
         return _cmd_prune_channels(args)
     model, test, calibration, out = _prepare(args)
     start = time.perf_counter()
@@ -347,7 +360,7 @@ def _cmd_prune(args) -> dict:
         report = prune_model(model, calibration, args.amount, scope=args.scope,
                              order=args.order, alpha=args.alpha, granularity=args.granularity,
                              progress=not args.quiet, allocation=args.allocation,
-                             threads=args.threads)
+                             threads=args.threads, tolerance=args.tolerance)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     make_permanent(model)
@@ -362,6 +375,10 @@ def _cmd_prune(args) -> dict:
         "granularity": report.result.granularity if report.result is not None else None,
         "fallback": report.fallback,
         "scoring_seconds": report.result.seconds if report.result is not None else None,
+        "tolerance": report.tolerance,
+        "max_interval_width": report.result.max_width if report.result is not None else None,
+        "refined_weights": report.refined,
+        "refine_rounds": report.refine_rounds,
         "seconds": time.perf_counter() - start,
     }
     files = ["model.pt", "report.json", "sparsity.png"]
@@ -601,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove whole channels through Torch-Pruning (CurvatureImportance); "
                             "--amount is then the channel ratio of every group (--scope global "
                             "ranks all groups together)")
+    prune.add_argument("--tolerance", type=_tolerance, default=None,
+                       help="width of the certified curvature intervals (default 1e-14, exact "
+                            "in practice); the pruned set is always the exact one: weights "
+                            "whose interval straddles the threshold are solved exactly "
+                            "(report.json: refined_weights)")
     prune.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     prune.add_argument("--eval-limit", type=int, default=None,
                        help="evaluate on at most this many test examples")

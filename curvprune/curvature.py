@@ -17,10 +17,12 @@ calibration examples. See ``docs/method.md`` for the full definitions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -61,6 +63,44 @@ def _check_alpha(alpha: float) -> float:
     if not (0.0 <= alpha < 1.0):
         raise ValueError(f"alpha must be in [0, 1) (the idleness of the measures); got {alpha}.")
     return alpha
+
+
+#: Default ``tolerance`` of :func:`neural_curvature`: a few ulps, so the scores are exact in
+#: practice (every interval is at most this wide).
+TOLERANCE = CERTIFY_TOL
+
+
+def check_tolerance(tolerance: float, name: str = "tolerance") -> float:
+    """``tolerance`` as a float, checked: a finite real number ``>= 0`` (not a bool).
+
+    Raises:
+        TypeError: not a real number (or a bool).
+        ValueError: negative, NaN or infinite.
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number >= 0 (the largest width of a curvature interval), "
+            f"not {type(tolerance).__name__}."
+        )
+    value = float(tolerance)
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number >= 0 (0 = exact curvature); got {tolerance!r}."
+        )
+    return value
+
+
+def _resolve_tolerance(tolerance: float | None, certify_tol: float | None) -> float:
+    """The tolerance to use, from ``tolerance`` and the deprecated ``certify_tol``."""
+    if certify_tol is not None:
+        warnings.warn("certify_tol is deprecated; use tolerance= (the same knob: the largest "
+                      "width of a weight's curvature interval).", DeprecationWarning,
+                      stacklevel=3)
+        if tolerance is not None:
+            raise ValueError("pass tolerance= only (certify_tol is its deprecated name), "
+                             "not both.")
+        return check_tolerance(certify_tol, "certify_tol")
+    return TOLERANCE if tolerance is None else check_tolerance(tolerance)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -104,9 +144,10 @@ def neural_curvature(
     granularity: str = "neuron",
     device: str | torch.device | None = None,
     progress: bool = False,
-    certify_tol: float = CERTIFY_TOL,
+    tolerance: float | None = None,
     threads: int | None = None,
     memory_budget: int | None = None,
+    certify_tol: float | None = None,
 ) -> CurvatureResult:
     r"""Neural Ollivier-Ricci curvature of every Linear/Conv2d weight of ``model``.
 
@@ -141,13 +182,19 @@ def neural_curvature(
             moved; inputs are moved to the model's device for the forward pass.
         progress: show a progress bar over calibration examples (tqdm, on stderr; when stderr
             is not a terminal, e.g. a log file, at most one line every 30 seconds).
-        certify_tol: tolerance of the engine's shortcuts (default 1e-14, a few ulps): masses
-            whose effect on kappa is below half of it are cut from the measures
-            (:func:`curvprune.engine.cut_measures`), and an edge whose curvature bounds are less
-            than half of it apart is settled without a transport solve
-            (:func:`curvprune.engine.bound_edges`); every kappa is within it of the exact value.
-            ``0`` turns both off. Other edges are solved exactly when they can be their
-            weight's minimum (:mod:`curvprune.minimum`).
+        tolerance: the largest width of a weight's curvature interval (default
+            :data:`TOLERANCE`, 1e-14: a few ulps, exact in practice; ``0``: exact). Every weight
+            gets certified bounds ``result.kappa_lo <= kappa <= result.kappa_hi`` on its exact
+            curvature, at most ``tolerance`` apart, and ``result.kappa`` is their midpoint. The
+            engine spends the tolerance three ways (``docs/method.md``, "Curvature
+            intervals"): masses whose effect on an edge's kappa is at most ``tolerance / 4``
+            are cut from the measures (:func:`curvprune.engine.cut_measures`) and the bounds
+            are widened by that; edges are settled by their bounds
+            (:func:`curvprune.engine.bound_edges`); and the minimum search
+            (:mod:`curvprune.minimum`) stops solving a weight's edges once its interval is at
+            most ``tolerance`` wide. :meth:`CurvatureResult.refine
+            <curvprune.result.CurvatureResult.refine>` later solves chosen weights exactly.
+        certify_tol: deprecated name of ``tolerance`` (a ``DeprecationWarning``).
         threads: CPU threads for the exact transport solves (default: ``torch.get_num_threads()``).
             With more than one, torch's own ops run on one thread during the call (restored
             after), so that the two do not compete for the cores.
@@ -161,12 +208,14 @@ def neural_curvature(
         ``torch.nn.utils.prune.global_unstructured``.
 
     Raises:
-        TypeError: bad argument types, or a calibration batch that is not a tensor or pair.
+        TypeError: bad argument types (``tolerance`` not a real number included), or a
+            calibration batch that is not a tensor or pair.
         ValueError: an empty calibration set; NaN/Inf in inputs or activations; alpha outside
-            ``[0, 1)``; an unsupported model (the message names the module); inputs the model
-            rejects; a device that is not there; a graph over ``memory_budget``; a model on
-            the ``meta`` device; channels-last images ``[N, H, W, C]`` (the message says to
-            permute them); single examples of several shapes.
+            ``[0, 1)``; a negative, NaN or infinite ``tolerance``; an unsupported model (the
+            message names the module); inputs the model rejects; a device that is not there; a
+            graph over ``memory_budget``; a model on the ``meta`` device; channels-last images
+            ``[N, H, W, C]`` (the message says to permute them); single examples of several
+            shapes.
         UntraceableModel: (a ``ValueError``) at channel granularity, the model calls functions
             the channel tracer cannot follow; ``.functions`` lists them. Pruning entry points
             (:func:`~curvprune.prune_model`, :class:`~curvprune.CurvatureImportance`) catch it
@@ -176,6 +225,7 @@ def neural_curvature(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     alpha = _check_alpha(alpha)
+    tolerance = _resolve_tolerance(tolerance, certify_tol)
     calibration = prepare_calibration(model, calibration)
     if granularity not in _GRANULARITIES:
         raise ValueError(
@@ -194,7 +244,7 @@ def neural_curvature(
     if granularity == "channel":
         return _channel_curvature(model, calibration, alpha=alpha, model_device=model_device,
                                   engine_device=engine_device, progress=progress,
-                                  certify_tol=certify_tol, threads=threads,
+                                  tolerance=tolerance, threads=threads,
                                   memory_budget=memory_budget, start=start)
     layers = trace_chain(model)
     modules = [layer.module for layer in layers]
@@ -203,8 +253,6 @@ def neural_curvature(
     graph: NeuronGraph | None = None
     weight_shapes = [m.weight.shape for m in modules]
     example_acts: list[list[torch.Tensor]] = []
-    live = [torch.zeros(m.weight.numel(), dtype=torch.bool, device=engine_device)
-            for m in modules]
     num_examples = 0
     first_shapes = None
     with _progress_bar(progress, "curvature", calibration) as bar, scoring_mode(model):
@@ -225,36 +273,38 @@ def neural_curvature(
                 graph = NeuronGraph.build(
                     structures, [m.weight.detach().flatten() for m in modules], engine_device
                 )
-                search = MinimumSearch([layer.widx for layer in graph.layers],
-                                       [m.weight.numel() for m in modules])
-                _restart_clock(bar)  # the ETA is per example: the one-off build is not in it
             acts = [normalise_activity(v).to(engine_device) for v in values]
             for b in range(acts[0].shape[0]):
                 example_acts.append([a[b] for a in acts])
-                # Only the engine runs single-threaded: the model's forward pass keeps the
-                # user's setting (float32 kernels round differently with other counts).
-                with _torch_threads(1 if threads > 1 else None):
-                    bounds = bound_example(graph, example_acts[-1], alpha,
-                                           certify_tol=certify_tol, stats=stats)
-                for k, (lo, hi, dead) in enumerate(bounds):
-                    search.add(k, num_examples, lo, hi)
-                    live[k].scatter_reduce_(0, graph.layers[k].widx, ~dead, reduce="amax")
                 num_examples += 1
-                if bar is not None:
-                    bar.update(1)
-        # Only the edges that can still be a weight's minimum are solved exactly.
-        with _torch_threads(1 if threads > 1 else None), _MinimaBar(progress) as minima:
-            kappa = search.resolve(
-                lambda k, x, edges: solve_layer_edges(graph, example_acts[x], k + 1, edges,
-                                                      alpha, certify_tol=certify_tol,
-                                                      stats=stats, threads=threads),
-                on_progress=minima)
-        stats.bounded += search.opened - search.solved
+        if graph is None:  # iter_calibration_inputs refuses an empty set; kept for safety
+            raise ValueError("the calibration set is empty.")
+        numels = [m.weight.numel() for m in modules]
+        upper, lower, live = _neuron_search(graph, example_acts, numels, alpha, tolerance,
+                                            stats=stats, threads=threads, bar=bar)
+
+    def refine(result: CurvatureResult, masks: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Exact minima (tolerance 0, uncut measures) of the weights in ``masks``."""
+        flat = [masks[n].reshape(-1).to(engine_device) if n in masks else
+                torch.zeros(numels[k], dtype=torch.bool, device=engine_device)
+                for k, n in enumerate(names)]
+        subsets = [torch.nonzero(flat[k][graph.layers[k].widx]).squeeze(1)
+                   for k in range(len(names))]
+        counts = EngineStats()
+        exact, _, _ = _neuron_search(graph, example_acts, numels, alpha, 0.0, stats=counts,
+                                     threads=threads, subsets=subsets)
+        return {n: exact[k] for k, n in enumerate(names) if n in masks}, counts.as_dict()
+
+    kappa = [0.5 * (lo + hi) for lo, hi in zip(lower, upper)]
+
+    def shaped(values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: values[k].view(weight_shapes[k]).to(modules[k].weight.device)
+                for k, n in enumerate(names)}
+
     return CurvatureResult(
-        kappa={n: kappa[k].view(weight_shapes[k]).to(modules[k].weight.device)
-               for k, n in enumerate(names)},
-        live={n: live[k].view(weight_shapes[k]).to(modules[k].weight.device)
-              for k, n in enumerate(names)},
+        kappa=shaped(kappa),
+        live=shaped(live),
         modules=dict(zip(names, modules)),
         alpha=alpha,
         granularity=granularity,
@@ -265,7 +315,53 @@ def neural_curvature(
         magnitude={n: modules[k].weight.detach().abs().to(torch.float64).clone()
                    for k, n in enumerate(names)},
         input_shape=input_shape,
+        kappa_lo=shaped(lower),
+        kappa_hi=shaped(upper),
+        tolerance=tolerance,
+        refiner=refine,
     )
+
+
+def _neuron_search(graph: NeuronGraph, example_acts: list[list[torch.Tensor]],
+                   numels: list[int], alpha: float, tolerance: float, *, stats: EngineStats,
+                   threads: int, subsets: list[torch.Tensor] | None = None, bar=None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, ``(upper, lower, live)`` over the flat weights: certified bounds on each
+    weight's curvature at most ``tolerance`` apart (``docs/method.md``), and whether the weight
+    has a live edge. ``subsets``: per layer, the edges to score (every edge of the weights one
+    wants; the others' weights stay ``+inf``)."""
+    layers = graph.layers
+    widx = [layer.widx if subsets is None else layer.widx[subsets[k]]
+            for k, layer in enumerate(layers)]
+    search = MinimumSearch(widx, numels, tolerance=tolerance)
+    device = layers[0].src.device if layers else torch.device("cpu")
+    live = [torch.zeros(n, dtype=torch.bool, device=device) for n in numels]
+    cut_tol = tolerance / 2  # each edge within tolerance / 4 (engine.cut_measures)
+    _restart_clock(bar)  # the ETA is per example: the forward passes and build are not in it
+    for x, acts in enumerate(example_acts):
+        # Only the engine runs single-threaded: the model's forward pass keeps the user's
+        # setting (float32 kernels round differently with other counts).
+        with _torch_threads(1 if threads > 1 else None):
+            bounds = bound_example(graph, acts, alpha, certify_tol=tolerance, cut_tol=cut_tol,
+                                   settle=False, stats=stats, edges=subsets)
+        for k, (lo, hi, dead) in enumerate(bounds):
+            search.add(k, x, lo, hi)
+            live[k].scatter_reduce_(0, widx[k], ~dead, reduce="amax")
+        if bar is not None:
+            bar.update(1)
+    # Only the edges that can still matter to a weight's interval are solved.
+
+    def solve(k: int, x: int, edges: torch.Tensor):
+        if subsets is not None:
+            edges = subsets[k][edges]
+        return solve_layer_edges(graph, example_acts[x], k + 1, edges, alpha,
+                                 certify_tol=cut_tol, stats=stats, threads=threads,
+                                 with_error=True)
+
+    with _torch_threads(1 if threads > 1 else None), _MinimaBar(bar is not None) as minima:
+        upper = search.resolve(solve, on_progress=minima)
+    stats.bounded += search.opened - search.solved
+    return upper, search.lower(), live
 
 
 @contextlib.contextmanager
@@ -418,14 +514,15 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
 
 
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
-                       certify_tol, threads, memory_budget, start) -> CurvatureResult:
+                       tolerance, threads, memory_budget, start) -> CurvatureResult:
     """``neural_curvature`` at channel granularity (see :mod:`curvprune.channels`)."""
-    from .channels import channel_distances, score_channel_edges, trace_channels
+    from .channels import channel_distances, channel_edge_bounds, trace_channels
 
     stats = EngineStats()
     first = None
     distances = None
-    edge_kappa = edge_live = None
+    edge_hi = edge_lo = edge_live = None
+    batches: list[torch.Tensor] = []
     num_examples = 0
     with _progress_bar(progress, "curvature (channel)", calibration) as bar, \
             scoring_mode(model):
@@ -444,7 +541,8 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                 input_shape = tuple(inputs.shape[1:])
                 distances = channel_distances(graph)
                 _restart_clock(bar)  # the ETA is per example: the one-off build is not in it
-                edge_kappa = torch.full_like(graph.length, math.inf)
+                edge_hi = torch.full_like(graph.length, math.inf)
+                edge_lo = edge_hi.clone()
                 edge_live = torch.zeros_like(graph.src, dtype=torch.bool)
             elif not first.same_structure(graph):
                 raise ValueError(
@@ -453,32 +551,77 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                     "have the same shape."
                 )
             with _torch_threads(1 if threads > 1 else None), _MinimaBar(progress) as minima:
-                value, live = score_channel_edges(
-                    graph, distances, alpha, certify_tol=certify_tol, stats=stats,
+                upper, lower, live = channel_edge_bounds(
+                    graph, distances, alpha, tolerance=tolerance, stats=stats,
                     threads=threads, on_example=bar.update if bar is not None else None,
-                    best=edge_kappa, on_progress=minima)
-            edge_kappa = torch.minimum(edge_kappa, value)
+                    upper=edge_hi, on_progress=minima)
+            # Over batches: the minimum of the upper bounds and of the lower bounds.
+            edge_hi = torch.minimum(edge_hi, upper)
+            edge_lo = torch.minimum(edge_lo, lower)
             edge_live |= live
+            batches.append(graph.activity)
             num_examples += inputs.shape[0]
-    kappa, live_w, modules, edges, magnitude = {}, {}, {}, {}, {}
+    kappa, kappa_lo, kappa_hi, live_w, modules, edges, magnitude = {}, {}, {}, {}, {}, {}, {}
+    zeros = {}
     for k, (name, module) in enumerate(first.modules):
         weight = module.weight.detach()
         widx, eidx = first.weight_edges[k]
-        flat = torch.full((weight.numel(),), math.inf, dtype=torch.float64, device=engine_device)
-        flat.scatter_reduce_(0, widx, edge_kappa[eidx], reduce="amin")
+        zero = weight.flatten().to(engine_device) == 0
+        zeros[name] = zero
+        bounds = []
+        for edge_values in (edge_lo, edge_hi):
+            flat = torch.full((weight.numel(),), math.inf, dtype=torch.float64,
+                              device=engine_device)
+            flat.scatter_reduce_(0, widx, edge_values[eidx], reduce="amin")
+            flat[zero] = math.inf  # a zero weight is no edge
+            bounds.append(flat)
         alive = torch.zeros(weight.numel(), dtype=torch.bool, device=engine_device)
         alive.scatter_reduce_(0, widx, edge_live[eidx], reduce="amax")
-        zero = weight.flatten().to(engine_device) == 0
-        flat[zero] = math.inf  # a zero weight is no edge
         alive &= ~zero
-        kappa[name] = flat.view(weight.shape).to(weight.device)
+        kappa[name] = (0.5 * (bounds[0] + bounds[1])).view(weight.shape).to(weight.device)
+        kappa_lo[name] = bounds[0].view(weight.shape).to(weight.device)
+        kappa_hi[name] = bounds[1].view(weight.shape).to(weight.device)
         live_w[name] = alive.view(weight.shape).to(weight.device)
         modules[name] = module
         edges[name] = int((first.module == k).sum())
         magnitude[name] = weight.abs().to(torch.float64).clone()
+
+    def refine(result: CurvatureResult, masks: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Exact minima (tolerance 0, uncut measures) of the weights in ``masks``: every
+        channel edge they belong to is solved exactly, on every batch."""
+        need = torch.zeros_like(first.src, dtype=torch.bool)
+        for k, (name, _) in enumerate(first.modules):
+            if name in masks:
+                widx, eidx = first.weight_edges[k]
+                need[eidx[masks[name].reshape(-1).to(engine_device)[widx]]] = True
+        counts = EngineStats()
+        exact = None
+        for activity in batches:
+            graph = dataclasses.replace(first, activity=activity)
+            with _torch_threads(1 if threads > 1 else None):
+                upper, _, _ = channel_edge_bounds(graph, distances, alpha, tolerance=0.0,
+                                                  stats=counts, threads=threads, upper=exact,
+                                                  edges=need)
+            exact = upper if exact is None else torch.minimum(exact, upper)
+        for values in (result.edge_kappa, result.edge_kappa_lo, result.edge_kappa_hi):
+            values[need] = exact[need]
+        out = {}
+        for k, (name, _) in enumerate(first.modules):
+            if name in masks:
+                widx, eidx = first.weight_edges[k]
+                flat = torch.full((zeros[name].numel(),), math.inf, dtype=torch.float64,
+                                  device=engine_device)
+                flat.scatter_reduce_(0, widx, exact[eidx], reduce="amin")
+                flat[zeros[name]] = math.inf
+                out[name] = flat
+        return out, counts.as_dict()
+
     return CurvatureResult(
         kappa=kappa, live=live_w, modules=modules, alpha=alpha, granularity="channel",
         num_examples=num_examples, edges_per_example=edges,
         seconds=time.perf_counter() - start, engine=stats.as_dict(), magnitude=magnitude,
-        channel_graph=first, edge_kappa=edge_kappa, input_shape=input_shape,
+        channel_graph=first, edge_kappa=0.5 * (edge_lo + edge_hi), input_shape=input_shape,
+        kappa_lo=kappa_lo, kappa_hi=kappa_hi, tolerance=tolerance, refiner=refine,
+        edge_kappa_lo=edge_lo, edge_kappa_hi=edge_hi,
     )

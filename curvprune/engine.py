@@ -26,12 +26,13 @@ the structure of the problem instead of solving one linear program per edge:
   shifted potentials to those constraints gives a dual-feasible point, hence a lower bound, for
   every edge; the no-swap plan and a plan that swaps a share of every unit (all of it for
   :math:`\alpha \ge 1/2`) give upper bounds (:func:`bound_edges`). Edges whose bounds are
-  within ``certify_tol / 2`` are settled;
-  :func:`curvprune.neural_curvature` solves the others only when they can be their weight's
-  minimum (:mod:`curvprune.minimum`).
+  close are settled; :func:`curvprune.neural_curvature` solves the others only while they can
+  matter to their weight's minimum, to within its ``tolerance`` (:mod:`curvprune.minimum`).
 * **Negligible masses cut.** Neighbour weights :math:`\exp(-1/a^2)` span hundreds of orders of
   magnitude; the smallest masses are dropped while a bound on their effect on every edge's
-  kappa stays within ``certify_tol / 2`` (:func:`cut_measures`), which shrinks the problems.
+  kappa stays within half the cut tolerance (:func:`cut_measures`; ``tolerance / 4`` in
+  :func:`curvprune.neural_curvature`, whose bounds are widened by it: :func:`cut_error`),
+  which shrinks the problems.
 * **Full swaps** (:math:`\alpha \ge 1/2`). If :math:`D(k, j) + D(i, m) - d \le C(k, m)` on the
   supports, every unit of ``p`` is best routed through ``j`` and every unit of ``q`` from ``i``:
   :math:`\kappa = 1 - (\sum_k p_k D(k, j) + \sum_m q_m D(i, m) - d) / d`. With
@@ -59,7 +60,7 @@ from .measures import neighbour_measures, padded_neighbours
 
 __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
            "bound_example", "bound_edges", "solve_layer_edges", "solve_edges", "layer_problem",
-           "node_measures", "cut_measures", "hop_table_bytes", "CERTIFY_TOL"]
+           "node_measures", "cut_measures", "cut_error", "hop_table_bytes", "CERTIFY_TOL"]
 
 # POT (which imports networkx and scikit-learn) is loaded by the first transport problem, not by
 # ``import curvprune``; ``emd_c`` is its network simplex.
@@ -74,10 +75,12 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-#: Default tolerance of the engine's shortcuts, in units of kappa: half of it for cutting
-#: negligible masses from the measures (:func:`cut_measures`), half for settling an edge whose
-#: bounds are that close (:func:`bound_edges`), so every kappa is within it of the exact value
-#: (a few ulps). A smaller value only costs time; 0 turns both shortcuts off.
+#: Default tolerance of the engine's shortcuts, in units of kappa (a few ulps). In the
+#: per-edge functions (``certify_tol``): half of it for cutting negligible masses from the
+#: measures (:func:`cut_measures`), half for settling an edge whose bounds are that close
+#: (:func:`bound_edges`), so every kappa is within it of the exact value. In
+#: :func:`curvprune.neural_curvature` it is the default ``tolerance``: the largest width of a
+#: weight's certified interval. 0 turns the shortcuts off.
 CERTIFY_TOL = 1e-14
 
 _MAX_ITER = 1_000_000
@@ -199,13 +202,16 @@ class _Measure:
 
     ``table[v, s]`` is the neighbour in slot ``s`` of node ``v`` and ``mass[v, s]`` its mass
     (0 past the support); ``has[v]`` says whether ``v`` has any support (else a point mass).
-    ``reach[v]`` bounds the distance between ``v`` and every node of its (uncut) support.
+    ``reach[v]`` bounds the distance between ``v`` and every node of its (uncut) support;
+    ``cut[v]`` says whether :func:`cut_measures` dropped mass from ``v``'s measure (``None``:
+    nothing was cut anywhere).
     """
 
     table: torch.Tensor
     mass: torch.Tensor
     has: torch.Tensor
     reach: torch.Tensor
+    cut: torch.Tensor | None = None
 
 
 def node_measures(table: torch.Tensor, activity: torch.Tensor,
@@ -224,11 +230,11 @@ def node_measures(table: torch.Tensor, activity: torch.Tensor,
 
 
 def _support_first(table: torch.Tensor, mass: torch.Tensor, has: torch.Tensor,
-                   reach: torch.Tensor) -> _Measure:
+                   reach: torch.Tensor, cut: torch.Tensor | None = None) -> _Measure:
     order = torch.argsort((mass <= 0).to(torch.int8), dim=1, stable=True)
     width = int((mass > 0).sum(dim=1).max()) if mass.numel() else 0
     order = order[:, :width]
-    return _Measure(table.gather(1, order), mass.gather(1, order), has, reach)
+    return _Measure(table.gather(1, order), mass.gather(1, order), has, reach, cut)
 
 
 def cut_measures(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor,
@@ -276,13 +282,16 @@ def _cut(measure: _Measure, budget: torch.Tensor) -> _Measure:
     finite = torch.isfinite(ascending)
     dropped = torch.cumsum(torch.where(finite, ascending, 0.0), dim=1)
     cut_sorted = finite & (dropped <= budget[:, None])
+    # The largest mass always stays (a budget of 1 or more would otherwise empty the measure).
+    largest = finite.sum(1, keepdim=True) - 1
+    cut_sorted &= torch.arange(mass.shape[1], device=mass.device)[None, :] != largest
     cut = torch.zeros_like(cut_sorted).scatter_(1, order, cut_sorted)
     if not cut.any():
         return measure
     kept = torch.where(cut, 0.0, mass)
     total = kept.sum(1, keepdim=True)
     kept = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), 0.0)
-    return _support_first(measure.table, kept, measure.has, measure.reach)
+    return _support_first(measure.table, kept, measure.has, measure.reach, cut.any(1))
 
 
 def _chunks(index: torch.Tensor, block: int, width: int) -> tuple[torch.Tensor, ...]:
@@ -422,15 +431,35 @@ def bound_example(
     certify_tol: float = CERTIFY_TOL,
     block: int = 1 << 22,
     stats: EngineStats | None = None,
+    settle: bool = True,
+    cut_tol: float | None = None,
+    edges: list[torch.Tensor | None] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Bounds ``(lo, hi, dead)`` on the edge curvatures of one example, per parametrised layer
-    (see :func:`bound_edges`); no transport problem of a single edge is solved."""
+    (see :func:`bound_edges`); no transport problem of a single edge is solved.
+
+    The measures are cut with ``cut_tol`` (default ``certify_tol``; see :func:`layer_problem`).
+    With ``settle=False`` the bounds are widened by :func:`cut_error` and bracket the
+    curvature of the uncut measures (interval mode). ``edges``: per layer, the indices of the
+    edges to bound (``None``: all of them); the outputs then follow that order.
+    """
     out = []
+    cut_tol = certify_tol if cut_tol is None else cut_tol
     for l in range(1, len(graph.layers) + 1):
         layer = graph.layers[l - 1]
-        dead, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
-        lo, hi = bound_edges(layer.src, layer.dst, layer.length, dead, mu, nu, tables, alpha,
-                             certify_tol=certify_tol, block=block, stats=stats)
+        sub = None if edges is None else edges[l - 1]
+        if sub is not None and sub.numel() == 0:
+            empty = layer.length[:0]
+            out.append((empty, empty.clone(), layer.src[:0] < 0))
+            continue
+        dead, mu, nu, tables = layer_problem(graph, acts, l, cut_tol)
+        src, dst, length = layer.src, layer.dst, layer.length
+        if sub is not None:
+            src, dst, length, dead = src[sub], dst[sub], length[sub], dead[sub]
+        error = None if settle else cut_error(mu, nu, src, dst, dead, cut_tol)
+        lo, hi = bound_edges(src, dst, length, dead, mu, nu, tables, alpha,
+                             certify_tol=certify_tol, block=block, stats=stats, settle=settle,
+                             error=error)
         out.append((lo, hi, dead))
     return out
 
@@ -446,14 +475,23 @@ def solve_layer_edges(
     block: int = 1 << 22,
     stats: EngineStats | None = None,
     threads: int = 1,
-) -> torch.Tensor:
+    with_error: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact curvatures of the live edges ``edges`` (indices into ``graph.layers[l - 1]``,
     both of whose measures have neighbour parts) on one example (see :func:`solve_edges`;
-    ``certify_tol`` as for :func:`layer_problem`)."""
+    ``certify_tol`` as for :func:`layer_problem`).
+
+    With ``with_error=True`` returns ``(value - e, value + e)`` with ``e`` the
+    :func:`cut_error` of each edge: bounds on the curvature of the uncut measures."""
     layer = graph.layers[l - 1]
     _, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
-    return solve_edges(layer.src[edges], layer.dst[edges], layer.length[edges], mu, nu, tables,
-                       alpha, block=block, stats=stats, threads=threads)
+    src, dst = layer.src[edges], layer.dst[edges]
+    value = solve_edges(src, dst, layer.length[edges], mu, nu, tables, alpha, block=block,
+                        stats=stats, threads=threads)
+    if not with_error:
+        return value
+    error = cut_error(mu, nu, src, dst, torch.zeros_like(src, dtype=torch.bool), certify_tol)
+    return value - error, value + error
 
 
 def score_example(
@@ -533,9 +571,17 @@ def bound_edges(
     certify_tol: float = CERTIFY_TOL,
     block: int = 1 << 22,
     stats: EngineStats | None = None,
+    settle: bool = True,
+    error: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Bounds ``lo <= kappa <= hi`` (float64 ``[E]``) on the curvatures of edges ``src -> dst``
     of distance ``d`` on one example; ``lo == hi`` where the value is settled.
+
+    With ``settle=False`` (interval mode, used by :func:`curvprune.neural_curvature`) no edge
+    is collapsed onto one of its bounds: ``lo`` and ``hi`` are widened by ``error`` (a bound
+    per edge on how far the measures' cut moved kappa, :func:`cut_error`), so that they
+    bracket the curvature of the uncut measures, and edges whose widened bounds are at most
+    ``certify_tol`` apart are counted as certified.
 
     ``dead`` edges get 1 and point-mass sides their closed forms; ``mu``/``nu`` are the
     neighbour measures of the sources' and the targets' node sets (``None``: every node of that
@@ -588,8 +634,26 @@ def bound_edges(
     if general.numel():
         kappa[general], upper[general] = _shared_bounds(
             tables, src[general], dst[general], d[general], mu, nu, alpha, certify_tol, block,
-            stats)
+            stats, settle)
+    if not settle:
+        if error is not None:
+            kappa, upper = kappa - error, upper + error
+        stats.certified += int((upper[general] - kappa[general] <= certify_tol).sum())
     return kappa, upper
+
+
+def cut_error(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor, dst: torch.Tensor,
+              dead: torch.Tensor, cut_tol: float) -> torch.Tensor:
+    """Per edge, a bound on how far :func:`cut_measures` (run with ``cut_tol``) moved kappa:
+    ``cut_tol / 2`` for a live edge one of whose measures lost mass, else 0 (float64 ``[E]``).
+    """
+    touched = torch.zeros_like(dead)
+    if mu is not None and mu.cut is not None:
+        touched |= mu.cut[src] & mu.has[src]
+    if nu is not None and nu.cut is not None:
+        touched |= nu.cut[dst] & nu.has[dst]
+    touched &= ~dead
+    return touched.to(torch.float64) * (cut_tol / 2)
 
 
 def solve_edges(src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor, mu: _Measure,
@@ -681,7 +745,8 @@ def _finish(item: tuple, kappa: torch.Tensor) -> None:
 
 def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
                    mu: _Measure, nu: _Measure, alpha: float, certify_tol: float, block: int,
-                   stats: EngineStats) -> tuple[torch.Tensor, torch.Tensor]:
+                   stats: EngineStats, settle: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)`` of :func:`bound_edges` for edges with two neighbour parts.
 
     Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (bounded memory: the shared
@@ -748,7 +813,8 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
         lower = lower - slack_t[pe]
         lo[chunk] = 1.0 - upper / de
         hi[chunk] = 1.0 - lower / de
-    settled = hi - lo <= certify_tol / 2
-    hi[settled] = lo[settled]
-    stats.certified += int(settled.sum())
+    if settle:
+        settled = hi - lo <= certify_tol / 2
+        hi[settled] = lo[settled]
+        stats.certified += int(settled.sum())
     return lo, hi

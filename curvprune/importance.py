@@ -39,8 +39,7 @@ import torch_pruning as tp
 
 from .calibration import check_model
 from .channels import UntraceableModel
-from .curvature import _check_alpha, neural_curvature
-from .engine import CERTIFY_TOL
+from .curvature import TOLERANCE, _check_alpha, check_tolerance, neural_curvature
 from .result import CurvatureResult
 
 __all__ = ["CurvatureImportance"]
@@ -62,7 +61,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             (``"mean"``, ``"sum"``, ``"max"``, ``"prod"``, ``"first"``...).
         normalizer: Torch-Pruning's normaliser of a group's scores (``"mean"``, ``"max"``,
             ``"sum"``, ``"standarization"``, ``None``...).
-        device, progress, threads, memory_budget, certify_tol: passed unchanged to
+        device, progress, threads, memory_budget, tolerance: passed unchanged to
             :func:`~curvprune.neural_curvature`.
         fallback: ``"magnitude"`` (default): a model the channel tracer cannot follow is scored
             by the group L2 magnitude (Torch-Pruning's ``GroupMagnitudeImportance(p=2)``) and a
@@ -92,7 +91,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                  group_reduction: str = "mean", normalizer: str | None = "mean",
                  device=None, threads: int | None = None, memory_budget: int | None = None,
                  fallback: str = "magnitude", progress: bool = False,
-                 certify_tol: float = CERTIFY_TOL, result: CurvatureResult | None = None):
+                 tolerance: float = TOLERANCE, result: CurvatureResult | None = None):
         super().__init__(p=2, group_reduction=group_reduction, normalizer=normalizer)
         if reduction not in ("mean", "min"):
             raise ValueError(f"reduction must be 'mean' or 'min', not {reduction!r}.")
@@ -109,7 +108,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self.calibration = calibration
         self.precomputed = result
         self.progress = progress
-        self.certify_tol = certify_tol
+        self.tolerance = check_tolerance(tolerance)  # refused here too
         self.alpha = _check_alpha(alpha)  # refused here, not at the first pruner.step()
         self.reduction = reduction
         self.device = device
@@ -146,7 +145,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         try:
             result = neural_curvature(model, self.calibration, alpha=self.alpha,
                                       granularity="channel", device=self.device,
-                                      progress=self.progress, certify_tol=self.certify_tol,
+                                      progress=self.progress, tolerance=self.tolerance,
                                       threads=self.threads, memory_budget=self.memory_budget)
         except UntraceableModel as exc:
             if self.fallback == "error":

@@ -13,6 +13,17 @@ edge whose ``hi`` set it would otherwise still be open, since its ``lo`` is belo
 
 On the paper's LeNet-5 with 10 calibration examples this solves 35k of the 342k edge-examples
 the bounds leave open (``benchmarks/engine_speed.py``).
+
+**Intervals.** Let :math:`L_w = \min_e lo_e` over the weight's edge-examples (with a solved
+edge's exact value as its ``lo``). Since :math:`m_w = \min_e \kappa_e` and
+:math:`lo_e \le \kappa_e \le hi_e` for every ``e``, :math:`L_w \le m_w \le U_w` at every
+stage (the minimum of lower bounds is a lower bound of the minimum; the minimum is at most any
+one of its terms). With a ``tolerance`` :math:`\tau`, an edge is only kept for solving while
+:math:`lo_e < U_w - \tau`; the others are folded into a running minimum of their ``lo``
+(:meth:`MinimumSearch.lower`). :math:`U_w` only decreases, so an edge once folded stays at
+:math:`lo_e \ge U_w - \tau`; when nothing is left to solve every edge has
+:math:`lo_e \ge U_w - \tau`, hence :math:`U_w - L_w \le \tau`. With :math:`\tau = 0` this
+is the exact search above.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ __all__ = ["MinimumSearch"]
 
 
 class MinimumSearch:
-    """Exact per-weight minima of edge values over groups of edges and examples.
+    """Per-weight minima of edge values over groups of edges and examples, exact or to within
+    a tolerance.
 
     Each group (a parametrised layer, or the channel graph) has ``num_weights`` weights and
     maps its edges to them with ``widx``. Feed it every example's bounds with :meth:`add`, then
@@ -36,35 +48,49 @@ class MinimumSearch:
         num_weights: per group, the number of weights.
         initial: per group, known upper bounds on the minima (e.g. exact minima of earlier
             batches); ``+inf`` when omitted.
+        tolerance: stop solving a weight's edges once ``U_w - L_w <= tolerance`` (module
+            docstring); ``0`` finds every minimum exactly.
     """
 
     def __init__(self, widx: list[torch.Tensor], num_weights: list[int],
-                 initial: list[torch.Tensor] | None = None) -> None:
+                 initial: list[torch.Tensor] | None = None, tolerance: float = 0.0) -> None:
         if len(widx) != len(num_weights):
             raise ValueError("widx and num_weights need one entry per group.")
         self.widx = widx
+        self.tolerance = float(tolerance)
         if initial is None:
             initial = [torch.full((n,), torch.inf, dtype=torch.float64, device=w.device)
                        for w, n in zip(widx, num_weights)]
         self.best = [b.clone() for b in initial]
+        self.floor = [torch.full_like(b, torch.inf) for b in self.best]
         self._open: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in widx]
         self.opened = 0
         self.solved = 0
+
+    def _fold(self, group: int, edges: torch.Tensor, lo: torch.Tensor) -> None:
+        """Fold edges that are no longer held into the running minimum of lower bounds."""
+        if edges.numel():
+            self.floor[group].scatter_reduce_(0, self.widx[group][edges], lo, reduce="amin")
 
     def add(self, group: int, example: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Record one example's bounds ``lo <= value <= hi`` for every edge of ``group``
         (``lo == hi`` where the value is known)."""
         widx = self.widx[group]
         best = self.best[group]
+        tol = self.tolerance
         best.scatter_reduce_(0, widx, hi, reduce="amin")
-        unsettled = lo < hi
+        unsettled = hi - lo > tol
         self.opened += int(unsettled.sum())
-        edges = torch.nonzero(unsettled & (lo < best[widx])).squeeze(1)
+        held = unsettled & (lo < best[widx] - tol)
+        edges = torch.nonzero(held).squeeze(1)
+        rest = torch.nonzero(~held).squeeze(1)
+        self._fold(group, rest, lo[rest])
         # Earlier examples' open edges that this one's bounds rule out are dropped now, so that
         # only possible minima are held.
         parts = []
         for x, e, v in self._open[group]:
-            keep = v < best[widx[e]]
+            keep = v < best[widx[e]] - tol
+            self._fold(group, e[~keep], v[~keep])
             if keep.any():
                 parts.append((x, e[keep], v[keep]))
         if edges.numel():
@@ -76,13 +102,20 @@ class MinimumSearch:
         """Open edge-examples: those :meth:`resolve` will solve or rule out."""
         return sum(int(e.numel()) for parts in self._open for _, e, _ in parts)
 
+    def lower(self) -> list[torch.Tensor]:
+        """Per group, ``L_w``: a lower bound on each minimum (call after :meth:`resolve`, which
+        returns the upper bounds ``U_w``; the two are equal when the tolerance is 0)."""
+        return [torch.minimum(f, b) for f, b in zip(self.floor, self.best)]
+
     def resolve(self, solve: Callable[[int, int, torch.Tensor], torch.Tensor],
                 on_solved: Callable[[int], None] | None = None,
                 on_progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
-        """Solve edges until every minimum is exact; return the minima per group.
+        """Solve edges until every minimum is within the tolerance; return the upper bounds
+        ``U_w`` per group (the exact minima when the tolerance is 0).
 
         ``solve(group, example, edges)`` returns the exact values of ``edges`` (indices into
-        the group's edges) on that example. Each round solves, per weight, the open edges with
+        the group's edges) on that example, or a pair ``(lo, hi)`` of tighter bounds on them
+        (the engine's solves on cut measures). Each round solves, per weight, the open edges with
         the lowest ``lo`` (one per weight for four rounds, then twice as many each round, so
         that a weight with many open edges needs few rounds). ``on_solved(count)`` is called
         after each ``solve`` with the number solved so far, and ``on_progress(settled, total)``
@@ -101,8 +134,9 @@ class MinimumSearch:
             widx, best = self.widx[group], self.best[group]
             take, round_ = 1, 0
             while True:
-                keep = lo < best[widx[edges]]
+                keep = lo < best[widx[edges]] - self.tolerance
                 settled += int(edges.numel()) - int(keep.sum())
+                self._fold(group, edges[~keep], lo[~keep])
                 example, edges, lo = example[keep], edges[keep], lo[keep]
                 if not edges.numel():
                     break
@@ -117,6 +151,9 @@ class MinimumSearch:
                 for x in torch.unique(example[chosen]).tolist():
                     now = torch.nonzero(chosen & (example == x)).squeeze(1)
                     value = solve(group, x, edges[now])
+                    if isinstance(value, tuple):
+                        self._fold(group, edges[now], value[0])
+                        value = value[1]
                     best.scatter_reduce_(0, widx[edges[now]], value, reduce="amin")
                     self.solved += now.numel()
                     settled += now.numel()

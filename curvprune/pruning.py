@@ -49,8 +49,8 @@ from .allocation import allocate_like
 from .baselines import magnitude_scores, wanda_scores
 from .calibration import check_model, prepare_calibration
 from .channels import UntraceableModel
-from .curvature import neural_curvature
-from .engine import CERTIFY_TOL
+from .curvature import check_tolerance, neural_curvature
+from .decision import decide_exactly
 from .result import CurvatureResult, ImportanceScores, _check_score, _describe_module
 
 __all__ = [
@@ -268,6 +268,11 @@ class PruningReport:
             / ``"magnitude"`` the re-allocated scores (:func:`~curvprune.allocate_like`), or
             the magnitude ranking of a fallback. ``scores.bind(other_model)`` carries them to
             a copy of the model (see ``docs/pruning.md``).
+        tolerance: the curvature tolerance the scores were computed with.
+        refined: weights solved exactly so that the pruned set is the one exact curvature
+            gives (those whose interval straddled the pruning boundary; see
+            :mod:`curvprune.decision`).
+        refine_rounds: rounds of that refinement (0 when no interval straddled).
     """
 
     layers: dict[str, LayerSparsity]
@@ -278,6 +283,9 @@ class PruningReport:
     result: CurvatureResult | None
     fallback: str | None = None
     scores: ImportanceScores | None = None
+    tolerance: float | None = None
+    refined: int = 0
+    refine_rounds: int = 0
 
     @property
     def sparsity(self) -> dict[str, float]:
@@ -312,6 +320,9 @@ class PruningReport:
             f"{100 * self.overall_sparsity:.2f}% ({self.pruned}/{self.total})",
             f"{'weight':<28}{'pruned':>9}{'total':>9}{'sparsity':>10}",
         ]
+        if self.refined:
+            lines.insert(1, f"decision-exact: {self.refined} weights solved exactly in "
+                            f"{self.refine_rounds} round(s) (tolerance {self.tolerance:g})")
         for layer in self.layers.values():
             note = "  (excluded)" if layer.excluded else ""
             lines.append(f"{layer.name:<28}{layer.pruned:>9}{layer.total:>9}"
@@ -415,7 +426,7 @@ def prune_model(
     result: CurvatureResult | None = None,
     threads: int | None = None,
     memory_budget: int | None = None,
-    certify_tol: float = CERTIFY_TOL,
+    tolerance: float | None = None,
 ) -> PruningReport:
     r"""Score ``model`` by neural curvature and prune its weights in place, in one call.
 
@@ -455,7 +466,7 @@ def prune_model(
         exclude: weights to leave unpruned: parameter names (``"5.weight"``), module names
             (``"5"``, or a container such as ``"classifier"``) or module objects, alone or in
             an iterable. They are still scored (they are part of the graph).
-        alpha, granularity, device, progress, threads, memory_budget, certify_tol: passed
+        alpha, granularity, device, progress, threads, memory_budget: passed
             unchanged to :func:`~curvprune.curvature.neural_curvature` (unused with ``result``).
         allocation: with ``scope="global"``, how much of each weight goes. ``"curvature"``
             (default, the paper): one global ranking of kappa decides. ``"wanda"`` or
@@ -469,6 +480,14 @@ def prune_model(
             granularity) to prune by instead of scoring: pass ``calibration=None``. With
             ``allocation="wanda"`` the calibration is still needed, for Wanda's input norms,
             and is only used for them.
+        tolerance: the curvature tolerance (see :func:`~curvprune.curvature.neural_curvature`;
+            default 1e-14; not with ``result``, which was scored already). The pruning is
+            **decision-exact** at any tolerance: the weights are scored with certified
+            intervals, and those whose interval straddles the pruning boundary are solved
+            exactly until none does, so the pruned set is exactly the one ``tolerance=0``
+            scores give (:mod:`curvprune.decision`); a ``result`` is refined the same way. A
+            larger tolerance makes the scoring cheaper and the refinement (``report.refined``)
+            larger.
 
     Returns:
         A :class:`PruningReport` with the per-weight and overall sparsity, the
@@ -497,6 +516,8 @@ def prune_model(
             "with scope='layer' every layer loses the same fraction. Use scope='global'."
         )
     _validate_amount(amount)
+    if tolerance is not None:
+        tolerance = check_tolerance(tolerance)
     devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     if len(devices) > 1:
         raise ValueError(
@@ -506,6 +527,12 @@ def prune_model(
         )
     check_model(model)
     _check_sources(calibration, result, allocation)
+    if result is not None and tolerance is not None:
+        raise ValueError(
+            f"tolerance sets how precisely the model is scored, and result= was scored already "
+            f"(with tolerance={result.tolerance:g}); drop tolerance= (the pruning is still "
+            "decision-exact: straddling weights are refined)."
+        )
     exclusions = _resolve_exclude(model, exclude)
     _refresh(model)
 
@@ -518,7 +545,7 @@ def prune_model(
         else:
             result = neural_curvature(model, calibration, alpha=alpha, granularity=granularity,
                                       device=device, progress=progress, threads=threads,
-                                      memory_budget=memory_budget, certify_tol=certify_tol)
+                                      memory_budget=memory_budget, tolerance=tolerance)
         scored, modules = list(result.kappa), result.modules
     except UntraceableModel as exc:
         fallback = f"magnitude: {exc}"
@@ -552,16 +579,25 @@ def prune_model(
                 _validate_pruning_amount(amount, before[n])
         _warn_count_amount(amount, list(before.values()), scope)
 
+    budget = None
+    if allocation != "curvature":
+        scored_modules = [modules[n] for n in scored]
+        budget = (wanda_scores(model, calibration, scored_modules) if allocation == "wanda"
+                  else magnitude_scores(model, scored_modules))
+    refined = rounds = 0
     if result is not None:
+        if result.max_width > 0:
+            def decide(res: CurvatureResult):
+                return _decide(res.importance_scores(order), budget, modules, targets, scope,
+                               amount)
+
+            _, refined, rounds = decide_exactly(result, order, decide)
         scores = result.importance_scores(order)
     else:
         scores = ImportanceScores({(modules[n], "weight"): _magnitude_score(modules[n], order)
                                    for n in scored},
                                   names={(modules[n], "weight"): n for n in scored})
-    if allocation != "curvature":
-        scored_modules = [modules[n] for n in scored]
-        budget = (wanda_scores(model, calibration, scored_modules) if allocation == "wanda"
-                  else magnitude_scores(model, scored_modules))
+    if budget is not None:
         scores = allocate_like(scores, budget)
     params = [(modules[n], "weight") for n in targets]
     if scope == "global":
@@ -578,7 +614,9 @@ def prune_model(
         layers[n] = LayerSparsity(n, total - _unpruned(module, "weight"), total, n in excluded)
     newly = sum(before[n] - _unpruned(modules[n], "weight") for n in targets)
     return PruningReport(layers=layers, newly_pruned=newly, amount=amount, scope=scope,
-                         order=order, result=result, fallback=fallback, scores=scores)
+                         order=order, result=result, fallback=fallback, scores=scores,
+                         tolerance=None if result is None else result.tolerance,
+                         refined=refined, refine_rounds=rounds)
 
 
 def _check_sources(calibration: Any, result: Any, allocation: str) -> None:
@@ -620,6 +658,47 @@ def _warn_count_amount(amount: Any, remaining: list[int], scope: str) -> None:
             f"amount={amount} is an int, which PyTorch reads as a count: it prunes {pruned} of "
             f"{total} weights ({100 * pruned / total:.2g} %); for {amount} % pass "
             f"amount={amount / 100:g}.", UserWarning, stacklevel=3)
+
+
+def _decide(scores: ImportanceScores, budget: Any, modules: dict[str, nn.Module],
+            targets: list[str], scope: str, amount: int | float
+            ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """What :func:`prune_model` would prune with ``scores``, without touching the model:
+    ``(pruned, groups)`` for :func:`~curvprune.decision.decide_exactly` (the same selection as
+    :class:`CurvaturePruning` through ``torch.nn.utils.prune``: the ``n`` lowest scores among
+    the entries not yet pruned, per group)."""
+    if budget is not None:
+        scores = allocate_like(scores, budget)
+    values = {n: scores.get((modules[n], "weight")) for n in targets}
+    candidates = {}
+    for n in targets:
+        mask = _mask_of(modules[n], "weight")
+        candidates[n] = (torch.ones_like(values[n], dtype=torch.bool) if mask is None
+                         else (mask == 1).to(values[n].device))
+    if scope == "global":
+        sets = [targets]
+    else:
+        sets = [[n] for n in targets]
+    pruned = {}
+    for names in sets:
+        flat = torch.cat([values[n].reshape(-1) for n in names])
+        cand = torch.cat([candidates[n].reshape(-1) for n in names])
+        sub = flat[cand]
+        mask = CurvaturePruning(amount).compute_mask(sub, torch.ones_like(sub))
+        chosen = torch.zeros_like(cand)
+        chosen[cand] = mask == 0
+        start = 0
+        for n in names:
+            size = values[n].numel()
+            pruned[n] = chosen[start:start + size].view(values[n].shape)
+            start += size
+    # Within one ranking (global, curvature allocation) one group; with a budget, each weight's
+    # count is fixed by the budget and curvature only chooses within the weight.
+    if scope == "global" and budget is None:
+        groups = [dict(candidates)]
+    else:
+        groups = [{n: candidates[n]} for n in targets]
+    return pruned, groups
 
 
 def _magnitude_score(module: nn.Module, order: str) -> torch.Tensor:

@@ -55,7 +55,8 @@ class CurvatureResult:
         kappa: ``{parameter name: tensor of the weight's shape}`` (float64, on the weight's
             device): the minimum curvature over the weight's positions and the calibration
             examples; an edge with a dead end counts as exactly 1.0; a weight with no edge
-            (exactly zero) is ``+inf``.
+            (exactly zero) is ``+inf``. It is the midpoint of the certified interval
+            ``kappa_lo``/``kappa_hi`` (exact in practice at the default tolerance).
         live: ``{parameter name: bool tensor}``: whether the weight has at least one live edge.
         modules: ``{parameter name: module}`` owning each weight (its attribute is ``"weight"``).
         alpha: the idleness used.
@@ -74,6 +75,16 @@ class CurvatureResult:
         input_shape: the shape of one calibration example (``(C, H, W)``, ``(features,)``...),
             or ``None`` when unknown; :func:`~curvprune.prune_channels` traces the model with
             a zero example of this shape when it is given a result and no calibration.
+        kappa_lo, kappa_hi: ``{parameter name: tensor}`` shaped like ``kappa``: certified
+            bounds ``kappa_lo <= exact kappa <= kappa_hi`` at most ``tolerance`` apart
+            (``docs/method.md``, "Curvature intervals"); ``kappa`` is their midpoint
+            :math:`(lo + hi) / 2`, hence within ``tolerance / 2`` of the exact value. Both are
+            ``+inf`` on zero weights, and equal to ``kappa`` where it is exact.
+        tolerance: the ``tolerance`` the scores were computed with.
+        edge_kappa_lo, edge_kappa_hi: at channel granularity, the same bounds per channel edge
+            (``edge_kappa`` is their midpoint).
+        refined: weights solved exactly by :meth:`refine` since scoring.
+        refiner: the engine's hook behind :meth:`refine` (``None``: cannot refine).
 
     Every per-weight mapping is keyed by the qualified parameter name (``"features.0.weight"``),
     so a result can be moved to another instance of the same architecture with :meth:`bind`.
@@ -92,6 +103,94 @@ class CurvatureResult:
     channel_graph: Any = None
     edge_kappa: torch.Tensor | None = None
     input_shape: tuple[int, ...] | None = None
+    kappa_lo: dict[str, torch.Tensor] = field(default_factory=dict)
+    kappa_hi: dict[str, torch.Tensor] = field(default_factory=dict)
+    tolerance: float = 0.0
+    edge_kappa_lo: torch.Tensor | None = None
+    edge_kappa_hi: torch.Tensor | None = None
+    refined: int = 0
+    refiner: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The engine's hook holds the graph and activities of the call: not pickled (a loaded
+        # result keeps its values and bounds but cannot refine).
+        state = self.__dict__.copy()
+        state["refiner"] = None
+        return state
+
+    def __post_init__(self) -> None:
+        # A result built without bounds is exact: its bounds are its values.
+        for name, k in self.kappa.items():
+            self.kappa_lo.setdefault(name, k.clone())
+            self.kappa_hi.setdefault(name, k.clone())
+
+    @property
+    def max_width(self) -> float:
+        """The largest interval width ``kappa_hi - kappa_lo`` over the weights (0 if exact)."""
+        width = 0.0
+        for name, lo in self.kappa_lo.items():
+            hi = self.kappa_hi[name]
+            finite = torch.isfinite(lo) & torch.isfinite(hi)
+            if finite.any():
+                width = max(width, float((hi - lo)[finite].max()))
+        return width
+
+    def exact(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: bool tensor}``: where the interval has width 0 (the value is the
+        exact curvature, up to the solver's rounding)."""
+        return {name: self.kappa_lo[name] == self.kappa_hi[name] for name in self.kappa}
+
+    def refine(self, weights: Mapping[str, torch.Tensor], *, force: bool = False) -> int:
+        """Solve the chosen weights exactly, in place: their ``kappa``, ``kappa_lo`` and
+        ``kappa_hi`` become the exact curvature (as with ``tolerance=0``).
+
+        The engine reruns its minimum search with tolerance 0 and uncut measures, restricted
+        to every edge (position, example) of those weights; the rest of the result is left as
+        it is (at channel granularity every element of a refined channel edge changes).
+
+        Args:
+            weights: ``{parameter name: bool tensor of the weight's shape}``; weights already
+                exact (``kappa_lo == kappa_hi``) are skipped unless ``force``, zero weights
+                always.
+            force: solve the chosen weights again even where the scoring found them exactly
+                (so that their values are those of a ``tolerance=0`` run to the last bit).
+
+        Returns:
+            The number of weights solved.
+
+        Raises:
+            ValueError: an unknown name, a mask of another shape, or a result that cannot be
+                refined (built by hand, or from a pickle).
+            TypeError: a mask that is not a bool tensor.
+        """
+        masks = {}
+        for name, mask in weights.items():
+            if name not in self.kappa:
+                raise ValueError(f"refine: {name!r} is not a scored weight; the scored weights "
+                                 f"are {list(self.kappa)}.")
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"refine: the mask of {name!r} must be a bool tensor.")
+            if mask.shape != self.kappa[name].shape:
+                raise ValueError(f"refine: the mask of {name!r} has shape {tuple(mask.shape)}, "
+                                 f"the weight {tuple(self.kappa[name].shape)}.")
+            lo, hi = self.kappa_lo[name], self.kappa_hi[name]
+            mask = mask.to(lo.device) & torch.isfinite(hi) & ((lo < hi) | force)
+            if mask.any():
+                masks[name] = mask
+        if not masks:
+            return 0
+        if self.refiner is None:
+            raise ValueError("refine: this result holds no engine to refine with; rescore the "
+                             "model with neural_curvature(..., tolerance=0) instead.")
+        exact, _ = self.refiner(self, masks)
+        count = 0
+        for name, mask in masks.items():
+            value = exact[name].view(mask.shape).to(mask.device)
+            for target in (self.kappa, self.kappa_lo, self.kappa_hi):
+                target[name][mask] = value[mask].to(target[name].dtype)
+            count += int(mask.sum())
+        self.refined += count
+        return count
 
     def node_kappa(self, reduction: str = "mean") -> torch.Tensor:
         r"""Curvature of each channel node: its incident layer edges' kappa combined.
@@ -208,6 +307,7 @@ class CurvatureResult:
                 graph, modules=[(n, modules.get(n, m)) for n, m in graph.modules])
         return dataclasses.replace(
             self, kappa=moved(self.kappa), live=moved(self.live), modules=modules,
+            kappa_lo=moved(self.kappa_lo), kappa_hi=moved(self.kappa_hi),
             magnitude=moved(self.magnitude), channel_graph=graph,
             edges_per_example=dict(self.edges_per_example), engine=dict(self.engine))
 
@@ -237,7 +337,8 @@ class CurvatureResult:
         lines = [
             f"neural curvature ({self.granularity}, alpha={self.alpha}) on {self.num_examples} "
             f"examples, {sum(self.edges_per_example.values())} edges per example, "
-            f"{self.seconds:.2f} s",
+            f"{self.seconds:.2f} s, largest interval width {self.max_width:.2g} "
+            f"(tolerance {self.tolerance:g})",
             f"{'weight':<28}{'weights':>9}{'zero':>8}{'dead':>8}{'live':>8}"
             f"{'k min':>9}{'k med':>9}{'k max':>9}{'neg %':>7}",
         ]

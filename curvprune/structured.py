@@ -22,7 +22,7 @@ from .calibration import (
     model_device,
     prepare_calibration,
 )
-from .engine import CERTIFY_TOL
+from .curvature import TOLERANCE
 from .result import CurvatureResult
 
 # Torch-Pruning (and the timm it imports) is loaded by prune_channels, not at import time:
@@ -178,7 +178,7 @@ def prune_channels(
     progress: bool = False,
     threads: int | None = None,
     memory_budget: int | None = None,
-    certify_tol: float = CERTIFY_TOL,
+    tolerance: float = TOLERANCE,
     **pruner_kwargs,
 ) -> ChannelPruningReport:
     r"""Remove a fraction ``ratio`` of the channels of ``model`` in place, by channel curvature.
@@ -207,8 +207,12 @@ def prune_channels(
             to prune by instead of scoring (pass ``calibration=None``; one step only). Without
             calibration, ``example_inputs`` defaults to a zero batch of one example of the
             shape that was scored (``result.input_shape``), in the model's dtype.
-        device, progress, threads, memory_budget, certify_tol: passed unchanged to
+        device, progress, threads, memory_budget, tolerance: passed unchanged to
             :func:`~curvprune.neural_curvature` through :class:`~curvprune.CurvatureImportance`.
+            Channels are ranked by the midpoint of their curvature intervals; unlike
+            :func:`~curvprune.prune_model`, the selection is not made decision-exact (Torch-Pruning
+            normalises and ranks group scores itself), so pass ``tolerance=0`` for the exact
+            ranking.
         **pruner_kwargs: passed on to ``MetaPruner`` (e.g. ``prune_num_heads=True``).
 
     Returns:
@@ -258,7 +262,7 @@ def prune_channels(
     if importance is None:
         importance = CurvatureImportance(
             calibration, alpha=alpha, device=device, progress=progress, threads=threads,
-            memory_budget=memory_budget, certify_tol=certify_tol, result=result)
+            memory_budget=memory_budget, tolerance=tolerance, result=result)
     if ignored_layers is None:
         ignored_layers = classifier_layers(model)
     training = model.training

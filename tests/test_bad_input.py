@@ -177,6 +177,40 @@ def test_alpha_accepts_real_numbers(alpha):
     assert result.alpha == float(alpha) and isinstance(result.alpha, float)
 
 
+@pytest.mark.parametrize("tolerance", [-1e-3, -math.inf, math.nan, math.inf])
+@pytest.mark.parametrize("granularity", ["neuron", "channel"])
+def test_tolerance_out_of_range(tolerance, granularity):
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        neural_curvature(_mlp(), _x(), tolerance=tolerance, granularity=granularity)
+
+
+@pytest.mark.parametrize("tolerance", ["0.1", True, False, torch.tensor(0.1), [0.1], 1j])
+def test_tolerance_of_wrong_type(tolerance):
+    with pytest.raises(TypeError, match="tolerance must be a real number"):
+        neural_curvature(_mlp(), _x(), tolerance=tolerance)
+
+
+@pytest.mark.parametrize("tolerance, error", [(-0.5, ValueError), (math.nan, ValueError),
+                                              (math.inf, ValueError), ("1e-3", TypeError),
+                                              (True, TypeError)])
+def test_prune_model_checks_tolerance_before_touching_the_model(tolerance, error):
+    from curvprune import prune_model
+
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match="tolerance must be"):
+        prune_model(model, _x(), 0.5, tolerance=tolerance)
+    assert not any(name.endswith("_mask") for name, _ in model.named_buffers())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("tolerance", [0, np.float64(1e-3), np.float32(0.25), 2, 100.0])
+def test_tolerance_accepts_real_numbers(tolerance):
+    result = neural_curvature(_mlp(), _x(), tolerance=tolerance)
+    assert result.tolerance == float(tolerance) and isinstance(result.tolerance, float)
+
+
 @pytest.mark.parametrize("granularity", ["edge", "Neuron", None])
 def test_unknown_granularity(granularity):
     with pytest.raises(ValueError, match="granularity must be one of"):

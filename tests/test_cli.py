@@ -65,6 +65,16 @@ def run_main(args, capsys):
      "channel ratio"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.3", "--structured",
       "--allocation", "wanda"], "--allocation is for unstructured"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--tolerance", "-1"],
+     "tolerance must be a finite number >= 0"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--tolerance", "nan"],
+     "tolerance must be a finite number >= 0"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--tolerance", "inf"],
+     "tolerance must be a finite number >= 0"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--tolerance", "tight"],
+     "tolerance must be a number"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.3", "--structured",
+      "--tolerance", "0.01"], "--tolerance (decision-exact pruning) is for unstructured"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     code, out, err = run_main(args + ["--out", str(tmp_path / "o")], capsys)
@@ -107,6 +117,30 @@ def test_prune_writes_model_report_and_plots(small_model_path, tmp_path, capsys)
     assert zero / sum(w.numel() for w in weights) == pytest.approx(0.6, abs=1e-4)
     for png in ("sparsity.png", "kappa_histograms.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fmnist
+def test_prune_with_tolerance_is_decision_exact(small_model_path, tmp_path, capsys):
+    """--tolerance: the report says how much was refined, and the saved model's zeros are
+    those of the exact run (--tolerance 0)."""
+    runs = {}
+    for tolerance in ("0", "0.5"):
+        out = tmp_path / tolerance
+        code, _, err = run_main(["prune", "--model", str(small_model_path), "--amount", "0.7",
+                                 "--tolerance", tolerance, "--granularity", "neuron",
+                                 "--no-eval", "--out", str(out), "--quiet"], capsys)
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        model = torch.load(out / "model.pt", weights_only=False)
+        runs[tolerance] = (report, [m.weight == 0 for m in model.modules()
+                                    if isinstance(m, nn.Linear)])
+    exact, coarse = runs["0"][0], runs["0.5"][0]
+    assert exact["tolerance"] == 0 and exact["max_interval_width"] == 0
+    assert exact["refined_weights"] == 0 and exact["refine_rounds"] == 0
+    assert coarse["tolerance"] == 0.5 and 0 < coarse["max_interval_width"] <= 0.5
+    assert coarse["refined_weights"] >= coarse["refine_rounds"] >= 0
+    for a, b in zip(runs["0"][1], runs["0.5"][1]):
+        assert torch.equal(a, b)
 
 
 @needs_fmnist

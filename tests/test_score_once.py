@@ -274,7 +274,7 @@ def test_importance_scores_bind_mismatch():
 # Engine options are passed through by every entry point that scores
 # ---------------------------------------------------------------------------------------------
 
-OPTIONS = {"threads": 1, "memory_budget": 1 << 28, "certify_tol": 0.0, "device": "cpu",
+OPTIONS = {"threads": 1, "memory_budget": 1 << 28, "tolerance": 0.0, "device": "cpu",
            "progress": False}
 
 
