@@ -22,8 +22,10 @@ Values the scoring run found exactly (``kappa_lo == kappa_hi``) were computed al
 path than a ``tolerance=0`` run (tables shaped by the measures' cut) and may differ from it in
 the last few ulps; so that near-ties between them are broken as that run breaks them, they count
 as exact only after :meth:`~curvprune.result.CurvatureResult.refine` (before, their keys are
-widened by :data:`ROUNDING`, 64 ulps relative), except the constants 1 and 0 that the engine
-assigns to dead edges and point-mass pairs on every path.
+widened by :data:`ROUNDING`, 64 ulps relative), except the constant 1 that the engine assigns
+to dead edges on every path. (A 0 is no such constant: two point masses give exactly 0, but the
+mass cut can make a point mass of a measure that an exact run keeps whole, and its solve then
+gives a rounded value such as ``-2.2e-16``; found by the hypothesis test below.)
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def sort_key_bounds(result: CurvatureResult, order: str,
 
     With ``refined`` (the entries solved by :meth:`CurvatureResult.refine
     <curvprune.result.CurvatureResult.refine>`), every other live entry is widened by
-    :data:`ROUNDING` (relative), so that only zero, dead and refined entries, and the constants
-    1 (a dead edge) and 0 (two point masses), count as exact."""
+    :data:`ROUNDING` (relative), so that only zero, dead and refined entries, and the constant
+    1 (a dead edge), count as exact."""
     out = {}
     for name, lo in result.kappa_lo.items():
         hi, live = result.kappa_hi[name], result.live[name]
@@ -70,8 +72,8 @@ def sort_key_bounds(result: CurvatureResult, order: str,
         else:
             a, b = value_lo, value_hi
         if refined is not None:
-            # 1 (a dead edge) and 0 (two point masses) are constants on every path: exact.
-            constant = (lo == hi) & ((lo == 0) | (lo == 1))
+            # 1 (a dead edge) is a constant on every path: exact. 0 is not (module docstring).
+            constant = (lo == hi) & (lo == 1)
             loose = live & ~zero & ~constant & ~refined[name].to(lo.device)
             pad = ROUNDING * torch.maximum(torch.maximum(a.abs(), b.abs()),
                                            torch.ones_like(a))

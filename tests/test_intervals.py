@@ -20,8 +20,17 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from conftest import alphas, assert_kappa_equal, build, net_specs
-from hypothesis import HealthCheck, given, note, settings
+from conftest import (
+    ConvSpec,
+    HiddenSpec,
+    LinearSpec,
+    NetSpec,
+    alphas,
+    assert_kappa_equal,
+    build,
+    net_specs,
+)
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from test_channels import RandomNet, _inputs, _perturb, _trace, random_nets
 
@@ -291,6 +300,24 @@ def _prune(model, x, amounts, tolerance, **kwargs):
        granularity=st.sampled_from(["neuron", "channel"]),
        scope=st.sampled_from(["global", "layer"]), order=st.sampled_from(["pos", "neg"]),
        tolerance=st.sampled_from([0.05, 0.5, 2.0]))
+# A kappa of exactly 0 on the cut path (a measure cut to a point mass) is -2.2e-16 on the exact
+# path: it must not count as an exact constant (curvprune.decision).
+@example(spec=NetSpec(
+    in_shape=(2, 3, 3),
+    layers=(ConvSpec(out_channels=4, kernel=(2, 2), stride=(2, 2), padding=(2, 1),
+                     dilation=(2, 2), groups=1, bias=False),
+            ConvSpec(out_channels=4, kernel=(2, 1), stride=(2, 1), padding="valid",
+                     dilation=(1, 1), groups=4, bias=False),
+            LinearSpec(out_features=4, bias=True), LinearSpec(out_features=8, bias=True),
+            LinearSpec(out_features=2, bias=True)),
+    hidden=(HiddenSpec(activation="relu", batchnorm=False),
+            HiddenSpec(activation="tanh", batchnorm=False),
+            HiddenSpec(activation="relu", batchnorm=True),
+            HiddenSpec(activation="none", batchnorm=True),
+            HiddenSpec(activation="relu", batchnorm=False)),
+    zero=("random", "random", "random", "rows", "cols"), bias_shift=(0.0,) * 5,
+    weight_style="quantized", input_style="normal", num_examples=1, seed=200, extra={}),
+    alpha=0.0, granularity="neuron", scope="layer", order="pos", tolerance=2.0)
 def test_decision_exact_pruning_equals_exact_pruning(spec, alpha, granularity, scope, order,
                                                      tolerance):
     """At several amounts the pruned masks are those of ``tolerance=0``, element for element,
