@@ -219,6 +219,19 @@ def _column_labels(lab: torch.Tensor) -> torch.Tensor | None:
     return high
 
 
+def _constant_labels(lab: torch.Tensor, dims: list[int]) -> torch.Tensor | None:
+    """``lab`` reduced over ``dims`` (kept, size 1) where its valid labels are constant along
+    them, ignoring -1 (padding, tokens without a channel); ``None`` where they vary."""
+    if not dims:
+        return lab
+    valid = lab >= 0
+    high = torch.where(valid, lab, -1).amax(dims, keepdim=True)
+    low = torch.where(valid, lab, torch.iinfo(torch.long).max).amin(dims, keepdim=True)
+    if not bool(((high < 0) | (high == low)).all()):
+        return None
+    return high
+
+
 def _name(func) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property such as Tensor.T or Tensor.shape
@@ -384,6 +397,8 @@ class _Tracer:
             self.reduce(name, args, kwargs, out)
         elif name in _MATMUL:
             self.matmul(name, args, out)
+        elif name == "einsum":
+            self.einsum(args, out)
         elif name == "scaled_dot_product_attention":
             self.attention(args, kwargs, out)
         elif name in ("pad",):
@@ -543,6 +558,44 @@ class _Tracer:
             return
         self.set_label(value, torch.broadcast_to(new, value.shape).contiguous(), measure=True)
 
+    def einsum(self, args, out) -> None:
+        """``einsum`` as ``matmul``: channels contracted give attention logits; otherwise the
+        labelled operand's channels carry over (the others weigh positions or tokens)."""
+        equation = args[0] if isinstance(args[0], str) else None
+        operands = _tensors(args[1:])
+        value = _tensors(out)[0]
+        if equation is None or "..." in equation or "->" not in equation:
+            self.fail("einsum")
+            return
+        left, result = equation.replace(" ", "").split("->")
+        subscripts = left.split(",")
+        if len(subscripts) != len(operands) or any(len(set(s)) != len(s) for s in subscripts):
+            self.fail("einsum")
+            return
+        carried = []  # per labelled operand: its labels reduced over contracted letters, or None
+        for letters, t in zip(subscripts, operands):
+            lab = self.label(t)
+            if lab is None:
+                continue
+            contracted = [d for d, c in enumerate(letters) if c not in result]
+            reduced = _constant_labels(lab, contracted)
+            carried.append((letters, reduced))
+        varying = [r is None for _, r in carried]
+        if all(varying):  # every labelled operand has channels contracted: q k^T
+            self.mark(value, "weights")
+            return
+        if len(carried) != 1:
+            self.fail("einsum")  # channels of two tensors meet: not a known form
+            return
+        letters, reduced = carried[0]
+        kept = "".join(c for c in letters if c in result)
+        lab = reduced.reshape([n for c, n in zip(letters, reduced.shape) if c in result])
+        order = [kept.index(c) for c in result if c in kept]
+        lab = lab.permute(order) if order else lab
+        shape = [lab.shape[order.index(kept.index(c))] if c in kept else 1 for c in result]
+        lab = lab.reshape(shape)
+        self.set_label(value, torch.broadcast_to(lab, value.shape).contiguous(), measure=True)
+
     def attention(self, args, kwargs, out) -> None:
         v = args[2] if len(args) > 2 else kwargs["value"]
         lab = self.label(v)
@@ -558,8 +611,8 @@ class _Tracer:
                     if t.is_floating_point() or t.dtype == torch.long]
         labelled = []
         seen = set()
-        weights = any(self.label(t) is None and self.derived.get(t) == "weights"
-                      for t in operands)
+        weights = [t for t in operands
+                   if self.label(t) is None and self.derived.get(t) == "weights"]
         for t in operands:
             lab = self.label(t)
             if lab is None or id(t) in seen:
@@ -570,7 +623,8 @@ class _Tracer:
             except RuntimeError:
                 self.fail(name)
                 return
-        if weights:  # attention weights (or channels contracted with a parameter) meet channels
+        if weights and not self.weighs_positions(weights, labelled, value):
+            # attention weights (or channels contracted with a parameter) meet channels
             self.fail(f"{name} of channels and attention weights")
             return
         if len(labelled) == 1:
@@ -633,6 +687,21 @@ class _Tracer:
                                                     device=pair.device), -1)
         new = torch.where(out_node >= 0, out_node * batch + example, -1)
         self.set_label(value, new.view(value.shape), measure=True)
+
+    def weighs_positions(self, weights: list[torch.Tensor], labelled: list[torch.Tensor],
+                         value: torch.Tensor) -> bool:
+        """Whether attention weights in a merge only weigh positions or tokens: constant along
+        every dim where the channels (nodes) vary, as the per-token weights of additive
+        attention (SwiftFormer); they then act on the channels as a constant does."""
+        for w in weights:
+            shape = [1] * (value.dim() - w.dim()) + list(w.shape)
+            dims = [d for d, n in enumerate(shape) if n > 1]
+            for lab in labelled:
+                lab = lab.view(value.shape)
+                nodes = torch.where(lab >= 0, lab // self.batch, -1)
+                if dims and _constant_labels(nodes, dims) is None:
+                    return False
+        return True
 
     def one_node_per_channel(self, lab: torch.Tensor) -> bool:
         """Whether every channel (dim 1) of ``lab`` carries one node at all its positions."""

@@ -199,6 +199,49 @@ class Tokens1d(nn.Module):
         return self.fc(x.mean(2))
 
 
+class EinsumAttention(nn.Module):
+    """Attention written with ``einsum`` (MViTv2): logits ``q k^T`` and a relative-position
+    term ``q R`` (channels contracted), ``attn v``, and a token mixing by a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.qkv = nn.Linear(4, 12)
+        self.rel = nn.Parameter(torch.randn(16, 16, 4))
+        self.tokens = nn.Parameter(torch.randn(16, 16) / 4)
+        self.proj = nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        t = F.relu(self.stem(x)).flatten(2).transpose(1, 2)  # [B, 16 tokens, 4]
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        attn = torch.einsum("bnc,bmc->bnm", q, k) + torch.einsum("bnc,nmc->bnm", q, self.rel)
+        out = torch.einsum("bnm,bmc->bnc", attn.softmax(-1), v)
+        out = torch.einsum("bnc,nm->bcm", out, self.tokens)  # channels first now
+        return self.fc(F.gelu(self.proj(out.transpose(1, 2))).mean(1))
+
+
+class Additive(nn.Module):
+    """SwiftFormer's additive attention: per-token weights from ``q w`` (channels contracted
+    with a parameter) weigh the tokens of ``q`` into one global query."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.q = nn.Linear(4, 4)
+        self.k = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 1))
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = F.relu(self.stem(x)).flatten(2).transpose(1, 2)  # [B, 16 tokens, 4]
+        q, k = self.q(t), self.k(t)
+        a = F.normalize(q @ self.w, dim=1)  # [B, 16, 1]: one weight per token
+        g = torch.sum(a * q, dim=1, keepdim=True)  # [B, 1, 4]: the channels of q
+        return self.fc((self.proj(g * k) + q).mean(1))
+
+
 def _vit(fused: bool):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=8,
@@ -234,6 +277,8 @@ MODELS = {
     "standardised": (_seeded(Standardised), (3, 9, 9)),
     "halo": (_seeded(Halo), (3, 8, 8)),
     "tokens1d": (_seeded(Tokens1d), (3, 4, 4)),
+    "einsum": (_seeded(EinsumAttention), (3, 4, 4)),
+    "additive": (_seeded(Additive), (3, 4, 4)),
 }
 
 
@@ -576,6 +621,31 @@ def test_conv1d_on_tokens_is_a_layer():
     assert torch.equal(graph.src[dw] - mix, graph.dst[dw] - graph.module_outputs[2])
 
 
+def test_einsum_attention_carries_value_channels():
+    model = MODELS["einsum"][0]()
+    graph = _trace(model, _inputs((3, 4, 4)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "qkv.weight", "proj.weight", "fc.weight"]
+    qkv = graph.module_outputs[1]
+    nodes, channels = graph.module_inputs[names.index("proj.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(qkv + 8, qkv + 12))
+    assert not torch.isin(torch.arange(qkv, qkv + 8), graph.src).any()  # q, k: no out-edges
+
+
+def test_additive_attention_weighs_tokens_of_the_query():
+    model = MODELS["additive"][0]()
+    graph = _trace(model, _inputs((3, 4, 4)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "q.weight", "k.weight", "proj.weight", "fc.weight"]
+    q, k = graph.module_outputs[1], graph.module_outputs[2]
+    merge = next(s for s in graph.sets if s.kind == "merge")  # g * k: channel c of q and of k
+    into = (graph.dst >= merge.start) & (graph.dst < merge.start + merge.count)
+    pairs = {(int(a), int(b) - merge.start) for a, b in zip(graph.src[into], graph.dst[into])}
+    assert pairs == {(q + c, c) for c in range(4)} | {(k + c, c) for c in range(4)}
+    nodes, channels = graph.module_inputs[names.index("proj.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(merge.start, merge.start + 4))
+
+
 class ChannelConv1d(nn.Module):
     """ECA: a Conv1d across the channels of a pooled map (channels laid out as positions)."""
 
@@ -621,7 +691,22 @@ class LogitsIntoChannels(nn.Module):
         return self.fc((t + t @ t.transpose(1, 2)).mean(1))
 
 
+class ChannelEinsum(nn.Module):
+    """Cross-covariance of channels (XCiT-style, by einsum): channels mix by data."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)  # [B, 4 tokens, 4 channels]
+        mixed = torch.einsum("bnc,bcd->bnd", t, torch.einsum("bnc,bnd->bcd", t, t).softmax(-1))
+        return self.fc(mixed.mean(1))
+
+
 @pytest.mark.parametrize("cls, named", [
+    (ChannelEinsum, "einsum"),
     (ChannelConv1d, "eca convolves channels laid out as positions"),
     (SpatialGate, "spatial reads no traced channel"),
     (LogitsIntoChannels, "of channels and attention weights"),
