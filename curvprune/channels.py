@@ -397,6 +397,8 @@ class _Tracer:
             self.reduce(name, args, kwargs, out)
         elif name in _MATMUL:
             self.matmul(name, args, out)
+        elif func is torch.nn.functional.fold:
+            self.fold(args, kwargs, out)
         elif name == "einsum":
             self.einsum(args, out)
         elif name == "scaled_dot_product_attention":
@@ -474,6 +476,22 @@ class _Tracer:
                 return
             self.set_label(value, lab, measure=False)
 
+    def fold(self, args, kwargs, out) -> None:
+        """``F.fold`` (col2im) sums overlapping patches: followed where every output element
+        sums elements of one channel (as ``F.unfold`` then ``F.fold`` of outlook attention)."""
+        lab = self.label(args[0])
+        valid = (lab >= 0).to(torch.float64)
+        value = (lab + 1).to(torch.float64) * valid  # exact: labels are far below 2**26
+
+        def fold(t):
+            return torch.nn.functional.fold(t, *args[1:], **kwargs)
+        count, total, square = fold(valid), fold(value), fold(value * value)
+        if not bool((square * count == total * total).all()):  # two labels in one element
+            self.fail("fold")
+            return
+        new = torch.where(count > 0, total / count.clamp(min=1) - 1, -1.0).round().long()
+        self.set_label(out, new, measure=True)
+
     def setitem(self, args) -> None:
         target, index, value = args[0], args[1], args[2]
         lab = self.label(target)
@@ -544,12 +562,17 @@ class _Tracer:
         def cols_only(lab):
             return lab is None or _column_labels(lab) is not None
 
-        if la is not None and not rows_only(la) and (lb is None or not cols_only(lb)):
-            # q k^T (or q against a relative-position table): channels weigh the mixing; the
-            # result is attention logits, not a channel tensor.
+        a_contracted = la is not None and not rows_only(la)
+        b_contracted = lb is not None and not cols_only(lb)
+        if (a_contracted or la is None) and (b_contracted or lb is None):
+            # q k^T (or q against a relative-position table, or a constant query, as a class
+            # token's, against k^T): channels weigh the mixing; the result is attention
+            # logits, not a channel tensor.
             self.mark(value, "weights")
             return
-        if la is None and lb is not None and cols_only(lb):  # attn @ v
+        if lb is not None and cols_only(lb) and (la is None or not rows_only(la)):
+            # attn @ v; or channels of a layer used as attention weights over the positions
+            # of v (outlook attention): they weigh the mixing, v's channels carry over
             new = _column_labels(lb)
         elif lb is None and la is not None and rows_only(la):
             new = la[..., :1]
@@ -742,7 +765,11 @@ class _Tracer:
                 owner = None
         lab = self.label(x)
         if owner is None:
-            if lab is not None:
+            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            if (lab is not None and name == "conv2d" and x.dim() == 4
+                    and groups == x.shape[1] == weight.shape[0]):
+                self.spatial(name, x, out)  # a fixed filter per channel (blur pooling)
+            elif lab is not None:
                 self.fail(f"{name} with a weight that is not a Conv2d/Linear module's")
             return
         mod_name, module = owner

@@ -242,6 +242,41 @@ class Additive(nn.Module):
         return self.fc((self.proj(g * k) + q).mean(1))
 
 
+class Outlook(nn.Module):
+    """VOLO's outlook attention (a Linear's channels are the attention weights over the
+    positions of an ``F.unfold`` window; ``F.fold`` sums the windows back), a fixed blur filter
+    per channel (BlurPool), and class attention whose query is a constant (a class token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.v = nn.Linear(4, 4)
+        self.attn = nn.Linear(4, 9 * 9)
+        self.proj = nn.Linear(4, 4)
+        blur = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("blur", (blur[:, None] * blur[None, :] / 16).expand(4, 1, 3, 3))
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.q = nn.Linear(4, 4)  # reads the class token only: a constant, not scored
+        self.k = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))  # [B, 4, 6, 6]
+        b = x.shape[0]
+        t = x.permute(0, 2, 3, 1)
+        v = F.unfold(self.v(t).permute(0, 3, 1, 2), 3, padding=1)  # [B, 4 * 9, 36]
+        v = v.reshape(b, 4, 9, 36).permute(0, 3, 2, 1)  # [B, 36 positions, 9 window, 4]
+        a = self.attn(t).reshape(b, 36, 9, 9).softmax(-1)
+        o = (a @ v).permute(0, 3, 2, 1).reshape(b, 4 * 9, 36)
+        o = F.fold(o, (6, 6), 3, padding=1)  # [B, 4, 6, 6]
+        o = self.proj(o.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        o = F.conv2d(F.pad(o, (1, 1, 1, 1), mode="reflect"), self.blur, stride=2, groups=4)
+        tokens = o.flatten(2).transpose(1, 2)  # [B, 9, 4]
+        q = self.q(self.cls.expand(b, -1, -1))
+        w = (q @ self.k(tokens).transpose(1, 2)).softmax(-1)  # [B, 1, 9]
+        return self.fc((w @ tokens)[:, 0])
+
+
 def _vit(fused: bool):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=8,
@@ -279,6 +314,7 @@ MODELS = {
     "tokens1d": (_seeded(Tokens1d), (3, 4, 4)),
     "einsum": (_seeded(EinsumAttention), (3, 4, 4)),
     "additive": (_seeded(Additive), (3, 4, 4)),
+    "outlook": (_seeded(Outlook), (3, 6, 6)),
 }
 
 
@@ -644,6 +680,25 @@ def test_additive_attention_weighs_tokens_of_the_query():
     assert pairs == {(q + c, c) for c in range(4)} | {(k + c, c) for c in range(4)}
     nodes, channels = graph.module_inputs[names.index("proj.weight")]
     assert torch.equal(nodes[channels.argsort()], torch.arange(merge.start, merge.start + 4))
+
+
+def test_outlook_fold_blur_and_constant_query():
+    model = MODELS["outlook"][0]()
+    graph = _trace(model, _inputs((3, 6, 6)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "v.weight", "attn.weight", "proj.weight", "k.weight",
+                     "fc.weight"]
+    assert graph.unscored == ["q"]
+    v, attn, proj, k = (graph.module_outputs[names.index(f"{n}.weight")]
+                        for n in ("v", "attn", "proj", "k"))
+    # v's channels go through unfold, the outlook weights and fold to proj unchanged
+    nodes, channels = graph.module_inputs[names.index("proj.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(v, v + 4))
+    # and through the blur filter and the class attention to the head
+    nodes, channels = graph.module_inputs[names.index("fc.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(proj, proj + 4))
+    sinks = torch.cat([torch.arange(attn, attn + 81), torch.arange(k, k + 4)])
+    assert not torch.isin(sinks, graph.src).any()  # attention weights and keys: no out-edges
 
 
 class ChannelConv1d(nn.Module):
