@@ -1,8 +1,8 @@
 r"""The channel-level neural graph of any model, traced from a real forward pass.
 
 Nodes are channels (a conv's output channels; a Linear's output features, with tokens as
-positions), edges are the channel-to-channel connections of ``Conv2d`` and ``Linear`` weights,
-and of parameter-free merges (residual adds, gating products):
+positions), edges are the channel-to-channel connections of ``Conv2d``, ``Conv1d`` and
+``Linear`` weights, and of parameter-free merges (residual adds, gating products):
 
 * a ``Conv2d``/``Linear`` edge ``u -> o`` has length :math:`1 / \lVert W[o, u] \rVert_2`, the
   norm taken over the kernel and over every input feature that carries channel ``u`` (a
@@ -14,8 +14,14 @@ and of parameter-free merges (residual adds, gating products):
   BatchNorm/LayerNorm/GroupNorm (their statistics are not graph nodes), dropout, pooling and
   resizing, reshapes, permutes, slices, concatenation and splitting (``cat`` only lays the
   channels of its inputs side by side), multiplication by constants and parameters;
-* attention: ``softmax(q k^T) v`` and ``scaled_dot_product_attention`` carry the channels of
-  ``v`` (mixing over tokens only); ``q`` and ``k`` only weigh the mixing and have no out-edges.
+* attention: ``softmax(q k^T) v`` and ``scaled_dot_product_attention`` (by ``matmul`` or
+  ``einsum``) carry the channels of ``v`` (mixing over tokens only); ``q`` and ``k`` only weigh
+  the mixing and have no out-edges, as do attention weights a layer computes directly (outlook
+  attention), relative-position terms ``q R``, per-token weights (additive attention) and a
+  constant query against ``k``. Unlabelled tensors computed from channels are tracked as
+  attention *weights* or channel *statistics*: a layer that reads weights (talking heads) or
+  constants (a relative-position MLP) is no graph layer (``ChannelGraph.unscored``); one that
+  reads a statistic, or weights that vary across channels merged into channels, is untraceable.
 
 **Why trace with a torch-function mode and not with torch.fx or Torch-Pruning's dependency
 graph.** fx fails on data-dependent Python control flow common in timm models, and the
