@@ -1,8 +1,8 @@
 r"""The channel-level neural graph of any model, traced from a real forward pass.
 
 Nodes are channels (a conv's output channels; a Linear's output features, with tokens as
-positions), edges are the channel-to-channel connections of ``Conv2d`` and ``Linear`` weights,
-and of parameter-free merges (residual adds, gating products):
+positions), edges are the channel-to-channel connections of ``Conv2d``, ``Conv1d`` and
+``Linear`` weights, and of parameter-free merges (residual adds, gating products):
 
 * a ``Conv2d``/``Linear`` edge ``u -> o`` has length :math:`1 / \lVert W[o, u] \rVert_2`, the
   norm taken over the kernel and over every input feature that carries channel ``u`` (a
@@ -14,8 +14,14 @@ and of parameter-free merges (residual adds, gating products):
   BatchNorm/LayerNorm/GroupNorm (their statistics are not graph nodes), dropout, pooling and
   resizing, reshapes, permutes, slices, concatenation and splitting (``cat`` only lays the
   channels of its inputs side by side), multiplication by constants and parameters;
-* attention: ``softmax(q k^T) v`` and ``scaled_dot_product_attention`` carry the channels of
-  ``v`` (mixing over tokens only); ``q`` and ``k`` only weigh the mixing and have no out-edges.
+* attention: ``softmax(q k^T) v`` and ``scaled_dot_product_attention`` (by ``matmul`` or
+  ``einsum``) carry the channels of ``v`` (mixing over tokens only); ``q`` and ``k`` only weigh
+  the mixing and have no out-edges, as do attention weights a layer computes directly (outlook
+  attention), relative-position terms ``q R``, per-token weights (additive attention) and a
+  constant query against ``k``. Unlabelled tensors computed from channels are tracked as
+  attention *weights* or channel *statistics*: a layer that reads weights (talking heads) or
+  constants (a relative-position MLP) is no graph layer (``ChannelGraph.unscored``); one that
+  reads a statistic, or weights that vary across channels merged into channels, is untraceable.
 
 **Why trace with a torch-function mode and not with torch.fx or Torch-Pruning's dependency
 graph.** fx fails on data-dependent Python control flow common in timm models, and the
@@ -106,6 +112,9 @@ class ChannelGraph:
             node ``module_outputs[k] + o``).
         inputs, outputs: bool ``[num_nodes]`` masks of the model-input and model-output nodes.
         activity: float64 ``[batch, num_nodes]`` normalised activities of the traced batch.
+        unscored: names of the Conv1d/Conv2d/Linear modules that ran but read no channel (they
+            act on attention weights, as talking heads, or on constants, as a relative-position
+            MLP): no nodes, no edges, their weights are not scored.
     """
 
     sets: list[NodeSet]
@@ -120,6 +129,7 @@ class ChannelGraph:
     inputs: torch.Tensor
     outputs: torch.Tensor
     activity: torch.Tensor = field(repr=False)
+    unscored: list[str] = field(default_factory=list)
 
     @property
     def num_nodes(self) -> int:
@@ -144,7 +154,7 @@ _MOVE = {
     "__getitem__", "narrow", "select", "flip", "roll", "movedim", "moveaxis", "view_as",
     "reshape_as", "index_select", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
     "native_channel_shuffle", "tensor_split", "hsplit", "vsplit", "dsplit", "tile",
-    "repeat_interleave", "contiguous",
+    "repeat_interleave", "contiguous", "unfold",
 }
 # Keep labels as they are (same shape, no channel mixing, or only a dtype/device change).
 _KEEP = {
@@ -202,6 +212,33 @@ def _unique_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([key // span, key % span])
 
 
+def _column_labels(lab: torch.Tensor) -> torch.Tensor | None:
+    """The label of each column of ``lab`` (over dim -2, kept): its one label, ignoring -1.
+
+    ``None`` if a column carries two different labels. Rows of -1 are padding or tokens that
+    are no channel (halo windows, a class token), which attention mixes in without a channel.
+    """
+    valid = lab >= 0
+    high = torch.where(valid, lab, -1).amax(-2, keepdim=True)
+    low = torch.where(valid, lab, torch.iinfo(torch.long).max).amin(-2, keepdim=True)
+    if not bool(((high < 0) | (high == low)).all()):
+        return None
+    return high
+
+
+def _constant_labels(lab: torch.Tensor, dims: list[int]) -> torch.Tensor | None:
+    """``lab`` reduced over ``dims`` (kept, size 1) where its valid labels are constant along
+    them, ignoring -1 (padding, tokens without a channel); ``None`` where they vary."""
+    if not dims:
+        return lab
+    valid = lab >= 0
+    high = torch.where(valid, lab, -1).amax(dims, keepdim=True)
+    low = torch.where(valid, lab, torch.iinfo(torch.long).max).amin(dims, keepdim=True)
+    if not bool(((high < 0) | (high == low)).all()):
+        return None
+    return high
+
+
 def _name(func) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property such as Tensor.T or Tensor.shape
@@ -247,7 +284,7 @@ class _Tracer:
         self.modules: list[tuple[str, nn.Module]] = []
         self.module_index: dict[int, int] = {}
         self.candidates = [(name, m) for name, m in model.named_modules()
-                           if isinstance(m, (nn.Conv2d, nn.Linear))]
+                           if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
         # Tensors that hold a layer's weight as the forward uses it: the parameter, the
         # pruning reparametrisation (weight_orig * mask), a standardised weight (StdConv2d).
         self.owner = WeakIdKeyDictionary()
@@ -257,6 +294,11 @@ class _Tracer:
                 if isinstance(t, torch.Tensor):
                     self.owner[t] = (name, m)
         self.untraced: dict[str, int] = {}
+        # Unlabelled tensors computed from labelled ones: "weights" (attention logits, q k^T,
+        # and what is computed from them alone) or "statistic" (a reduction across channels,
+        # a comparison). Unlabelled tensors in neither are constants (parameters, buffers).
+        self.derived = WeakIdKeyDictionary()
+        self.skipped: list[str] = []  # layers that read no channel (attention weights, constants)
         self.activity: dict[int, torch.Tensor] = {}  # node set index -> [batch, count] raw
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -331,13 +373,15 @@ class _Tracer:
         name = _name(func)
         inputs = [t for t in _tensors(args) + _tensors(list(kwargs.values()))
                   if self.label(t) is not None]
-        if name in ("linear", "conv2d"):
+        if name in ("linear", "conv2d", "conv1d"):
             self.layer(name, args, kwargs, out)
             return
         if not inputs:
+            self.derive(args, kwargs, out)
             self.derive_weight(args, kwargs, out)
             return
         if name in _IGNORE:
+            self.mark(out, "statistic")
             return
         outs = _tensors(out)
         if not outs:
@@ -360,6 +404,10 @@ class _Tracer:
             self.reduce(name, args, kwargs, out)
         elif name in _MATMUL:
             self.matmul(name, args, out)
+        elif func is torch.nn.functional.fold:
+            self.fold(args, kwargs, out)
+        elif name == "einsum":
+            self.einsum(args, out)
         elif name == "scaled_dot_product_attention":
             self.attention(args, kwargs, out)
         elif name in ("pad",):
@@ -371,6 +419,21 @@ class _Tracer:
                            measure=True)
         else:
             self.fail(name)
+        self.mark(out, "statistic")  # outputs left without labels: statistics of channels
+
+    def mark(self, out, kind: str) -> None:
+        """Mark the unlabelled tensors of ``out`` as derived from channels (``kind``)."""
+        for t in _tensors(out):
+            if t not in self.labels and t not in self.derived:
+                self.derived[t] = kind
+
+    def derive(self, args, kwargs, out) -> None:
+        """A function of unlabelled tensors only: derived if one of them is (statistic first)."""
+        kinds = {self.derived.get(t) for t in _tensors(args) + _tensors(list(kwargs.values()))}
+        if "statistic" in kinds:
+            self.mark(out, "statistic")
+        elif "weights" in kinds:
+            self.mark(out, "weights")
 
     def derive_weight(self, args, kwargs, out) -> None:
         """A function of one layer's weight alone (same number of elements) is that weight."""
@@ -396,6 +459,12 @@ class _Tracer:
             if t.is_floating_point() or t.is_complex():
                 return torch.full(t.shape, -1, dtype=torch.long, device=t.device)
             return t  # index tensors stay
+        if func is torch.nn.functional.unfold:  # im2col has no integer kernel: exact in float64
+            lab = self.label(args[0]).to(torch.float64) + 1  # zero padding becomes label -1
+            rest = _replace(args[1:], swap)
+            moved = (func(lab, *rest, **_replace(kwargs, swap)) - 1).to(torch.long)
+            self.set_label(out, moved, measure=False)
+            return
         try:
             moved = func(*_replace(args, swap), **_replace(kwargs, swap))
         except RuntimeError:  # e.g. view() of a label that is a transposed (strided) view
@@ -413,6 +482,22 @@ class _Tracer:
                 self.fail(_name(func))
                 return
             self.set_label(value, lab, measure=False)
+
+    def fold(self, args, kwargs, out) -> None:
+        """``F.fold`` (col2im) sums overlapping patches: followed where every output element
+        sums elements of one channel (as ``F.unfold`` then ``F.fold`` of outlook attention)."""
+        lab = self.label(args[0])
+        valid = (lab >= 0).to(torch.float64)
+        value = (lab + 1).to(torch.float64) * valid  # exact: labels are far below 2**26
+
+        def fold(t):
+            return torch.nn.functional.fold(t, *args[1:], **kwargs)
+        count, total, square = fold(valid), fold(value), fold(value * value)
+        if not bool((square * count == total * total).all()):  # two labels in one element
+            self.fail("fold")
+            return
+        new = torch.where(count > 0, total / count.clamp(min=1) - 1, -1.0).round().long()
+        self.set_label(out, new, measure=True)
 
     def setitem(self, args) -> None:
         target, index, value = args[0], args[1], args[2]
@@ -482,12 +567,20 @@ class _Tracer:
             return lab is None or bool((lab == lab[..., :1]).all())
 
         def cols_only(lab):
-            return lab is None or bool((lab == lab[..., :1, :]).all())
+            return lab is None or _column_labels(lab) is not None
 
-        if la is not None and lb is not None and not rows_only(la) and not cols_only(lb):
-            return  # q k^T: channels weigh the mixing; the result is not a channel tensor
-        if la is None and lb is not None and cols_only(lb):  # attn @ v
-            new = lb[..., :1, :]
+        a_contracted = la is not None and not rows_only(la)
+        b_contracted = lb is not None and not cols_only(lb)
+        if (a_contracted or la is None) and (b_contracted or lb is None):
+            # q k^T (or q against a relative-position table, or a constant query, as a class
+            # token's, against k^T): channels weigh the mixing; the result is attention
+            # logits, not a channel tensor.
+            self.mark(value, "weights")
+            return
+        if lb is not None and cols_only(lb) and (la is None or not rows_only(la)):
+            # attn @ v; or channels of a layer used as attention weights over the positions
+            # of v (outlook attention): they weigh the mixing, v's channels carry over
+            new = _column_labels(lb)
         elif lb is None and la is not None and rows_only(la):
             new = la[..., :1]
         else:
@@ -495,14 +588,52 @@ class _Tracer:
             return
         self.set_label(value, torch.broadcast_to(new, value.shape).contiguous(), measure=True)
 
+    def einsum(self, args, out) -> None:
+        """``einsum`` as ``matmul``: channels contracted give attention logits; otherwise the
+        labelled operand's channels carry over (the others weigh positions or tokens)."""
+        equation = args[0] if isinstance(args[0], str) else None
+        operands = _tensors(args[1:])
+        value = _tensors(out)[0]
+        if equation is None or "..." in equation or "->" not in equation:
+            self.fail("einsum")
+            return
+        left, result = equation.replace(" ", "").split("->")
+        subscripts = left.split(",")
+        if len(subscripts) != len(operands) or any(len(set(s)) != len(s) for s in subscripts):
+            self.fail("einsum")
+            return
+        carried = []  # per labelled operand: its labels reduced over contracted letters, or None
+        for letters, t in zip(subscripts, operands):
+            lab = self.label(t)
+            if lab is None:
+                continue
+            contracted = [d for d, c in enumerate(letters) if c not in result]
+            reduced = _constant_labels(lab, contracted)
+            carried.append((letters, reduced))
+        varying = [r is None for _, r in carried]
+        if all(varying):  # every labelled operand has channels contracted: q k^T
+            self.mark(value, "weights")
+            return
+        if len(carried) != 1:
+            self.fail("einsum")  # channels of two tensors meet: not a known form
+            return
+        letters, reduced = carried[0]
+        kept = "".join(c for c in letters if c in result)
+        lab = reduced.reshape([n for c, n in zip(letters, reduced.shape) if c in result])
+        order = [kept.index(c) for c in result if c in kept]
+        lab = lab.permute(order) if order else lab
+        shape = [lab.shape[order.index(kept.index(c))] if c in kept else 1 for c in result]
+        lab = lab.reshape(shape)
+        self.set_label(value, torch.broadcast_to(lab, value.shape).contiguous(), measure=True)
+
     def attention(self, args, kwargs, out) -> None:
         v = args[2] if len(args) > 2 else kwargs["value"]
         lab = self.label(v)
-        if lab is None or not bool((lab == lab[..., :1, :]).all()):
+        new = None if lab is None else _column_labels(lab)
+        if new is None:
             self.fail("scaled_dot_product_attention")
             return
-        self.set_label(out, torch.broadcast_to(lab[..., :1, :], out.shape).contiguous(),
-                       measure=True)
+        self.set_label(out, torch.broadcast_to(new, out.shape).contiguous(), measure=True)
 
     def merge(self, name: str, args, kwargs, out) -> None:
         value = out if isinstance(out, torch.Tensor) else _tensors(out)[0]
@@ -510,6 +641,8 @@ class _Tracer:
                     if t.is_floating_point() or t.dtype == torch.long]
         labelled = []
         seen = set()
+        weights = [t for t in operands
+                   if self.label(t) is None and self.derived.get(t) == "weights"]
         for t in operands:
             lab = self.label(t)
             if lab is None or id(t) in seen:
@@ -520,6 +653,10 @@ class _Tracer:
             except RuntimeError:
                 self.fail(name)
                 return
+        if weights and not self.weighs_positions(weights, labelled, value):
+            # attention weights (or channels contracted with a parameter) meet channels
+            self.fail(f"{name} of channels and attention weights")
+            return
         if len(labelled) == 1:
             self.set_label(value, labelled[0].view(value.shape).clone(), measure=True)
             return
@@ -581,6 +718,31 @@ class _Tracer:
         new = torch.where(out_node >= 0, out_node * batch + example, -1)
         self.set_label(value, new.view(value.shape), measure=True)
 
+    def weighs_positions(self, weights: list[torch.Tensor], labelled: list[torch.Tensor],
+                         value: torch.Tensor) -> bool:
+        """Whether attention weights in a merge only weigh positions or tokens: constant along
+        every dim where the channels (nodes) vary, as the per-token weights of additive
+        attention (SwiftFormer); they then act on the channels as a constant does."""
+        for w in weights:
+            shape = [1] * (value.dim() - w.dim()) + list(w.shape)
+            dims = [d for d, n in enumerate(shape) if n > 1]
+            for lab in labelled:
+                lab = lab.view(value.shape)
+                nodes = torch.where(lab >= 0, lab // self.batch, -1)
+                if dims and _constant_labels(nodes, dims) is None:
+                    return False
+        return True
+
+    def one_node_per_channel(self, lab: torch.Tensor) -> bool:
+        """Whether every channel (dim 1) of ``lab`` carries one node at all its positions."""
+        moved = lab.movedim(1, -1).reshape(-1, lab.shape[1])
+        valid = moved >= 0
+        nodes = torch.where(valid, moved // self.batch, -1)
+        high = nodes.amax(0)
+        low = torch.where(valid, nodes, int(high.max()) + 1).amin(0)
+        fed = valid.any(0)
+        return bool((high[fed] == low[fed]).all())
+
     def examples(self, mod_name: str, name: str, lab, x: torch.Tensor,
                  channel_dim: int) -> torch.Tensor | None:
         """Example index per Linear row ``[...]`` or per Conv2d sample ``[N]`` (-1: none)."""
@@ -610,24 +772,37 @@ class _Tracer:
                 owner = None
         lab = self.label(x)
         if owner is None:
-            if lab is not None:
+            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            if (lab is not None and name == "conv2d" and x.dim() == 4
+                    and groups == x.shape[1] == weight.shape[0]):
+                self.spatial(name, x, out)  # a fixed filter per channel (blur pooling)
+            elif lab is not None:
                 self.fail(f"{name} with a weight that is not a Conv2d/Linear module's")
             return
         mod_name, module = owner
         if lab is None or not bool((lab >= 0).any()):
-            self.fail(f"{mod_name} reads no traced channel")
+            kind = self.derived.get(x)
+            if kind == "statistic":
+                self.fail(f"{mod_name} reads no traced channel")
+            else:  # attention weights (talking heads) or constants: not a channel layer
+                self.skipped.append(mod_name)
+                if kind is not None:
+                    self.mark(out, kind)
             return
         if id(module) in self.module_index:
             self.fail(f"{mod_name} called twice (a shared layer)")
             return
         out_features = weight.shape[0]
         value = out
-        if name == "conv2d":
+        if name in ("conv2d", "conv1d"):
             groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
-            if x.dim() != 4:
-                self.fail("conv2d on an unbatched input")
+            if x.dim() != (4 if name == "conv2d" else 3):
+                self.fail(f"{name} on an unbatched input")
                 return
             channel_dim, in_channels = 1, x.shape[1]
+            if name == "conv1d" and not self.one_node_per_channel(lab):
+                self.fail(f"{mod_name} convolves channels laid out as positions")
+                return
         else:
             groups, channel_dim, in_channels = 1, x.dim() - 1, x.shape[-1]
         index = len(self.modules)
@@ -641,7 +816,7 @@ class _Tracer:
         if example is None:
             return
         shape = [1] * value.dim()
-        shape[1 if name == "conv2d" else -1] = out_features
+        shape[-1 if name == "linear" else 1] = out_features
         node = torch.arange(base, base + out_features, device=value.device).view(shape)
         example = example.view(list(example.shape) + [1] * (value.dim() - example.dim()))
         new = torch.where(example >= 0, node * self.batch + example, -1)
@@ -705,6 +880,9 @@ class _Tracer:
     # ---- result ---------------------------------------------------------------------------
 
     def graph(self, output: torch.Tensor, device: torch.device) -> ChannelGraph:
+        out_lab = self.label(output)
+        if out_lab is None or not bool((out_lab >= 0).any()):
+            self.fail("the model output (it carries no traced channel)")
         if self.untraced:
             listed = ", ".join(f"{k} (x{v})" for k, v in sorted(self.untraced.items()))
             raise UntraceableModel(
@@ -725,7 +903,6 @@ class _Tracer:
         inputs = torch.zeros(n, dtype=torch.bool, device=device)
         inputs[self.sets[0].start:self.sets[0].start + self.sets[0].count] = True
         outputs = torch.zeros(n, dtype=torch.bool, device=device)
-        out_lab = self.label(output)
         if out_lab is not None:
             nodes = out_lab[out_lab >= 0] // self.batch
             outputs[nodes.to(device)] = True
@@ -742,7 +919,7 @@ class _Tracer:
             weight_edges=[(w.to(device), e.to(device)) for w, e in self.weight_edges],
             module_inputs=[(u.to(device), c.to(device)) for u, c in self.module_inputs],
             module_outputs=list(self.module_outputs),
-            inputs=inputs, outputs=outputs, activity=activity,
+            inputs=inputs, outputs=outputs, activity=activity, unscored=list(self.skipped),
         )
 
 

@@ -180,8 +180,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             return scores[graph.module_outputs[k] + idx]
         if handler in _IN:
             nodes, channels = graph.module_inputs[k]
-            width = module.weight.shape[1] * (module.groups if isinstance(module, nn.Conv2d)
-                                              else 1)
+            width = module.weight.shape[1] * getattr(module, "groups", 1)  # Conv1d/2d groups
             total = torch.zeros(width, dtype=torch.float32, device=scores.device)
             count = torch.zeros(width, dtype=torch.float32, device=scores.device)
             value = scores[nodes]

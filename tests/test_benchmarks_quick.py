@@ -157,3 +157,24 @@ def test_resume_keeps_matching_runs_and_refuses_other_settings(tmp_path):
     assert kept == {"lenet5": {"0": {"accuracy": 1}}}
     with pytest.raises(SystemExit, match="other settings \\(alpha\\)"):
         resumable(path, {"alpha": 0.5, "seeds": [0]}, ignore={"seeds"})
+
+
+@pytest.mark.slow
+def test_coverage_quick(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "coverage.py"), "--quick", "--out",
+         str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "coverage_quick.json").read_text())
+    assert data["status"] == "complete" and data["settings"]["quick"] is True
+    models = {e["model"]: e for e in data["models"]}
+    assert set(models) == {"resnet10t", "vit_tiny_patch16_224", "convnext_atto",
+                           "mobilenet_v3_small"}
+    for entry in models.values():  # every model of the quick set is followed
+        assert entry["status"] == "traced", entry
+        assert 0 < entry["layers"] <= entry["conv_linear_modules"]
+        assert entry["edges"] > 0 and entry["nodes"] > entry["layers"]
+    assert data["summary"]["all"] == {"traced": 4, "total": 4}
+    table = (tmp_path / "coverage_quick.md").read_text()
+    assert "| all | 4 | 0 | 0 | 0 | 0 | 0 | 4 |" in table

@@ -146,6 +146,137 @@ class Standardised(nn.Module):
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
 
+class Halo(nn.Module):
+    """Halo attention (timm's HaloNet): keys and values from overlapping zero-padded windows cut
+    with ``Tensor.unfold``, a relative-position MLP on a constant table and talking heads (a
+    Linear on the attention logits) added to ``q k^T``; and an ``F.unfold`` (im2col) branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.q = nn.Conv2d(4, 4, 1)
+        self.kv = nn.Conv2d(4, 8, 1)  # head h: channels 4h, 4h+1 are k; 4h+2, 4h+3 are v
+        self.rel = nn.Linear(2, 1)  # reads a constant table: no channel
+        self.talk = nn.Linear(2, 2)  # mixes the heads of the attention logits: no channel
+        self.proj = nn.Conv2d(4, 5, 1)
+        self.cols = nn.Linear(4 * 9, 3)
+        self.fc = nn.Linear(5 + 3, 2)
+        self.register_buffer("table", torch.randn(16, 36, 2))
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))  # [B, 4, 8, 8]
+        b = x.shape[0]
+        # queries: 2 heads of 2 channels, 2 x 2 blocks of 4 x 4 positions
+        q = self.q(x).reshape(b, 2, 2, 2, 4, 2, 4).permute(0, 1, 3, 5, 4, 6, 2)
+        q = q.reshape(b * 2, 4, 16, 2)
+        kv = F.pad(self.kv(x), (1, 1, 1, 1)).unfold(2, 6, 4).unfold(3, 6, 4)  # 6x6 windows
+        kv = kv.reshape(b, 2, 4, 4, 36).permute(0, 1, 3, 4, 2).reshape(b * 2, 4, 36, 4)
+        k, v = kv.split(2, dim=-1)
+        attn = q @ k.transpose(-1, -2) + self.rel(self.table).squeeze(-1)
+        attn = self.talk(attn.reshape(b, 2, 4, 16, 36).permute(0, 2, 3, 4, 1))
+        attn = attn.permute(0, 4, 1, 2, 3).reshape(b * 2, 4, 16, 36).softmax(-1)
+        out = (attn @ v).reshape(b, 2, 2, 2, 4, 4, 2).permute(0, 1, 6, 2, 4, 3, 5)
+        y = F.relu(self.proj(out.reshape(b, 4, 8, 8))).mean((2, 3))
+        cols = F.unfold(x, 3, padding=1, stride=4).transpose(1, 2)  # [B, 4, 4 * 9]
+        z = F.relu(self.cols(cols)).mean(1)
+        return self.fc(torch.cat([y, z], 1))
+
+
+class Tokens1d(nn.Module):
+    """Conv1d over tokens ``[B, C, L]``: a channel mixer and a depthwise one (EfficientViM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Conv1d(4, 6, 3, padding=1)
+        self.dw = nn.Conv1d(6, 6, 3, padding=1, groups=6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x)).flatten(2)
+        x = F.gelu(self.mix(x))
+        x = x + self.dw(x)
+        return self.fc(x.mean(2))
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with ``einsum`` (MViTv2): logits ``q k^T`` and a relative-position
+    term ``q R`` (channels contracted), ``attn v``, and a token mixing by a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.qkv = nn.Linear(4, 12)
+        self.rel = nn.Parameter(torch.randn(16, 16, 4))
+        self.tokens = nn.Parameter(torch.randn(16, 16) / 4)
+        self.proj = nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        t = F.relu(self.stem(x)).flatten(2).transpose(1, 2)  # [B, 16 tokens, 4]
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        attn = torch.einsum("bnc,bmc->bnm", q, k) + torch.einsum("bnc,nmc->bnm", q, self.rel)
+        out = torch.einsum("bnm,bmc->bnc", attn.softmax(-1), v)
+        out = torch.einsum("bnc,nm->bcm", out, self.tokens)  # channels first now
+        return self.fc(F.gelu(self.proj(out.transpose(1, 2))).mean(1))
+
+
+class Additive(nn.Module):
+    """SwiftFormer's additive attention: per-token weights from ``q w`` (channels contracted
+    with a parameter) weigh the tokens of ``q`` into one global query."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.q = nn.Linear(4, 4)
+        self.k = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 1))
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = F.relu(self.stem(x)).flatten(2).transpose(1, 2)  # [B, 16 tokens, 4]
+        q, k = self.q(t), self.k(t)
+        a = F.normalize(q @ self.w, dim=1)  # [B, 16, 1]: one weight per token
+        g = torch.sum(a * q, dim=1, keepdim=True)  # [B, 1, 4]: the channels of q
+        return self.fc((self.proj(g * k) + q).mean(1))
+
+
+class Outlook(nn.Module):
+    """VOLO's outlook attention (a Linear's channels are the attention weights over the
+    positions of an ``F.unfold`` window; ``F.fold`` sums the windows back), a fixed blur filter
+    per channel (BlurPool), and class attention whose query is a constant (a class token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.v = nn.Linear(4, 4)
+        self.attn = nn.Linear(4, 9 * 9)
+        self.proj = nn.Linear(4, 4)
+        blur = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("blur", (blur[:, None] * blur[None, :] / 16).expand(4, 1, 3, 3))
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.q = nn.Linear(4, 4)  # reads the class token only: a constant, not scored
+        self.k = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))  # [B, 4, 6, 6]
+        b = x.shape[0]
+        t = x.permute(0, 2, 3, 1)
+        v = F.unfold(self.v(t).permute(0, 3, 1, 2), 3, padding=1)  # [B, 4 * 9, 36]
+        v = v.reshape(b, 4, 9, 36).permute(0, 3, 2, 1)  # [B, 36 positions, 9 window, 4]
+        a = self.attn(t).reshape(b, 36, 9, 9).softmax(-1)
+        o = (a @ v).permute(0, 3, 2, 1).reshape(b, 4 * 9, 36)
+        o = F.fold(o, (6, 6), 3, padding=1)  # [B, 4, 6, 6]
+        o = self.proj(o.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        o = F.conv2d(F.pad(o, (1, 1, 1, 1), mode="reflect"), self.blur, stride=2, groups=4)
+        tokens = o.flatten(2).transpose(1, 2)  # [B, 9, 4]
+        q = self.q(self.cls.expand(b, -1, -1))
+        w = (q @ self.k(tokens).transpose(1, 2)).softmax(-1)  # [B, 1, 9]
+        return self.fc((w @ tokens)[:, 0])
+
+
 def _vit(fused: bool):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=8,
@@ -179,6 +310,11 @@ MODELS = {
     "convnext": (_convnext, (3, 32, 32)),
     "windows": (_seeded(Windows), (3, 8, 8)),
     "standardised": (_seeded(Standardised), (3, 9, 9)),
+    "halo": (_seeded(Halo), (3, 8, 8)),
+    "tokens1d": (_seeded(Tokens1d), (3, 4, 4)),
+    "einsum": (_seeded(EinsumAttention), (3, 4, 4)),
+    "additive": (_seeded(Additive), (3, 4, 4)),
+    "outlook": (_seeded(Outlook), (3, 6, 6)),
 }
 
 
@@ -476,6 +612,165 @@ def test_iterable_calibration_equals_one_batch():
 # --------------------------------------------------------------------------------------------
 # Bad input and untraceable models
 # --------------------------------------------------------------------------------------------
+
+
+def test_halo_windows_unfold_and_talking_heads():
+    model = MODELS["halo"][0]()
+    graph = _trace(model, _inputs((3, 8, 8)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "q.weight", "kv.weight", "proj.weight", "cols.weight",
+                     "fc.weight"]
+    assert graph.unscored == ["rel", "talk"]  # constants and attention logits: no channel
+    stem, q, kv = (graph.module_outputs[names.index(f"{n}.weight")] for n in ("stem", "q", "kv"))
+    # proj input channel c (head c // 2, dim c % 2) is value channel 4 (c // 2) + 2 + c % 2,
+    # through the padded, overlapping windows of Tensor.unfold
+    nodes, channels = graph.module_inputs[names.index("proj.weight")]
+    expected = torch.tensor([kv + 4 * (c // 2) + 2 + c % 2 for c in range(4)])
+    assert torch.equal(nodes[channels.argsort()], expected)
+    # queries and keys only weigh the mixing: no out-edges
+    sinks = torch.tensor(list(range(q, q + 4)) + [kv + 4 * h + d for h in (0, 1) for d in (0, 1)])
+    assert not torch.isin(sinks, graph.src).any()
+    # im2col: feature f of a window is channel f // 9 of the stem (zero padding is no channel)
+    nodes, channels = graph.module_inputs[names.index("cols.weight")]
+    assert channels.numel() == 36 and torch.equal(nodes[channels.argsort()],
+                                                  stem + torch.arange(36) // 9)
+    sel = graph.module == names.index("cols.weight")
+    w = model.cols.weight.detach().double().view(3, 4, 9)
+    o, u = graph.dst[sel] - graph.module_outputs[names.index("cols.weight")], graph.src[sel] - stem
+    assert torch.allclose(graph.length[sel], 1.0 / w.pow(2).sum(2).sqrt()[o, u])
+    # unscored layers get no curvature: they are not pruned, as unused layers
+    result = curvprune.neural_curvature(model, _inputs((3, 8, 8)), granularity="channel")
+    assert set(result.kappa) == set(names)
+
+
+def test_conv1d_on_tokens_is_a_layer():
+    model = MODELS["tokens1d"][0]()
+    graph = _trace(model, _inputs((3, 4, 4)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "mix.weight", "dw.weight", "fc.weight"]
+    stem, mix = graph.module_outputs[0], graph.module_outputs[1]
+    sel = graph.module == 1
+    norms = model.mix.weight.detach().double().pow(2).sum(2).sqrt()
+    o, u = graph.dst[sel] - mix, graph.src[sel] - stem
+    assert sel.sum() == 6 * 4 and torch.allclose(graph.length[sel], 1.0 / norms[o, u])
+    dw = graph.module == 2  # depthwise: channel c -> channel c only
+    assert torch.equal(graph.src[dw] - mix, graph.dst[dw] - graph.module_outputs[2])
+
+
+def test_einsum_attention_carries_value_channels():
+    model = MODELS["einsum"][0]()
+    graph = _trace(model, _inputs((3, 4, 4)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "qkv.weight", "proj.weight", "fc.weight"]
+    qkv = graph.module_outputs[1]
+    nodes, channels = graph.module_inputs[names.index("proj.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(qkv + 8, qkv + 12))
+    assert not torch.isin(torch.arange(qkv, qkv + 8), graph.src).any()  # q, k: no out-edges
+
+
+def test_additive_attention_weighs_tokens_of_the_query():
+    model = MODELS["additive"][0]()
+    graph = _trace(model, _inputs((3, 4, 4)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "q.weight", "k.weight", "proj.weight", "fc.weight"]
+    q, k = graph.module_outputs[1], graph.module_outputs[2]
+    merge = next(s for s in graph.sets if s.kind == "merge")  # g * k: channel c of q and of k
+    into = (graph.dst >= merge.start) & (graph.dst < merge.start + merge.count)
+    pairs = {(int(a), int(b) - merge.start) for a, b in zip(graph.src[into], graph.dst[into])}
+    assert pairs == {(q + c, c) for c in range(4)} | {(k + c, c) for c in range(4)}
+    nodes, channels = graph.module_inputs[names.index("proj.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(merge.start, merge.start + 4))
+
+
+def test_outlook_fold_blur_and_constant_query():
+    model = MODELS["outlook"][0]()
+    graph = _trace(model, _inputs((3, 6, 6)))
+    names = [n for n, _ in graph.modules]
+    assert names == ["stem.weight", "v.weight", "attn.weight", "proj.weight", "k.weight",
+                     "fc.weight"]
+    assert graph.unscored == ["q"]
+    v, attn, proj, k = (graph.module_outputs[names.index(f"{n}.weight")]
+                        for n in ("v", "attn", "proj", "k"))
+    # v's channels go through unfold, the outlook weights and fold to proj unchanged
+    nodes, channels = graph.module_inputs[names.index("proj.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(v, v + 4))
+    # and through the blur filter and the class attention to the head
+    nodes, channels = graph.module_inputs[names.index("fc.weight")]
+    assert torch.equal(nodes[channels.argsort()], torch.arange(proj, proj + 4))
+    sinks = torch.cat([torch.arange(attn, attn + 81), torch.arange(k, k + 4)])
+    assert not torch.isin(sinks, graph.src).any()  # attention weights and keys: no out-edges
+
+
+class ChannelConv1d(nn.Module):
+    """ECA: a Conv1d across the channels of a pooled map (channels laid out as positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.eca(x.mean((2, 3), keepdim=True).squeeze(-1).transpose(-1, -2))
+        x = x * torch.sigmoid(y.transpose(-1, -2).unsqueeze(-1))
+        return self.fc(x.mean((2, 3)))
+
+
+class SpatialGate(nn.Module):
+    """CBAM's spatial gate: a conv on channel statistics (mean and max over channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.spatial = nn.Conv2d(2, 1, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        x = x * torch.sigmoid(self.spatial(s))
+        return self.fc(x.mean((2, 3)))
+
+
+class LogitsIntoChannels(nn.Module):
+    """Token-by-token similarities added to the channels: not attention, not traceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)  # [B, 4 tokens, 4 channels]
+        return self.fc((t + t @ t.transpose(1, 2)).mean(1))
+
+
+class ChannelEinsum(nn.Module):
+    """Cross-covariance of channels (XCiT-style, by einsum): channels mix by data."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)  # [B, 4 tokens, 4 channels]
+        mixed = torch.einsum("bnc,bcd->bnd", t, torch.einsum("bnc,bnd->bcd", t, t).softmax(-1))
+        return self.fc(mixed.mean(1))
+
+
+@pytest.mark.parametrize("cls, named", [
+    (ChannelEinsum, "einsum"),
+    (ChannelConv1d, "eca convolves channels laid out as positions"),
+    (SpatialGate, "spatial reads no traced channel"),
+    (LogitsIntoChannels, "of channels and attention weights"),
+])
+def test_layers_and_merges_without_channels_stay_untraceable(cls, named):
+    torch.manual_seed(0)
+    with pytest.raises(UntraceableModel) as info:
+        _trace(cls(), _inputs((3, 6, 6)))
+    assert any(named in f for f in info.value.functions), info.value.functions
 
 
 class Spectral(nn.Module):
