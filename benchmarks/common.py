@@ -29,8 +29,9 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
                   ) -> tuple[nn.Module, float]:
     """A ``create_model(name)`` trained on Fashion-MNIST with Adam, cached by its settings.
 
-    A name with a slash is a :mod:`curvprune.zoo` entry (``"timm/resnet18"``): 3 x 32 x 32
-    inputs, so use ``pad_to=32, in_channels=3`` (the grey channel repeated).
+    A name with a slash is a :mod:`curvprune.models.zoo` entry (``"timm/resnet18"``, built as
+    ``create_model("zoo:timm/resnet18")``): 3 x 32 x 32 inputs, so use ``pad_to=32,
+    in_channels=3`` (the grey channel repeated).
     Returns ``(model in eval mode, test accuracy)``.
     """
     settings = dict(name=name, epochs=epochs, seed=seed, pad_to=pad_to, lr=lr,
@@ -38,9 +39,7 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = CACHE / f"{name.replace('/', '_')}-{key}.pt"
     if "/" in name:
-        from curvprune import zoo
-
-        model = zoo.create(name)
+        model = create_model(f"zoo:{name}")
     else:  # seeded initial weights: torch's own start seed varies by process
         torch.manual_seed(seed)
         model = create_model(name, in_channels=in_channels)

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import curvprune  # noqa: E402
-from curvprune import analysis, baselines, data, evaluation, models, zoo  # noqa: E402
+from curvprune import analysis, baselines, data, evaluation, models  # noqa: E402
+from curvprune.models import zoo  # noqa: E402
 
 SECTIONS = [
     ("Scoring", curvprune, ["neural_curvature", "CurvatureResult", "ImportanceScores",
