@@ -25,12 +25,14 @@ Scoring runs in eval mode and leaves the model as it was found (parameters, ``.g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import ORDERS, check_choice
 from .calibration import (
     is_single_pair,
     iter_calibration_inputs,
@@ -41,7 +43,7 @@ from .calibration import (
 from .graph import conv_padding
 from .result import ImportanceScores
 
-__all__ = ["prunable_modules", "magnitude_scores", "random_scores", "lamp_scores",
+__all__ = ["prunable_modules", "magnitude", "magnitude_scores", "random_scores", "lamp_scores",
            "wanda_scores", "snip_scores", "prune_per_row"]
 
 
@@ -70,11 +72,22 @@ def _wrap(scores: dict[str, torch.Tensor], targets: dict[str, nn.Module]) -> Imp
                             names={(targets[n], "weight"): n for n in scores})
 
 
+def magnitude(weight: torch.Tensor, order: str = "pos") -> torch.Tensor:
+    """The magnitude score of each entry of ``weight`` (a detached copy, same dtype):
+    :math:`|w|` for ``order="pos"`` (smallest pruned first), :math:`-|w|` for ``"neg"`` with
+    zero weights at :math:`-\\infty` (largest pruned first, zeros still first)."""
+    check_choice(order, "order", ORDERS)
+    scores = weight.detach().abs()
+    if order == "pos":
+        return scores.clone()
+    return torch.where(scores == 0, -math.inf, -scores)
+
+
 def magnitude_scores(model: nn.Module, modules: Iterable[nn.Module] | None = None
                      ) -> ImportanceScores:
     """Global magnitude: the score of each weight is :math:`|w|` (pruned weights score 0)."""
     targets = _targets(model, modules)
-    return _wrap({n: m.weight.detach().abs().clone() for n, m in targets.items()}, targets)
+    return _wrap({n: magnitude(m.weight) for n, m in targets.items()}, targets)
 
 
 def random_scores(model: nn.Module, modules: Iterable[nn.Module] | None = None, *,

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._checks import ORDERS
+
 __all__ = ["main", "load_model"]
 
 
@@ -563,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "layer: every layer loses --amount. With --structured: layer (the "
                             "default, as prune_channels) removes the ratio from every group, "
                             "global ranks all groups together")
-    prune.add_argument("--order", choices=["pos", "neg"], default="pos")
+    prune.add_argument("--order", choices=ORDERS, default="pos")
     prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
                        default="curvature",
                        help="with --scope global: how much of each layer goes (curvature: one "

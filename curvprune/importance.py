@@ -37,9 +37,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ._checks import REDUCTIONS, check_alpha, check_choice
 from .calibration import check_model
 from .channels import UntraceableModel
-from .curvature import TOLERANCE, _check_alpha, check_tolerance, neural_curvature
+from .curvature import TOLERANCE, check_tolerance, neural_curvature
 from .result import CurvatureResult
 
 __all__ = ["CurvatureImportance"]
@@ -93,8 +94,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                  fallback: str = "magnitude", progress: bool = False,
                  tolerance: float = TOLERANCE, result: CurvatureResult | None = None):
         super().__init__(p=2, group_reduction=group_reduction, normalizer=normalizer)
-        if reduction not in ("mean", "min"):
-            raise ValueError(f"reduction must be 'mean' or 'min', not {reduction!r}.")
+        check_choice(reduction, "reduction", REDUCTIONS)
         if fallback not in ("magnitude", "error"):
             raise ValueError(f"fallback must be 'magnitude' or 'error', not {fallback!r}.")
         if result is not None:
@@ -109,7 +109,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self.precomputed = result
         self.progress = progress
         self.tolerance = check_tolerance(tolerance)  # refused here too
-        self.alpha = _check_alpha(alpha)  # refused here, not at the first pruner.step()
+        self.alpha = check_alpha(alpha)  # refused here, not at the first pruner.step()
         self.reduction = reduction
         self.device = device
         self.threads = threads

@@ -45,13 +45,14 @@ from torch.nn.utils.prune import (
     _validate_pruning_amount_init,
 )
 
+from ._checks import ORDERS, check_choice, check_score, describe_module, missing_score_message
 from .allocation import allocate_like
-from .baselines import magnitude_scores, wanda_scores
+from .baselines import magnitude, magnitude_scores, prunable_modules, wanda_scores
 from .calibration import check_model, prepare_calibration
 from .channels import UntraceableModel
 from .curvature import check_tolerance, neural_curvature
 from .decision import decide_exactly
-from .result import CurvatureResult, ImportanceScores, _check_score, _describe_module
+from .result import CurvatureResult, ImportanceScores
 
 __all__ = [
     "CurvaturePruning",
@@ -68,7 +69,6 @@ __all__ = [
 
 _SCOPES = ("global", "layer")
 _ALLOCATIONS = ("curvature", "wanda", "magnitude")
-_ORDERS = ("pos", "neg")
 
 Scores = torch.Tensor | Mapping[tuple[nn.Module, str], torch.Tensor]
 ExcludeSpec = str | nn.Module | Iterable[str | nn.Module] | None
@@ -200,8 +200,8 @@ def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.T
         raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
     target = getattr(module, name, None)
     if not isinstance(target, torch.Tensor):
-        raise ValueError(f"{_describe_module(module)} has no tensor named {name!r} to prune.")
-    label = f"{name!r} of {_describe_module(module)}"
+        raise ValueError(f"{describe_module(module)} has no tensor named {name!r} to prune.")
+    label = f"{name!r} of {describe_module(module)}"
     if importance_scores is None:
         raise ValueError(
             f"importance_scores is required to prune {label} by curvature (it never falls "
@@ -213,17 +213,14 @@ def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.T
         if isinstance(importance_scores, ImportanceScores):
             return importance_scores.get((module, name))
         if (module, name) not in importance_scores:
-            raise ValueError(
-                f"no importance score for parameter {label}; a missing score is never "
-                "replaced by the raw weight values."
-            )
+            raise ValueError(missing_score_message(label))
         score = importance_scores[(module, name)]
     else:
         raise TypeError(
             "importance_scores must be a tensor or a {(module, name): tensor} mapping, not "
             f"{type(importance_scores).__name__}."
         )
-    _check_score(score, target, label)
+    check_score(score, target, label)
     return score
 
 
@@ -382,7 +379,7 @@ def _resolve_exclude(model: nn.Module, exclude: ExcludeSpec) -> list[tuple[Any, 
         if isinstance(entry, nn.Module):
             if id(entry) not in by_id:
                 raise ValueError(
-                    f"exclude: {_describe_module(entry)} is not a submodule of the model."
+                    f"exclude: {describe_module(entry)} is not a submodule of the model."
                 )
             prefix = by_id[id(entry)]
         elif isinstance(entry, str):
@@ -506,8 +503,7 @@ def prune_model(
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     if scope not in _SCOPES:
         raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
-    if order not in _ORDERS:
-        raise ValueError(f"order must be 'pos' or 'neg', not {order!r}.")
+    check_choice(order, "order", ORDERS)
     if allocation not in _ALLOCATIONS:
         raise ValueError(f"allocation must be one of {list(_ALLOCATIONS)}, not {allocation!r}.")
     if allocation != "curvature" and scope != "global":
@@ -553,14 +549,13 @@ def prune_model(
             f"prune_model: {type(model).__name__} cannot be traced at channel level ({exc}); "
             "its Conv2d/Linear weights are ranked by magnitude |w| instead.", stacklevel=2)
         result = None
-        modules = {f"{name}.weight": m for name, m in model.named_modules()
-                   if isinstance(m, (nn.Conv2d, nn.Linear))}
+        modules = prunable_modules(model)
         scored = list(modules)
     excluded: set[str] = set()
     for entry, names in exclusions:
         hit = names & set(scored)
         if not hit:
-            label = entry if isinstance(entry, str) else _describe_module(entry)
+            label = entry if isinstance(entry, str) else describe_module(entry)
             raise ValueError(
                 f"exclude: {label!r} matches no scored weight; the scored weights are "
                 f"{scored}."
@@ -702,11 +697,8 @@ def _decide(scores: ImportanceScores, budget: Any, modules: dict[str, nn.Module]
 
 
 def _magnitude_score(module: nn.Module, order: str) -> torch.Tensor:
-    """The fallback ranking: ``|w|`` (``"pos"``) or ``-|w|`` (``"neg"``), zero weights first."""
-    magnitude = module.weight.detach().abs().to(torch.float64)
-    if order == "pos":
-        return magnitude
-    return torch.where(magnitude == 0, -math.inf, -magnitude)
+    """The fallback ranking (:func:`curvprune.baselines.magnitude`) in float64."""
+    return magnitude(module.weight, order).to(torch.float64)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

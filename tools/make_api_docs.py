@@ -34,8 +34,8 @@ SECTIONS = [
         "relational_measures_masks", "relational_graph", "RelationalResult", "graph_measures",
         "curvature_statistics", "most_negative", "histogram"]),
     ("Baselines (curvprune.baselines)", baselines, [
-        "magnitude_scores", "random_scores", "lamp_scores", "wanda_scores", "snip_scores",
-        "prune_per_row"]),
+        "magnitude", "magnitude_scores", "random_scores", "lamp_scores", "wanda_scores",
+        "snip_scores", "prune_per_row"]),
     ("Data, models, evaluation", None, [
         (curvprune, "load_checkpoint"), (data, "fashion_mnist"), (data, "load_dataset"),
         (data, "class_balanced_calibration"),
