@@ -14,6 +14,7 @@ import torch.nn as nn
 from curvprune.data import fashion_mnist
 from curvprune.evaluation import accuracy
 from curvprune.models import create_model
+from curvprune.training import train_classifier
 
 CACHE = Path(os.environ.get("CURVPRUNE_CACHE", Path(__file__).parent / ".cache"))
 RESULTS = Path(__file__).parent / "results"
@@ -47,21 +48,11 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
     else:
-        from tqdm.auto import tqdm
-
         torch.manual_seed(seed)
         train = fashion_mnist(train=True, pad_to=pad_to, channels=in_channels)
-        loader = torch.utils.data.DataLoader(
-            train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
         start = time.perf_counter()
-        model.train()
-        for _ in tqdm(range(epochs), desc=f"train {name}", disable=not verbose):
-            for x, y in loader:
-                optimiser.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimiser.step()
-        model.eval()
+        train_classifier(model, train, epochs=epochs, batch_size=128, lr=lr, seed=seed,
+                         progress=verbose, desc=f"train {name}")
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)
