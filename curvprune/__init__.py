@@ -15,9 +15,9 @@ from .analysis import (
     nnstd_masks,
     relational_measures,
 )
-from .channels import UntraceableModel
 from .checkpoint import load_checkpoint
 from .curvature import neural_curvature
+from .errors import UntraceableModel
 from .estimate import ScoringEstimate, estimate
 from .pruning import (
     CurvaturePruning,

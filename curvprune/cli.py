@@ -413,8 +413,8 @@ def _cmd_analyze(args) -> dict:
     from dataclasses import asdict
 
     from .analysis import curvature_statistics, most_negative, relational_measures
-    from .channels import UntraceableModel
     from .curvature import neural_curvature
+    from .errors import UntraceableModel
 
     model, _, calibration, out = _prepare(args)
     notes = []
@@ -503,7 +503,7 @@ def _cmd_estimate(args) -> dict:
     granularity = "channel" if args.structured else args.granularity
     if args.structured and args.granularity == "neuron":
         raise UsageError("--structured uses channel granularity; drop --granularity neuron.")
-    from .channels import UntraceableModel
+    from .errors import UntraceableModel
 
     try:
         result = estimate(model, calibration, granularity=granularity, alpha=args.alpha,

@@ -39,8 +39,8 @@ import torch_pruning as tp
 
 from ._checks import REDUCTIONS, check_alpha, check_choice
 from .calibration import check_model
-from .channels import UntraceableModel
 from .curvature import TOLERANCE, check_tolerance, neural_curvature
+from .errors import UntraceableModel
 from .result import CurvatureResult
 
 __all__ = ["CurvatureImportance"]

@@ -49,9 +49,9 @@ from ._checks import ORDERS, check_choice, check_score, describe_module, missing
 from .allocation import allocate_like
 from .baselines import magnitude, magnitude_scores, prunable_modules, wanda_scores
 from .calibration import check_model, prepare_calibration
-from .channels import UntraceableModel
 from .curvature import check_tolerance, neural_curvature
 from .decision import decide_exactly
+from .errors import UntraceableModel
 from .result import CurvatureResult, ImportanceScores
 
 __all__ = [
