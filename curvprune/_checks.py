@@ -101,3 +101,18 @@ def check_score(score: Any, target: torch.Tensor, label: str) -> None:
         )
     if score.is_floating_point() and bool(torch.isnan(score).any()):
         raise ValueError(f"the importance score of {label} contains NaN.")
+
+
+def check_channel_result(result: Any) -> None:
+    """A precomputed result must be a channel-granularity :class:`CurvatureResult`."""
+    from .result import CurvatureResult  # result imports this module
+
+    if not isinstance(result, CurvatureResult):
+        raise TypeError(f"result must be a CurvatureResult (from neural_curvature), not "
+                        f"{type(result).__name__}.")
+    if result.granularity != "channel" or result.channel_graph is None:
+        raise ValueError(
+            f"channel pruning needs a result of granularity='channel', not "
+            f"{result.granularity!r}: neural_curvature(model, calibration, "
+            "granularity='channel')."
+        )

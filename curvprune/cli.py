@@ -378,7 +378,7 @@ def _zoo_ignored_layers(spec: str, model: nn.Module) -> list[nn.Module] | None:
 
 def _cmd_prune_channels(args) -> dict:
     from .evaluation import accuracy
-    from .structured import prune_channels
+    from .pruning.structured import prune_channels
 
     model, test, calibration, out = _prepare(args)
     start = time.perf_counter()

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ._checks import REDUCTIONS, check_alpha, check_choice
+from ._checks import REDUCTIONS, check_alpha, check_channel_result, check_choice
 from .calibration import check_model
 from .curvature import TOLERANCE, check_tolerance, neural_curvature
 from .errors import UntraceableModel
@@ -98,7 +98,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         if fallback not in ("magnitude", "error"):
             raise ValueError(f"fallback must be 'magnitude' or 'error', not {fallback!r}.")
         if result is not None:
-            _check_channel_result(result)
+            check_channel_result(result)
             if calibration is not None:
                 raise ValueError("pass calibration (to score the model) or result= (scores "
                                  "computed before), not both.")
@@ -209,16 +209,3 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             return None
         reduced = self._reduce(group_imp, group_idxs)
         return self._normalize(reduced, self.normalizer)
-
-
-def _check_channel_result(result) -> None:
-    """A precomputed result must be a channel-granularity :class:`CurvatureResult`."""
-    if not isinstance(result, CurvatureResult):
-        raise TypeError(f"result must be a CurvatureResult (from neural_curvature), not "
-                        f"{type(result).__name__}.")
-    if result.granularity != "channel" or result.channel_graph is None:
-        raise ValueError(
-            f"channel pruning needs a result of granularity='channel', not "
-            f"{result.granularity!r}: neural_curvature(model, calibration, "
-            "granularity='channel')."
-        )

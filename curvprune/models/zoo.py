@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet as _TVResNet
 
-from ..structured import (
+from ..pruning.structured import (
     attention_heads,
     classifier_layers,
     refresh_after_pruning,

@@ -43,13 +43,13 @@ from torch.nn.utils.prune import (
 )
 
 from .._checks import ORDERS, check_choice, check_score, describe_module, missing_score_message
-from ..allocation import allocate_like
-from ..baselines import magnitude, magnitude_scores, prunable_modules, wanda_scores
 from ..calibration import check_model, prepare_calibration
 from ..curvature import check_tolerance, neural_curvature
 from ..decision import decide_exactly
 from ..errors import UntraceableModel
 from ..result import CurvatureResult, ImportanceScores
+from .allocation import allocate_like
+from .baselines import magnitude, magnitude_scores, prunable_modules, wanda_scores
 from .lifecycle import mask_of, refresh_weights, unpruned_count
 from .reports import LayerSparsity, PruningReport
 
