@@ -1,19 +1,11 @@
-"""Deprecated module path: the zoo now lives in :mod:`curvprune.models.zoo` (build an entry with
-``curvprune.models.create_model("zoo:timm/resnet18")``). Every name is re-exported here."""
+"""Old module path of :mod:`curvprune.models.zoo`, kept so old imports work (build an entry with
+``curvprune.models.create_model("zoo:timm/resnet18")``).
 
-from __future__ import annotations
+``import curvprune.zoo`` gives that very module (every name, the same objects).
+"""
 
-from .models.zoo import (  # noqa: F401
-    INPUT_SIZE,
-    NUM_CLASSES,
-    ZOO,
-    ZooEntry,
-    __all__,  # noqa: F401
-    attention_heads,
-    classifier_layers,
-    create,
-    example_input,
-    ignored_layers,
-    refresh_after_pruning,
-    refresh_attention,
-)
+import sys
+
+from .models import zoo as _module
+
+sys.modules[__name__] = _module

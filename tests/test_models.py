@@ -78,7 +78,7 @@ def test_old_paths_still_work():
     from curvprune import zoo as old_zoo
     from curvprune.models import zoo as new_zoo
 
-    assert old_zoo.ZOO is new_zoo.ZOO and old_zoo.create is new_zoo.create
+    assert old_zoo is new_zoo and old_zoo.ZOO is new_zoo.ZOO
     assert list_models() == ["lenet5", "mlp", "vgg9"]
     from curvprune.cli import load_model
 
