@@ -14,6 +14,7 @@ import torch.nn as nn
 from curvprune.data import fashion_mnist
 from curvprune.evaluation import accuracy
 from curvprune.models import create_model
+from curvprune.training import train_classifier
 
 CACHE = Path(os.environ.get("CURVPRUNE_CACHE", Path(__file__).parent / ".cache"))
 RESULTS = Path(__file__).parent / "results"
@@ -29,8 +30,9 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
                   ) -> tuple[nn.Module, float]:
     """A ``create_model(name)`` trained on Fashion-MNIST with Adam, cached by its settings.
 
-    A name with a slash is a :mod:`curvprune.zoo` entry (``"timm/resnet18"``): 3 x 32 x 32
-    inputs, so use ``pad_to=32, in_channels=3`` (the grey channel repeated).
+    A name with a slash is a :mod:`curvprune.models.zoo` entry (``"timm/resnet18"``, built as
+    ``create_model("zoo:timm/resnet18")``): 3 x 32 x 32 inputs, so use ``pad_to=32,
+    in_channels=3`` (the grey channel repeated).
     Returns ``(model in eval mode, test accuracy)``.
     """
     settings = dict(name=name, epochs=epochs, seed=seed, pad_to=pad_to, lr=lr,
@@ -38,9 +40,7 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = CACHE / f"{name.replace('/', '_')}-{key}.pt"
     if "/" in name:
-        from curvprune import zoo
-
-        model = zoo.create(name)
+        model = create_model(f"zoo:{name}")
     else:  # seeded initial weights: torch's own start seed varies by process
         torch.manual_seed(seed)
         model = create_model(name, in_channels=in_channels)
@@ -48,21 +48,11 @@ def trained_model(name: str, *, epochs: int = 5, seed: int = 0, pad_to: int | No
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
     else:
-        from tqdm.auto import tqdm
-
         torch.manual_seed(seed)
         train = fashion_mnist(train=True, pad_to=pad_to, channels=in_channels)
-        loader = torch.utils.data.DataLoader(
-            train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
         start = time.perf_counter()
-        model.train()
-        for _ in tqdm(range(epochs), desc=f"train {name}", disable=not verbose):
-            for x, y in loader:
-                optimiser.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimiser.step()
-        model.eval()
+        train_classifier(model, train, epochs=epochs, batch_size=128, lr=lr, seed=seed,
+                         progress=verbose, desc=f"train {name}")
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)

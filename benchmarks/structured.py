@@ -5,7 +5,7 @@
     python benchmarks/structured.py --models timm/resnet18 --ratios 0.3
     python benchmarks/structured.py --quick --out /tmp/q.json --plot /tmp/q.png   # CI smoke run
 
-Models are reduced-width timm architectures from :mod:`curvprune.zoo` (ResNet-18, MobileNetV3
+Models are reduced-width timm architectures from :mod:`curvprune.models.zoo` (ResNet-18, MobileNetV3
 with depthwise convs and squeeze-excitation, ConvNeXt, ViT; at most 64-128 channels, so that
 exact channel curvature, training and fine-tuning fit a 2-core CPU), trained on Fashion-MNIST
 (padded to 32 x 32, grey repeated to 3 channels; Adam, seeded, cached under benchmarks/.cache).
@@ -68,12 +68,12 @@ from common import RESULTS, evaluate, resumable, trained_model  # noqa: E402
 from unstructured import write_json  # noqa: E402
 
 import curvprune  # noqa: E402
-from curvprune import zoo  # noqa: E402
 from curvprune.data import (  # noqa: E402
     class_balanced_calibration,
     fashion_mnist,
     random_calibration,
 )
+from curvprune.models import zoo  # noqa: E402
 
 MODELS = ["timm/resnet18", "timm/mobilenetv3_large_100", "timm/convnext_atto",
           "timm/vit_tiny_patch16_224"]

@@ -6,7 +6,6 @@ is loaded the first time :class:`CurvatureImportance` is used, or by :func:`prun
 
 from typing import Any
 
-from .allocation import allocate_like
 from .analysis import (
     NNSTDResult,
     curvature_statistics,
@@ -15,9 +14,9 @@ from .analysis import (
     nnstd_masks,
     relational_measures,
 )
-from .channels import UntraceableModel
 from .checkpoint import load_checkpoint
 from .curvature import neural_curvature
+from .errors import UntraceableModel
 from .estimate import ScoringEstimate, estimate
 from .pruning import (
     CurvaturePruning,
@@ -31,8 +30,9 @@ from .pruning import (
     pruning_hooks,
     save_pruned,
 )
+from .pruning.allocation import allocate_like
+from .pruning.structured import ChannelPruningReport, prune_channels
 from .result import CurvatureResult, ImportanceScores
-from .structured import ChannelPruningReport, prune_channels
 
 __version__ = "0.1.0"
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._checks import model_device  # the one rule: every parameter on one device
+
 __all__ = ["is_single_pair", "iter_calibration_inputs", "model_device", "half_dtype",
            "scoring_mode", "capture_activations", "normalise_activity", "check_model",
            "prepare_calibration", "check_layout"]
@@ -222,11 +224,6 @@ def half_dtype(model: nn.Module) -> torch.dtype | None:
         if dtype in (torch.float16, torch.bfloat16):
             return dtype
     return None
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @contextlib.contextmanager

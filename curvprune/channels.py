@@ -68,18 +68,11 @@ from .engine import (
     node_measures,
     solve_edges,
 )
+from .errors import UntraceableModel
 from .measures import padded_neighbours
 from .minimum import MinimumSearch
 
 __all__ = ["ChannelGraph", "NodeSet", "UntraceableModel", "trace_channels"]
-
-
-class UntraceableModel(ValueError):
-    """The channel tracer met functions it cannot follow (``functions`` lists them)."""
-
-    def __init__(self, message: str, functions: list[str]):
-        super().__init__(message)
-        self.functions = functions
 
 
 @dataclass

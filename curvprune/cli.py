@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._checks import ORDERS
+
 __all__ = ["main", "load_model"]
 
 
@@ -54,79 +56,33 @@ def _save_figure(fig, path: Path) -> None:
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def load_model(spec: str, *, num_classes: int = 10, in_channels: int | None = None,
+def load_model(spec: str, *, num_classes: int | None = 10, in_channels: int | None = None,
                checkpoint: str | os.PathLike | None = None) -> nn.Module:
-    """A model from a spec: ``PATH.pt`` (a whole model saved with ``torch.save(model)``),
-    ``curvprune:NAME`` (the paper's networks), ``timm:NAME`` or ``torchvision:NAME``
-    (architectures with random weights: nothing is downloaded), or ``zoo:NAME`` (a
-    reduced-width timm/torchvision architecture of :mod:`curvprune.zoo`, random weights).
+    """Deprecated: use :func:`curvprune.models.create_model`, which takes the same specs.
 
-    ``checkpoint``: a state dict file (plain, or wrapped under ``"state_dict"``/``"model"``)
-    loaded into the architecture by :func:`curvprune.load_checkpoint`: the trained weights to
-    prune. Raises ``UsageError`` (a one-line message) for an unknown spec or a checkpoint that
-    does not fit.
+    ``create_model(spec, ...)`` with its ``ValueError`` reported as the command line's one-line
+    ``UsageError``.
     """
-    model = _build_model(spec, num_classes=num_classes, in_channels=in_channels)
-    if checkpoint is not None:
-        from .checkpoint import load_checkpoint
+    import warnings
 
-        try:
-            load_checkpoint(model, checkpoint, label=f"checkpoint {checkpoint}")
-        except ValueError as exc:
-            hint = (f" The architecture was built with {num_classes} classes (--num-classes)."
-                    if "shape mismatch" in str(exc) else "")
-            raise UsageError(f"{exc}{hint}") from exc
-    return model
+    warnings.warn("curvprune.cli.load_model is deprecated; use curvprune.models.create_model",
+                  DeprecationWarning, stacklevel=2)
+    return _create_model(spec, num_classes=num_classes, in_channels=in_channels,
+                         checkpoint=checkpoint)
 
 
-def _build_model(spec: str, *, num_classes: int, in_channels: int | None) -> nn.Module:
-    known = spec.partition(":")[0] in ("curvprune", "timm", "torchvision", "zoo")
-    if not known and (spec.endswith((".pt", ".pth")) or os.path.sep in spec):
-        path = Path(spec)
-        if not path.is_file():
-            raise UsageError(f"model file not found: {spec}")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(obj, nn.Module):
-            raise UsageError(
-                f"{spec} holds a {type(obj).__name__}, not a model; save the whole model with "
-                "torch.save(model, path), or build the architecture (timm:NAME, "
-                "torchvision:NAME, curvprune:NAME) and pass the state dict as --checkpoint.")
-        return obj
-    kind, _, name = spec.partition(":")
-    if not name:
-        raise UsageError(f"model spec {spec!r} must be PATH.pt, curvprune:NAME, timm:NAME, "
-                         "torchvision:NAME or zoo:NAME")
-    if kind == "curvprune":
-        from .models import create_model, list_models
+def _create_model(spec: str, *, num_classes: int | None, in_channels: int | None = None,
+                  checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """``create_model`` for the command line: a ``ValueError`` becomes a ``UsageError``."""
+    from .models import create_model
 
-        if name not in list_models():
-            raise UsageError(f"unknown curvprune model {name!r}; choose one of {list_models()}")
-        kwargs: dict[str, Any] = {"num_classes": num_classes}
-        if in_channels is not None:
-            kwargs["in_channels" if name != "mlp" else "in_features"] = in_channels
-        return create_model(name, **kwargs)
-    if kind == "zoo":
-        from . import zoo
-
-        if name not in zoo.ZOO:
-            raise UsageError(f"unknown zoo model {name!r}; choose one of {sorted(zoo.ZOO)}")
-        return zoo.create(name)
-    if kind == "timm":
-        import timm
-
-        if name not in timm.list_models():
-            raise UsageError(f"unknown timm model {name!r}")
-        return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                 in_chans=in_channels or 3)
-    if kind == "torchvision":
-        import torchvision
-
-        try:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        except ValueError as exc:
-            raise UsageError(f"unknown torchvision model {name!r}") from exc
-    raise UsageError(f"unknown model source {kind!r} in {spec!r}; use PATH.pt, curvprune:, "
-                     "timm: or torchvision:")
+    if spec.startswith("zoo:") and num_classes == 10:
+        num_classes = None  # a zoo entry has 10 classes already
+    try:
+        return create_model(spec, num_classes=num_classes, in_channels=in_channels,
+                            checkpoint=checkpoint)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("(num_classes)", "(--num-classes)")) from exc
 
 
 def _load_data(spec: str, train: bool):
@@ -268,7 +224,8 @@ def _plot_histograms(result, path: Path) -> None:
 
 def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
     sub.add_argument("--model", required=True,
-                     help="PATH.pt (a saved model), curvprune:lenet5, timm:NAME, torchvision:NAME")
+                     help="PATH.pt (a saved model), lenet5 or curvprune:NAME, timm:NAME, "
+                          "torchvision:NAME, zoo:NAME (see curvprune.models.create_model)")
     sub.add_argument("--checkpoint", "--weights", dest="checkpoint", metavar="PATH",
                      help="trained weights to load into the model before scoring: a state "
                           "dict saved with torch.save(model.state_dict(), PATH), plain or "
@@ -316,7 +273,7 @@ def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None
         raise UsageError("--num-classes must be at least 1")
     test = _load_data(args.data, train=False)
     num_classes = args.num_classes or _data_classes(test)
-    model = load_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
+    model = _create_model(args.model, num_classes=num_classes, checkpoint=args.checkpoint)
     if args.device:
         from .curvature import resolve_device
 
@@ -410,18 +367,18 @@ def _print_done(args, summary: str, before, after, out: Path, files: str) -> Non
 def _zoo_ignored_layers(spec: str, model: nn.Module) -> list[nn.Module] | None:
     """For a ``zoo:NAME`` model, the layers its registry entry keeps unpruned (the classifier
     and the residual streams Torch-Pruning's tracer misreads: see
-    :func:`curvprune.zoo.ignored_layers`); ``None`` (prune_channels' default) otherwise."""
+    :func:`curvprune.models.zoo.ignored_layers`); ``None`` (prune_channels' default) otherwise."""
     kind, _, name = spec.partition(":")
     if kind != "zoo":
         return None
-    from . import zoo
+    from .models import zoo
 
     return zoo.ignored_layers(name, model)
 
 
 def _cmd_prune_channels(args) -> dict:
     from .evaluation import accuracy
-    from .structured import prune_channels
+    from .pruning.structured import prune_channels
 
     model, test, calibration, out = _prepare(args)
     start = time.perf_counter()
@@ -456,8 +413,8 @@ def _cmd_analyze(args) -> dict:
     from dataclasses import asdict
 
     from .analysis import curvature_statistics, most_negative, relational_measures
-    from .channels import UntraceableModel
     from .curvature import neural_curvature
+    from .errors import UntraceableModel
 
     model, _, calibration, out = _prepare(args)
     notes = []
@@ -546,7 +503,7 @@ def _cmd_estimate(args) -> dict:
     granularity = "channel" if args.structured else args.granularity
     if args.structured and args.granularity == "neuron":
         raise UsageError("--structured uses channel granularity; drop --granularity neuron.")
-    from .channels import UntraceableModel
+    from .errors import UntraceableModel
 
     try:
         result = estimate(model, calibration, granularity=granularity, alpha=args.alpha,
@@ -608,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "layer: every layer loses --amount. With --structured: layer (the "
                             "default, as prune_channels) removes the ratio from every group, "
                             "global ranks all groups together")
-    prune.add_argument("--order", choices=["pos", "neg"], default="pos")
+    prune.add_argument("--order", choices=ORDERS, default="pos")
     prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
                        default="curvature",
                        help="with --scope global: how much of each layer goes (curvature: one "

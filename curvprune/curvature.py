@@ -27,6 +27,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ._checks import check_alpha as _check_alpha
+from ._checks import model_device as _model_device
 from .calibration import (
     capture_activations,
     half_dtype,
@@ -54,15 +56,6 @@ _GRANULARITIES = ("neuron", "channel", "auto")
 
 #: Default memory budget (bytes) of the distance tables for ``granularity="auto"``.
 MEMORY_BUDGET = 4 << 30
-
-
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a real number in [0, 1), not {type(alpha).__name__}.")
-    alpha = float(alpha)
-    if not (0.0 <= alpha < 1.0):
-        raise ValueError(f"alpha must be in [0, 1) (the idleness of the measures); got {alpha}.")
-    return alpha
 
 
 #: Default ``tolerance`` of :func:`neural_curvature`: a few ulps, so the scores are exact in
@@ -101,16 +94,6 @@ def _resolve_tolerance(tolerance: float | None, certify_tol: float | None) -> fl
                              "not both.")
         return check_tolerance(certify_tol, "certify_tol")
     return TOLERANCE if tolerance is None else check_tolerance(tolerance)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    devices = {p.device for p in model.parameters()}
-    if len(devices) > 1:
-        raise ValueError(
-            f"the model's parameters are on several devices ({sorted(map(str, devices))}); "
-            "move the model to one device first."
-        )
-    return devices.pop() if devices else torch.device("cpu")
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:

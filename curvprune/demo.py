@@ -30,6 +30,7 @@ from .data import class_balanced_calibration, fashion_mnist
 from .evaluation import accuracy
 from .models import create_model
 from .pruning import CurvaturePruning, clone_pruned, make_permanent
+from .training import train_classifier
 
 __all__ = ["synthetic_images", "run_demo"]
 
@@ -71,16 +72,8 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
     torch.manual_seed(seed)
     name, train, test = _datasets()
     model = create_model("mlp", hidden=(64, 32))
-    loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     start = time.perf_counter()
-    model.train()
-    for x, y in loader:
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    model.eval()
+    train_classifier(model, train, epochs=1, batch_size=128, lr=1e-3, seed=seed)
     dense = accuracy(model, test)
     say(f"data: {name}; MLP 784-64-32-10 trained 1 epoch in {time.perf_counter() - start:.1f} s,"
         f" test accuracy {dense:.3f}")

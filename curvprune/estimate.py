@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from ._checks import check_alpha as _check_alpha
+from ._checks import model_device as _model_device
 from .calibration import iter_calibration_inputs, scoring_mode
 from .curvature import (
     MEMORY_BUDGET,
-    _check_alpha,
     _choose_granularity,
-    _model_device,
     neural_curvature,
     resolve_device,
 )

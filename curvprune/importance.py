@@ -37,9 +37,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ._checks import REDUCTIONS, check_alpha, check_channel_result, check_choice
 from .calibration import check_model
-from .channels import UntraceableModel
-from .curvature import TOLERANCE, _check_alpha, check_tolerance, neural_curvature
+from .curvature import TOLERANCE, check_tolerance, neural_curvature
+from .errors import UntraceableModel
 from .result import CurvatureResult
 
 __all__ = ["CurvatureImportance"]
@@ -93,12 +94,11 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                  fallback: str = "magnitude", progress: bool = False,
                  tolerance: float = TOLERANCE, result: CurvatureResult | None = None):
         super().__init__(p=2, group_reduction=group_reduction, normalizer=normalizer)
-        if reduction not in ("mean", "min"):
-            raise ValueError(f"reduction must be 'mean' or 'min', not {reduction!r}.")
+        check_choice(reduction, "reduction", REDUCTIONS)
         if fallback not in ("magnitude", "error"):
             raise ValueError(f"fallback must be 'magnitude' or 'error', not {fallback!r}.")
         if result is not None:
-            _check_channel_result(result)
+            check_channel_result(result)
             if calibration is not None:
                 raise ValueError("pass calibration (to score the model) or result= (scores "
                                  "computed before), not both.")
@@ -109,7 +109,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self.precomputed = result
         self.progress = progress
         self.tolerance = check_tolerance(tolerance)  # refused here too
-        self.alpha = _check_alpha(alpha)  # refused here, not at the first pruner.step()
+        self.alpha = check_alpha(alpha)  # refused here, not at the first pruner.step()
         self.reduction = reduction
         self.device = device
         self.threads = threads
@@ -208,16 +208,3 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             return None
         reduced = self._reduce(group_imp, group_idxs)
         return self._normalize(reduced, self.normalizer)
-
-
-def _check_channel_result(result) -> None:
-    """A precomputed result must be a channel-granularity :class:`CurvatureResult`."""
-    if not isinstance(result, CurvatureResult):
-        raise TypeError(f"result must be a CurvatureResult (from neural_curvature), not "
-                        f"{type(result).__name__}.")
-    if result.granularity != "channel" or result.channel_graph is None:
-        raise ValueError(
-            f"channel pruning needs a result of granularity='channel', not "
-            f"{result.granularity!r}: neural_curvature(model, calibration, "
-            "granularity='channel')."
-        )

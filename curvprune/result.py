@@ -26,9 +26,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._checks import (
+    ORDERS,
+    REDUCTIONS,
+    check_choice,
+    check_score,
+    describe_module,
+    missing_score_message,
+)
+
 __all__ = ["CurvatureResult", "ImportanceScores", "LayerSummary"]
 
-_ORDERS = ("pos", "neg")
 
 
 @dataclass(frozen=True)
@@ -201,8 +209,7 @@ class CurvatureResult:
         """
         if self.channel_graph is None or self.edge_kappa is None:
             raise ValueError("node_kappa needs a result of granularity='channel'.")
-        if reduction not in ("mean", "min"):
-            raise ValueError(f"reduction must be 'mean' or 'min', not {reduction!r}.")
+        check_choice(reduction, "reduction", REDUCTIONS)
         graph = self.channel_graph
         layer = graph.module >= 0
         ends = torch.cat([graph.src[layer], graph.dst[layer]])
@@ -232,8 +239,7 @@ class CurvatureResult:
             order: ``"pos"`` (highest curvature first, the paper's method) or ``"neg"`` (lowest
                 first, the control).
         """
-        if order not in _ORDERS:
-            raise ValueError(f"order must be 'pos' or 'neg', not {order!r}.")
+        check_choice(order, "order", ORDERS)
         names = list(self.kappa)
         values = self.rank_values()
         device = next(iter(values.values())).device if names else torch.device("cpu")
@@ -406,15 +412,6 @@ def bind_modules(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
     return out
 
 
-def _describe_module(module: Any) -> str:
-    if isinstance(module, nn.Module):
-        extra = module.extra_repr()
-        if len(extra) > 80:
-            extra = extra[:77] + "..."
-        return f"{type(module).__name__}({extra})"
-    return repr(module)
-
-
 class ImportanceScores(dict):
     """``{(module, name): score tensor}`` that refuses to make up a missing score.
 
@@ -445,19 +442,12 @@ class ImportanceScores(dict):
         if key in self.names:
             return repr(self.names[key])
         if isinstance(key, tuple) and len(key) == 2:
-            return f"{key[1]!r} of {_describe_module(key[0])}"
+            return f"{key[1]!r} of {describe_module(key[0])}"
         return repr(key)
 
     def _missing_message(self, key: Any) -> str:
-        known = [self.names.get(k, self._label(k)) for k in self]
-        if len(known) > 12:
-            known = known[:12] + [f"... ({len(known) - 12} more)"]
-        return (
-            f"no importance score for parameter {self._label(key)}; the scores cover "
-            f"{known}. Score it (neural_curvature sees Linear/Conv2d weights of the chain) or "
-            "leave it out of the parameters to prune: a missing score is never replaced by "
-            "the raw weight values."
-        )
+        return missing_score_message(self._label(key),
+                                     [self.names.get(k, self._label(k)) for k in self])
 
     def get(self, key: Any, default: Any = None) -> torch.Tensor:
         """The score of ``key``; raises :class:`ValueError` if it is missing (never ``default``).
@@ -471,7 +461,7 @@ class ImportanceScores(dict):
         if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], nn.Module):
             target = getattr(key[0], key[1], None)
             if isinstance(target, torch.Tensor):
-                _check_score(score, target, self._label(key))
+                check_score(score, target, self._label(key))
         return score
 
     def __missing__(self, key: Any) -> torch.Tensor:
@@ -531,28 +521,3 @@ class ImportanceScores(dict):
 
     def __repr__(self) -> str:
         return f"ImportanceScores({[self.names.get(k, self._label(k)) for k in self]})"
-
-
-def _check_score(score: Any, target: torch.Tensor, label: str) -> None:
-    """Check that ``score`` can rank the entries of ``target``.
-
-    Raises:
-        TypeError: ``score`` is not a tensor.
-        ValueError: a shape or device different from ``target``'s, or a NaN score.
-    """
-    if not isinstance(score, torch.Tensor):
-        raise TypeError(
-            f"the importance score of {label} must be a tensor, not {type(score).__name__}."
-        )
-    if score.shape != target.shape:
-        raise ValueError(
-            f"the importance score of {label} has shape {tuple(score.shape)} but the "
-            f"parameter has shape {tuple(target.shape)}; rescore the model after changing it."
-        )
-    if score.device != target.device:
-        raise ValueError(
-            f"the importance score of {label} is on {score.device} but the parameter is on "
-            f"{target.device}; move the model (or the scores) to one device."
-        )
-    if score.is_floating_point() and bool(torch.isnan(score).any()):
-        raise ValueError(f"the importance score of {label} contains NaN.")

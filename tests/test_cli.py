@@ -15,6 +15,7 @@ import torch.nn as nn
 from curvprune.cli import main
 from curvprune.data import FASHION_MNIST_DIR
 from curvprune.models import create_model
+from curvprune.training import train_classifier
 
 HAVE_FMNIST = any(FASHION_MNIST_DIR.glob("t10k-images-idx3-ubyte*"))
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
@@ -28,15 +29,7 @@ def small_model_path(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("mlp", hidden=(24, 12))
     data = fashion_mnist(train=True)
-    optimiser = torch.optim.Adam(model.parameters(), 1e-3)
-    loader = torch.utils.data.DataLoader(data, batch_size=256, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
-    for step, (x, y) in enumerate(loader):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-        if step == 150:
-            break
+    train_classifier(model, data, batch_size=256, lr=1e-3, seed=0, max_steps=151)
     path = tmp_path_factory.mktemp("model") / "mlp.pt"
     torch.save(model.eval(), path)
     return path

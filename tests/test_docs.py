@@ -157,12 +157,32 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert not failures, "\n".join(failures)
 
 
+def _library_modules() -> list[Path]:
+    return sorted(p for p in (ROOT / "curvprune").rglob("*.py") if "__pycache__" not in p.parts)
+
+
 def test_readme_layout_names_every_module():
+    """Every module (``name``) and every package (``name/``) and its modules are named."""
     text = (ROOT / "README.md").read_text()
     layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    modules = sorted(p.stem for p in (ROOT / "curvprune").glob("*.py") if p.stem != "__init__")
-    missing = [m for m in modules if f"`{m}`" not in layout]
+    package = ROOT / "curvprune"
+    names = set()
+    for path in _library_modules():
+        parts = path.relative_to(package).with_suffix("").parts
+        names.update(f"{d}/" for d in parts[:-1])  # a sub-package: `pruning/`
+        if parts[-1] != "__init__":
+            names.add(parts[-1])
+    missing = sorted(m for m in names if f"`{m}`" not in layout)
     assert not missing, f"README's Layout section does not name {missing}"
+
+
+def test_every_module_says_what_it_owns():
+    """Each module opens with a docstring (the one sentence that says what it owns)."""
+    import ast
+
+    bare = [str(p.relative_to(ROOT)) for p in _library_modules()
+            if not (ast.get_docstring(ast.parse(p.read_text())) or "").strip()]
+    assert not bare, f"modules without a docstring: {bare}"
 
 
 def test_no_stale_not_yet_available_statements():

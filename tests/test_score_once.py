@@ -82,8 +82,8 @@ def test_sweep_from_one_result_equals_separate_calls(monkeypatch, scope, order):
         prune_model(separate[amount], x, amount, scope=scope, order=order)
 
     scorer = CountingScorer()
-    monkeypatch.setattr(curvprune.pruning, "neural_curvature", scorer)
-    result = curvprune.pruning.neural_curvature(model, x)
+    monkeypatch.setattr(curvprune.pruning.unstructured, "neural_curvature", scorer)
+    result = curvprune.pruning.unstructured.neural_curvature(model, x)
     for amount in AMOUNTS:
         swept = copy.deepcopy(model)
         report = prune_model(swept, None, amount, scope=scope, order=order, result=result)
@@ -280,7 +280,7 @@ OPTIONS = {"threads": 1, "memory_budget": 1 << 28, "tolerance": 0.0, "device": "
 
 def test_prune_model_passes_engine_options(monkeypatch):
     scorer = CountingScorer()
-    monkeypatch.setattr(curvprune.pruning, "neural_curvature", scorer)
+    monkeypatch.setattr(curvprune.pruning.unstructured, "neural_curvature", scorer)
     prune_model(tiny(), inputs(), 0.5, alpha=0.5, granularity="neuron", **OPTIONS)
     assert len(scorer.calls) == 1
     call = scorer.calls[0]
@@ -324,7 +324,7 @@ def test_cli_passes_threads(monkeypatch, capsys, tmp_path):
         seen.append(kwargs["threads"])
         raise ValueError("stopped by the test")
 
-    monkeypatch.setattr(curvprune.pruning, "neural_curvature", stop)
+    monkeypatch.setattr(curvprune.pruning.unstructured, "neural_curvature", stop)
     code = main(["prune", "--model", "curvprune:mlp", "--calibration", "random", "--amount",
                  "0.3", "--no-eval", "--quiet", "--threads", "3", "--out", str(tmp_path)])
     assert code == 2 and seen == [3]

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import curvprune  # noqa: E402
-from curvprune import analysis, baselines, data, evaluation, models, zoo  # noqa: E402
+from curvprune import analysis, data, evaluation, models  # noqa: E402
+from curvprune.models import zoo  # noqa: E402
+from curvprune.pruning import baselines  # noqa: E402
 
 SECTIONS = [
     ("Scoring", curvprune, ["neural_curvature", "CurvatureResult", "ImportanceScores",
@@ -32,9 +34,9 @@ SECTIONS = [
         "nnstd", "nnstd_masks", "NNSTDResult", "relational_measures",
         "relational_measures_masks", "relational_graph", "RelationalResult", "graph_measures",
         "curvature_statistics", "most_negative", "histogram"]),
-    ("Baselines (curvprune.baselines)", baselines, [
-        "magnitude_scores", "random_scores", "lamp_scores", "wanda_scores", "snip_scores",
-        "prune_per_row"]),
+    ("Baselines (curvprune.pruning.baselines)", baselines, [
+        "magnitude", "magnitude_scores", "random_scores", "lamp_scores", "wanda_scores",
+        "snip_scores", "prune_per_row"]),
     ("Data, models, evaluation", None, [
         (curvprune, "load_checkpoint"), (data, "fashion_mnist"), (data, "load_dataset"),
         (data, "class_balanced_calibration"),

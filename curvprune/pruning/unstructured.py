@@ -1,4 +1,4 @@
-r"""Unstructured pruning by neural curvature through :mod:`torch.nn.utils.prune`.
+r"""Unstructured pruning by curvature: the :mod:`torch.nn.utils.prune` method and ``prune_model``.
 
 :class:`CurvaturePruning` is a :class:`~torch.nn.utils.prune.BasePruningMethod`, so curvature
 pruning uses PyTorch's own reparametrisation (``weight_orig``, ``weight_mask`` and a forward
@@ -20,21 +20,18 @@ from the most positive :math:`\kappa` down, ties broken by smaller :math:`|w|`, 
 ``amount`` follows PyTorch: a float :math:`f \in [0, 1]` prunes :math:`n = \operatorname{round}
 (f \cdot |S|)` entries, an int prunes exactly that many.
 
-:func:`prune_model` does the whole job in one call (score, prune, report); :func:`make_permanent`,
-:func:`save_pruned`, :func:`load_pruned` and :func:`clone_pruned` cover the rest of a pruned
-model's life (see ``docs/pruning.md``).
+:func:`prune_model` does the whole job in one call (score, prune, report);
+:mod:`curvprune.pruning.lifecycle` covers the rest of a pruned model's life (see
+``docs/pruning.md``).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-import os
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,30 +42,21 @@ from torch.nn.utils.prune import (
     _validate_pruning_amount_init,
 )
 
+from .._checks import ORDERS, check_choice, check_score, describe_module, missing_score_message
+from ..calibration import check_model, prepare_calibration
+from ..curvature import check_tolerance, neural_curvature
+from ..decision import decide_exactly
+from ..errors import UntraceableModel
+from ..result import CurvatureResult, ImportanceScores
 from .allocation import allocate_like
-from .baselines import magnitude_scores, wanda_scores
-from .calibration import check_model, prepare_calibration
-from .channels import UntraceableModel
-from .curvature import check_tolerance, neural_curvature
-from .decision import decide_exactly
-from .result import CurvatureResult, ImportanceScores, _check_score, _describe_module
+from .baselines import magnitude, magnitude_scores, prunable_modules, wanda_scores
+from .lifecycle import mask_of, refresh_weights, unpruned_count
+from .reports import LayerSparsity, PruningReport
 
-__all__ = [
-    "CurvaturePruning",
-    "curvature_unstructured",
-    "prune_model",
-    "PruningReport",
-    "LayerSparsity",
-    "pruning_hooks",
-    "make_permanent",
-    "save_pruned",
-    "load_pruned",
-    "clone_pruned",
-]
+__all__ = ["CurvaturePruning", "curvature_unstructured", "prune_model"]
 
 _SCOPES = ("global", "layer")
 _ALLOCATIONS = ("curvature", "wanda", "magnitude")
-_ORDERS = ("pos", "neg")
 
 Scores = torch.Tensor | Mapping[tuple[nn.Module, str], torch.Tensor]
 ExcludeSpec = str | nn.Module | Iterable[str | nn.Module] | None
@@ -200,8 +188,8 @@ def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.T
         raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
     target = getattr(module, name, None)
     if not isinstance(target, torch.Tensor):
-        raise ValueError(f"{_describe_module(module)} has no tensor named {name!r} to prune.")
-    label = f"{name!r} of {_describe_module(module)}"
+        raise ValueError(f"{describe_module(module)} has no tensor named {name!r} to prune.")
+    label = f"{name!r} of {describe_module(module)}"
     if importance_scores is None:
         raise ValueError(
             f"importance_scores is required to prune {label} by curvature (it never falls "
@@ -213,157 +201,15 @@ def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.T
         if isinstance(importance_scores, ImportanceScores):
             return importance_scores.get((module, name))
         if (module, name) not in importance_scores:
-            raise ValueError(
-                f"no importance score for parameter {label}; a missing score is never "
-                "replaced by the raw weight values."
-            )
+            raise ValueError(missing_score_message(label))
         score = importance_scores[(module, name)]
     else:
         raise TypeError(
             "importance_scores must be a tensor or a {(module, name): tensor} mapping, not "
             f"{type(importance_scores).__name__}."
         )
-    _check_score(score, target, label)
+    check_score(score, target, label)
     return score
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """How much of one weight is pruned (masked to zero).
-
-    Attributes:
-        name: the qualified weight name (``"3.weight"``).
-        pruned: entries whose mask is zero (from this call and earlier ones).
-        total: entries of the weight.
-        excluded: whether ``prune_model`` was told to leave it alone.
-    """
-
-    name: str
-    pruned: int
-    total: int
-    excluded: bool = False
-
-    @property
-    def sparsity(self) -> float:
-        """``pruned / total``."""
-        return self.pruned / self.total if self.total else 0.0
-
-
-@dataclass
-class PruningReport:
-    """What :func:`prune_model` did.
-
-    Attributes:
-        layers: ``{weight name: LayerSparsity}`` for every scored weight, excluded ones too.
-        newly_pruned: entries masked by this call.
-        amount: the ``amount`` asked for.
-        scope: ``"global"`` or ``"layer"``.
-        order: ``"pos"`` or ``"neg"``.
-        result: the :class:`~curvprune.result.CurvatureResult` the ranking came from (``None``
-            after a fallback).
-        fallback: ``None``, or why the weights were ranked by magnitude instead (a model the
-            channel tracer cannot follow; a warning was issued too).
-        scores: the :class:`~curvprune.result.ImportanceScores` the masks were computed from
-            (higher = keep): the curvature ranks of ``result``, or with ``allocation="wanda"``
-            / ``"magnitude"`` the re-allocated scores (:func:`~curvprune.allocate_like`), or
-            the magnitude ranking of a fallback. ``scores.bind(other_model)`` carries them to
-            a copy of the model (see ``docs/pruning.md``).
-        tolerance: the curvature tolerance the scores were computed with.
-        refined: weights solved exactly so that the pruned set is the one exact curvature
-            gives (those whose interval straddled the pruning boundary; see
-            :mod:`curvprune.decision`).
-        refine_rounds: rounds of that refinement (0 when no interval straddled).
-    """
-
-    layers: dict[str, LayerSparsity]
-    newly_pruned: int
-    amount: int | float
-    scope: str
-    order: str
-    result: CurvatureResult | None
-    fallback: str | None = None
-    scores: ImportanceScores | None = None
-    tolerance: float | None = None
-    refined: int = 0
-    refine_rounds: int = 0
-
-    @property
-    def sparsity(self) -> dict[str, float]:
-        """``{weight name: pruned / total}``."""
-        return {name: layer.sparsity for name, layer in self.layers.items()}
-
-    @property
-    def pruned(self) -> int:
-        """Masked entries over all scored weights."""
-        return sum(layer.pruned for layer in self.layers.values())
-
-    @property
-    def total(self) -> int:
-        """Entries of all scored weights."""
-        return sum(layer.total for layer in self.layers.values())
-
-    @property
-    def overall_sparsity(self) -> float:
-        r"""Sparsity over all scored weights: :math:`\sum \text{pruned} / \sum \text{total}`."""
-        return self.pruned / self.total if self.total else 0.0
-
-    @property
-    def excluded(self) -> list[str]:
-        """Names of the scored weights that were left unpruned on request."""
-        return [name for name, layer in self.layers.items() if layer.excluded]
-
-    def summary(self) -> str:
-        """A plain-text table of the per-weight sparsity."""
-        lines = [
-            f"curvature pruning ({self.scope}, order={self.order!r}, amount={self.amount}): "
-            f"{self.newly_pruned} entries pruned now, overall sparsity "
-            f"{100 * self.overall_sparsity:.2f}% ({self.pruned}/{self.total})",
-            f"{'weight':<28}{'pruned':>9}{'total':>9}{'sparsity':>10}",
-        ]
-        if self.refined:
-            lines.insert(1, f"decision-exact: {self.refined} weights solved exactly in "
-                            f"{self.refine_rounds} round(s) (tolerance {self.tolerance:g})")
-        for layer in self.layers.values():
-            note = "  (excluded)" if layer.excluded else ""
-            lines.append(f"{layer.name:<28}{layer.pruned:>9}{layer.total:>9}"
-                         f"{100 * layer.sparsity:>9.2f}%{note}")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return (f"PruningReport(scope={self.scope!r}, order={self.order!r}, "
-                f"amount={self.amount}, newly_pruned={self.newly_pruned}, "
-                f"overall_sparsity={self.overall_sparsity:.4f})")
-
-
-def pruning_hooks(model: nn.Module) -> list[tuple[str, nn.Module, prune.BasePruningMethod]]:
-    """Every pruning reparametrisation in ``model``: ``(module name, module, method)``.
-
-    ``method._tensor_name`` is the pruned tensor's name in the module.
-    """
-    found = []
-    for module_name, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                found.append((module_name, module, hook))
-    return found
-
-
-def _refresh(model: nn.Module) -> None:
-    """Recompute ``weight = weight_orig * weight_mask`` now (PyTorch does it before forward)."""
-    for _, module, hook in pruning_hooks(model):
-        setattr(module, hook._tensor_name, hook.apply_mask(module))
-
-
-def _mask_of(module: nn.Module, name: str) -> torch.Tensor | None:
-    mask = getattr(module, name + "_mask", None)
-    return mask if isinstance(mask, torch.Tensor) else None
-
-
-def _unpruned(module: nn.Module, name: str) -> int:
-    mask = _mask_of(module, name)
-    if mask is None:
-        return getattr(module, name).numel()
-    return int((mask != 0).sum())
 
 
 def _resolve_exclude(model: nn.Module, exclude: ExcludeSpec) -> list[tuple[Any, set[str]]]:
@@ -382,7 +228,7 @@ def _resolve_exclude(model: nn.Module, exclude: ExcludeSpec) -> list[tuple[Any, 
         if isinstance(entry, nn.Module):
             if id(entry) not in by_id:
                 raise ValueError(
-                    f"exclude: {_describe_module(entry)} is not a submodule of the model."
+                    f"exclude: {describe_module(entry)} is not a submodule of the model."
                 )
             prefix = by_id[id(entry)]
         elif isinstance(entry, str):
@@ -506,8 +352,7 @@ def prune_model(
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     if scope not in _SCOPES:
         raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
-    if order not in _ORDERS:
-        raise ValueError(f"order must be 'pos' or 'neg', not {order!r}.")
+    check_choice(order, "order", ORDERS)
     if allocation not in _ALLOCATIONS:
         raise ValueError(f"allocation must be one of {list(_ALLOCATIONS)}, not {allocation!r}.")
     if allocation != "curvature" and scope != "global":
@@ -534,7 +379,7 @@ def prune_model(
             "decision-exact: straddling weights are refined)."
         )
     exclusions = _resolve_exclude(model, exclude)
-    _refresh(model)
+    refresh_weights(model)
 
     fallback = None
     if calibration is not None:
@@ -553,14 +398,13 @@ def prune_model(
             f"prune_model: {type(model).__name__} cannot be traced at channel level ({exc}); "
             "its Conv2d/Linear weights are ranked by magnitude |w| instead.", stacklevel=2)
         result = None
-        modules = {f"{name}.weight": m for name, m in model.named_modules()
-                   if isinstance(m, (nn.Conv2d, nn.Linear))}
+        modules = prunable_modules(model)
         scored = list(modules)
     excluded: set[str] = set()
     for entry, names in exclusions:
         hit = names & set(scored)
         if not hit:
-            label = entry if isinstance(entry, str) else _describe_module(entry)
+            label = entry if isinstance(entry, str) else describe_module(entry)
             raise ValueError(
                 f"exclude: {label!r} matches no scored weight; the scored weights are "
                 f"{scored}."
@@ -570,7 +414,7 @@ def prune_model(
     if not targets:
         raise ValueError(f"every scored weight is excluded ({scored}); nothing to prune.")
 
-    before = {n: _unpruned(modules[n], "weight") for n in targets}
+    before = {n: unpruned_count(modules[n], "weight") for n in targets}
     if isinstance(amount, numbers.Integral):
         if scope == "global":
             _validate_pruning_amount(amount, sum(before.values()))
@@ -611,8 +455,8 @@ def prune_model(
     for n in scored:
         module = modules[n]
         total = module.weight.numel()
-        layers[n] = LayerSparsity(n, total - _unpruned(module, "weight"), total, n in excluded)
-    newly = sum(before[n] - _unpruned(modules[n], "weight") for n in targets)
+        layers[n] = LayerSparsity(n, total - unpruned_count(module, "weight"), total, n in excluded)
+    newly = sum(before[n] - unpruned_count(modules[n], "weight") for n in targets)
     return PruningReport(layers=layers, newly_pruned=newly, amount=amount, scope=scope,
                          order=order, result=result, fallback=fallback, scores=scores,
                          tolerance=None if result is None else result.tolerance,
@@ -672,7 +516,7 @@ def _decide(scores: ImportanceScores, budget: Any, modules: dict[str, nn.Module]
     values = {n: scores.get((modules[n], "weight")) for n in targets}
     candidates = {}
     for n in targets:
-        mask = _mask_of(modules[n], "weight")
+        mask = mask_of(modules[n], "weight")
         candidates[n] = (torch.ones_like(values[n], dtype=torch.bool) if mask is None
                          else (mask == 1).to(values[n].device))
     if scope == "global":
@@ -702,155 +546,5 @@ def _decide(scores: ImportanceScores, budget: Any, modules: dict[str, nn.Module]
 
 
 def _magnitude_score(module: nn.Module, order: str) -> torch.Tensor:
-    """The fallback ranking: ``|w|`` (``"pos"``) or ``-|w|`` (``"neg"``), zero weights first."""
-    magnitude = module.weight.detach().abs().to(torch.float64)
-    if order == "pos":
-        return magnitude
-    return torch.where(magnitude == 0, -math.inf, -magnitude)
-
-
-def make_permanent(model: nn.Module) -> nn.Module:
-    """Remove every pruning reparametrisation in ``model`` (``prune.remove`` on each).
-
-    Each pruned tensor becomes a plain parameter again holding ``orig * mask`` (the pruned
-    entries stay exactly zero); ``*_orig`` parameters, ``*_mask`` buffers and the hooks go. The
-    masks are gone too, so later training can revive the zeros; keep them if you need them.
-
-    Returns:
-        ``model``, modified in place.
-    """
-    for _, module, hook in pruning_hooks(model):
-        prune.remove(module, hook._tensor_name)
-    return model
-
-
-def save_pruned(model: nn.Module, path: str | os.PathLike | BinaryIO) -> None:
-    """Save a (possibly pruned) model's ``state_dict``, masks included, with :func:`torch.save`.
-
-    The file holds PyTorch's pruned layout (``<name>_orig`` and ``<name>_mask`` per pruned
-    tensor); read it back with :func:`load_pruned`.
-    """
-    torch.save(model.state_dict(), path)
-
-
-def load_pruned(
-    model: nn.Module,
-    source: str | os.PathLike | BinaryIO | Mapping[str, torch.Tensor],
-    *,
-    strict: bool = True,
-) -> nn.Module:
-    """Load a pruned ``state_dict`` (file or mapping) into ``model``, masks and hooks included.
-
-    ``model.load_state_dict`` cannot read a pruned state dict into a fresh model: the keys
-    ``<name>_orig``/``<name>_mask`` do not exist until the tensor is pruned. For every
-    ``<module>.<name>_mask`` key this adds the reparametrisation with
-    :func:`torch.nn.utils.prune.identity` (an all-ones mask) when the tensor is not pruned yet,
-    then loads (values are copied onto the model's devices) and recomputes ``<name>``. Keys and
-    shapes are checked before anything is copied (``load_state_dict`` alone copies what fits
-    and then raises); if loading fails, the identity reparametrisations it added are removed
-    again and the model is as it was.
-
-    Args:
-        model: a model of the same architecture (fresh, or pruned already).
-        source: a path or file object written by :func:`save_pruned` (read with
-            ``torch.load(weights_only=True)``), or a state dict.
-        strict: passed to :meth:`~torch.nn.Module.load_state_dict`.
-
-    Returns:
-        ``model``, modified in place.
-
-    Raises:
-        ValueError: a mask without its ``<name>_orig`` entry, or a mask for a tensor the model
-            does not have; a pruned tensor in ``model`` that the state dict holds unpruned.
-        RuntimeError: missing or unexpected keys (``strict``) or shape mismatches, as
-            ``load_state_dict`` reports them.
-    """
-    if isinstance(source, Mapping):
-        state = dict(source)
-    else:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    named = dict(model.named_modules())
-    pruned_now = {(id(m), h._tensor_name) for _, m, h in pruning_hooks(model)}
-    to_add = []
-    for key in state:
-        if not key.endswith("_mask"):
-            continue
-        full = key[: -len("_mask")]
-        owner, _, name = full.rpartition(".")
-        if full + "_orig" not in state:
-            raise ValueError(f"state dict has {key!r} but no {full + '_orig'!r}.")
-        module = named.get(owner)
-        if module is None or not isinstance(getattr(module, name, None), torch.Tensor):
-            if not strict:
-                continue
-            raise ValueError(f"state dict has a mask for {full!r}, which the model lacks.")
-        if (id(module), name) not in pruned_now:
-            to_add.append((module, name))
-    if strict:
-        for owner, _module, hook in pruning_hooks(model):
-            full = f"{owner}.{hook._tensor_name}" if owner else hook._tensor_name
-            if full in state and full + "_orig" not in state:
-                raise ValueError(
-                    f"{full!r} is pruned in the model but not in the state dict; call "
-                    "make_permanent(model) first, or load with strict=False."
-                )
-    added = []
-    try:
-        for module, name in to_add:
-            prune.identity(module, name)
-            added.append((module, name))
-        _check_state(model, state, strict)
-        model.load_state_dict(state, strict=strict)
-    except Exception:
-        for module, name in reversed(added):
-            prune.remove(module, name)
-        raise
-    _refresh(model)
-    return model
-
-
-def _check_state(model: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
-    """Refuse a state dict ``load_state_dict`` would only half load (it copies what fits, then
-    raises): wrong shapes, and with ``strict`` missing or unexpected keys."""
-    own = model.state_dict(keep_vars=True)
-    errors = []
-    if strict:
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if unexpected:
-            errors.append(f"Unexpected key(s) in state_dict: {unexpected}.")
-        if missing:
-            errors.append(f"Missing key(s) in state_dict: {missing}.")
-    for key, value in state.items():
-        mine = own.get(key)
-        if (isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor)
-                and mine.shape != value.shape):
-            errors.append(
-                f"size mismatch for {key}: copying a param with shape {value.shape} from "
-                f"checkpoint, the shape in current model is {mine.shape}."
-            )
-    if errors:
-        raise RuntimeError(
-            f"Error(s) in loading state_dict for {type(model).__name__} (nothing was "
-            "loaded):\n\t" + "\n\t".join(errors)
-        )
-
-
-def clone_pruned(model: nn.Module) -> nn.Module:
-    """A deep copy of a (possibly pruned) model, masks and pruning hooks included.
-
-    ``copy.deepcopy`` refuses a pruned model: its ``weight`` is a plain attribute computed by
-    the pruning hook (``weight_orig * weight_mask``), a non-leaf tensor. This drops those
-    computed attributes, deep-copies, and recomputes them on both models (the original is left
-    as it was, even if copying fails).
-    """
-    hooks = pruning_hooks(model)
-    for _, module, hook in hooks:
-        if hook._tensor_name in module.__dict__:
-            delattr(module, hook._tensor_name)
-    try:
-        clone = copy.deepcopy(model)
-    finally:
-        _refresh(model)
-    _refresh(clone)
-    return clone
+    """The fallback ranking (:func:`curvprune.baselines.magnitude`) in float64."""
+    return magnitude(module.weight, order).to(torch.float64)

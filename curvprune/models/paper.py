@@ -1,7 +1,7 @@
-"""The networks of the paper (method.md section 5), in a small registry.
+"""The networks of the paper (method.md section 5): LeNet-5, an MLP and VGG-9, registered by name.
 
-``create_model(name)`` builds one by name, like ``timm.create_model``; :func:`list_models` lists
-them. All are chains of Conv2d/Linear layers with elementwise modules, so the neuron graph fits.
+All are chains of Conv2d/Linear layers with elementwise modules, so the neuron graph fits. Build
+one with :func:`curvprune.models.create_model` (``"lenet5"`` or ``"curvprune:lenet5"``).
 """
 
 from __future__ import annotations
@@ -10,27 +10,22 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["lenet5", "mlp", "vgg9", "list_models", "register_model"]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+PAPER_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a model constructor under its function name."""
-    _REGISTRY[fn.__name__] = fn
+    """Register a model constructor under its function name (a bare name or
+    ``curvprune:NAME`` in :func:`curvprune.models.create_model`)."""
+    PAPER_MODELS[fn.__name__] = fn
     return fn
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_REGISTRY)
-
-
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model by name (e.g. ``"lenet5"``)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}.")
-    return _REGISTRY[name](**kwargs)
+    """Names of the registered networks (bare names accepted by
+    :func:`curvprune.models.create_model`)."""
+    return sorted(PAPER_MODELS)
 
 
 @register_model

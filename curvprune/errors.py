@@ -1,0 +1,13 @@
+"""The library's own exceptions, importable without the graph tracers that raise them."""
+
+from __future__ import annotations
+
+__all__ = ["UntraceableModel"]
+
+
+class UntraceableModel(ValueError):
+    """The channel tracer met functions it cannot follow (``functions`` lists them)."""
+
+    def __init__(self, message: str, functions: list[str]):
+        super().__init__(message)
+        self.functions = functions
