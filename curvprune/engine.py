@@ -4,7 +4,8 @@ It computes the same :math:`\kappa` as :mod:`curvprune.reference` on every edge,
 the structure of the problem instead of solving one linear program per edge:
 
 * **Distances once.** Ground distances do not depend on the example: 2- and 3-hop shortest-path
-  tables are min-plus products computed once per call (:mod:`curvprune.distance`).
+  tables are min-plus products computed once per call (:mod:`curvprune.distance`), windowed
+  for conv layers (a node keeps only the targets its kernels reach: :class:`HopTable`).
 * **Dead edges** (an end with activity 0) get :math:`\kappa = 1` with no transport at all.
 * **Point masses.** If :math:`\mu_i = \delta_i` (input layer, or no active in-neighbour) then
   :math:`W_1 = \alpha d + (1-\alpha)\sum_m q_m D(i, m)` and
