@@ -238,7 +238,10 @@ def vgg_engine_run(args) -> dict:
     model = create_model("vgg9", in_channels=1).eval()
     test = fashion_mnist(train=False, pad_to=32)
     calib = torch.stack([test[k][0] for k in range(args.vgg_examples)])
-    phases = {"graph_build_s": 0.0, "bound_s": 0.0, "solve_s": 0.0}
+    import curvprune.engine as engine_module
+
+    phases = {"graph_build_s": 0.0, "bound_s": 0.0, "shared_problems_s": 0.0, "solve_s": 0.0}
+    clock = time.perf_counter()
 
     def timed(fn, key):
         def wrapper(*a, **k):
@@ -247,7 +250,12 @@ def vgg_engine_run(args) -> dict:
                 return fn(*a, **k)
             finally:
                 phases[key] += time.perf_counter() - start
+                edges = a[1].numel() if key == "shared_problems_s" else ""
+                print(f"[{time.perf_counter() - clock:7.1f} s] {key[:-2]} "
+                      f"+{time.perf_counter() - start:.1f} s {edges}", flush=True)
         return wrapper
+
+    engine_module._shared_bounds = timed(engine_module._shared_bounds, "shared_problems_s")
 
     build = NeuronGraph.__dict__["build"].__func__
     NeuronGraph.build = classmethod(timed(build, "graph_build_s"))
