@@ -11,9 +11,14 @@ the two agree on every weight (max |difference|, and +inf on the same weights).
 
 VGG-9 (``create_model("vgg9", in_channels=1)``, trained 5 epochs on Fashion-MNIST padded to
 32 x 32, ~37M edges per example): the reference is timed on ``--vgg-sample-edges`` sampled edges
-of one example and extrapolated. The engine is **not run** on the CPU: its dense hop tables and
-the min-plus products that fill them are counted instead (bytes and operations, from the layer
-sizes and edge counts), which is what rules it out on 2 cores; ``--vgg-engine`` runs it anyway.
+of one example and extrapolated. The engine's hop tables and the min-plus products that fill
+them are counted (bytes and operations, dense and windowed: :class:`curvprune.engine.HopTable`);
+``--vgg-engine`` runs the engine on that row's model. ``--vgg-run`` (with ``--vgg-examples N``
+and ``--vgg-tolerance T``) runs ``neural_curvature(granularity="neuron")`` on a random-init
+VGG-9 (seed ``--vgg-seed``) with the first N Fashion-MNIST test images padded to 32, and records
+the time of each phase (graph build, bounds and their shared problems, exact solves), the peak
+RSS and the engine's counts under the vgg9 row's ``engine_runs``; ``--render-only`` rewrites the
+table from the JSON. ``benchmarks/vgg_tables.py`` times the hop tables one by one.
 
 Curvature intervals (``--tolerance-study 1e-6 1e-3 1e-2``, engine only): LeNet-5 is scored at
 the default tolerance (1e-14), at ``tolerance=0`` (the exact baseline) and at each tolerance;
