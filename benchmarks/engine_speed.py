@@ -11,9 +11,14 @@ the two agree on every weight (max |difference|, and +inf on the same weights).
 
 VGG-9 (``create_model("vgg9", in_channels=1)``, trained 5 epochs on Fashion-MNIST padded to
 32 x 32, ~37M edges per example): the reference is timed on ``--vgg-sample-edges`` sampled edges
-of one example and extrapolated. The engine is **not run** on the CPU: its dense hop tables and
-the min-plus products that fill them are counted instead (bytes and operations, from the layer
-sizes and edge counts), which is what rules it out on 2 cores; ``--vgg-engine`` runs it anyway.
+of one example and extrapolated. The engine's hop tables and the min-plus products that fill
+them are counted (bytes and operations, dense and windowed: :class:`curvprune.engine.HopTable`);
+``--vgg-engine`` runs the engine on that row's model. ``--vgg-run`` (with ``--vgg-examples N``
+and ``--vgg-tolerance T``) runs ``neural_curvature(granularity="neuron")`` on a random-init
+VGG-9 (seed ``--vgg-seed``) with the first N Fashion-MNIST test images padded to 32, and records
+the time of each phase (graph build, bounds and their shared problems, exact solves), the peak
+RSS and the engine's counts under the vgg9 row's ``engine_runs``; ``--render-only`` rewrites the
+table from the JSON. ``benchmarks/vgg_tables.py`` times the hop tables one by one.
 
 Curvature intervals (``--tolerance-study 1e-6 1e-3 1e-2``, engine only): LeNet-5 is scored at
 the default tolerance (1e-14), at ``tolerance=0`` (the exact baseline) and at each tolerance;
@@ -79,8 +84,18 @@ def engine_tables(model, example: torch.Tensor) -> dict:
     n = len(edges)
     ops = sum(edges[L] * sizes[L + 2] for L in range(n - 1)) + \
         sum(edges[L] * sizes[L + 3] for L in range(n - 2))
+    # Windowed tables (engine.HopTable): each first-hop edge adds one window of the next table.
+    from curvprune.engine import _hop_layouts, _layout, _node_shapes, _one_hop_box
+
+    two, three = _hop_layouts(structures)
+    shapes = _node_shapes(structures)
+    one = [_layout(_one_hop_box(structures[L + 1], shapes[L + 2]), shapes[L + 2])
+           for L in range(n - 1)]
+    windowed = sum(edges[L] * one[L].width for L in range(n - 1)) + \
+        sum(edges[L] * two[L + 1].width for L in range(n - 2))
     return {"hop_table_bytes": hop_table_bytes(sizes), "min_plus_ops": ops,
-            "edges_per_example": sum(edges)}
+            "windowed_hop_table_bytes": hop_table_bytes(structures),
+            "windowed_min_plus_ops": windowed, "edges_per_example": sum(edges)}
 
 
 def _pruned(result, amount: float) -> dict[str, torch.Tensor]:
@@ -224,12 +239,76 @@ def vgg_row(args) -> dict:
     return row
 
 
+def vgg_engine_run(args) -> dict:
+    """One ``--vgg-run`` (module docstring): ``neural_curvature`` on VGG-9 at neuron
+    granularity, with the time of each phase and the process's peak RSS."""
+    import resource
+
+    import curvprune.curvature as curvature_module
+    from curvprune.engine import NeuronGraph
+    from curvprune.models import create_model
+
+    load_before = os.getloadavg()
+    torch.manual_seed(args.vgg_seed)  # random init (BatchNorm at its initial statistics)
+    model = create_model("vgg9", in_channels=1).eval()
+    test = fashion_mnist(train=False, pad_to=32)
+    calib = torch.stack([test[k][0] for k in range(args.vgg_examples)])
+    import curvprune.engine as engine_module
+
+    phases = {"graph_build_s": 0.0, "bound_s": 0.0, "shared_problems_s": 0.0, "solve_s": 0.0}
+    clock = time.perf_counter()
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[key] += time.perf_counter() - start
+                edges = a[1].numel() if key == "shared_problems_s" else ""
+                print(f"[{time.perf_counter() - clock:7.1f} s] {key[:-2]} "
+                      f"+{time.perf_counter() - start:.1f} s {edges}", flush=True)
+        return wrapper
+
+    engine_module._shared_bounds = timed(engine_module._shared_bounds, "shared_problems_s")
+
+    build = NeuronGraph.__dict__["build"].__func__
+    NeuronGraph.build = classmethod(timed(build, "graph_build_s"))
+    curvature_module.bound_example = timed(curvature_module.bound_example, "bound_s")
+    curvature_module.solve_layer_edges = timed(curvature_module.solve_layer_edges, "solve_s")
+    kwargs = {} if args.vgg_tolerance is None else {"tolerance": args.vgg_tolerance}
+    tables = engine_tables(model, calib[:1])
+    print(json.dumps(tables), flush=True)
+    start = time.perf_counter()
+    result = neural_curvature(model, calib, alpha=args.alpha, granularity="neuron",
+                              memory_budget=16 << 30, progress=True, **kwargs)
+    total = time.perf_counter() - start
+    run = {"init": f"random (torch.manual_seed({args.vgg_seed}))", "examples": len(calib),
+           "tolerance": args.vgg_tolerance, "engine_s": total, **phases,
+           "other_s": total - sum(phases.values()),
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "hop_table_bytes": tables["windowed_hop_table_bytes"],
+           "min_plus_ops": tables["windowed_min_plus_ops"],
+           **{k: v for k, v in tables.items() if k.startswith("windowed_")},
+           "max_width": result.max_width, "engine_stats": result.engine,
+           "threads": torch.get_num_threads(), "load_average_before": load_before,
+           "load_average_after": os.getloadavg()}
+    print(json.dumps(run, indent=2))
+    return run
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = ["| model | examples | edges/example | engine (s) | reference (s) | speed-up "
              "| max abs diff |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         diff = row.get("max_abs_diff")
-        if row.get("engine_s") is None:
+        if row.get("engine_s") is None and "windowed_hop_table_bytes" in row:
+            engine = (f"not run here: hop tables {row['hop_table_bytes'] / 2**30:.1f} GiB dense"
+                      f" / {row['windowed_hop_table_bytes'] / 2**30:.1f} GiB windowed, min-plus "
+                      f"{row['min_plus_ops']:.1e} / {row['windowed_min_plus_ops']:.1e} "
+                      "operations (see --vgg-run)")
+            speedup = "n/a"
+        elif row.get("engine_s") is None:
             engine = (f"not run: hop tables {row['hop_table_bytes'] / 2**30:.1f} GiB, "
                       f"min-plus {row['min_plus_ops']:.1e} operations")
             speedup = "n/a"
@@ -239,6 +318,27 @@ def table(rows: list[dict]) -> list[str]:
             f"| {row['model']} | {row['examples']} | {row['edges_per_example']:,} | {engine} | "
             f"{row['reference_s']:.3g} ({row['reference_kind']}) | {speedup} | "
             f"{'n/a' if diff is None else f'{diff:.1e}'} |")
+    return lines
+
+
+def vgg_runs_table(row: dict) -> list[str]:
+    """The ``--vgg-run`` rows: VGG-9 at neuron granularity, phases, memory and counts."""
+    runs = row.get("engine_runs", [])
+    if not runs:
+        return []
+    lines = ["VGG-9 at neuron granularity (`--vgg-run`; random-init weights, Fashion-MNIST test "
+             "images padded to 32; target: under 600 s and 8 GiB on 2 CPU cores):", "",
+             "| examples | tolerance | total (s) | graph build (s) | bounds (s) | exact solves (s) "
+             "| other (s) | peak RSS (GiB) | hop tables (GiB) | engine counts | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        counts = ", ".join(f"{k} {v:,}" for k, v in r["engine_stats"].items() if v)
+        tol = "default (1e-14)" if r["tolerance"] is None else f"{r['tolerance']:g}"
+        lines.append(
+            f"| {r['examples']} | {tol} | {r['engine_s']:.0f} | {r['graph_build_s']:.0f} | "
+            f"{r['bound_s']:.0f} | {r['solve_s']:.0f} | {r['other_s']:.0f} | "
+            f"{r['peak_rss_gib']:.1f} | {r['hop_table_bytes'] / 2**30:.2f} | {counts} | "
+            f"{r['load_average_before'][0]:.1f}/{r['load_average_after'][0]:.1f} |")
     return lines
 
 
@@ -285,6 +385,15 @@ def main() -> None:
     parser.add_argument("--vgg-sample-edges", type=int, default=40)
     parser.add_argument("--vgg-engine", action="store_true",
                         help="also run the engine on VGG-9 (needs the hop tables' memory)")
+    parser.add_argument("--vgg-run", action="store_true",
+                        help="one engine run on a random-init VGG-9 (--vgg-examples, "
+                             "--vgg-tolerance), added to the vgg9 row's engine_runs")
+    parser.add_argument("--vgg-examples", type=int, default=1)
+    parser.add_argument("--render-only", action="store_true",
+                        help="only rewrite the .md table from the stored JSON")
+    parser.add_argument("--vgg-tolerance", type=float, default=None,
+                        help="the engine's tolerance (default: neural_curvature's)")
+    parser.add_argument("--vgg-seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_speed.json")
     args = parser.parse_args()
@@ -293,7 +402,18 @@ def main() -> None:
     old = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     rows = {row["model"]: row for row in old["rows"]}
     study = old.get("tolerance_study")
-    if args.tolerances is not None:
+    if args.render_only:
+        pass
+    elif args.vgg_run:
+        run = vgg_engine_run(args)
+        run["command"] = command
+        runs = [r for r in rows["vgg9"].get("engine_runs", [])
+                if (r["examples"], r["tolerance"], r["init"])
+                != (run["examples"], run["tolerance"], run["init"])]
+        rows["vgg9"].update({k: v for k, v in run.items() if k.startswith("windowed_")})
+        rows["vgg9"]["engine_runs"] = sorted(runs + [run], key=lambda r: (
+            r["examples"], -1.0 if r["tolerance"] is None else r["tolerance"]))
+    elif args.tolerances is not None:
         study = tolerance_study(args, rows.get("lenet5"))
         study["command"] = command
     else:
@@ -319,6 +439,9 @@ def main() -> None:
     commands = sorted({row["command"] for row in ordered})
     lines = [f"Commands: {', '.join(f'`{c.strip()}`' for c in commands)} ({os.cpu_count()} CPU "
              f"cores, torch {torch.__version__})", "", *table(ordered)]
+    if "vgg9" in rows:
+        extra = vgg_runs_table(rows["vgg9"])
+        lines += ["", *extra] if extra else []
     if study is not None:
         lines += ["", *tolerance_table(study)]
     md = args.out.with_suffix(".md")

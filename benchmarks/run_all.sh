@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 python3 benchmarks/engine_speed.py                                  # engine vs reference (LeNet-5)
 python3 benchmarks/engine_speed.py --models vgg9                    # the VGG-9 row (extrapolated)
 python3 benchmarks/engine_speed.py --tolerance-study 1e-6 1e-3 1e-2   # curvature intervals (LeNet-5)
+# python3 benchmarks/vgg_tables.py                                # VGG-9 hop tables one by one (hours on 2 shared cores)
 python3 benchmarks/channel_scale.py                                 # channel graph at ImageNet scale
 python3 benchmarks/coverage.py                                      # tracer coverage: timm families, torchvision
 python3 benchmarks/unstructured.py --no-progress                    # the paper's figure

@@ -492,8 +492,7 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
         return "channel"
     _, structures = chain_structure(model, _first_example(calibration, model_device, model,
                                                           half_dtype(model)))
-    sizes = [structures[0].n_in] + [s.n_out for s in structures]
-    return "neuron" if hop_table_bytes(sizes) <= memory_budget else "channel"
+    return "neuron" if hop_table_bytes(structures) <= memory_budget else "channel"
 
 
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,

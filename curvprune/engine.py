@@ -4,7 +4,8 @@ It computes the same :math:`\kappa` as :mod:`curvprune.reference` on every edge,
 the structure of the problem instead of solving one linear program per edge:
 
 * **Distances once.** Ground distances do not depend on the example: 2- and 3-hop shortest-path
-  tables are min-plus products computed once per call (:mod:`curvprune.distance`).
+  tables are min-plus products computed once per call (:mod:`curvprune.distance`), windowed
+  for conv layers (a node keeps only the targets its kernels reach: :class:`HopTable`).
 * **Dead edges** (an end with activity 0) get :math:`\kappa = 1` with no transport at all.
 * **Point masses.** If :math:`\mu_i = \delta_i` (input layer, or no active in-neighbour) then
   :math:`W_1 = \alpha d + (1-\alpha)\sum_m q_m D(i, m)` and
@@ -60,7 +61,8 @@ from .measures import neighbour_measures, padded_neighbours
 
 __all__ = ["NeuronGraph", "EngineStats", "Distances", "score_example", "score_edges",
            "bound_example", "bound_edges", "solve_layer_edges", "solve_edges", "layer_problem",
-           "node_measures", "cut_measures", "cut_error", "hop_table_bytes", "CERTIFY_TOL"]
+           "node_measures", "cut_measures", "cut_error", "hop_table_bytes", "HopTable",
+           "CERTIFY_TOL"]
 
 # POT (which imports networkx and scikit-learn) is loaded by the first transport problem, not by
 # ``import curvprune``; ``emd_c`` is its network simplex.
@@ -127,7 +129,8 @@ class NeuronGraph:
     ``l`` (between node layers ``l-1`` and ``l``). ``in_nbrs[L]`` (``L >= 1``) and
     ``out_nbrs[L]`` (``L < n``) are padded neighbour tables and ``in_len``/``out_len`` the
     lengths of those edges, slot by slot; ``hop2[L]`` is the ``L -> L+2`` distance table and
-    ``hop3[L]`` the ``L -> L+3`` one.
+    ``hop3[L]`` the ``L -> L+3`` one (:class:`HopTable`: windowed for conv layers, so a conv
+    node keeps only the targets its kernels can reach; dense otherwise).
     """
 
     sizes: list[int]
@@ -136,8 +139,8 @@ class NeuronGraph:
     out_nbrs: list[torch.Tensor | None] = field(default_factory=list)
     in_len: list[torch.Tensor | None] = field(default_factory=list)
     out_len: list[torch.Tensor | None] = field(default_factory=list)
-    hop2: list[torch.Tensor] = field(default_factory=list)
-    hop3: list[torch.Tensor] = field(default_factory=list)
+    hop2: list[HopTable] = field(default_factory=list)
+    hop3: list[HopTable] = field(default_factory=list)
 
     @classmethod
     def build(cls, structures: list[LayerEdges], weights: list[torch.Tensor],
@@ -170,28 +173,247 @@ class NeuronGraph:
             for L in range(n)
         ] + [None]
         # hop2[L]: L -> L+2 (through param layers L+1 and L+2); hop3[L]: L -> L+3.
+        two, three = _hop_layouts(structures)
+        shapes = _node_shapes(structures)
         for L in range(n - 1):
-            nxt = layers[L + 1]
-            rest = length_matrix(nxt.src, nxt.dst, nxt.length, sizes[L + 1], sizes[L + 2])
-            first = layers[L]
-            graph.hop2.append(min_plus(first.src, first.dst, first.length, sizes[L], rest))
+            one = _layout(_one_hop_box(structures[L + 1], shapes[L + 2]), shapes[L + 2])
+            rest = HopTable.of_edges(layers[L + 1], sizes[L + 1], one)
+            graph.hop2.append(HopTable.compose(layers[L], sizes[L], rest, two[L]))
             del rest
         for L in range(n - 2):
-            first = layers[L]
-            graph.hop3.append(min_plus(first.src, first.dst, first.length, sizes[L],
-                                       graph.hop2[L + 1]))
+            graph.hop3.append(HopTable.compose(layers[L], sizes[L], graph.hop2[L + 1],
+                                               three[L]))
         return graph
 
 
-def hop_table_bytes(sizes: list[int]) -> int:
-    """Bytes of the dense float64 hop tables ``L -> L+2`` and ``L -> L+3`` that
-    :meth:`NeuronGraph.build` keeps for node layers of these sizes."""
+def hop_table_bytes(layers: list[int] | list[LayerEdges]) -> int:
+    """Bytes of the float64 hop tables ``L -> L+2`` and ``L -> L+3`` that
+    :meth:`NeuronGraph.build` keeps: from the layers' structural edges (windowed conv tables,
+    see :class:`HopTable`), or, given node-layer sizes only, of dense tables."""
+    if layers and isinstance(layers[0], LayerEdges):
+        sizes = [layers[0].n_in] + [s.n_out for s in layers]
+        two, three = _hop_layouts(layers)
+        entries = sum(sizes[L] * t.width for L, t in enumerate(two))
+        entries += sum(sizes[L] * t.width for L, t in enumerate(three))
+        return 8 * entries
+    sizes = layers
     entries = sum(sizes[L] * sizes[L + 2] for L in range(len(sizes) - 2))
     entries += sum(sizes[L] * sizes[L + 3] for L in range(len(sizes) - 3))
     return 8 * entries
 
 
-def _gather_rows(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+#: A hop table is windowed when its window covers at most this fraction of the target layer's
+#: positions (else it is stored dense; the lookups are cheaper and the memory close).
+WINDOW_FRACTION = 0.5
+
+
+def _node_shapes(structures: list[LayerEdges]) -> list[tuple[int, int, int]]:
+    """``(C, H, W)`` of every node layer (a flat layer of ``F`` nodes is ``(F, 1, 1)``)."""
+    shapes = [structures[0].in_shape] + [s.out_shape for s in structures]
+    sizes = [structures[0].n_in] + [s.n_out for s in structures]
+    out = []
+    for shape, size in zip(shapes, sizes):
+        out.append(tuple(shape) if shape is not None and len(shape) == 3
+                   and math.prod(shape) == size else (size, 1, 1))
+    return out
+
+
+_EMPTY = 1 << 40  # "no reachable target" sentinel of the boxes' lower ends
+
+
+@dataclass
+class _Box:
+    """Per source node, the inclusive bounding box ``[lo, hi]`` (rows ``y``, columns ``x``) of
+    the target positions it reaches structurally; ``lo = _EMPTY`` where it reaches none."""
+
+    lo_y: torch.Tensor
+    hi_y: torch.Tensor
+    lo_x: torch.Tensor
+    hi_x: torch.Tensor
+
+
+def _one_hop_box(s: LayerEdges, target: tuple[int, int, int]) -> _Box:
+    _, h, w = target
+    y, x = (s.dst // w) % h, s.dst % w
+    lo = torch.full((s.n_in,), _EMPTY, dtype=torch.long)
+    hi = torch.full((s.n_in,), -1, dtype=torch.long)
+    return _Box(lo.scatter_reduce(0, s.src, y, reduce="amin"),
+                hi.scatter_reduce(0, s.src, y, reduce="amax"),
+                lo.scatter_reduce(0, s.src, x, reduce="amin"),
+                hi.scatter_reduce(0, s.src, x, reduce="amax"))
+
+
+def _back_box(s: LayerEdges, box: _Box) -> _Box:
+    """The box of ``s``'s sources: the union of the boxes of the nodes they reach."""
+    lo = torch.full((s.n_in,), _EMPTY, dtype=torch.long)
+    hi = torch.full((s.n_in,), -1, dtype=torch.long)
+    return _Box(lo.scatter_reduce(0, s.src, box.lo_y[s.dst], reduce="amin"),
+                hi.scatter_reduce(0, s.src, box.hi_y[s.dst], reduce="amax"),
+                lo.scatter_reduce(0, s.src, box.lo_x[s.dst], reduce="amin"),
+                hi.scatter_reduce(0, s.src, box.hi_x[s.dst], reduce="amax"))
+
+
+@dataclass
+class _Layout:
+    """Where a hop table's values live: ``window = (Wy, Wx)`` positions of every channel of the
+    target layer (shape ``target``), starting at ``(y0[a], x0[a])`` for source node ``a``;
+    ``y0``/``x0`` are ``None`` for a dense table (the window is the whole layer)."""
+
+    target: tuple[int, int, int]
+    window: tuple[int, int]
+    y0: torch.Tensor | None
+    x0: torch.Tensor | None
+
+    @property
+    def full(self) -> bool:
+        return self.y0 is None
+
+    @property
+    def width(self) -> int:
+        return self.target[0] * self.window[0] * self.window[1]
+
+
+def _layout(box: _Box, target: tuple[int, int, int]) -> _Layout:
+    _, h, w = target
+    reach = box.lo_y < _EMPTY
+    wy = int((box.hi_y - box.lo_y + 1)[reach].max()) if reach.any() else 1
+    wx = int((box.hi_x - box.lo_x + 1)[reach].max()) if reach.any() else 1
+    if wy * wx > WINDOW_FRACTION * h * w:
+        return _Layout(target, (h, w), None, None)
+    return _Layout(target, (wy, wx), torch.where(reach, box.lo_y, 0),
+                   torch.where(reach, box.lo_x, 0))
+
+
+def _hop_layouts(structures: list[LayerEdges]) -> tuple[list[_Layout], list[_Layout]]:
+    """Layouts of the ``L -> L+2`` and ``L -> L+3`` tables, from the structural edges (so that
+    zero weights change values, not sizes)."""
+    shapes = _node_shapes(structures)
+    n = len(structures)
+    one = [_one_hop_box(structures[s], shapes[s + 1]) for s in range(n)]
+    two = [_back_box(structures[L], one[L + 1]) for L in range(n - 1)]
+    three = [_back_box(structures[L], two[L + 1]) for L in range(n - 2)]
+    return ([_layout(two[L], shapes[L + 2]) for L in range(n - 1)],
+            [_layout(three[L], shapes[L + 3]) for L in range(n - 2)])
+
+
+class HopTable:
+    r"""Shortest-path distances from one node layer to a later one, stored dense or windowed.
+
+    ``table[rows, cols]`` (index tensors that broadcast together) is the distance from node
+    ``rows`` to node ``cols``, ``+inf`` where there is no path, like indexing the dense
+    ``[n_src, n_tgt]`` table. A conv node at ``(c, y, x)`` reaches only a spatial window of a
+    layer two or three steps on (kernel extent, stride, dilation, padding), so a **windowed**
+    table keeps, per source node ``a``, the ``C x Wy x Wx`` block of every target channel at
+    rows ``y0[a] .. y0[a] + Wy - 1`` and columns ``x0[a] .. x0[a] + Wx - 1`` (the bounding box
+    of what ``a`` reaches through the structural edges; every pair outside it is
+    unreachable); a **dense** table (``values`` ``[n_src, n_tgt]``) is kept when the window
+    would cover more than :data:`WINDOW_FRACTION` of the layer, and for flat (linear) targets.
+    """
+
+    def __init__(self, values: torch.Tensor, layout: _Layout):
+        self.values = values  # [n_src, C * Wy * Wx]
+        self.layout = layout
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], math.prod(self.layout.target))
+
+    def numel(self) -> int:
+        return self.values.numel()
+
+    def element_size(self) -> int:
+        return self.values.element_size()
+
+    def __getitem__(self, key: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, cols = key
+        if self.layout.full:
+            return self.values[rows, cols]
+        rows, cols = torch.broadcast_tensors(rows, cols)
+        slot, inside = self._slot(rows, cols)
+        out = self.values[rows, slot]
+        return out.masked_fill_(~inside, math.inf)
+
+    def _slot(self, rows: torch.Tensor, cols: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column of ``values`` holding target ``cols`` for source ``rows``, and whether the
+        target lies in the source's window at all."""
+        if self.layout.full:
+            return cols, torch.ones_like(cols, dtype=torch.bool)
+        _, h, w = self.layout.target
+        wy, wx = self.layout.window
+        pos = cols % (h * w)
+        iy = pos // w - self.layout.y0[rows]
+        ix = pos % w - self.layout.x0[rows]
+        inside = (iy >= 0) & (iy < wy) & (ix >= 0) & (ix < wx)
+        slot = ((cols // (h * w)) * wy + iy.clamp(0, wy - 1)) * wx + ix.clamp(0, wx - 1)
+        return slot, inside
+
+    def dense(self) -> torch.Tensor:
+        """The ``[n_src, n_tgt]`` table (for tests and small layers)."""
+        n_src, n_tgt = self.shape
+        rows = torch.arange(n_src, device=self.values.device)[:, None]
+        return self[rows, torch.arange(n_tgt, device=self.values.device)[None, :]]
+
+    @classmethod
+    def of_edges(cls, layer: _Layer, n_src: int, layout: _Layout) -> HopTable:
+        """The one-hop table of ``layer``'s edges (their lengths; ``inf`` elsewhere)."""
+        if layout.full:
+            return cls(length_matrix(layer.src, layer.dst, layer.length, n_src,
+                                     math.prod(layout.target)), layout)
+        layout = _on(layout, layer.length.device)
+        values = torch.full((n_src, layout.width), math.inf, dtype=layer.length.dtype,
+                            device=layer.length.device)
+        slot, _ = cls(values, layout)._slot(layer.src, layer.dst)
+        values[layer.src, slot] = layer.length
+        return cls(values, layout)
+
+    @classmethod
+    def compose(cls, first: _Layer, n_src: int, rest: HopTable, layout: _Layout, *,
+                max_block: int = 1 << 22) -> HopTable:
+        r"""Min-plus product ``D[a, c] = min over edges a -> b of length(a, b) + rest[b, c]``
+        over the sparse first hop, into ``layout`` (no dense intermediate: each edge adds its
+        target's row of ``rest``, window to window; chunks of ``max_block`` entries)."""
+        if layout.full and rest.layout.full:
+            return cls(min_plus(first.src, first.dst, first.length, n_src, rest.values),
+                       layout)
+        device = rest.values.device
+        layout = _on(layout, device)
+        values = torch.full((n_src, layout.width), math.inf, dtype=rest.values.dtype,
+                            device=device)
+        out = cls(values, layout)
+        if first.src.numel() == 0:
+            return out
+        _, h, w = rest.layout.target
+        ry, rx = rest.layout.window
+        cell = torch.arange(rest.layout.width, device=device)
+        channel, cy, cx = cell // (ry * rx), (cell // rx) % ry, cell % rx
+        chunk = max(1, max_block // max(1, rest.layout.width))
+        flat = values.view(-1)
+        for start in range(0, first.src.numel(), chunk):
+            a = first.src[start:start + chunk]
+            b = first.dst[start:start + chunk]
+            candidate = rest.values[b] + first.length[start:start + chunk, None]
+            if rest.layout.full:
+                target = cell[None, :]
+            else:
+                y = (cy[None, :] + rest.layout.y0[b, None]).clamp(max=h - 1)
+                x = (cx[None, :] + rest.layout.x0[b, None]).clamp(max=w - 1)
+                target = (channel[None, :] * h + y) * w + x
+            slot, inside = out._slot(a[:, None], target)
+            candidate.masked_fill_(~inside, math.inf)
+            flat.scatter_reduce_(0, (a[:, None] * layout.width + slot).view(-1),
+                                 candidate.view(-1), reduce="amin")
+        return out
+
+
+def _on(layout: _Layout, device: torch.device) -> _Layout:
+    if layout.full or layout.y0.device == device:
+        return layout
+    return _Layout(layout.target, layout.window, layout.y0.to(device), layout.x0.to(device))
+
+
+def _gather_rows(table: torch.Tensor | HopTable, rows: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
     """``table[rows[e], cols[e, s]]`` with padded columns (``-1``) mapped to column 0."""
     return table[rows[:, None], cols.clamp(min=0)]
 
@@ -395,9 +617,9 @@ class Distances:
     the hop tables of consecutive layers; for the channel graph, one all-pairs table.
     """
 
-    d_kj: torch.Tensor | None
-    d_im: torch.Tensor | None
-    d_km: torch.Tensor | None
+    d_kj: torch.Tensor | HopTable | None
+    d_im: torch.Tensor | HopTable | None
+    d_km: torch.Tensor | HopTable | None
 
 
 def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int,

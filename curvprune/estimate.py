@@ -112,7 +112,7 @@ def _neuron_structure(model: nn.Module, example: torch.Tensor
     for layer, s in zip(layers, structures):
         weight = layer.module.weight.detach().flatten()
         edges[layer.name] = int((weight[s.widx.to(weight.device)] != 0).sum())
-    return sum(sizes), edges, hop_table_bytes(sizes), structures, layers
+    return sum(sizes), edges, hop_table_bytes(structures), structures, layers
 
 
 def estimate(

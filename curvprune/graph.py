@@ -180,6 +180,9 @@ class LayerEdges:
         widx: flat index into the weight of each edge (int64, ``[E]``).
         n_in: number of nodes in layer ``l-1``.
         n_out: number of nodes in layer ``l``.
+        in_shape: per-example shape of node layer ``l-1`` (``(C, H, W)`` for a conv input,
+            ``(F,)`` for a linear one; ``None``: unknown, taken as ``(n_in,)``).
+        out_shape: per-example shape of node layer ``l`` (likewise).
     """
 
     src: torch.Tensor
@@ -187,6 +190,8 @@ class LayerEdges:
     widx: torch.Tensor
     n_in: int
     n_out: int
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -215,7 +220,7 @@ def layer_edges(
         n_in, n_out = module.in_features, module.out_features
         dst = torch.arange(n_out).repeat_interleave(n_in)
         src = torch.arange(n_in).repeat(n_out)
-        return LayerEdges(src, dst, dst * n_in + src, n_in, n_out)
+        return LayerEdges(src, dst, dst * n_in + src, n_in, n_out, (n_in,), (n_out,))
     assert isinstance(module, nn.Conv2d)
     c_in, h_in, w_in = in_shape
     c_out, h_out, w_out = out_shape
@@ -239,7 +244,8 @@ def layer_edges(
     src = (ic * (h_in * w_in) + yi * w_in + xi).expand(shape)[valid]
     dst = (oc * (h_out * w_out) + yo * w_out + xo).expand(shape)[valid]
     widx = (((oc * cg_in + icg) * kh + ky) * kw + kx).expand(shape)[valid]
-    return LayerEdges(src, dst, widx, c_in * h_in * w_in, c_out * h_out * w_out)
+    return LayerEdges(src, dst, widx, c_in * h_in * w_in, c_out * h_out * w_out,
+                      (c_in, h_in, w_in), (c_out, h_out, w_out))
 
 
 def chain_structure(model: nn.Module, example: torch.Tensor
