@@ -65,7 +65,8 @@ from .engine import (
 from .measures import padded_neighbours
 from .minimum import MinimumSearch
 
-__all__ = ["ChannelGraph", "NodeSet", "UntraceableModel", "trace_channels"]
+__all__ = ["ChannelDistances", "ChannelGraph", "NodeSet", "UntraceableModel",
+           "needed_distance_bytes", "needed_distances", "trace_channels"]
 
 
 class UntraceableModel(ValueError):
@@ -797,17 +798,176 @@ def channel_distances(graph: ChannelGraph) -> torch.Tensor:
     Dijkstra's algorithm from every node (``scipy.sparse.csgraph``, on the CPU; the result is
     moved to the graph's device). Memory: ``num_nodes**2`` float64.
     """
+    dist = scipy.sparse.csgraph.dijkstra(_adjacency(graph), directed=True)
+    return torch.from_numpy(dist).to(graph.length.device)
+
+
+def _adjacency(graph: ChannelGraph) -> scipy.sparse.csr_matrix:
+    """The weighted adjacency Dijkstra runs on (duplicate ``(src, dst)`` lengths summed, as
+    ``csr_matrix`` does; :func:`channel_distances` and :func:`needed_distances` share it)."""
     n = graph.num_nodes
-    adjacency = scipy.sparse.csr_matrix(
+    return scipy.sparse.csr_matrix(
         (graph.length.cpu().numpy(), (graph.src.cpu().numpy(), graph.dst.cpu().numpy())),
         shape=(n, n))
-    dist = scipy.sparse.csgraph.dijkstra(adjacency, directed=True)
-    return torch.from_numpy(dist).to(graph.length.device)
+
+
+class ChannelDistances:
+    r"""Shortest-path distances of the channel graph on the pairs the measures need only.
+
+    Looked up like the dense table of :func:`channel_distances`: ``distances[a, b]`` with
+    index tensors ``a`` and ``b`` (broadcast) returns float64 ``D(a, b)`` for every stored pair
+    and ``+inf`` for the others. The engine (:class:`~curvprune.engine.Distances`,
+    :func:`~curvprune.engine.bound_edges`, :func:`~curvprune.engine.solve_edges`) reads only
+    stored pairs where a result depends on the value (every other lookup is a padded slot that
+    the engine masks), so it gets the same numbers as with the dense table; see
+    :func:`needed_distances` for which pairs are stored and why the values are the same.
+
+    Memory: 16 bytes per stored pair (a sorted int64 key ``a * num_nodes + b`` and the float64
+    distance), against ``8 * num_nodes**2`` for the dense table.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, num_nodes: int) -> None:
+        self.keys = keys
+        self.values = values
+        self.num_nodes = num_nodes
+
+    @property
+    def num_pairs(self) -> int:
+        return self.keys.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * self.keys.numel()
+
+    def to(self, device: torch.device) -> ChannelDistances:
+        return ChannelDistances(self.keys.to(device), self.values.to(device), self.num_nodes)
+
+    def __getitem__(self, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, cols = index
+        rows, cols = torch.broadcast_tensors(torch.as_tensor(rows, device=self.keys.device),
+                                             torch.as_tensor(cols, device=self.keys.device))
+        key = (rows.to(torch.long) * self.num_nodes + cols.to(torch.long)).reshape(-1)
+        out = torch.full(key.shape, math.inf, dtype=torch.float64, device=self.keys.device)
+        if self.keys.numel() and key.numel():
+            pos = torch.searchsorted(self.keys, key).clamp_(max=self.keys.numel() - 1)
+            found = self.keys[pos] == key
+            out[found] = self.values[pos[found]]
+        return out.view(rows.shape)
+
+
+def _needed_structure(graph: ChannelGraph) -> tuple[scipy.sparse.csr_matrix,
+                                                    scipy.sparse.csr_matrix, np.ndarray]:
+    """``(adjacency, needed, limit)``: the graph's adjacency, the pattern of the needed pairs
+    (``needed[a, b] != 0``) and, per node ``a``, a bound on ``D(a, b)`` over its needed pairs.
+    """
+    n = graph.num_nodes
+    adjacency = _adjacency(graph)
+    pattern = adjacency.copy()
+    pattern.data = np.ones_like(pattern.data, dtype=np.float32)
+    layer = (graph.module >= 0).cpu().numpy()
+    src, dst = graph.src.cpu().numpy()[layer], graph.dst.cpu().numpy()[layer]
+    scored = scipy.sparse.csr_matrix((np.ones(src.size, dtype=np.float32), (src, dst)),
+                                     shape=(n, n))
+    scored.data[:] = 1.0
+    around = (pattern + scipy.sparse.identity(n, dtype=np.float32, format="csr")).tocsr()
+    # (k, m) with k = i or k -> i, i -> j scored, m = j or j -> m.
+    needed = (around @ scored @ around).tocsr()
+    needed.sum_duplicates()
+    needed.sort_indices()
+    # Limits, all from the adjacency's own lengths: D(a, b) <= the length of any a -> b path.
+    coo = adjacency.tocoo()
+    out_max = np.zeros(n)
+    np.maximum.at(out_max, coo.row, coo.data)
+    adj_len = np.asarray(adjacency[src, dst]).reshape(-1)  # the scored edges' own lengths
+    reach = np.full(n, -np.inf)  # reach[i] >= D(i, j), D(i, m) over i's scored edges
+    np.maximum.at(reach, src, adj_len + out_max[dst])
+    limit = reach.copy()
+    has = np.isfinite(reach[coo.col])
+    np.maximum.at(limit, coo.row[has], coo.data[has] + reach[coo.col[has]])
+    return adjacency, needed, limit
+
+
+def needed_distance_bytes(graph: ChannelGraph) -> int:
+    """Bytes :func:`needed_distances` keeps for ``graph``: 16 per needed node pair (one sparse
+    product counts them; no Dijkstra runs)."""
+    return 16 * int(_needed_structure(graph)[1].nnz)
+
+
+def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
+                     memory_budget: int | None = None) -> ChannelDistances:
+    r"""The shortest-path distances of ``graph`` on the pairs the measures need, no more.
+
+    The measures of a layer edge ``i -> j`` live on ``i`` and its in-neighbours ``k``, and on
+    ``j`` and its out-neighbours ``m``, so its transport problem reads :math:`D(k, m)`,
+    :math:`D(k, j)`, :math:`D(i, m)` and :math:`D(i, j)` only. Stored: every pair ``(a, b)``
+    with ``a`` in :math:`\{i\} \cup N^-(i)` and ``b`` in :math:`\{j\} \cup N^+(j)` for some
+    layer edge ``i -> j`` (all in-/out-neighbours, active or not: the measures of every example
+    are supported there), i.e. the pattern of :math:`(I + A)\, S\, (I + A)` with ``A`` the
+    adjacency and ``S`` the layer edges.
+
+    **The values equal the all-pairs ones.** Per source ``a``, one Dijkstra on the whole graph
+    (:func:`scipy.sparse.csgraph.dijkstra` with ``limit``), as :func:`channel_distances` runs
+    it but stopped at a limit :math:`L_a`. (1) Every needed :math:`D(a, b)` is at most
+    :math:`L_a`: for ``b = m`` and ``a = k`` the path ``k -> i -> j -> m`` has length
+    :math:`\ell(k, i) + \ell(i, j) + \ell(j, m)`, and :math:`L_a` is the largest such sum over
+    ``a``'s out-edges, the scored edges after them and the longest out-edge after those
+    (shorter paths for the pairs with ``a = i`` or ``b = j``; lengths of the adjacency
+    Dijkstra runs on), raised by a relative :math:`10^{-9}`, far more than the rounding of a
+    sum of three floats. (2) In floating point, Dijkstra with positive lengths returns for each
+    node the minimum over paths of the left-to-right rounded sum (rounded addition of a
+    positive length is monotone and never decreases the sum, the two properties its
+    correctness needs), one number whatever the order nodes are settled in; a node whose value
+    is at most the limit is reached through prefixes whose values are at most it too, so the
+    limited run settles it with the same value. Hence every stored value is bitwise the
+    all-pairs one (tested on the random graphs of ``tests/test_channels.py``), and the
+    curvature computed from them is identical.
+
+    Sources are processed in blocks of about ``block`` float64 entries (Dijkstra's dense
+    output per block), in order of their limits; memory is ``16 * num_pairs`` bytes for the
+    result plus one block. With ``memory_budget`` (bytes), a graph whose needed pairs take
+    more is refused with a ``ValueError`` before any Dijkstra runs (counting the pairs is one
+    sparse product, seconds even on full-width ImageNet models).
+    """
+    n = graph.num_nodes
+    adjacency, needed, limit = _needed_structure(graph)
+    need = 16 * int(needed.nnz)
+    if memory_budget is not None and need > memory_budget:
+        raise ValueError(
+            f"the channel graph has {n} nodes and its measures need the distances of "
+            f"{needed.nnz} node pairs ({need / 2**30:.1f} GiB), over memory_budget "
+            f"({memory_budget / 2**30:.1f} GiB). This does not depend on the number of "
+            "images, the input size or the tolerance (it is fixed by the model's widths): "
+            f"raise memory_budget to at least {need / 2**30:.1f} GiB if the machine has the "
+            "memory, or score a narrower model (or granularity='neuron' on a small chain)."
+        )
+    sources = np.nonzero(np.diff(needed.indptr))[0]
+    sources = sources[np.argsort(limit[sources], kind="stable")]
+    per_block = max(1, block // max(1, n))
+    keys, values = [], []
+    for start in range(0, sources.size, per_block):
+        chunk = sources[start:start + per_block]
+        cutoff = float(limit[chunk].max()) * (1.0 + 1e-9)
+        dist = scipy.sparse.csgraph.dijkstra(adjacency, directed=True, indices=chunk,
+                                             limit=cutoff)
+        rows = needed[chunk]
+        local = np.repeat(np.arange(chunk.size), np.diff(rows.indptr))
+        keys.append(chunk[local].astype(np.int64) * n + rows.indices.astype(np.int64))
+        values.append(dist[local, rows.indices])
+    if keys:
+        key = np.concatenate(keys)
+        value = np.concatenate(values)
+        order = np.argsort(key, kind="stable")
+        key, value = key[order], value[order]
+    else:
+        key, value = np.zeros(0, dtype=np.int64), np.zeros(0)
+    device = graph.length.device
+    return ChannelDistances(torch.from_numpy(key).to(device), torch.from_numpy(value).to(device),
+                            n)
 
 
 def score_channel_edges(
     graph: ChannelGraph,
-    distances: torch.Tensor,
+    distances: torch.Tensor | ChannelDistances,
     alpha: float,
     *,
     certify_tol: float = CERTIFY_TOL,
@@ -839,7 +999,7 @@ def score_channel_edges(
 
 def channel_edge_bounds(
     graph: ChannelGraph,
-    distances: torch.Tensor,
+    distances: torch.Tensor | ChannelDistances,
     alpha: float,
     *,
     tolerance: float = CERTIFY_TOL,
@@ -862,7 +1022,9 @@ def channel_edge_bounds(
     :func:`curvprune.neural_curvature` (``docs/method.md``): the measures are cut within
     ``tolerance / 4`` per edge, the bounds are widened by that, and the minimum search stops
     once an edge's bounds are ``tolerance`` apart. Only the (edge, example)s that can matter are
-    solved exactly (:mod:`curvprune.minimum`). ``edges``: a bool mask over all edges; only those
+    solved exactly (:mod:`curvprune.minimum`). ``distances``: the dense table of
+    :func:`channel_distances` or the needed pairs of :func:`needed_distances` (the same
+    numbers). ``edges``: a bool mask over all edges; only those
     layer edges are scored (the others stay ``+inf``). ``on_example()``, ``on_solved(count)``
     and ``on_progress(settled, total)`` report progress.
     """
