@@ -855,36 +855,54 @@ class ChannelDistances:
         return out.view(rows.shape)
 
 
-def _needed_structure(graph: ChannelGraph) -> tuple[scipy.sparse.csr_matrix,
-                                                    scipy.sparse.csr_matrix, np.ndarray]:
-    """``(adjacency, needed, limit)``: the graph's adjacency, the pattern of the needed pairs
-    (``needed[a, b] != 0``) and, per node ``a``, a bound on ``D(a, b)`` over its needed pairs.
+def _bool(matrix: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
+    """The nonzero pattern of ``matrix`` as a csr matrix of float32 ones (sorted, no
+    duplicates)."""
+    matrix = scipy.sparse.csr_matrix(matrix)
+    matrix.sum_duplicates()
+    matrix.sort_indices()
+    return scipy.sparse.csr_matrix((np.ones(matrix.nnz, dtype=np.float32), matrix.indices,
+                                    matrix.indptr), shape=matrix.shape)
+
+
+def _bool_product(x: scipy.sparse.csr_matrix, y: scipy.sparse.csr_matrix
+                  ) -> scipy.sparse.csr_matrix:
+    """The pattern of ``x @ y``, with the rows of ``y`` that have one pattern merged first.
+
+    A channel graph's rows repeat (every output channel of a dense layer has the same
+    out-neighbours), so ``x @ y = (x @ G) @ Y_c``, with ``Y_c`` the distinct rows of ``y`` and
+    ``G`` the row-to-class map, adds each distinct row once per row of ``x`` instead of once
+    per neighbour: the same pattern for a fraction of the work.
     """
+    classes: dict[bytes, int] = {}
+    label = np.empty(y.shape[0], dtype=np.int64)
+    for r in range(y.shape[0]):
+        label[r] = classes.setdefault(y.indices[y.indptr[r]:y.indptr[r + 1]].tobytes(),
+                                      len(classes))
+    first = np.full(len(classes), -1, dtype=np.int64)
+    first[label[::-1]] = np.arange(y.shape[0])[::-1]  # the first row of each class
+    group = scipy.sparse.csr_matrix((np.ones(y.shape[0], dtype=np.float32),
+                                     (np.arange(y.shape[0]), label)),
+                                    shape=(y.shape[0], len(classes)))
+    return _bool(_bool(x @ group) @ y[first])
+
+
+def _needed_structure(graph: ChannelGraph) -> tuple[scipy.sparse.csr_matrix,
+                                                    scipy.sparse.csr_matrix]:
+    """``(adjacency, needed)``: the graph's adjacency and the pattern of the needed pairs
+    (``needed[a, b] != 0``, sorted indices)."""
     n = graph.num_nodes
     adjacency = _adjacency(graph)
-    pattern = adjacency.copy()
-    pattern.data = np.ones_like(pattern.data, dtype=np.float32)
+    pattern = _bool(adjacency)
     layer = (graph.module >= 0).cpu().numpy()
     src, dst = graph.src.cpu().numpy()[layer], graph.dst.cpu().numpy()[layer]
-    scored = scipy.sparse.csr_matrix((np.ones(src.size, dtype=np.float32), (src, dst)),
-                                     shape=(n, n))
-    scored.data[:] = 1.0
-    around = (pattern + scipy.sparse.identity(n, dtype=np.float32, format="csr")).tocsr()
-    # (k, m) with k = i or k -> i, i -> j scored, m = j or j -> m.
-    needed = (around @ scored @ around).tocsr()
-    needed.sum_duplicates()
-    needed.sort_indices()
-    # Limits, all from the adjacency's own lengths: D(a, b) <= the length of any a -> b path.
-    coo = adjacency.tocoo()
-    out_max = np.zeros(n)
-    np.maximum.at(out_max, coo.row, coo.data)
-    adj_len = np.asarray(adjacency[src, dst]).reshape(-1)  # the scored edges' own lengths
-    reach = np.full(n, -np.inf)  # reach[i] >= D(i, j), D(i, m) over i's scored edges
-    np.maximum.at(reach, src, adj_len + out_max[dst])
-    limit = reach.copy()
-    has = np.isfinite(reach[coo.col])
-    np.maximum.at(limit, coo.row[has], coo.data[has] + reach[coo.col[has]])
-    return adjacency, needed, limit
+    scored = _bool(scipy.sparse.csr_matrix((np.ones(src.size, dtype=np.float32), (src, dst)),
+                                           shape=(n, n)))
+    # (k, m) with k = i or k -> i, i -> j scored, m = j or j -> m: the pattern of
+    # (I + A) S (I + A) = T + A T with T = S + S A.
+    after = _bool(scored + _bool_product(scored, pattern))
+    needed = _bool(after + _bool_product(pattern, after))
+    return adjacency, needed
 
 
 def needed_distance_bytes(graph: ChannelGraph) -> int:
@@ -905,31 +923,29 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
     are supported there), i.e. the pattern of :math:`(I + A)\, S\, (I + A)` with ``A`` the
     adjacency and ``S`` the layer edges.
 
-    **The values equal the all-pairs ones.** Per source ``a``, one Dijkstra on the whole graph
-    (:func:`scipy.sparse.csgraph.dijkstra` with ``limit``), as :func:`channel_distances` runs
-    it but stopped at a limit :math:`L_a`. (1) Every needed :math:`D(a, b)` is at most
-    :math:`L_a`: for ``b = m`` and ``a = k`` the path ``k -> i -> j -> m`` has length
-    :math:`\ell(k, i) + \ell(i, j) + \ell(j, m)`, and :math:`L_a` is the largest such sum over
-    ``a``'s out-edges, the scored edges after them and the longest out-edge after those
-    (shorter paths for the pairs with ``a = i`` or ``b = j``; lengths of the adjacency
-    Dijkstra runs on), raised by a relative :math:`10^{-9}`, far more than the rounding of a
-    sum of three floats. (2) In floating point, Dijkstra with positive lengths returns for each
-    node the minimum over paths of the left-to-right rounded sum (rounded addition of a
-    positive length is monotone and never decreases the sum, the two properties its
-    correctness needs), one number whatever the order nodes are settled in; a node whose value
-    is at most the limit is reached through prefixes whose values are at most it too, so the
-    limited run settles it with the same value. Hence every stored value is bitwise the
-    all-pairs one (tested on the random graphs of ``tests/test_channels.py``), and the
-    curvature computed from them is identical.
+    **The values equal the all-pairs ones, computed per window.** Node ids are a topological
+    order (every edge goes from a lower id to a higher one), so every path from ``a`` to ``b``
+    visits only nodes with ids in ``[a, b]``. Sources are taken in id order in blocks; a block
+    of sources ``a_0 < ... < a_s`` whose needed targets go up to id ``M`` runs one Dijkstra per
+    source (:func:`scipy.sparse.csgraph.dijkstra`, as :func:`channel_distances` runs it) on the
+    subgraph induced by the window ``[a_0, M]``, with the same edge lengths. That subgraph
+    holds every path from each source to each of its needed targets, and no path of the whole
+    graph between them leaves it, so the set of paths is the same. In floating point,
+    Dijkstra with positive lengths returns for each node the minimum over paths of the
+    left-to-right rounded sum of their lengths (rounded addition of a positive length is
+    monotone and never decreases the sum, the two properties its correctness needs): one
+    number for one set of paths, whatever order the nodes are settled in. Hence every stored
+    value is bitwise the all-pairs one (tested on the random graphs of
+    ``tests/test_channels.py``), and the curvature computed from them is identical.
 
-    Sources are processed in blocks of about ``block`` float64 entries (Dijkstra's dense
-    output per block), in order of their limits; memory is ``16 * num_pairs`` bytes for the
+    A block holds at most about ``block`` float64 entries (sources times window width, the
+    dense output of its Dijkstra runs); memory is ``16 * num_pairs`` bytes for the
     result plus one block. With ``memory_budget`` (bytes), a graph whose needed pairs take
     more is refused with a ``ValueError`` before any Dijkstra runs (counting the pairs is one
     sparse product, seconds even on full-width ImageNet models).
     """
     n = graph.num_nodes
-    adjacency, needed, limit = _needed_structure(graph)
+    adjacency, needed = _needed_structure(graph)
     need = 16 * int(needed.nnz)
     if memory_budget is not None and need > memory_budget:
         raise ValueError(
@@ -941,25 +957,30 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
             "memory, or score a narrower model (or granularity='neuron' on a small chain)."
         )
     sources = np.nonzero(np.diff(needed.indptr))[0]
-    sources = sources[np.argsort(limit[sources], kind="stable")]
-    per_block = max(1, block // max(1, n))
+    # Per source, the largest needed target (indices are sorted within rows).
+    last = needed.indices[needed.indptr[sources + 1] - 1]
+    if not bool((graph.src < graph.dst).all()):  # not in topological order: no windows
+        last = np.full_like(last, n - 1)
+        sources_first = np.zeros_like(sources)
+    else:
+        sources_first = sources
     keys, values = [], []
-    for start in range(0, sources.size, per_block):
-        chunk = sources[start:start + per_block]
-        cutoff = float(limit[chunk].max()) * (1.0 + 1e-9)
-        dist = scipy.sparse.csgraph.dijkstra(adjacency, directed=True, indices=chunk,
-                                             limit=cutoff)
+    p = 0
+    while p < sources.size:
+        first, top, q = sources_first[p], last[p], p + 1
+        while q < sources.size and (q + 1 - p) * (max(top, last[q]) - first + 1) <= block:
+            top = max(top, last[q])
+            q += 1
+        chunk = sources[p:q]
+        window = adjacency[first:top + 1, first:top + 1]
+        dist = scipy.sparse.csgraph.dijkstra(window, directed=True, indices=chunk - first)
         rows = needed[chunk]
         local = np.repeat(np.arange(chunk.size), np.diff(rows.indptr))
         keys.append(chunk[local].astype(np.int64) * n + rows.indices.astype(np.int64))
-        values.append(dist[local, rows.indices])
-    if keys:
-        key = np.concatenate(keys)
-        value = np.concatenate(values)
-        order = np.argsort(key, kind="stable")
-        key, value = key[order], value[order]
-    else:
-        key, value = np.zeros(0, dtype=np.int64), np.zeros(0)
+        values.append(dist[local, rows.indices - first])
+        p = q
+    key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    value = np.concatenate(values) if values else np.zeros(0)
     device = graph.length.device
     return ChannelDistances(torch.from_numpy(key).to(device), torch.from_numpy(value).to(device),
                             n)
