@@ -23,7 +23,6 @@ Results: ``benchmarks/results/real_size_<model>_<images>_<tolerance>.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
