@@ -11,6 +11,7 @@ python3 benchmarks/engine_speed.py --tolerance-study 1e-6 1e-3 1e-2   # curvatur
 # python3 benchmarks/vgg_tables.py                                # VGG-9 hop tables one by one (hours on 2 shared cores)
 python3 benchmarks/channel_scale.py                                 # channel graph at ImageNet scale
 python3 benchmarks/coverage.py                                      # tracer coverage: timm families, torchvision
+python3 benchmarks/real_size.py --model resnet50 --images 4 --limit 1200   # MetaPruner step, full width
 python3 benchmarks/unstructured.py --no-progress                    # the paper's figure
 python3 benchmarks/unstructured.py --models vgg9 --seeds 0 1 2 --name unstructured_vgg9 --no-progress
 python3 benchmarks/unstructured.py --models lenet5 --per-class 5 --name unstructured_pc5 --no-progress

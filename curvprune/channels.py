@@ -72,7 +72,8 @@ from .errors import UntraceableModel
 from .measures import padded_neighbours
 from .minimum import MinimumSearch
 
-__all__ = ["ChannelGraph", "NodeSet", "UntraceableModel", "trace_channels"]
+__all__ = ["ChannelDistances", "ChannelGraph", "NodeSet", "UntraceableModel",
+           "needed_distance_bytes", "needed_distances", "trace_channels"]
 
 
 @dataclass
@@ -967,17 +968,197 @@ def channel_distances(graph: ChannelGraph) -> torch.Tensor:
     Dijkstra's algorithm from every node (``scipy.sparse.csgraph``, on the CPU; the result is
     moved to the graph's device). Memory: ``num_nodes**2`` float64.
     """
+    dist = scipy.sparse.csgraph.dijkstra(_adjacency(graph), directed=True)
+    return torch.from_numpy(dist).to(graph.length.device)
+
+
+def _adjacency(graph: ChannelGraph) -> scipy.sparse.csr_matrix:
+    """The weighted adjacency Dijkstra runs on (duplicate ``(src, dst)`` lengths summed, as
+    ``csr_matrix`` does; :func:`channel_distances` and :func:`needed_distances` share it)."""
     n = graph.num_nodes
-    adjacency = scipy.sparse.csr_matrix(
+    return scipy.sparse.csr_matrix(
         (graph.length.cpu().numpy(), (graph.src.cpu().numpy(), graph.dst.cpu().numpy())),
         shape=(n, n))
-    dist = scipy.sparse.csgraph.dijkstra(adjacency, directed=True)
-    return torch.from_numpy(dist).to(graph.length.device)
+
+
+class ChannelDistances:
+    r"""Shortest-path distances of the channel graph on the pairs the measures need only.
+
+    Looked up like the dense table of :func:`channel_distances`: ``distances[a, b]`` with
+    index tensors ``a`` and ``b`` (broadcast) returns float64 ``D(a, b)`` for every stored pair
+    and ``+inf`` for the others. The engine (:class:`~curvprune.engine.Distances`,
+    :func:`~curvprune.engine.bound_edges`, :func:`~curvprune.engine.solve_edges`) reads only
+    stored pairs where a result depends on the value (every other lookup is a padded slot that
+    the engine masks), so it gets the same numbers as with the dense table; see
+    :func:`needed_distances` for which pairs are stored and why the values are the same.
+
+    Memory: 16 bytes per stored pair (a sorted int64 key ``a * num_nodes + b`` and the float64
+    distance), against ``8 * num_nodes**2`` for the dense table.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, num_nodes: int) -> None:
+        self.keys = keys
+        self.values = values
+        self.num_nodes = num_nodes
+
+    @property
+    def num_pairs(self) -> int:
+        return self.keys.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * self.keys.numel()
+
+    def to(self, device: torch.device) -> ChannelDistances:
+        return ChannelDistances(self.keys.to(device), self.values.to(device), self.num_nodes)
+
+    def __getitem__(self, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        rows, cols = index
+        rows, cols = torch.broadcast_tensors(torch.as_tensor(rows, device=self.keys.device),
+                                             torch.as_tensor(cols, device=self.keys.device))
+        key = (rows.to(torch.long) * self.num_nodes + cols.to(torch.long)).reshape(-1)
+        out = torch.full(key.shape, math.inf, dtype=torch.float64, device=self.keys.device)
+        if self.keys.numel() and key.numel():
+            pos = torch.searchsorted(self.keys, key).clamp_(max=self.keys.numel() - 1)
+            found = self.keys[pos] == key
+            out[found] = self.values[pos[found]]
+        return out.view(rows.shape)
+
+
+def _bool(matrix: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
+    """The nonzero pattern of ``matrix`` as a csr matrix of float32 ones (sorted, no
+    duplicates)."""
+    matrix = scipy.sparse.csr_matrix(matrix)
+    matrix.sum_duplicates()
+    matrix.sort_indices()
+    return scipy.sparse.csr_matrix((np.ones(matrix.nnz, dtype=np.float32), matrix.indices,
+                                    matrix.indptr), shape=matrix.shape)
+
+
+def _bool_product(x: scipy.sparse.csr_matrix, y: scipy.sparse.csr_matrix
+                  ) -> scipy.sparse.csr_matrix:
+    """The pattern of ``x @ y``, with the rows of ``y`` that have one pattern merged first.
+
+    A channel graph's rows repeat (every output channel of a dense layer has the same
+    out-neighbours), so ``x @ y = (x @ G) @ Y_c``, with ``Y_c`` the distinct rows of ``y`` and
+    ``G`` the row-to-class map, adds each distinct row once per row of ``x`` instead of once
+    per neighbour: the same pattern for a fraction of the work.
+    """
+    classes: dict[bytes, int] = {}
+    label = np.empty(y.shape[0], dtype=np.int64)
+    for r in range(y.shape[0]):
+        label[r] = classes.setdefault(y.indices[y.indptr[r]:y.indptr[r + 1]].tobytes(),
+                                      len(classes))
+    first = np.full(len(classes), -1, dtype=np.int64)
+    first[label[::-1]] = np.arange(y.shape[0])[::-1]  # the first row of each class
+    group = scipy.sparse.csr_matrix((np.ones(y.shape[0], dtype=np.float32),
+                                     (np.arange(y.shape[0]), label)),
+                                    shape=(y.shape[0], len(classes)))
+    return _bool(_bool(x @ group) @ y[first])
+
+
+def _needed_structure(graph: ChannelGraph) -> tuple[scipy.sparse.csr_matrix,
+                                                    scipy.sparse.csr_matrix]:
+    """``(adjacency, needed)``: the graph's adjacency and the pattern of the needed pairs
+    (``needed[a, b] != 0``, sorted indices)."""
+    n = graph.num_nodes
+    adjacency = _adjacency(graph)
+    pattern = _bool(adjacency)
+    layer = (graph.module >= 0).cpu().numpy()
+    src, dst = graph.src.cpu().numpy()[layer], graph.dst.cpu().numpy()[layer]
+    scored = _bool(scipy.sparse.csr_matrix((np.ones(src.size, dtype=np.float32), (src, dst)),
+                                           shape=(n, n)))
+    # (k, m) with k = i or k -> i, i -> j scored, m = j or j -> m: the pattern of
+    # (I + A) S (I + A) = T + A T with T = S + S A.
+    after = _bool(scored + _bool_product(scored, pattern))
+    needed = _bool(after + _bool_product(pattern, after))
+    return adjacency, needed
+
+
+def needed_distance_bytes(graph: ChannelGraph) -> int:
+    """Bytes :func:`needed_distances` keeps for ``graph``: 16 per needed node pair (one sparse
+    product counts them; no Dijkstra runs)."""
+    return 16 * int(_needed_structure(graph)[1].nnz)
+
+
+def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
+                     memory_budget: int | None = None) -> ChannelDistances:
+    r"""The shortest-path distances of ``graph`` on the pairs the measures need, no more.
+
+    The measures of a layer edge ``i -> j`` live on ``i`` and its in-neighbours ``k``, and on
+    ``j`` and its out-neighbours ``m``, so its transport problem reads :math:`D(k, m)`,
+    :math:`D(k, j)`, :math:`D(i, m)` and :math:`D(i, j)` only. Stored: every pair ``(a, b)``
+    with ``a`` in :math:`\{i\} \cup N^-(i)` and ``b`` in :math:`\{j\} \cup N^+(j)` for some
+    layer edge ``i -> j`` (all in-/out-neighbours, active or not: the measures of every example
+    are supported there), i.e. the pattern of :math:`(I + A)\, S\, (I + A)` with ``A`` the
+    adjacency and ``S`` the layer edges.
+
+    **The values equal the all-pairs ones, computed per window.** Node ids are a topological
+    order (every edge goes from a lower id to a higher one), so every path from ``a`` to ``b``
+    visits only nodes with ids in ``[a, b]``. Sources are taken in id order in blocks; a block
+    of sources ``a_0 < ... < a_s`` whose needed targets go up to id ``M`` runs one Dijkstra per
+    source (:func:`scipy.sparse.csgraph.dijkstra`, as :func:`channel_distances` runs it) on the
+    subgraph induced by the window ``[a_0, M]``, with the same edge lengths. That subgraph
+    holds every path from each source to each of its needed targets, and no path of the whole
+    graph between them leaves it, so the set of paths is the same. In floating point,
+    Dijkstra with positive lengths returns for each node the minimum over paths of the
+    left-to-right rounded sum of their lengths (rounded addition of a positive length is
+    monotone and never decreases the sum, the two properties its correctness needs): one
+    number for one set of paths, whatever order the nodes are settled in. Hence every stored
+    value is bitwise the all-pairs one (tested on the random graphs of
+    ``tests/test_channels.py``), and the curvature computed from them is identical.
+
+    A block holds at most about ``block`` float64 entries (sources times window width, the
+    dense output of its Dijkstra runs); memory is ``16 * num_pairs`` bytes for the
+    result plus one block. With ``memory_budget`` (bytes), a graph whose needed pairs take
+    more is refused with a ``ValueError`` before any Dijkstra runs (counting the pairs is one
+    sparse product, seconds even on full-width ImageNet models).
+    """
+    n = graph.num_nodes
+    adjacency, needed = _needed_structure(graph)
+    need = 16 * int(needed.nnz)
+    if memory_budget is not None and need > memory_budget:
+        raise ValueError(
+            f"the channel graph has {n} nodes and its measures need the distances of "
+            f"{needed.nnz} node pairs ({need / 2**30:.1f} GiB), over memory_budget "
+            f"({memory_budget / 2**30:.1f} GiB). This does not depend on the number of "
+            "images, the input size or the tolerance (it is fixed by the model's widths): "
+            f"raise memory_budget to at least {need / 2**30:.1f} GiB if the machine has the "
+            "memory, or score a narrower model (or granularity='neuron' on a small chain)."
+        )
+    sources = np.nonzero(np.diff(needed.indptr))[0]
+    # Per source, the largest needed target (indices are sorted within rows).
+    last = needed.indices[needed.indptr[sources + 1] - 1]
+    if not bool((graph.src < graph.dst).all()):  # not in topological order: no windows
+        last = np.full_like(last, n - 1)
+        sources_first = np.zeros_like(sources)
+    else:
+        sources_first = sources
+    keys, values = [], []
+    p = 0
+    while p < sources.size:
+        first, top, q = sources_first[p], last[p], p + 1
+        while q < sources.size and (q + 1 - p) * (max(top, last[q]) - first + 1) <= block:
+            top = max(top, last[q])
+            q += 1
+        chunk = sources[p:q]
+        window = adjacency[first:top + 1, first:top + 1]
+        dist = scipy.sparse.csgraph.dijkstra(window, directed=True, indices=chunk - first)
+        rows = needed[chunk]
+        local = np.repeat(np.arange(chunk.size), np.diff(rows.indptr))
+        keys.append(chunk[local].astype(np.int64) * n + rows.indices.astype(np.int64))
+        values.append(dist[local, rows.indices - first])
+        p = q
+    key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    value = np.concatenate(values) if values else np.zeros(0)
+    device = graph.length.device
+    return ChannelDistances(torch.from_numpy(key).to(device), torch.from_numpy(value).to(device),
+                            n)
 
 
 def score_channel_edges(
     graph: ChannelGraph,
-    distances: torch.Tensor,
+    distances: torch.Tensor | ChannelDistances,
     alpha: float,
     *,
     certify_tol: float = CERTIFY_TOL,
@@ -1009,7 +1190,7 @@ def score_channel_edges(
 
 def channel_edge_bounds(
     graph: ChannelGraph,
-    distances: torch.Tensor,
+    distances: torch.Tensor | ChannelDistances,
     alpha: float,
     *,
     tolerance: float = CERTIFY_TOL,
@@ -1032,7 +1213,9 @@ def channel_edge_bounds(
     :func:`curvprune.neural_curvature` (``docs/method.md``): the measures are cut within
     ``tolerance / 4`` per edge, the bounds are widened by that, and the minimum search stops
     once an edge's bounds are ``tolerance`` apart. Only the (edge, example)s that can matter are
-    solved exactly (:mod:`curvprune.minimum`). ``edges``: a bool mask over all edges; only those
+    solved exactly (:mod:`curvprune.minimum`). ``distances``: the dense table of
+    :func:`channel_distances` or the needed pairs of :func:`needed_distances` (the same
+    numbers). ``edges``: a bool mask over all edges; only those
     layer edges are scored (the others stay ``+inf``). ``on_example()``, ``on_solved(count)``
     and ``on_progress(settled, total)`` report progress.
     """

@@ -498,7 +498,7 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
                        tolerance, threads, memory_budget, start) -> CurvatureResult:
     """``neural_curvature`` at channel granularity (see :mod:`curvprune.channels`)."""
-    from .channels import channel_distances, channel_edge_bounds, trace_channels
+    from .channels import channel_edge_bounds, needed_distances, trace_channels
 
     stats = EngineStats()
     first = None
@@ -511,17 +511,10 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
         for inputs in _float_batches(calibration, model_device, model, half_dtype(model)):
             graph = trace_channels(model, inputs, device=engine_device)
             if first is None:
-                need = 8 * graph.num_nodes ** 2
-                if need > memory_budget:
-                    raise ValueError(
-                        f"the channel graph has {graph.num_nodes} nodes; its distance table "
-                        f"needs {need / 2**30:.1f} GiB, over memory_budget "
-                        f"({memory_budget / 2**30:.1f} GiB). Raise memory_budget if the "
-                        "machine has the memory."
-                    )
                 first = graph
                 input_shape = tuple(inputs.shape[1:])
-                distances = channel_distances(graph)
+                # Only the pairs the measures touch (refused over memory_budget up front).
+                distances = needed_distances(graph, memory_budget=memory_budget)
                 _restart_clock(bar)  # the ETA is per example: the one-off build is not in it
                 edge_hi = torch.full_like(graph.length, math.inf)
                 edge_lo = edge_hi.clone()

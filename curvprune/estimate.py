@@ -42,8 +42,8 @@ class ScoringEstimate:
             concatenations).
         edges_per_layer: ``{weight name: edges}`` as ``CurvatureResult.edges_per_example``.
         distance_bytes: bytes of the distance tables the engine keeps (neuron: the
-            ``L -> L+2`` and ``L -> L+3`` hop tables; channel: the ``nodes x nodes`` float64
-            table).
+            ``L -> L+2`` and ``L -> L+3`` hop tables; channel: 16 bytes per node pair the
+            measures need, :func:`curvprune.channels.needed_distance_bytes`).
         memory_budget: the budget the tables are checked against.
         fits: ``distance_bytes <= memory_budget`` (``"auto"`` picks the neuron graph only
             when it fits; a channel graph over it is refused).
@@ -193,17 +193,17 @@ def estimate(
                                                for layer in layers], engine_device)
                 build = time.perf_counter() - start
         else:
-            from .channels import channel_distances, trace_channels
+            from .channels import needed_distance_bytes, needed_distances, trace_channels
 
             start = time.perf_counter()
             graph = trace_channels(model, example, device=engine_device)
             nodes = graph.num_nodes
-            table_bytes = 8 * nodes ** 2
+            table_bytes = needed_distance_bytes(graph)
             edges = {name: int((graph.module == k).sum())
                      for k, (name, _) in enumerate(graph.modules)}
             total_edges = int(graph.src.numel())
             if measure and table_bytes <= budget:
-                channel_distances(graph)
+                needed_distances(graph)
                 build = time.perf_counter() - start
     fits = table_bytes <= budget
     per_example = seconds = None

@@ -19,6 +19,9 @@ from curvprune.calibration import scoring_mode
 from curvprune.channels import (
     UntraceableModel,
     channel_distances,
+    channel_edge_bounds,
+    needed_distance_bytes,
+    needed_distances,
     score_channel_edges,
     trace_channels,
 )
@@ -956,3 +959,81 @@ def test_random_networks_engine_equals_reference(spec):
     assert finite.all()
     diff = (kappa[layer] - expected[layer]).abs().max().item() if layer.any() else 0.0
     assert diff <= 1e-9, f"{spec}: max |engine - reference| = {diff:.3e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Needed distances only (issue 16 item 1)
+# --------------------------------------------------------------------------------------------
+
+
+def _needed_pairs(graph):
+    """Every (a, b) a layer edge's measures read: a in {i} + in(i), b in {j} + out(j)."""
+    src, dst = graph.src.tolist(), graph.dst.tolist()
+    ins = {v: {v} for v in range(graph.num_nodes)}
+    outs = {v: {v} for v in range(graph.num_nodes)}
+    for u, v in zip(src, dst):
+        ins[v].add(u)
+        outs[u].add(v)
+    pairs = set()
+    for e in torch.nonzero(graph.module >= 0).squeeze(1).tolist():
+        i, j = src[e], dst[e]
+        pairs.update((a, b) for a in ins[i] for b in outs[j])
+    a, b = zip(*sorted(pairs))
+    return torch.tensor(a), torch.tensor(b)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_needed_distances_equal_all_pairs_on_every_needed_pair(name):
+    build, shape = MODELS[name]
+    model = build()
+    _perturb(model, seed=len(name), zero_fraction=0.2)
+    graph = _trace(model, _inputs(shape))
+    dense = channel_distances(graph)
+    # block=1: one source per Dijkstra, each with its own limit (the tightest cut-offs).
+    for block in (1, 1 << 25):
+        needed = needed_distances(graph, block=block)
+        a, b = _needed_pairs(graph)
+        assert needed.num_pairs == a.numel()  # exactly the needed pairs are stored
+        got = needed[a, b]
+        assert torch.isfinite(got).all()  # a path k -> i -> j -> m always exists
+        assert torch.equal(got, dense[a, b])  # bitwise
+    # Pairs not stored read +inf, whatever their true distance.
+    stored = set(zip(a.tolist(), b.tolist()))
+    other = [(u, v) for u in range(graph.num_nodes) for v in range(graph.num_nodes)
+             if (u, v) not in stored][:50]
+    if other:
+        u, v = (torch.tensor(x) for x in zip(*other))
+        assert torch.isinf(needed[u, v]).all()
+    assert needed_distance_bytes(graph) == 16 * a.numel() < 8 * graph.num_nodes ** 2
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("tolerance", [0.0, 1e-14, 1e-3])
+def test_curvature_on_needed_distances_is_identical(name, tolerance):
+    build, shape = MODELS[name]
+    model = build()
+    _perturb(model, seed=len(name) + 1, zero_fraction=0.2)
+    graph = _trace(model, _inputs(shape, batch=3))
+    dense = channel_edge_bounds(graph, channel_distances(graph), 0.9, tolerance=tolerance)
+    sparse = channel_edge_bounds(graph, needed_distances(graph), 0.9, tolerance=tolerance)
+    for x, y in zip(dense, sparse):
+        assert torch.equal(x, y)
+    if tolerance == 0.0:
+        expected = channel_reference_curvature(graph, 0.9)
+        layer = graph.module >= 0
+        assert (dense[0][layer] - expected[layer]).abs().max() <= 1e-9
+
+
+def test_needed_distances_refused_over_budget_before_dijkstra(monkeypatch):
+    graph = _trace(MODELS["residual"][0](), _inputs((3, 8, 8)))
+    need = needed_distance_bytes(graph)
+
+    def no_dijkstra(*args, **kwargs):
+        raise AssertionError("Dijkstra ran")
+
+    monkeypatch.setattr(scipy.sparse.csgraph, "dijkstra", no_dijkstra)
+    with pytest.raises(ValueError, match="over memory_budget") as info:
+        needed_distances(graph, memory_budget=need - 1)
+    assert "number of images" in str(info.value)
+    monkeypatch.undo()
+    assert needed_distances(graph, memory_budget=need).nbytes == need

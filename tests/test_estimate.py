@@ -9,7 +9,12 @@ import torch
 import torch.nn as nn
 
 from curvprune import ScoringEstimate, estimate, neural_curvature, zoo
-from curvprune.channels import UntraceableModel, channel_distances, trace_channels
+from curvprune.channels import (
+    UntraceableModel,
+    channel_distances,
+    needed_distances,
+    trace_channels,
+)
 from curvprune.cli import main
 from curvprune.data import FASHION_MNIST_DIR
 from curvprune.engine import NeuronGraph
@@ -65,7 +70,8 @@ def test_channel_estimate_matches_the_engine():
     graph = result.channel_graph
     assert e.edges_per_layer == result.edges_per_example
     assert e.nodes == graph.num_nodes and e.edges == graph.src.numel()
-    assert e.distance_bytes == channel_distances(graph).numel() * 8
+    # The needed pairs only: 16 bytes each, far below the dense table.
+    assert e.distance_bytes == needed_distances(graph).nbytes < channel_distances(graph).numel() * 8
     assert e.calibration_examples == 2
 
 
@@ -168,14 +174,14 @@ def test_progress_clock_starts_after_the_graph_build(granularity, monkeypatch):
             return graph
         monkeypatch.setattr(NeuronGraph, "build", classmethod(slow_build))
     else:
-        original_distances = channels.channel_distances
+        original_distances = channels.needed_distances
 
-        def slow_distances(graph):
+        def slow_distances(graph, **kwargs):
             time.sleep(0.3)
-            table = original_distances(graph)
+            table = original_distances(graph, **kwargs)
             built.append(time.time())
             return table
-        monkeypatch.setattr(channels, "channel_distances", slow_distances)
+        monkeypatch.setattr(channels, "needed_distances", slow_distances)
 
     bars = []
 

@@ -1,0 +1,189 @@
+"""Structured pruning of a full-width timm model: curvature against Torch-Pruning, time and memory.
+
+    python benchmarks/real_size.py --model resnet50 --images 4 --limit 1200
+    python benchmarks/real_size.py --model resnet50 --images 4 --tolerance 1e-3 --limit 1200
+
+Each criterion runs in its own process (so that its peak RSS, ``ru_maxrss``, is its own) on the
+same model (timm, randomly initialised and seeded: no weights can be downloaded here; time and
+memory do not depend on the values) and the same seeded calibration images at 224x224:
+``MetaPruner(model, example, importance=..., pruning_ratio=0.3, ignored_layers=[classifier])``
+then ``step()``:
+
+* ``magnitude``: Torch-Pruning's ``GroupMagnitudeImportance(p=2)``;
+* ``taylor``: ``GroupTaylorImportance`` after one backward pass over the images (a stand-in
+  loss, ``logsumexp`` of the logits: no labels needed);
+* ``curvature``: ``curvprune.CurvatureImportance(images, tolerance=...)``.
+
+For curvature the phases are timed as they happen (trace, needed distances and their pair
+count, bounds per batch, the exact minima's progress) and written to the results file while the
+run goes, so a run stopped by ``--limit`` (seconds, per criterion) still reports how far it got.
+Results: ``benchmarks/results/real_size_<model>_<images>_<tolerance>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {"resnet50": "resnet50", "vit_small": "vit_small_patch16_224",
+          "convnext_tiny": "convnext_tiny", "efficientnet_b0": "efficientnet_b0",
+          "mobilenetv3_large": "mobilenetv3_large_100"}
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _setup(model_name: str, images: int):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODELS[model_name], pretrained=False).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(images, 3, 224, 224, generator=gen)
+    return model, x
+
+
+def run_one(args) -> None:
+    """One criterion in this process; its record is written to ``args.out`` as it goes."""
+    import torch
+    import torch_pruning as tp
+
+    torch.set_num_threads(args.threads)
+    record: dict = {"criterion": args.criterion, "phases": []}
+    out = Path(args.out)
+
+    def save():
+        record["peak_rss_gib"] = peak_gib()
+        out.write_text(json.dumps(record, indent=1))
+
+    start = time.perf_counter()
+    model, x = _setup(args.model, args.images)
+    record["setup_s"] = time.perf_counter() - start
+    classifier = model.get_classifier()
+    if args.criterion == "magnitude":
+        imp = tp.importance.GroupMagnitudeImportance(p=2)
+    elif args.criterion == "taylor":
+        imp = tp.importance.GroupTaylorImportance()
+    else:
+        import curvprune
+        import curvprune.channels as channels
+
+        def timed(name, func):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                phase = {"phase": name, "start_s": t0 - start}
+                record["phases"].append(phase)
+                save()
+                if "on_progress" in k:
+                    inner = k["on_progress"]
+                    last = [0.0]
+
+                    def progress(settled, total):
+                        if inner is not None:
+                            inner(settled, total)
+                        now = time.perf_counter()
+                        if now - last[0] > 5:
+                            phase["minima_settled"], phase["minima_total"] = settled, total
+                            phase["s"] = now - t0
+                            last[0] = now
+                            save()
+                    k["on_progress"] = progress
+                value = func(*a, **k)
+                phase["s"] = time.perf_counter() - t0
+                if name == "trace":
+                    phase.update(nodes=value.num_nodes, edges=int(value.src.numel()),
+                                 layer_edges=int((value.module >= 0).sum()),
+                                 batch=int(value.activity.shape[0]))
+                if name == "needed_distances":
+                    phase.update(pairs=value.num_pairs, gib=value.nbytes / 2**30)
+                if name == "bounds" and k.get("stats") is not None:
+                    phase["engine"] = k["stats"].as_dict()
+                save()
+                return value
+            return wrapper
+
+        channels.trace_channels = timed("trace", channels.trace_channels)
+        channels.needed_distances = timed("needed_distances", channels.needed_distances)
+        channels.channel_edge_bounds = timed("bounds", channels.channel_edge_bounds)
+        imp = curvprune.CurvatureImportance(x, tolerance=args.tolerance, threads=args.threads,
+                                            memory_budget=8 << 30)
+    t0 = time.perf_counter()
+    if args.criterion == "taylor":
+        model.zero_grad()
+        for chunk in x.split(16):
+            model(chunk).logsumexp(1).mean().backward()
+    pruner = tp.pruner.MetaPruner(model, x[:1], importance=imp, pruning_ratio=0.3,
+                                  ignored_layers=[classifier])
+    before = sum(p.numel() for p in model.parameters())
+    pruner.step()
+    record["prune_s"] = time.perf_counter() - t0
+    record["params_before"] = before
+    record["params_after"] = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        record["output_shape"] = list(model(x[:1]).shape)
+    if args.criterion == "curvature":
+        record["engine"] = imp.result.engine if imp.result is not None else None
+        record["fell_back"] = imp.fell_back
+    record["finished"] = True
+    save()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--tolerance", type=float, default=1e-14)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=600, help="seconds per criterion")
+    parser.add_argument("--criteria", default="magnitude,taylor,curvature")
+    parser.add_argument("--criterion", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.criterion:
+        run_one(args)
+        return
+    import torch
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"real_size_{args.model}_{args.images}_{args.tolerance:g}.json"
+    summary = {"command": "python " + " ".join(sys.argv), "model": MODELS[args.model],
+               "images": args.images, "tolerance": args.tolerance, "threads": args.threads,
+               "limit_s": args.limit, "torch": torch.__version__, "cpus": os.cpu_count(),
+               "machine": platform.platform(), "load_before": os.getloadavg(), "criteria": {}}
+    for criterion in args.criteria.split(","):
+        part = path.with_suffix(f".{criterion}.part")
+        cmd = [sys.executable, __file__, "--model", args.model, "--images", str(args.images),
+               "--tolerance", str(args.tolerance), "--threads", str(args.threads),
+               "--criterion", criterion, "--out", str(part)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, timeout=args.limit, capture_output=True, text=True)
+            status = "finished" if proc.returncode == 0 else f"failed: {proc.stderr[-500:]}"
+        except subprocess.TimeoutExpired:
+            status = f"stopped at the {args.limit} s limit"
+        record = json.loads(part.read_text()) if part.exists() else {}
+        record["status"] = status
+        record["wall_s"] = time.perf_counter() - t0
+        summary["criteria"][criterion] = record
+        part.unlink(missing_ok=True)
+        print(criterion, status, f"{record['wall_s']:.1f} s",
+              f"peak {record.get('peak_rss_gib', float('nan')):.2f} GiB", flush=True)
+    summary["load_after"] = os.getloadavg()
+    path.write_text(json.dumps(summary, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
