@@ -1156,38 +1156,6 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
                             n)
 
 
-def score_channel_edges(
-    graph: ChannelGraph,
-    distances: torch.Tensor | ChannelDistances,
-    alpha: float,
-    *,
-    certify_tol: float = CERTIFY_TOL,
-    stats=None,
-    threads: int = 1,
-    on_example=None,
-    best: torch.Tensor | None = None,
-    on_solved=None,
-    on_progress=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Curvature of every layer edge of ``graph``: its minimum over the traced batch's examples.
-
-    Returns ``(kappa, live)`` over all edges (``[num_edges]``): the minimum over the batch's
-    examples and ``best`` (merge edges, which are no weight, stay ``+inf``), and whether the
-    edge was live on at least one example. The edge distance is ``D(i, j)``, the shortest path,
-    which equals the edge length unless a skip route is shorter (then curvature is measured on
-    the graph metric, the standard definition; in the paper's layered graph the two never
-    differ). ``kappa`` is the midpoint of the bounds of :func:`channel_edge_bounds` run with
-    ``tolerance=certify_tol`` (within ``certify_tol / 2`` of the exact value; ``0``: exact).
-    ``best`` (minima of earlier batches, ``[num_edges]``) rules out more (edge, example)s;
-    ``on_example()``, ``on_solved(count)`` and ``on_progress(settled, total)``
-    (:meth:`~curvprune.minimum.MinimumSearch.resolve`) report progress.
-    """
-    upper, lower, live = channel_edge_bounds(
-        graph, distances, alpha, tolerance=certify_tol, stats=stats, threads=threads,
-        on_example=on_example, upper=best, on_solved=on_solved, on_progress=on_progress)
-    return 0.5 * (lower + upper), live
-
-
 def channel_edge_bounds(
     graph: ChannelGraph,
     distances: torch.Tensor | ChannelDistances,
