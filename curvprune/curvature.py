@@ -253,6 +253,7 @@ def neural_curvature(
                 structures = [layer_edges(m, in_shapes[k], out_shapes[k])
                               for k, m in enumerate(modules)]
                 _check_shapes(structures, values, names)
+                _check_table_bytes(hop_table_bytes(structures), memory_budget)
                 graph = NeuronGraph.build(
                     structures, [m.weight.detach().flatten() for m in modules], engine_device
                 )
@@ -481,6 +482,16 @@ def _first_example(calibration, model_device: torch.device,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     inputs = next(iter(iter_calibration_inputs(calibration, model)))
     return inputs[:1].to(model_device, dtype if inputs.is_floating_point() else None)
+
+
+def _check_table_bytes(needed: int, memory_budget: int) -> None:
+    """Refuse a neuron graph whose hop tables exceed ``memory_budget``, before building them."""
+    if needed > memory_budget:
+        raise ValueError(
+            f"the neuron graph's distance (hop) tables need {needed / 2**30:.2f} GiB, over "
+            f"memory_budget={memory_budget / 2**30:.2f} GiB: use granularity='channel' (or "
+            "'auto'), a smaller input, or raise memory_budget if the memory is there."
+        )
 
 
 def _choose_granularity(model: nn.Module, calibration, model_device: torch.device,

@@ -605,6 +605,11 @@ def test_auto_granularity_budget_is_the_size_of_the_hop_tables_built():
     assert fits.granularity == "neuron"
     over = curvprune.neural_curvature(chain, x, granularity="auto", memory_budget=built - 1)
     assert over.granularity == "channel"
+    # Asked for the neuron graph explicitly, the same budget is refused before the build.
+    exact = curvprune.neural_curvature(chain, x, granularity="neuron", memory_budget=built)
+    assert exact.granularity == "neuron"
+    with pytest.raises(ValueError, match=r"hop\) tables need .* over memory_budget"):
+        curvprune.neural_curvature(chain, x, granularity="neuron", memory_budget=built - 1)
 
 
 def test_iterable_calibration_equals_one_batch():
