@@ -23,7 +23,7 @@ from .curvature import (
     neural_curvature,
     resolve_device,
 )
-from .engine import CERTIFY_TOL, NeuronGraph, hop_table_bytes
+from .engine import NeuronGraph, hop_table_bytes
 from .graph import chain_structure
 
 __all__ = ["ScoringEstimate", "estimate"]
@@ -122,7 +122,7 @@ def estimate(
     granularity: str = "auto",
     alpha: float = 0.9,
     device: str | torch.device | None = None,
-    certify_tol: float = CERTIFY_TOL,
+    tolerance: float | None = None,
     threads: int | None = None,
     memory_budget: int | None = None,
     measure: bool = True,
@@ -153,7 +153,7 @@ def estimate(
     fields are then ``None``). Nothing is measured when the tables exceed ``memory_budget``.
 
     Args:
-        model, calibration, granularity, alpha, device, certify_tol, threads, memory_budget: as
+        model, calibration, granularity, alpha, device, tolerance, threads, memory_budget: as
             for :func:`~curvprune.curvature.neural_curvature` (``granularity`` defaults to
             ``"auto"`` here, as in the CLI).
         measure: time the build and one example (see above).
@@ -213,7 +213,7 @@ def estimate(
     elif measure:
         start = time.perf_counter()
         neural_curvature(model, example, alpha=alpha, granularity=granularity, device=device,
-                         certify_tol=certify_tol, threads=threads, memory_budget=budget)
+                         tolerance=tolerance, threads=threads, memory_budget=budget)
         one = time.perf_counter() - start
         per_example = max(one - build, 0.0)
         seconds = build + count * per_example
