@@ -306,9 +306,6 @@ def _cmd_prune(args) -> dict:
         if args.allocation != "curvature":
             raise UsageError("--allocation is for unstructured pruning; --structured removes "
                              "the same channel ratio from every group.")
-        if args.tolerance is not None:
-            raise UsageError("--tolerance (decision-exact pruning) is for unstructured "
-                             "pruning; --structured scores channels exactly.")
         return _cmd_prune_channels(args)
     model, test, calibration, out = _prepare(args)
     start = time.perf_counter()
@@ -384,9 +381,11 @@ def _cmd_prune_channels(args) -> dict:
     start = time.perf_counter()
     before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
     try:
+        tolerance = {} if args.tolerance is None else {"tolerance": args.tolerance}
         report = prune_channels(model, calibration, args.amount, alpha=args.alpha,
                                 global_pruning=args.scope == "global", threads=args.threads,
-                                ignored_layers=_zoo_ignored_layers(args.model, model))
+                                ignored_layers=_zoo_ignored_layers(args.model, model),
+                                **tolerance)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
@@ -401,6 +400,11 @@ def _cmd_prune_channels(args) -> dict:
         "accuracy_before": before, "accuracy_after": after,
         "calibration_examples": len(calibration),
         "scoring_seconds": result.seconds if result is not None else None,
+        "tolerance": report.tolerance,
+        "max_interval_width": result.max_width if result is not None else None,
+        "refined_weights": report.refined,
+        "refined_channel_edges": report.refined_edges,
+        "refine_rounds": report.refine_rounds,
         "seconds": time.perf_counter() - start,
     }
     _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
@@ -578,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--tolerance", type=_tolerance, default=None,
                        help="width of the certified curvature intervals (default 1e-14, exact "
                             "in practice); the pruned set is always the exact one: weights "
-                            "whose interval straddles the threshold are solved exactly "
-                            "(report.json: refined_weights)")
+                            "(with --structured: channel edges) whose interval straddles the "
+                            "threshold are solved exactly (report.json: refined_weights)")
     prune.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     prune.add_argument("--eval-limit", type=int, default=None,
                        help="evaluate on at most this many test examples")

@@ -26,10 +26,27 @@ Curvature is computed on the calibration data given to the constructor, once per
 model: the first group of a ``pruner.step()`` triggers it, and any change of the parameters
 (pruned shapes, new values) triggers it again, so every step of an iterative schedule sees the
 current model.
+
+Certified bounds. Scored at a tolerance, every channel edge's curvature is known up to an
+interval (:attr:`CurvatureResult.edge_kappa_lo <curvprune.result.CurvatureResult.edge_kappa_lo>`
+/ ``edge_kappa_hi``). :meth:`CurvatureImportance.score_bounds` turns edge intervals into bounds
+on the group importance it returns: every step above (the mean or min over a node's edges,
+:math:`2 - \kappa`, the float32 cast, the mean over the nodes feeding an input channel,
+Torch-Pruning's ``"mean"``, ``"sum"``, ``"max"``, ``"first"`` or ``"gate"`` group reduction) is
+nondecreasing in each input (or nonincreasing, for :math:`2 - \kappa`), and a correctly rounded
+floating-point operation is monotone in each operand, so the same operations, in the same order,
+on the lower and the upper edge values bracket what they give on any values in between. A
+normaliser ``"mean"``, ``"sum"`` or ``"max"`` divides by a statistic :math:`m` of the group that
+is itself bracketed, :math:`m \in [m_{lo}, m_{hi}]`, and :math:`x / m` is monotone in :math:`x`
+and (for :math:`m > 0`) in :math:`m`, so the four corner quotients bracket it. Other reductions
+and normalisers (and :math:`m_{lo} \le 0`) get no bound (``-inf``, ``+inf``) unless the two
+computations agree bit for bit (all their inputs exact). :func:`~curvprune.prune_channels` uses
+the bounds to make its pruned set the exact one (:mod:`curvprune.pruning.channel_decision`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -120,6 +137,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self._key = None
         self._node_importance: torch.Tensor | None = None
         self._layers: dict[int, int] = {}
+        # {(id(root module), handler): (group, returned scores)} while a caller records.
+        self._record: dict | None = None
 
     # ------------------------------------------------------------------------------------
 
@@ -169,12 +188,13 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self.result, self.fell_back = result, False
         self._key = key
 
-    def _channel_importance(self, module: nn.Module, handler, idxs) -> torch.Tensor | None:
+    def _channel_importance(self, module: nn.Module, handler, idxs,
+                            scores: torch.Tensor | None = None) -> torch.Tensor | None:
         k = self._layers.get(id(module))
         if k is None:
             return None
         graph = self.result.channel_graph
-        scores = self._node_importance
+        scores = self._node_importance if scores is None else scores
         idx = torch.as_tensor(idxs, dtype=torch.long, device=scores.device)
         if handler in _OUT:
             return scores[graph.module_outputs[k] + idx]
@@ -191,20 +211,104 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             return per_channel[idx]
         return None
 
-    @torch.no_grad()
-    def __call__(self, group) -> torch.Tensor | None:
-        model = group._DG.model
-        self._refresh(model)
-        if self.fell_back:
-            return super().__call__(group)
+    def _reduced(self, group, scores: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The group importance before normalisation, from node importances ``scores``."""
         group_imp, group_idxs = [], []
         for i, (dep, idxs) in enumerate(group):
-            value = self._channel_importance(dep.target.module, dep.handler, idxs)
+            value = self._channel_importance(dep.target.module, dep.handler, idxs, scores)
             if value is None or torch.isnan(value).any():
                 continue
             group_imp.append(value)
             group_idxs.append(group[i].root_idxs)
         if not group_imp:
             return None
-        reduced = self._reduce(group_imp, group_idxs)
-        return self._normalize(reduced, self.normalizer)
+        return self._reduce(group_imp, group_idxs)
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        model = group._DG.model
+        self._refresh(model)
+        if self.fell_back:
+            return super().__call__(group)
+        reduced = self._reduced(group)
+        if reduced is None:
+            return None
+        out = self._normalize(reduced, self.normalizer)
+        if self._record is not None:
+            self._record[(id(group[0].dep.target.module), group[0].dep.handler)] = (group, out)
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # Certified bounds (module docstring)
+
+    def refresh_scores(self) -> None:
+        """Recompute the channel importances from :attr:`result`, after it has changed in
+        place (:meth:`CurvatureResult.refine <curvprune.result.CurvatureResult.refine>`)."""
+        if self.result is not None and self._key is not None:
+            self._use(self.result, self._key)
+
+    def _node_scores(self, edge_kappa: torch.Tensor) -> torch.Tensor:
+        """Node importances :math:`2 - \\kappa(v)` (float32) from per-edge values, by the same
+        operations as the importances of :attr:`result`."""
+        shadow = copy.copy(self.result)
+        shadow.edge_kappa = edge_kappa
+        return (2.0 - shadow.node_kappa(self.reduction)).to(torch.float32)
+
+    @torch.no_grad()
+    def score_bounds(self, group, edge_lo: torch.Tensor, edge_hi: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        r"""Bounds ``(lo, hi)`` on the scores this importance returns for ``group`` when every
+        channel edge's curvature lies in ``[edge_lo, edge_hi]`` (tensors over the edges of
+        ``result.channel_graph``).
+
+        For any edge values :math:`\kappa` with ``edge_lo <= kappa <= edge_hi``, the scores
+        :meth:`__call__` computes from them (same operations, same order) lie within
+        ``[lo, hi]`` element for element (proof: module docstring). Where ``lo == hi`` the
+        score is known to the last bit. Entries without a bound (a reduction or normaliser
+        that is not monotone, a group statistic whose lower bound is not positive) are
+        ``-inf``/``+inf`` unless both computations agree. ``None`` where :meth:`__call__`
+        returns ``None`` or after the magnitude fallback.
+        """
+        if self.fell_back or self.result is None:
+            return None
+        lo = self._reduced(group, self._node_scores(edge_hi))  # 2 - kappa: decreasing
+        hi = self._reduced(group, self._node_scores(edge_lo))
+        if lo is None or hi is None:
+            return None
+        monotone = self.group_reduction in ("mean", "sum", "max", "first", "gate")
+        if monotone and self.normalizer is None:
+            return lo, hi
+        if monotone and self.normalizer in ("mean", "sum", "max"):
+            stat = {"mean": torch.mean, "sum": torch.sum, "max": torch.max}[self.normalizer]
+            m_lo, m_hi = stat(lo), stat(hi)
+            if bool(m_lo > 0):
+                return (torch.minimum(lo / m_lo, lo / m_hi),
+                        torch.maximum(hi / m_lo, hi / m_hi))
+        a, b = self._normalize(lo, self.normalizer), self._normalize(hi, self.normalizer)
+        if torch.equal(a, b):
+            return a, b
+        return torch.full_like(a, -math.inf), torch.full_like(b, math.inf)
+
+    def group_nodes(self, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(root positions, channel nodes)]``: the channel-graph nodes whose importance
+        enters each root position of ``group``'s scores (a position may appear in several
+        pairs). Empty after the magnitude fallback."""
+        if self.fell_back or self.result is None:
+            return []
+        graph = self.result.channel_graph
+        out = []
+        for i, (dep, idxs) in enumerate(group):
+            k = self._layers.get(id(dep.target.module))
+            root = group[i].root_idxs
+            if k is None or any(r is None for r in root):
+                continue
+            idx = torch.as_tensor([int(j) for j in idxs], dtype=torch.long)
+            pos = torch.as_tensor([int(r) for r in root], dtype=torch.long)
+            if dep.handler in _OUT:
+                out.append((pos, graph.module_outputs[k] + idx))
+            elif dep.handler in _IN:
+                nodes, channels = (t.cpu() for t in graph.module_inputs[k])
+                hit = channels.unsqueeze(0) == idx.unsqueeze(1)  # [positions, pairs]
+                p, q = torch.nonzero(hit, as_tuple=True)
+                out.append((pos[p], nodes[q]))
+        return out

@@ -67,7 +67,7 @@ def run_main(args, capsys):
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--tolerance", "tight"],
      "tolerance must be a number"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.3", "--structured",
-      "--tolerance", "0.01"], "--tolerance (decision-exact pruning) is for unstructured"),
+      "--tolerance", "-0.01"], "tolerance must be a finite number >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     code, out, err = run_main(args + ["--out", str(tmp_path / "o")], capsys)

@@ -10,7 +10,7 @@ helpers it uses are public for users who drive their own pruner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -22,8 +22,9 @@ from ..calibration import (
     model_device,
     prepare_calibration,
 )
-from ..curvature import TOLERANCE
+from ..curvature import TOLERANCE, check_tolerance
 from ..result import CurvatureResult
+from .channel_decision import ChannelRefinement, certified_step
 
 # Torch-Pruning (and the timm it imports) is loaded by prune_channels, not at import time:
 # ``import curvprune`` stays light.
@@ -126,6 +127,15 @@ class ChannelPruningReport:
         steps: pruning steps run.
         importance: the importance object (``CurvatureImportance`` exposes ``.result`` and
             ``.fell_back``).
+        tolerance: the curvature tolerance the channels were scored with (``None`` for
+            another importance or after the magnitude fallback).
+        refined: weights solved exactly so that the removed channels are those exact curvature
+            gives (see :mod:`curvprune.pruning.channel_decision`), over all steps.
+        refined_edges: channel edges solved exactly for that.
+        refine_rounds: rounds of that refinement (0 when no channel score straddled).
+        removed: the channels removed, as Torch-Pruning's pruning history: one
+            ``(root layer name, output channels?, indices)`` per pruned group, in pruning
+            order (indices into the layer as it was at that step).
     """
 
     params_before: int
@@ -136,6 +146,11 @@ class ChannelPruningReport:
     widths_after: dict[str, tuple[int, int]]
     steps: int
     importance: object
+    tolerance: float | None = None
+    refined: int = 0
+    refined_edges: int = 0
+    refine_rounds: int = 0
+    removed: list[tuple[str, bool, list[int]]] = field(default_factory=list)
 
     @property
     def fell_back(self) -> bool:
@@ -143,12 +158,16 @@ class ChannelPruningReport:
         return bool(getattr(self.importance, "fell_back", False))
 
     def summary(self) -> str:
-        """One line: parameters and MACs before and after, steps, fallback."""
+        """One line: parameters and MACs before and after, steps, fallback (and a second line
+        with the refinement when channel scores were solved exactly)."""
+        refined = (f"\ndecision-exact: {self.refined} weights ({self.refined_edges} channel "
+                   f"edges) solved exactly in {self.refine_rounds} round(s) (tolerance "
+                   f"{self.tolerance:g})" if self.refine_rounds else "")
         return (f"parameters {self.params_before:,} -> {self.params_after:,} "
                 f"({self.params_after / max(1, self.params_before):.1%}), MACs "
                 f"{self.macs_before:,.0f} -> {self.macs_after:,.0f} "
                 f"({self.macs_after / max(1.0, self.macs_before):.1%}) in {self.steps} step(s)"
-                + (" [magnitude fallback]" if self.fell_back else ""))
+                + (" [magnitude fallback]" if self.fell_back else "") + refined)
 
 
 def _widths(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -209,21 +228,27 @@ def prune_channels(
             shape that was scored (``result.input_shape``), in the model's dtype.
         device, progress, threads, memory_budget, tolerance: passed unchanged to
             :func:`~curvprune.neural_curvature` through :class:`~curvprune.CurvatureImportance`.
-            Channels are ranked by the midpoint of their curvature intervals; unlike
-            :func:`~curvprune.prune_model`, the selection is not made decision-exact (Torch-Pruning
-            normalises and ranks group scores itself), so pass ``tolerance=0`` for the exact
-            ranking.
+            The pruning is **decision-exact** at any tolerance (as for
+            :func:`~curvprune.prune_model`): the channel scores get certified bounds from the
+            edge intervals, and the channel edges feeding a score that straddles the pruning
+            threshold of its group (or of all groups, ``global_pruning=True``) are solved
+            exactly until none does, so the removed channels are exactly those of
+            ``tolerance=0`` scores, ties broken as there
+            (:mod:`curvprune.pruning.channel_decision`); a ``result`` is refined the same way.
+            A larger tolerance makes the scoring cheaper and the refinement
+            (``report.refined``) larger.
         **pruner_kwargs: passed on to ``MetaPruner`` (e.g. ``prune_num_heads=True``).
 
     Returns:
         A :class:`ChannelPruningReport`.
 
     Raises:
-        ValueError: a ratio outside ``[0, 1)``, a model with pruning masks, bad calibration
+        ValueError: a ratio outside ``[0, 1)``, a negative, NaN or infinite ``tolerance``, a
+            model with pruning masks, bad calibration
             (channels-last images, a model on the ``meta`` device...), both or neither of
             ``calibration`` and ``result``, a result of neuron granularity or one that does
             not bind to ``model``, ``result`` with ``importance`` or ``iterative_steps > 1``.
-        TypeError: a model that is not an ``nn.Module``.
+        TypeError: a model that is not an ``nn.Module``, a ``tolerance`` that is not a number.
     """
     import torch_pruning as tp
 
@@ -239,6 +264,7 @@ def prune_channels(
     if any(name.endswith("_orig") for name, _ in model.named_parameters()):
         raise ValueError("the model carries torch.nn.utils.prune masks; Torch-Pruning cannot "
                          "copy it. Call curvprune.make_permanent(model) first.")
+    tolerance = check_tolerance(tolerance)
     check_model(model)
     if result is not None:
         _check_result_call(model, calibration, result, importance, iterative_steps)
@@ -279,17 +305,23 @@ def prune_channels(
             prune_head_dims=pruner_kwargs.pop("prune_head_dims", True),
             **pruner_kwargs,
         )
+        refinement = ChannelRefinement()
         for _ in range(iterative_steps):
-            pruner.step()
+            refinement.add(certified_step(pruner))
             refresh_after_pruning(model, pruner)
         macs_after, params_after = tp.utils.count_ops_and_params(model, example_inputs)
+        scored = getattr(importance, "result", None)
     finally:
         model.train(training)
     return ChannelPruningReport(
         params_before=int(params_before), params_after=int(params_after),
         macs_before=float(macs_before), macs_after=float(macs_after),
         widths_before=widths_before, widths_after=_widths(model), steps=iterative_steps,
-        importance=importance)
+        importance=importance, tolerance=scored.tolerance if scored is not None else None,
+        refined=refinement.weights, refined_edges=refinement.edges,
+        refine_rounds=refinement.rounds,
+        removed=[(str(n), bool(out), [int(i) for i in idxs])
+                 for n, out, idxs in pruner.pruning_history()])
 
 
 def _check_result_call(model, calibration, result, importance, iterative_steps) -> None:
