@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import curvprune  # noqa: E402
 from curvprune import analysis, data, evaluation, models  # noqa: E402
 from curvprune.models import zoo  # noqa: E402
-from curvprune.pruning import baselines  # noqa: E402
+from curvprune.pruning import baselines, channel_decision  # noqa: E402
 
 SECTIONS = [
     ("Scoring", curvprune, ["neural_curvature", "CurvatureResult", "ImportanceScores",
@@ -30,6 +30,8 @@ SECTIONS = [
         "pruning_hooks", "allocate_like"]),
     ("Structured pruning (Torch-Pruning)", curvprune, [
         "CurvatureImportance", "prune_channels", "ChannelPruningReport"]),
+    ("Decision-exact channel pruning (curvprune.pruning.channel_decision)", channel_decision, [
+        "certified_step", "ChannelRefinement"]),
     ("Analysis (curvprune.analysis)", analysis, [
         "nnstd", "nnstd_masks", "NNSTDResult", "relational_measures",
         "relational_measures_masks", "relational_graph", "RelationalResult", "graph_measures",

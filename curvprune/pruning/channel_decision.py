@@ -79,6 +79,7 @@ class ChannelRefinement:
     everything: bool = False
 
     def add(self, other: ChannelRefinement) -> None:
+        """Add the counts of ``other`` (another step) to these."""
         self.weights += other.weights
         self.edges += other.edges
         self.rounds += other.rounds
