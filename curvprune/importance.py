@@ -139,6 +139,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self._layers: dict[int, int] = {}
         # {(id(root module), handler): (group, returned scores)} while a caller records.
         self._record: dict | None = None
+        self._node_bounds: tuple | None = None  # score_bounds' node bounds, per edge bounds
 
     # ------------------------------------------------------------------------------------
 
@@ -246,6 +247,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         place (:meth:`CurvatureResult.refine <curvprune.result.CurvatureResult.refine>`)."""
         if self.result is not None and self._key is not None:
             self._use(self.result, self._key)
+        self._node_bounds = None
 
     def _node_scores(self, edge_kappa: torch.Tensor) -> torch.Tensor:
         """Node importances :math:`2 - \\kappa(v)` (float32) from per-edge values, by the same
@@ -271,8 +273,14 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         """
         if self.fell_back or self.result is None:
             return None
-        lo = self._reduced(group, self._node_scores(edge_hi))  # 2 - kappa: decreasing
-        hi = self._reduced(group, self._node_scores(edge_lo))
+        key = (id(edge_lo), id(edge_hi), self._key)
+        if self._node_bounds is None or self._node_bounds[0] != key:
+            # 2 - kappa is decreasing: the upper edge values give the lower scores.
+            self._node_bounds = (key, self._node_scores(edge_hi), self._node_scores(edge_lo),
+                                 (edge_lo, edge_hi))  # kept alive: their ids stay theirs
+        _, node_lo, node_hi, _ = self._node_bounds
+        lo = self._reduced(group, node_lo)
+        hi = self._reduced(group, node_hi)
         if lo is None or hi is None:
             return None
         monotone = self.group_reduction in ("mean", "sum", "max", "first", "gate")
