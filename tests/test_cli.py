@@ -189,6 +189,32 @@ def test_structured_prune_removes_channels(small_model_path, tmp_path, capsys):
 
 
 @needs_fmnist
+def test_structured_prune_with_a_tolerance_is_decision_exact(small_model_path, tmp_path,
+                                                             capsys):
+    """``prune --structured --tolerance X`` removes the channels ``--tolerance 0`` removes and
+    reports what it solved exactly."""
+    reports, models = {}, {}
+    for tolerance in ("0", "0.5"):
+        out = tmp_path / f"t{tolerance}"
+        code, _, err = run_main(["prune", "--model", str(small_model_path), "--amount", "0.4",
+                                 "--structured", "--tolerance", tolerance, "--no-eval",
+                                 "--out", str(out), "--quiet"], capsys)
+        assert code == 0, err
+        reports[tolerance] = json.loads((out / "report.json").read_text())
+        models[tolerance] = torch.load(out / "model.pt", weights_only=False)
+    exact, coarse = reports["0"], reports["0.5"]
+    assert coarse["tolerance"] == 0.5 and exact["tolerance"] == 0.0
+    assert exact["refined_weights"] == 0 and exact["refine_rounds"] == 0
+    for key in ("refined_weights", "refined_channel_edges", "refine_rounds"):
+        assert isinstance(coarse[key], int) and coarse[key] >= 0
+    assert coarse["max_interval_width"] <= 0.5
+    assert coarse["widths_after"] == exact["widths_after"]
+    for (name, p), (_, q) in zip(models["0"].state_dict().items(),
+                                 models["0.5"].state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+@needs_fmnist
 @pytest.mark.parametrize("structured", [False, True])
 def test_prune_a_timm_model(structured, tmp_path, capsys):
     out = tmp_path / "timm"
