@@ -116,7 +116,9 @@ def test_certified_step_with_other_importance_settings(spec, reduction, normaliz
         imp = CurvatureImportance(x, alpha=alpha, reduction=reduction, normalizer=normalizer,
                                   group_reduction=group_reduction, tolerance=tolerance)
         pruner = _pruner(model, x, imp, pruning_ratio=0.4, global_pruning=global_pruning)
-        certified_step(pruner)
+        refinement = certified_step(pruner)
+        # The dry run's selection follows the documented rules: no blanket refinement.
+        assert not refinement.everything
         removed.append(pruner.pruning_history())
     assert removed[0] == removed[1]
 
@@ -194,6 +196,9 @@ def test_round_to_solves_every_edge_and_stays_exact():
     want = _prune(spec, 0.5, 0.0, round_to=2)
     got = _prune(spec, 0.5, 2.0, round_to=2)
     _assert_same_pruning(want, got, "round_to=2")
+    edges = int((_score(spec, 2.0).channel_graph.module >= 0).sum())
+    if got[0].refine_rounds:  # everything unsolved was solved, in one round
+        assert got[0].refine_rounds == 1 and got[0].refined_edges <= edges
 
 
 def test_report_counts_the_refinement():

@@ -109,15 +109,24 @@ def _simple_selection(pruner) -> bool:
                         getattr(pruner, "_layer_to_scope", {}).values()))
 
 
-def _global_count(pruner, total: int) -> int | None:
-    """The ``n`` of a global scope of ``total`` channels at the coming step (Torch-Pruning's
-    formula), or ``None`` if the pruner does not expose it."""
+def _scope_count(pruner, scope: str, total: int) -> int | None:
+    """The ``n`` of a scope of ``total`` channels at the coming step (Torch-Pruning's formula,
+    after the dry run has recorded the scope's initial size), or ``None`` if the pruner does
+    not expose it."""
     try:
-        initial = pruner._scope_initial_channels.get("DEFAULT_SCOPE", total)
+        initial = pruner._scope_initial_channels.get(scope, total)
         ratio = pruner.per_step_pruning_ratio[pruner.current_step + 1]
     except (AttributeError, IndexError, TypeError, KeyError):
         return None
     return total - int(initial * (1 - ratio))
+
+
+def _local_scope(pruner, group) -> str | None:
+    """The name of a group's scope for local pruning, as Torch-Pruning names it."""
+    try:
+        return pruner.DG._module2name[group[0][0].source.module]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _widened(result, exact_edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +227,8 @@ def _needed_edges(pruner, imp, record, selected, exact_edges, layer):
     graph = result.channel_graph
     src, dst = graph.src.cpu(), graph.dst.cpu()
     edge_lo, edge_hi = _widened(result, exact_edges)
+    if set(selected) - set(record):  # a pruned group that was not scored as recorded
+        return layer.clone(), False
     entries = []  # per group: (group, a, b, v, pruned, ch_groups, size)
     for key, (group, v) in record.items():
         bounds = imp.score_bounds(group, edge_lo, edge_hi)
@@ -242,7 +253,13 @@ def _needed_edges(pruner, imp, record, selected, exact_edges, layer):
         b = torch.cat([entries[i][2] for i in scope])
         v = torch.cat([entries[i][3] for i in scope])
         pruned = torch.cat([entries[i][4] for i in scope])
-        n = None if not pruner.global_pruning else _global_count(pruner, v.numel())
+        if pruner.global_pruning:
+            n = _scope_count(pruner, "DEFAULT_SCOPE", v.numel())
+        else:  # the topk count must be the one the rule gives (a rejected group is not)
+            name = _local_scope(pruner, entries[scope[0]][0])
+            n = None if name is None else _scope_count(pruner, name, v.numel())
+            if n is None or int(pruned.sum()) != max(n, 0):
+                return layer.clone(), False
         straddle, consistent = _straddling(a, b, v, pruned, not pruner.global_pruning, n)
         if not consistent:
             return layer.clone(), False
