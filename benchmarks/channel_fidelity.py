@@ -170,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     rows = []
     load = os.getloadavg()
-    for name in args.models:
-        rows.append(run_model(name, args.images))
-    data = {"command": command.strip(), "load_before": load, "load_after": os.getloadavg(),
-            "threads": torch.get_num_threads(), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    out.with_suffix(".md").write_text(table(rows, command.strip()) + "\n")
+    for name in args.models:  # written after every model: a partial run keeps what it did
+        rows.append(run_model(name, args.images))
+        data = {"command": command.strip(), "load_before": load,
+                "load_after": os.getloadavg(), "threads": torch.get_num_threads(),
+                "rows": rows}
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+        out.with_suffix(".md").write_text(table(rows, command.strip()) + "\n")
     print(table(rows, command.strip()))
     return 0
 

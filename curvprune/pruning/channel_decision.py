@@ -167,9 +167,8 @@ def certified_step(pruner) -> ChannelRefinement:
     ``pruner`` is a Torch-Pruning ``MetaPruner`` (or subclass) whose importance is a
     :class:`~curvprune.CurvatureImportance`. Before pruning, the channel scores whose certified
     bounds let exact curvature change the pruner's selection are refined (module docstring)
-    until none can; then the step prunes. With an importance that is exact already (largest
-    interval width 0), after the magnitude fallback, or with another importance, this is
-    ``pruner.step()``.
+    until none can; then the step prunes. With scores computed at ``tolerance=0``, after the
+    magnitude fallback, or with another importance, this is ``pruner.step()``.
 
     Returns:
         A :class:`ChannelRefinement`: what was solved exactly.
@@ -195,8 +194,9 @@ def certified_step(pruner) -> ChannelRefinement:
         graph = result.channel_graph
         layer = (graph.module >= 0).cpu()
         if exact_edges is None:
-            if result.max_width == 0:
-                break
+            if result.tolerance == 0 and result.max_width == 0:
+                break  # exact scores (an exact-width result scored at a tolerance is not:
+                # its values may differ from a tolerance=0 run's in the last ulps)
             exact_edges = torch.zeros_like(layer)
         need = torch.zeros_like(layer)
         if not _simple_selection(pruner):
