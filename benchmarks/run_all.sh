@@ -19,3 +19,4 @@ python3 benchmarks/unstructured.py --models lenet5 --alpha 0.3 --name unstructur
 python3 benchmarks/unstructured.py --criteria magnitude random lamp wanda_row wanda_global snip curv_pos curv_pos_wanda_alloc --name unstructured_lamp --no-progress
 python3 benchmarks/granularity.py                                   # neuron vs channel (LeNet-5)
 python3 benchmarks/structured.py                                    # Torch-Pruning criteria, timm models
+python3 benchmarks/channel_fidelity.py --images 2                  # removed channels at a tolerance vs exact
