@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ._conv_hops import ConvHops
 from .distance import length_matrix, min_plus
 from .graph import LayerEdges
 from .measures import neighbour_measures, padded_neighbours
@@ -175,14 +176,23 @@ class NeuronGraph:
         # hop2[L]: L -> L+2 (through param layers L+1 and L+2); hop3[L]: L -> L+3.
         two, three = _hop_layouts(structures)
         shapes = _node_shapes(structures)
+        # Conv chains from their kernels (same values: curvprune/_conv_hops.py); else edge by edge.
+        kernels = ConvHops(structures, layers, shapes)
         for L in range(n - 1):
+            fast = kernels.table(L, 2, _on(two[L], device), None)
+            if fast is not None:
+                graph.hop2.append(HopTable(fast, _on(two[L], device)))
+                continue
             one = _layout(_one_hop_box(structures[L + 1], shapes[L + 2]), shapes[L + 2])
             rest = HopTable.of_edges(layers[L + 1], sizes[L + 1], one)
             graph.hop2.append(HopTable.compose(layers[L], sizes[L], rest, two[L]))
             del rest
         for L in range(n - 2):
-            graph.hop3.append(HopTable.compose(layers[L], sizes[L], graph.hop2[L + 1],
-                                               three[L]))
+            rest = graph.hop2[L + 1]
+            fast = kernels.table(L, 3, _on(three[L], device),
+                                 rest.values if rest.layout.full else None)
+            graph.hop3.append(HopTable(fast, _on(three[L], device)) if fast is not None else
+                              HopTable.compose(layers[L], sizes[L], rest, three[L]))
         return graph
 
 
