@@ -27,8 +27,11 @@ import torch.nn.utils.prune as prune
 
 from .curvature import neural_curvature
 from .data import class_balanced_calibration, fashion_mnist
+from .errors import UsageError
 from .evaluation import accuracy
 from .models import create_model
+from .outputs import atomic_write, output_dir
+from .plots import plot_demo_accuracy, plot_kappa_histograms
 from .pruning import CurvaturePruning, clone_pruned, make_permanent
 from .training import train_classifier
 
@@ -61,14 +64,12 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
     """Run the demo and return its numbers (accuracy per criterion and amount).
 
     With ``out`` (a folder, created if missing; an unwritable one raises
-    ``curvprune.cli.UsageError`` before training), also write ``model.pt`` (the trained dense
+    ``curvprune.errors.UsageError`` before training), also write ``model.pt`` (the trained dense
     model, saved whole), ``demo_accuracy.png`` and ``kappa_histograms.png`` there; the report's
     ``"files"`` lists them."""
     say = (lambda *a: None) if quiet else print
     if out is not None:  # checked before training: an unwritable folder fails at once
-        from .cli import _output_dir
-
-        out = _output_dir(str(out))
+        out = output_dir(out)
     torch.manual_seed(seed)
     name, train, test = _datasets()
     model = create_model("mlp", hidden=(64, 32))
@@ -113,29 +114,9 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
 
 def _write_outputs(out: Path, model: nn.Module, scores, report: dict) -> list[str]:
     """``model.pt``, ``demo_accuracy.png`` and ``kappa_histograms.png`` in ``out``."""
-    from .cli import _atomic_write, _plot_histograms, _save_figure
-
-    _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    amounts = list(report["accuracy"])
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for label, style in (("curvature", "o-"), ("control", "s--"), ("magnitude", "^:")):
-        ax.plot([0.0] + amounts,
-                [report["dense_accuracy"]] + [report["accuracy"][a][label] for a in amounts],
-                style, label=label)
-    ax.set_xlabel("fraction of weights removed (no fine-tuning)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"demo: MLP on {report['data']}")
-    ax.legend()
-    fig.tight_layout()
-    _save_figure(fig, out / "demo_accuracy.png")
-    plt.close(fig)
-    _plot_histograms(scores, out / "kappa_histograms.png")
+    atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
+    plot_demo_accuracy(report, out / "demo_accuracy.png")
+    plot_kappa_histograms(scores, out / "kappa_histograms.png")
     return [str(out / name) for name in ("model.pt", "demo_accuracy.png", "kappa_histograms.png")]
 
 
@@ -147,8 +128,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for model.pt, demo_accuracy.png and kappa_histograms.png "
                              "(default: the current folder)")
     args = parser.parse_args(argv)
-    from .cli import UsageError
-
     try:
         run_demo(seed=args.seed, quiet=args.quiet, out=args.out)
     except UsageError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UntraceableModel"]
+__all__ = ["UntraceableModel", "UsageError"]
 
 
 class UntraceableModel(ValueError):
@@ -11,3 +11,8 @@ class UntraceableModel(ValueError):
     def __init__(self, message: str, functions: list[str]):
         super().__init__(message)
         self.functions = functions
+
+
+class UsageError(Exception):
+    """A problem with the command line (``curvprune``, ``python -m curvprune.demo``): reported
+    in one line, exit status 2."""
