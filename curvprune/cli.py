@@ -209,7 +209,6 @@ def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None
 
 
 def _cmd_prune(args) -> dict:
-    from .evaluation import accuracy
     from .pruning import make_permanent, prune_model
 
     if args.scope is None:  # the API's defaults: prune_model global, prune_channels per group
@@ -229,18 +228,16 @@ def _cmd_prune(args) -> dict:
             raise UsageError("--tolerance (decision-exact pruning) is for unstructured "
                              "pruning; --structured scores channels exactly.")
         return _cmd_prune_channels(args)
-    model, test, calibration, out = _prepare(args)
-    start = time.perf_counter()
-    before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
-    try:
+
+    def prune(model: nn.Module, calibration: Any):
         report = prune_model(model, calibration, args.amount, scope=args.scope,
                              order=args.order, alpha=args.alpha, granularity=args.granularity,
                              progress=not args.quiet, allocation=args.allocation,
                              threads=args.threads, tolerance=args.tolerance)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from exc
-    make_permanent(model)
-    after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+        make_permanent(model)
+        return report
+
+    model, calibration, out, report, before, after, start = _evaluated_pruning(args, prune)
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "overall_sparsity": report.overall_sparsity,
@@ -274,6 +271,24 @@ def _cmd_prune(args) -> dict:
     return data
 
 
+def _evaluated_pruning(args, prune: Callable[[nn.Module, Any], Any]) -> tuple:
+    """The body both kinds of ``prune`` share: build the model and data (:func:`_prepare`),
+    measure test accuracy, run ``prune(model, calibration)`` (its ``ValueError``/``TypeError``
+    as a ``UsageError``), measure again. Returns ``(model, calibration, out, report, before,
+    after, start)``; the accuracies are ``None`` with ``--no-eval``."""
+    from .evaluation import accuracy
+
+    model, test, calibration, out = _prepare(args)
+    start = time.perf_counter()
+    before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+    try:
+        report = prune(model, calibration)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+    return model, calibration, out, report, before, after, start
+
+
 def _print_done(args, summary: str, before, after, out: Path, files: str) -> None:
     if args.quiet:
         return
@@ -296,19 +311,14 @@ def _zoo_ignored_layers(spec: str, model: nn.Module) -> list[nn.Module] | None:
 
 
 def _cmd_prune_channels(args) -> dict:
-    from .evaluation import accuracy
     from .pruning.structured import prune_channels
 
-    model, test, calibration, out = _prepare(args)
-    start = time.perf_counter()
-    before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
-    try:
-        report = prune_channels(model, calibration, args.amount, alpha=args.alpha,
-                                global_pruning=args.scope == "global", threads=args.threads,
-                                ignored_layers=_zoo_ignored_layers(args.model, model))
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from exc
-    after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+    def prune(model: nn.Module, calibration: Any):
+        return prune_channels(model, calibration, args.amount, alpha=args.alpha,
+                              global_pruning=args.scope == "global", threads=args.threads,
+                              ignored_layers=_zoo_ignored_layers(args.model, model))
+
+    model, calibration, out, report, before, after, start = _evaluated_pruning(args, prune)
     result = report.importance.result
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
