@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._checks import check_module
+
 __all__ = ["load_checkpoint"]
 
 #: Keys under which training scripts commonly store the state dict, tried in this order.
@@ -125,8 +127,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
             and shapes that do not match ``model`` (the message names them).
         TypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     if isinstance(checkpoint, (str, os.PathLike)):
         label = label or str(checkpoint)
         obj = _read(Path(checkpoint))

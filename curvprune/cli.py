@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._checks import ORDERS, check_order
+from ._checks import ALLOCATIONS, GRANULARITIES, ORDERS, SCOPES, check_order
 from .errors import UsageError
 from .outputs import atomic_write, output_dir, write_json
 from .plots import plot_kappa_histograms, plot_sparsity
@@ -160,7 +160,7 @@ def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
                           "random: a plain random batch of 10 k examples (no trained model "
                           "needed)")
     sub.add_argument("--alpha", type=float, default=0.9)
-    sub.add_argument("--granularity", choices=["neuron", "channel", "auto"], default="auto",
+    sub.add_argument("--granularity", choices=GRANULARITIES, default="auto",
                      help="neuron (the paper's graph, chains only), channel (any model) or auto "
                           "(neuron when it fits, else channel)")
     sub.add_argument("--device", default=None)
@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prune)
     prune.add_argument("--amount", type=_amount, required=True,
                        help="fraction of the weights to remove, in [0, 1]")
-    prune.add_argument("--scope", choices=["global", "layer"], default=None,
+    prune.add_argument("--scope", choices=SCOPES, default=None,
                        help="global: one ranking of all weights (default, as prune_model); "
                             "layer: every layer loses --amount. With --structured: layer (the "
                             "default, as prune_channels) removes the ratio from every group, "
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what is pruned first: positive_first (the most positive curvature, "
                             "the paper's method; default) or negative_first (the most negative, "
                             "the paper's control); the old pos/neg still work, with a warning")
-    prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
+    prune.add_argument("--allocation", choices=ALLOCATIONS,
                        default="curvature",
                        help="with --scope global: how much of each layer goes (curvature: one "
                             "global ranking, the paper; wanda/magnitude: that criterion's "

@@ -1,4 +1,5 @@
-"""The main job on an embedded default: ``python -m curvprune.demo``.
+"""The demo, ``python -m curvprune.demo``: the main job (train, score, prune, compare) on an
+embedded default.
 
 Trains a small MLP (784-64-32-10) for one epoch (seconds), scores it by neural curvature on one
 correctly classified example per class, and reports test accuracy after pruning 50/80/90% of the

@@ -1,4 +1,5 @@
-"""The library's own exceptions, importable without the graph tracers that raise them."""
+"""The library's own exceptions (and the command line's ``UsageError``), importable without the
+graph tracers that raise them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Output files of the command line and the demo: a writable output folder, and every file
-written to a temporary name and renamed into place (so an interrupted run never leaves a
-half-written file)."""
+"""Output files of the command line and the demo: a writable output folder and atomic writes (a
+temporary name renamed into place, so an interrupted run never leaves a half-written file)."""
 
 from __future__ import annotations
 
