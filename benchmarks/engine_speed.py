@@ -60,7 +60,7 @@ from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E4
 from curvprune.decision import decide_exactly  # noqa: E402
 from curvprune.engine import hop_table_bytes  # noqa: E402
 from curvprune.graph import chain_structure  # noqa: E402
-from curvprune.pruning import _decide  # noqa: E402
+from curvprune.pruning.unstructured import _decide  # noqa: E402
 from curvprune.reference import reference_curvature, time_reference_per_edge  # noqa: E402
 
 
