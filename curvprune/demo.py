@@ -82,7 +82,6 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
     calibration, _ = class_balanced_calibration(model, test, 1, num_classes=10, seed=seed)
     scores = neural_curvature(model, calibration, progress=not quiet)
     say(scores.summary())
-    params = [(m, "weight") for m in scores.modules.values()]
     report: dict = {"data": name, "dense_accuracy": dense, "seconds": scores.seconds,
                     "accuracy": {}}
     say(f"\n{'removed':>8} {'curvature':>10} {'control':>8} {'magnitude':>10}")
@@ -91,17 +90,15 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
         for label, order in (("curvature", "positive_first"), ("control", "negative_first"),
                              ("magnitude", None)):
             pruned = clone_pruned(model)
-            targets = [(dict(pruned.named_modules())[n.rsplit(".", 1)[0]], "weight")
-                       for n in scores.modules]
+            bound = scores.bind(pruned)  # the same scores, keyed by the clone's modules
+            targets = [(module, "weight") for module in bound.modules.values()]
             if order is None:
                 prune.global_unstructured(targets, pruning_method=prune.L1Unstructured,
                                           amount=amount)
             else:
-                ranks = scores.importance_scores(order)
-                keyed = {(t[0], "weight"): ranks[p] for t, p in zip(targets, params)}
-
                 prune.global_unstructured(targets, pruning_method=CurvaturePruning,
-                                          importance_scores=keyed, amount=amount)
+                                          importance_scores=bound.importance_scores(order),
+                                          amount=amount)
             make_permanent(pruned)
             row[label] = accuracy(pruned, test)
         report["accuracy"][amount] = row
