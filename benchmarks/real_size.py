@@ -78,7 +78,7 @@ def run_one(args) -> None:
         imp = tp.importance.GroupTaylorImportance()
     else:
         import curvprune
-        import curvprune.channels as channels
+        import curvprune.graphs.channel as channels
 
         def timed(name, func):
             def wrapper(*a, **k):

@@ -38,17 +38,17 @@ from .calibration import (
     prepare_calibration,
     scoring_mode,
 )
-from .engine import (
-    CERTIFY_TOL,
-    EngineStats,
+from .graphs.neuron import (
     NeuronGraph,
     bound_example,
+    chain_structure,
     hop_table_bytes,
+    layer_edges,
     solve_layer_edges,
+    trace_chain,
 )
-from .graph import chain_structure, layer_edges, trace_chain
-from .minimum import MinimumSearch
 from .result import CurvatureResult
+from .transport import CERTIFY_TOL, EngineStats, MinimumSearch
 
 __all__ = ["neural_curvature"]
 
@@ -158,7 +158,7 @@ def neural_curvature(
             :math:`\alpha \ge 1/2` kappa does not depend on alpha (see ``docs/method.md``).
         granularity: ``"neuron"`` (the paper's graph: one node per neuron, chains only),
             ``"channel"`` (one node per channel, any model the channel tracer follows: see
-            :mod:`curvprune.channels`; every element of ``W[o, i, ...]`` gets the curvature of
+            :mod:`curvprune.graphs.channel`; every element of ``W[o, i, ...]`` gets the curvature of
             the channel edge ``i -> o``, zero elements ``+inf``), or ``"auto"`` (neuron when the
             model is a chain whose distance tables fit ``memory_budget``, else channel).
         device: where the engine runs; defaults to the model's device. The model itself is not
@@ -171,10 +171,10 @@ def neural_curvature(
             curvature, at most ``tolerance`` apart, and ``result.kappa`` is their midpoint. The
             engine spends the tolerance three ways (``docs/method.md``, "Curvature
             intervals"): masses whose effect on an edge's kappa is at most ``tolerance / 4``
-            are cut from the measures (:func:`curvprune.engine.cut_measures`) and the bounds
+            are cut from the measures (:func:`curvprune.transport.cut_measures`) and the bounds
             are widened by that; edges are settled by their bounds
-            (:func:`curvprune.engine.bound_edges`); and the minimum search
-            (:mod:`curvprune.minimum`) stops solving a weight's edges once its interval is at
+            (:func:`curvprune.transport.bound_edges`); and the minimum search
+            (:mod:`curvprune.transport.minimum`) stops solving a weight's edges once its interval is at
             most ``tolerance`` wide. :meth:`CurvatureResult.refine
             <curvprune.result.CurvatureResult.refine>` later solves chosen weights exactly.
         certify_tol: deprecated name of ``tolerance`` (a ``DeprecationWarning``).
@@ -508,8 +508,8 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
 
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
                        tolerance, threads, memory_budget, start) -> CurvatureResult:
-    """``neural_curvature`` at channel granularity (see :mod:`curvprune.channels`)."""
-    from .channels import channel_edge_bounds, needed_distances, trace_channels
+    """``neural_curvature`` at channel granularity (see :mod:`curvprune.graphs.channel`)."""
+    from .graphs.channel import channel_edge_bounds, needed_distances, trace_channels
 
     stats = EngineStats()
     first = None

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import curvprune
 from curvprune.calibration import scoring_mode
-from curvprune.channels import (
-    UntraceableModel,
+from curvprune.errors import UntraceableModel
+from curvprune.graphs.channel import (
     channel_distances,
     channel_edge_bounds,
     needed_distance_bytes,
@@ -590,8 +590,7 @@ def test_auto_granularity():
 
 def test_auto_granularity_budget_is_the_size_of_the_hop_tables_built():
     from curvprune.calibration import capture_activations
-    from curvprune.engine import NeuronGraph
-    from curvprune.graph import layer_edges, trace_chain
+    from curvprune.graphs.neuron import NeuronGraph, layer_edges, trace_chain
 
     chain = MODELS["chain"][0]()
     x = _inputs((3, 8, 8))

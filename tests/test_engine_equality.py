@@ -22,15 +22,15 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 import curvprune.curvature as curvature_module
-import curvprune.distance as distance_module
-import curvprune.engine as engine_module
+import curvprune.graphs.neuron as distance_module
+import curvprune.graphs.neuron as engine_module
 from curvprune import neural_curvature
 from curvprune.calibration import (
     capture_activations,
     normalise_activity,
     scoring_mode,
 )
-from curvprune.graph import trace_chain
+from curvprune.graphs.neuron import trace_chain
 from curvprune.reference import reference_curvature
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")

@@ -1,4 +1,4 @@
-"""Windowed hop tables (:class:`curvprune.engine.HopTable`) against the dense ones.
+"""Windowed hop tables (:class:`curvprune.graphs.neuron.HopTable`) against the dense ones.
 
 ``WINDOW_FRACTION = 1.0`` windows every table whose target is spatial (even a window as large
 as the layer) and ``0.0`` keeps every table dense, so on the small random networks of
@@ -16,10 +16,15 @@ from conftest import alphas, assert_kappa_equal, build, net_specs, profile_examp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import curvprune.engine as engine_module
+import curvprune.graphs.neuron as engine_module
 from curvprune import neural_curvature
-from curvprune.engine import HopTable, NeuronGraph, hop_table_bytes
-from curvprune.graph import chain_structure, layer_edges
+from curvprune.graphs.neuron import (
+    HopTable,
+    NeuronGraph,
+    chain_structure,
+    hop_table_bytes,
+    layer_edges,
+)
 from curvprune.models import create_model
 from curvprune.reference import reference_curvature
 

@@ -11,7 +11,7 @@ r"""Topology of sparse networks: connectivity masks, NNSTD and relational-graph 
   layers. :func:`graph_measures` computes both for any undirected graph.
 
 NNSTD reads a network as a chain of ``Linear``/``Conv2d`` weights
-(:func:`~curvprune.graph.trace_chain`); the relational measures read every ``Linear``/``Conv2d``
+(:func:`~curvprune.graphs.neuron.trace_chain`); the relational measures read every ``Linear``/``Conv2d``
 weight on its own. Connectivity is the set of non-zero weights (:func:`connectivity_masks`),
 which respects ``torch.nn.utils.prune`` masks.
 """
@@ -30,7 +30,7 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components, shortest_path
 
-from ..graph import trace_chain
+from ..graphs.neuron import trace_chain
 
 __all__ = [
     "connectivity_masks",
@@ -119,7 +119,7 @@ def connectivity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     ``weight`` for an unpruned module) is non-zero.
 
     Raises:
-        ValueError: ``model`` is not a chain :func:`~curvprune.graph.trace_chain` accepts.
+        ValueError: ``model`` is not a chain :func:`~curvprune.graphs.neuron.trace_chain` accepts.
     """
     return {layer.name: _nonzero(layer.module).cpu() for layer in trace_chain(model)}
 
@@ -283,7 +283,7 @@ def nnstd(model_a: nn.Module, model_b: nn.Module, *, conv_mode: str = "channel",
     matchings.
 
     Args:
-        model_a, model_b: chains :func:`~curvprune.graph.trace_chain` accepts (pruned or not).
+        model_a, model_b: chains :func:`~curvprune.graphs.neuron.trace_chain` accepts (pruned or not).
         conv_mode: ``"channel"`` or ``"kernel"`` (see above).
         carry: carry each layer's matching to the next layer's inputs (Liu et al.'s method);
             ``False`` compares every layer on its own.
