@@ -246,7 +246,7 @@ def vgg_engine_run(args) -> dict:
     granularity, with the time of each phase and the process's peak RSS."""
     import resource
 
-    import curvprune.curvature as curvature_module
+    from curvprune.graphs.base import EdgeProblem
     from curvprune.graphs.neuron import NeuronGraph
     from curvprune.models import create_model
 
@@ -276,8 +276,8 @@ def vgg_engine_run(args) -> dict:
 
     build = NeuronGraph.__dict__["build"].__func__
     NeuronGraph.build = classmethod(timed(build, "graph_build_s"))
-    curvature_module.bound_example = timed(curvature_module.bound_example, "bound_s")
-    curvature_module.solve_layer_edges = timed(curvature_module.solve_layer_edges, "solve_s")
+    EdgeProblem.bounds = timed(EdgeProblem.bounds, "bound_s")
+    EdgeProblem.solve = timed(EdgeProblem.solve, "solve_s")
     kwargs = {} if args.vgg_tolerance is None else {"tolerance": args.vgg_tolerance}
     tables = engine_tables(model, calib[:1])
     print(json.dumps(tables), flush=True)

@@ -10,7 +10,8 @@ _NEURON = "curvprune.graphs.neuron"
 _TRANSPORT = "curvprune.transport"
 __getattr__, __dir__ = moved(__name__, {
     **dict.fromkeys(["NeuronGraph", "HopTable", "hop_table_bytes", "layer_problem",
-                     "bound_example", "solve_layer_edges", "score_example"], _NEURON),
-    **dict.fromkeys(["EngineStats", "Distances", "CERTIFY_TOL", "bound_edges", "solve_edges",
-                     "score_edges", "node_measures", "cut_measures", "cut_error"], _TRANSPORT),
+                     "bound_example", "score_example"], _NEURON),
+    **dict.fromkeys(["EngineStats", "EngineOptions", "Distances", "CERTIFY_TOL", "bound_edges",
+                     "solve_edges", "score_edges", "node_measures", "cut_measures",
+                     "cut_error"], _TRANSPORT),
 })

@@ -144,10 +144,10 @@ def estimate(
     for :math:`n` calibration examples. It is usually an **overestimate**: with one example
     every edge whose bounds do not settle it is solved exactly, whereas with :math:`n`
     examples only the edges that can still be a weight's minimum over all of them are
-    (:mod:`curvprune.transport.minimum`), so the exact solves grow more slowly than :math:`n`. Measured
-    on 2 shared cores with 10 examples: LeNet-5 (neuron) estimated 29.2 s against 17.3 s taken,
-    the zoo's reduced ResNet-18 (channel) 10.3 s against 3.9 s (``docs/cli.md``). It also
-    varies with the load of the machine. Measuring costs
+    (:mod:`curvprune.transport.minimum`), so the exact solves grow more slowly than :math:`n`.
+    Measured on 2 shared cores with 10 examples: LeNet-5 (neuron) estimated 29.2 s against
+    17.3 s taken, the zoo's reduced ResNet-18 (channel) 10.3 s against 3.9 s (``docs/cli.md``).
+    It also varies with the load of the machine. Measuring costs
     about two graph builds and one example's scoring; ``measure=False`` skips it (the time
     fields are then ``None``). Nothing is measured when the tables exceed ``memory_budget``.
 

@@ -73,7 +73,8 @@ class CurvatureResult:
         num_examples: calibration examples scored.
         edges_per_example: ``{parameter name: edges}`` (nonzero weights times positions).
         seconds: wall time of the scoring call.
-        engine: how the engine resolved the live edges (see :class:`~curvprune.transport.EngineStats`).
+        engine: how the engine resolved the live edges (see
+            :class:`~curvprune.transport.EngineStats`).
         magnitude: ``{parameter name: |w|}`` (float64) at scoring time: the ranking's tie-break,
             kept so that a later change of the model does not change the order.
         channel_graph: at channel granularity, the traced

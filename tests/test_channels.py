@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 import curvprune
 from curvprune.calibration import scoring_mode
+from curvprune.curvature import channel_edge_bounds
 from curvprune.errors import UntraceableModel
 from curvprune.graphs.channel import (
     channel_distances,
-    channel_edge_bounds,
     needed_distance_bytes,
     needed_distances,
     trace_channels,

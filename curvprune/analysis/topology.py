@@ -11,9 +11,9 @@ r"""Topology of sparse networks: connectivity masks, NNSTD and relational-graph 
   layers. :func:`graph_measures` computes both for any undirected graph.
 
 NNSTD reads a network as a chain of ``Linear``/``Conv2d`` weights
-(:func:`~curvprune.graphs.neuron.trace_chain`); the relational measures read every ``Linear``/``Conv2d``
-weight on its own. Connectivity is the set of non-zero weights (:func:`connectivity_masks`),
-which respects ``torch.nn.utils.prune`` masks.
+(:func:`~curvprune.graphs.neuron.trace_chain`); the relational measures read every
+``Linear``/``Conv2d`` weight on its own. Connectivity is the set of non-zero weights
+(:func:`connectivity_masks`), which respects ``torch.nn.utils.prune`` masks.
 """
 
 from __future__ import annotations
@@ -283,7 +283,8 @@ def nnstd(model_a: nn.Module, model_b: nn.Module, *, conv_mode: str = "channel",
     matchings.
 
     Args:
-        model_a, model_b: chains :func:`~curvprune.graphs.neuron.trace_chain` accepts (pruned or not).
+        model_a, model_b: chains :func:`~curvprune.graphs.neuron.trace_chain` accepts (pruned
+            or not).
         conv_mode: ``"channel"`` or ``"kernel"`` (see above).
         carry: carry each layer's matching to the next layer's inputs (Liu et al.'s method);
             ``False`` compares every layer on its own.

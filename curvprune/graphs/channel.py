@@ -57,20 +57,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import UntraceableModel
-from ..transport import (
-    CERTIFY_TOL,
-    Distances,
-    EngineStats,
-    MinimumSearch,
-    bound_edges,
-    cut_error,
-    cut_measures,
-    node_measures,
-    padded_neighbours,
-    solve_edges,
-)
+from ..transport import Distances, node_measures, padded_neighbours
+from .base import EdgeProblem
 
-__all__ = ["ChannelDistances", "ChannelGraph", "NodeSet", "UntraceableModel",
+__all__ = ["ChannelDistances", "ChannelGraph", "ChannelProblems", "NodeSet", "UntraceableModel",
            "channel_distances", "needed_distance_bytes", "needed_distances", "trace_channels"]
 
 
@@ -350,91 +340,57 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
                             n)
 
 
-def channel_edge_bounds(
-    graph: ChannelGraph,
-    distances: torch.Tensor | ChannelDistances,
-    alpha: float,
-    *,
-    tolerance: float = CERTIFY_TOL,
-    stats=None,
-    threads: int = 1,
-    on_example=None,
-    upper: torch.Tensor | None = None,
-    on_solved=None,
-    on_progress=None,
-    edges: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Certified bounds on the curvature of every layer edge of ``graph``, minimum over the
-    traced batch's examples.
+class ChannelProblems:
+    """The channel graph's side of the scoring loop (:class:`~curvprune.graphs.base.EdgeGraph`):
+    one group, the layer edges of ``graph`` (merge edges are no weight), each its own search
+    slot; activities are rows of :attr:`ChannelGraph.activity` (one example each).
 
-    Returns ``(upper, lower, live)`` over all edges (``[num_edges]``): ``lower <= kappa <=
-    upper`` with ``upper - lower <= tolerance`` (both exact and equal for ``tolerance=0``),
-    where ``kappa`` is the minimum over the batch's examples and ``upper`` (upper bounds from
-    earlier batches); merge edges, which are no weight, stay ``+inf``. ``live``: whether the
-    edge was live on at least one example. The tolerance is spent as in
-    :func:`curvprune.neural_curvature` (``docs/method.md``): the measures are cut within
-    ``tolerance / 4`` per edge, the bounds are widened by that, and the minimum search stops
-    once an edge's bounds are ``tolerance`` apart. Only the (edge, example)s that can matter are
-    solved exactly (:mod:`curvprune.transport.minimum`). ``distances``: the dense table of
-    :func:`channel_distances` or the needed pairs of :func:`needed_distances` (the same
-    numbers). ``edges``: a bool mask over all edges; only those
-    layer edges are scored (the others stay ``+inf``). ``on_example()``, ``on_solved(count)``
-    and ``on_progress(settled, total)`` report progress.
+    The padded neighbour tables and the edges' distances are built once here, from the
+    structure; ``distances`` is the dense table of :func:`channel_distances` or the needed
+    pairs of :func:`needed_distances` (the same numbers). ``edges``: a bool mask over all
+    edges; only those layer edges are scored.
     """
-    stats = stats if stats is not None else EngineStats()
-    n = graph.num_nodes
-    in_table = padded_neighbours(graph.dst, graph.src, n)
-    out_table = padded_neighbours(graph.src, graph.dst, n)
-    chosen = graph.module >= 0
-    if edges is not None:
-        chosen &= edges.to(chosen.device)
-    scored = torch.nonzero(chosen).squeeze(1)
-    src, dst = graph.src[scored], graph.dst[scored]
-    d = distances[src, dst]
-    tables = Distances(distances, distances, distances)
-    cut_tol = tolerance / 2
 
-    in_len = padded_neighbours(graph.dst, graph.length, n, fill=0.0)
-    out_len = padded_neighbours(graph.src, graph.length, n, fill=0.0)
+    def __init__(self, graph: ChannelGraph, distances: torch.Tensor | ChannelDistances,
+                 edges: torch.Tensor | None = None) -> None:
+        n = graph.num_nodes
+        self.graph = graph
+        chosen = graph.module >= 0
+        if edges is not None:
+            chosen &= edges.to(chosen.device)
+        self.scored = torch.nonzero(chosen).squeeze(1)
+        self.src, self.dst = graph.src[self.scored], graph.dst[self.scored]
+        self.length = distances[self.src, self.dst]
+        self.tables = Distances(distances, distances, distances)
+        self.in_table = padded_neighbours(graph.dst, graph.src, n)
+        self.out_table = padded_neighbours(graph.src, graph.dst, n)
+        self.in_len = padded_neighbours(graph.dst, graph.length, n, fill=0.0)
+        self.out_len = padded_neighbours(graph.src, graph.length, n, fill=0.0)
 
-    def measures(b: int):
-        mu = node_measures(in_table, graph.activity[b], in_len)
-        nu = node_measures(out_table, graph.activity[b], out_len)
+    @property
+    def num_groups(self) -> int:
+        return 1
+
+    def slots(self, group: int) -> tuple[torch.Tensor, int]:
+        return torch.arange(self.scored.numel(), device=self.src.device), self.scored.numel()
+
+    def edge_problem(self, group: int, activity: torch.Tensor, cut_tol: float) -> EdgeProblem:
+        """The problems of the scored edges on one example (``activity``: ``[num_nodes]``)."""
+        graph, src, dst = self.graph, self.src, self.dst
+        dead = ((~graph.inputs[src]) & (activity[src] == 0)) | ((~graph.outputs[dst])
+                                                                & (activity[dst] == 0))
+        mu = node_measures(self.in_table, activity, self.in_len)
+        nu = node_measures(self.out_table, activity, self.out_len)
         mu.has &= ~graph.inputs  # an input node's measure is its point mass
         nu.has &= ~graph.outputs  # so is an output node's
         # Every path k -> i -> j -> m is at most reach + D(i, j) + reach long (edge lengths
         # bound shortest paths), so the cut of negligible masses is bounded as in the engine.
-        return cut_measures(mu, nu, src, dst, d, cut_tol)
+        return EdgeProblem.build(src, dst, self.length, dead, mu, nu, self.tables,
+                                 self.slots(0)[0], cut_tol)
 
-    initial = None if upper is None else [upper[scored].clone()]
-    search = MinimumSearch([torch.arange(scored.numel(), device=d.device)], [scored.numel()],
-                           initial=initial, tolerance=tolerance)
-    live = torch.zeros(graph.src.numel(), dtype=torch.bool, device=d.device)
-    for b in range(graph.activity.shape[0]):
-        acts = graph.activity[b]
-        dead = ((~graph.inputs[src]) & (acts[src] == 0)) | ((~graph.outputs[dst])
-                                                            & (acts[dst] == 0))
-        mu, nu = measures(b)
-        lo, hi = bound_edges(src, dst, d, dead, mu, nu, tables, alpha, certify_tol=tolerance,
-                             stats=stats, settle=False,
-                             error=cut_error(mu, nu, src, dst, dead, cut_tol))
-        search.add(0, b, lo, hi)
-        live[scored] |= ~dead
-        if on_example is not None:
-            on_example()
-
-    def solve(group: int, b: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, nu = measures(b)
-        value = solve_edges(src[edges], dst[edges], d[edges], mu, nu, tables, alpha,
-                            stats=stats, threads=threads)
-        error = cut_error(mu, nu, src[edges], dst[edges],
-                          torch.zeros_like(edges, dtype=torch.bool), cut_tol)
-        return value - error, value + error
-
-    minimum = search.resolve(solve, on_solved=on_solved, on_progress=on_progress)[0]
-    stats.bounded += search.opened - search.solved
-    hi = torch.full((graph.src.numel(),), math.inf, dtype=torch.float64, device=d.device)
-    lo = hi.clone()
-    hi[scored] = minimum
-    lo[scored] = search.lower()[0]
-    return hi, lo, live
+    def on_edges(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-slot ``values`` laid out over all edges of the graph (``+inf`` on the others)."""
+        out = torch.full((self.graph.src.numel(),), math.inf, dtype=values.dtype,
+                         device=values.device)
+        out[self.scored] = values
+        return out

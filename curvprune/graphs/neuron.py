@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..transport import (
     CERTIFY_TOL,
     Distances,
+    EngineOptions,
     EngineStats,
     bound_edges,
     cut_error,
@@ -38,13 +39,18 @@ from ..transport import (
     node_measures,
     padded_neighbours,
     score_edges,
-    solve_edges,
 )
 from ..transport.measures import _Measure
+from .base import EdgeProblem
+
+#: Default of :attr:`EngineOptions.window_fraction <curvprune.transport.EngineOptions>`: a hop
+#: table is windowed when its window covers at most this fraction of the target layer's
+#: positions (else it is stored dense; the lookups are cheaper and the memory close).
+WINDOW_FRACTION = EngineOptions.window_fraction
 
 __all__ = ["ParamLayer", "trace_chain", "layer_edges", "conv_padding", "chain_structure",
            "LayerEdges", "NeuronGraph", "HopTable", "hop_table_bytes", "length_matrix",
-           "min_plus", "layer_problem", "bound_example", "solve_layer_edges", "score_example"]
+           "min_plus", "layer_problem", "bound_example", "score_example"]
 
 # Modules allowed between parametrised layers: each maps a node to itself (or only reshapes).
 _ELEMENTWISE_MODULES = (
@@ -352,11 +358,14 @@ class NeuronGraph:
     out_len: list[torch.Tensor | None] = field(default_factory=list)
     hop2: list[HopTable] = field(default_factory=list)
     hop3: list[HopTable] = field(default_factory=list)
+    num_weights: list[int] = field(default_factory=list)
 
     @classmethod
     def build(cls, structures: list[LayerEdges], weights: list[torch.Tensor],
-              device: torch.device) -> NeuronGraph:
-        """Build from each layer's structural edges and current (flattened) weight values."""
+              device: torch.device, options: EngineOptions | None = None) -> NeuronGraph:
+        """Build from each layer's structural edges and current (flattened) weight values
+        (``options``: the hop tables' ``window_fraction`` and ``min_plus_block``)."""
+        options = options if options is not None else EngineOptions()
         sizes = [structures[0].n_in] + [s.n_out for s in structures]
         layers = []
         for s, w in zip(structures, weights):
@@ -367,7 +376,7 @@ class NeuronGraph:
             layers.append(_Layer(s.src.to(device)[keep], s.dst.to(device)[keep], widx[keep],
                                  1.0 / value[keep].abs()))
         n = len(layers)
-        graph = cls(sizes, layers)
+        graph = cls(sizes, layers, num_weights=[w.numel() for w in weights])
         graph.in_nbrs = [None] + [
             padded_neighbours(layers[L - 1].dst, layers[L - 1].src, sizes[L])
             for L in range(1, n + 1)
@@ -384,26 +393,50 @@ class NeuronGraph:
             for L in range(n)
         ] + [None]
         # hop2[L]: L -> L+2 (through param layers L+1 and L+2); hop3[L]: L -> L+3.
-        two, three = _hop_layouts(structures)
+        two, three = _hop_layouts(structures, options.window_fraction)
         shapes = _node_shapes(structures)
+        block = options.min_plus_block
         for L in range(n - 1):
-            one = _layout(_one_hop_box(structures[L + 1], shapes[L + 2]), shapes[L + 2])
+            one = _layout(_one_hop_box(structures[L + 1], shapes[L + 2]), shapes[L + 2],
+                          options.window_fraction)
             rest = HopTable.of_edges(layers[L + 1], sizes[L + 1], one)
-            graph.hop2.append(HopTable.compose(layers[L], sizes[L], rest, two[L]))
+            graph.hop2.append(HopTable.compose(layers[L], sizes[L], rest, two[L],
+                                               max_block=block))
             del rest
         for L in range(n - 2):
             graph.hop3.append(HopTable.compose(layers[L], sizes[L], graph.hop2[L + 1],
-                                               three[L]))
+                                               three[L], max_block=block))
         return graph
 
+    # The graph interface of the scoring loop (graphs.base.EdgeGraph): one group per layer.
 
-def hop_table_bytes(layers: list[int] | list[LayerEdges]) -> int:
+    @property
+    def num_groups(self) -> int:
+        return len(self.layers)
+
+    def slots(self, group: int) -> tuple[torch.Tensor, int]:
+        """Each edge of layer ``group + 1`` is scored into its flat weight index."""
+        return self.layers[group].widx, self.num_weights[group]
+
+    def edge_problem(self, group: int, activity: list[torch.Tensor],
+                     cut_tol: float) -> EdgeProblem:
+        """The problems of every (nonzero) edge of parametrised layer ``group + 1`` on one
+        example (``activity``: normalised activities of node layers ``0..n``), measures cut
+        within ``cut_tol / 2`` per edge."""
+        layer = self.layers[group]
+        dead, mu, nu, tables = _layer_measures(self, activity, group + 1)
+        return EdgeProblem.build(layer.src, layer.dst, layer.length, dead, mu, nu, tables,
+                                 layer.widx, cut_tol)
+
+
+def hop_table_bytes(layers: list[int] | list[LayerEdges],
+                    window_fraction: float = WINDOW_FRACTION) -> int:
     """Bytes of the float64 hop tables ``L -> L+2`` and ``L -> L+3`` that
     :meth:`NeuronGraph.build` keeps: from the layers' structural edges (windowed conv tables,
     see :class:`HopTable`), or, given node-layer sizes only, of dense tables."""
     if layers and isinstance(layers[0], LayerEdges):
         sizes = [layers[0].n_in] + [s.n_out for s in layers]
-        two, three = _hop_layouts(layers)
+        two, three = _hop_layouts(layers, window_fraction)
         entries = sum(sizes[L] * t.width for L, t in enumerate(two))
         entries += sum(sizes[L] * t.width for L, t in enumerate(three))
         return 8 * entries
@@ -413,9 +446,6 @@ def hop_table_bytes(layers: list[int] | list[LayerEdges]) -> int:
     return 8 * entries
 
 
-#: A hop table is windowed when its window covers at most this fraction of the target layer's
-#: positions (else it is stored dense; the lookups are cheaper and the memory close).
-WINDOW_FRACTION = 0.5
 
 
 def _node_shapes(structures: list[LayerEdges]) -> list[tuple[int, int, int]]:
@@ -484,18 +514,20 @@ class _Layout:
         return self.target[0] * self.window[0] * self.window[1]
 
 
-def _layout(box: _Box, target: tuple[int, int, int]) -> _Layout:
+def _layout(box: _Box, target: tuple[int, int, int],
+            window_fraction: float = WINDOW_FRACTION) -> _Layout:
     _, h, w = target
     reach = box.lo_y < _EMPTY
     wy = int((box.hi_y - box.lo_y + 1)[reach].max()) if reach.any() else 1
     wx = int((box.hi_x - box.lo_x + 1)[reach].max()) if reach.any() else 1
-    if wy * wx > WINDOW_FRACTION * h * w:
+    if wy * wx > window_fraction * h * w:
         return _Layout(target, (h, w), None, None)
     return _Layout(target, (wy, wx), torch.where(reach, box.lo_y, 0),
                    torch.where(reach, box.lo_x, 0))
 
 
-def _hop_layouts(structures: list[LayerEdges]) -> tuple[list[_Layout], list[_Layout]]:
+def _hop_layouts(structures: list[LayerEdges], window_fraction: float = WINDOW_FRACTION
+                 ) -> tuple[list[_Layout], list[_Layout]]:
     """Layouts of the ``L -> L+2`` and ``L -> L+3`` tables, from the structural edges (so that
     zero weights change values, not sizes)."""
     shapes = _node_shapes(structures)
@@ -503,8 +535,8 @@ def _hop_layouts(structures: list[LayerEdges]) -> tuple[list[_Layout], list[_Lay
     one = [_one_hop_box(structures[s], shapes[s + 1]) for s in range(n)]
     two = [_back_box(structures[L], one[L + 1]) for L in range(n - 1)]
     three = [_back_box(structures[L], two[L + 1]) for L in range(n - 2)]
-    return ([_layout(two[L], shapes[L + 2]) for L in range(n - 1)],
-            [_layout(three[L], shapes[L + 3]) for L in range(n - 2)])
+    return ([_layout(two[L], shapes[L + 2], window_fraction) for L in range(n - 1)],
+            [_layout(three[L], shapes[L + 3], window_fraction) for L in range(n - 2)])
 
 
 class HopTable:
@@ -585,7 +617,8 @@ class HopTable:
         over the sparse first hop, into ``layout`` (no dense intermediate: each edge adds its
         target's row of ``rest``, window to window; chunks of ``max_block`` entries)."""
         if layout.full and rest.layout.full:
-            return cls(min_plus(first.src, first.dst, first.length, n_src, rest.values),
+            return cls(min_plus(first.src, first.dst, first.length, n_src, rest.values,
+                                max_block=max_block),
                        layout)
         device = rest.values.device
         layout = _on(layout, device)
@@ -624,12 +657,9 @@ def _on(layout: _Layout, device: torch.device) -> _Layout:
 
 
 
-def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int,
-                  certify_tol: float = CERTIFY_TOL
-                  ) -> tuple[torch.Tensor, _Measure | None, _Measure | None, Distances]:
-    """Dead-edge mask, measures (cut by :func:`cut_measures` within ``certify_tol / 2``) and
-    distance tables of parametrised layer ``l`` (1-based) on one example (``acts``: normalised
-    activities of node layers ``0..n``)."""
+def _layer_measures(graph: NeuronGraph, acts: list[torch.Tensor], l: int
+                    ) -> tuple[torch.Tensor, _Measure | None, _Measure | None, Distances]:
+    """Dead-edge mask, uncut measures and distance tables of parametrised layer ``l``."""
     n = len(graph.layers)
     layer = graph.layers[l - 1]
     dead = torch.zeros_like(layer.src, dtype=torch.bool)
@@ -640,10 +670,22 @@ def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int,
     # mu_i over in-neighbours of i (layer l-2); nu_j over out-neighbours of j (layer l+1).
     mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2], graph.in_len[l - 1]) if l > 1 else None
     nu = node_measures(graph.out_nbrs[l], acts[l + 1], graph.out_len[l]) if l < n else None
-    mu, nu = cut_measures(mu, nu, layer.src, layer.dst, layer.length, certify_tol)
     tables = Distances(d_kj=graph.hop2[l - 2] if l > 1 else None,
                        d_im=graph.hop2[l - 1] if l < n else None,
                        d_km=graph.hop3[l - 2] if 1 < l < n else None)
+    return dead, mu, nu, tables
+
+
+def layer_problem(graph: NeuronGraph, acts: list[torch.Tensor], l: int,
+                  certify_tol: float = CERTIFY_TOL
+                  ) -> tuple[torch.Tensor, _Measure | None, _Measure | None, Distances]:
+    """Dead-edge mask, measures (cut by :func:`cut_measures` within ``certify_tol / 2``) and
+    distance tables of parametrised layer ``l`` (1-based) on one example (``acts``: normalised
+    activities of node layers ``0..n``); :meth:`NeuronGraph.edge_problem` packs the same into
+    an :class:`~curvprune.graphs.base.EdgeProblem`."""
+    layer = graph.layers[l - 1]
+    dead, mu, nu, tables = _layer_measures(graph, acts, l)
+    mu, nu = cut_measures(mu, nu, layer.src, layer.dst, layer.length, certify_tol)
     return dead, mu, nu, tables
 
 
@@ -686,36 +728,6 @@ def bound_example(
                              error=error)
         out.append((lo, hi, dead))
     return out
-
-
-def solve_layer_edges(
-    graph: NeuronGraph,
-    acts: list[torch.Tensor],
-    l: int,
-    edges: torch.Tensor,
-    alpha: float,
-    *,
-    certify_tol: float = CERTIFY_TOL,
-    block: int = 1 << 22,
-    stats: EngineStats | None = None,
-    threads: int = 1,
-    with_error: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exact curvatures of the live edges ``edges`` (indices into ``graph.layers[l - 1]``,
-    both of whose measures have neighbour parts) on one example (see :func:`solve_edges`;
-    ``certify_tol`` as for :func:`layer_problem`).
-
-    With ``with_error=True`` returns ``(value - e, value + e)`` with ``e`` the
-    :func:`cut_error` of each edge: bounds on the curvature of the uncut measures."""
-    layer = graph.layers[l - 1]
-    _, mu, nu, tables = layer_problem(graph, acts, l, certify_tol)
-    src, dst = layer.src[edges], layer.dst[edges]
-    value = solve_edges(src, dst, layer.length[edges], mu, nu, tables, alpha, block=block,
-                        stats=stats, threads=threads)
-    if not with_error:
-        return value
-    error = cut_error(mu, nu, src, dst, torch.zeros_like(src, dtype=torch.bool), certify_tol)
-    return value - error, value + error
 
 
 def score_example(

@@ -31,7 +31,8 @@ the structure of the problem instead of solving one linear program per edge:
   every edge; the no-swap plan and a plan that swaps a share of every unit (all of it for
   :math:`\alpha \ge 1/2`) give upper bounds (:func:`bound_edges`). Edges whose bounds are
   close are settled; :func:`curvprune.neural_curvature` solves the others only while they can
-  matter to their weight's minimum, to within its ``tolerance`` (:mod:`curvprune.transport.minimum`).
+  matter to their weight's minimum, to within its ``tolerance``
+  (:mod:`curvprune.transport.minimum`).
 * **Negligible masses cut.** Neighbour weights :math:`\exp(-1/a^2)` span hundreds of orders of
   magnitude; the smallest masses are dropped while a bound on their effect on every edge's
   kappa stays within half the cut tolerance (:func:`cut_measures`; ``tolerance / 4`` in
@@ -50,12 +51,12 @@ solves run on the CPU.
 
 from __future__ import annotations
 
-from .base import CERTIFY_TOL, Distances, EngineStats
+from .base import CERTIFY_TOL, Distances, EngineOptions, EngineStats
 from .bounds import bound_edges
 from .exact import score_edges, solve_edges
 from .measures import cut_error, cut_measures, neighbour_measures, node_measures, padded_neighbours
 from .minimum import MinimumSearch
 
-__all__ = ["CERTIFY_TOL", "Distances", "EngineStats", "MinimumSearch", "bound_edges",
-           "cut_error", "cut_measures", "neighbour_measures", "node_measures",
+__all__ = ["CERTIFY_TOL", "Distances", "EngineOptions", "EngineStats", "MinimumSearch",
+           "bound_edges", "cut_error", "cut_measures", "neighbour_measures", "node_measures",
            "padded_neighbours", "score_edges", "solve_edges"]
