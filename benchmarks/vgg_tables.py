@@ -52,7 +52,7 @@ def main() -> None:
     for s, w in zip(structures, weights):
         value = w.to(torch.float64)[s.widx]
         keep = value != 0
-        kept.append(engine._Layer(s.src[keep], s.dst[keep], s.widx[keep],
+        kept.append(engine._WeightedEdges(s.src[keep], s.dst[keep], s.widx[keep],
                                   1.0 / value[keep].abs()))
     del structures
     n = len(kept)

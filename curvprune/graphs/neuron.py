@@ -34,7 +34,6 @@ from ..transport import (
     EngineOptions,
     EngineStats,
     bound_edges,
-    cut_error,
     cut_measures,
     node_measures,
     padded_neighbours,
@@ -48,8 +47,8 @@ from .base import EdgeProblem
 #: positions (else it is stored dense; the lookups are cheaper and the memory close).
 WINDOW_FRACTION = EngineOptions.window_fraction
 
-__all__ = ["ParamLayer", "trace_chain", "layer_edges", "conv_padding", "chain_structure",
-           "LayerEdges", "NeuronGraph", "HopTable", "hop_table_bytes", "length_matrix",
+__all__ = ["ChainLayer", "trace_chain", "layer_edges", "conv_padding", "chain_structure",
+           "StructuralEdges", "NeuronGraph", "HopTable", "hop_table_bytes", "length_matrix",
            "min_plus", "layer_problem", "bound_example", "score_example"]
 
 # Modules allowed between parametrised layers: each maps a node to itself (or only reshapes).
@@ -76,8 +75,9 @@ _CHANNEL_HINT = (
 
 
 @dataclass(frozen=True)
-class ParamLayer:
-    """One parametrised layer of the chain: its qualified weight name and module."""
+class ChainLayer:
+    """One parametrised layer (``Linear``/``Conv2d``) of the chain, in call order: its
+    qualified weight name and module (formerly ``ParamLayer``)."""
 
     name: str
     module: nn.Module
@@ -91,7 +91,7 @@ def _describe(node: fx.Node, root: nn.Module) -> str:
     return f"{node.op} '{node.target}'"
 
 
-def trace_chain(model: nn.Module) -> list[ParamLayer]:
+def trace_chain(model: nn.Module) -> list[ChainLayer]:
     """Return the parametrised layers of ``model`` in order, checking that they form a chain.
 
     Raises:
@@ -105,7 +105,7 @@ def trace_chain(model: nn.Module) -> list[ParamLayer]:
                 f"the Conv2d uses padding_mode='{model.padding_mode}'; only zero padding is "
                 "supported at neuron granularity."
             )
-        return [ParamLayer("weight", model)]
+        return [ChainLayer("weight", model)]
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as exc:  # fx raises many types; all mean the same to the user
@@ -119,7 +119,7 @@ def trace_chain(model: nn.Module) -> list[ParamLayer]:
             "exactly one input tensor."
         )
     current = placeholders[0]
-    layers: list[ParamLayer] = []
+    layers: list[ChainLayer] = []
     seen_weights: set[str] = set()
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -166,7 +166,7 @@ def trace_chain(model: nn.Module) -> list[ParamLayer]:
                         "only zero padding is supported at neuron granularity."
                     )
                 seen_weights.add(name)
-                layers.append(ParamLayer(name, module))
+                layers.append(ChainLayer(name, module))
             elif not isinstance(module, _ELEMENTWISE_MODULES):
                 raise ValueError(
                     f"{_describe(node, model)} is not supported at neuron granularity. "
@@ -199,8 +199,10 @@ def _is_side_node(node: fx.Node) -> bool:
 
 
 @dataclass(frozen=True)
-class LayerEdges:
-    """The edges of one parametrised layer between node layers ``l-1`` and ``l``.
+class StructuralEdges:
+    """The structural edges of one parametrised layer between node layers ``l-1`` and ``l``:
+    one per connection the layer's shape makes, zero weights included (formerly
+    ``LayerEdges``; :class:`NeuronGraph` keeps the nonzero ones, with their lengths).
 
     Attributes:
         src: node index in layer ``l-1`` of each edge (int64, ``[E]``).
@@ -238,7 +240,7 @@ def conv_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def layer_edges(
     module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
-) -> LayerEdges:
+) -> StructuralEdges:
     """Enumerate the structural edges of ``module`` given its per-example input/output shapes.
 
     Node indices follow PyTorch's row-major flattening of ``(C, H, W)`` (conv) or ``(F,)``
@@ -248,7 +250,7 @@ def layer_edges(
         n_in, n_out = module.in_features, module.out_features
         dst = torch.arange(n_out).repeat_interleave(n_in)
         src = torch.arange(n_in).repeat(n_out)
-        return LayerEdges(src, dst, dst * n_in + src, n_in, n_out, (n_in,), (n_out,))
+        return StructuralEdges(src, dst, dst * n_in + src, n_in, n_out, (n_in,), (n_out,))
     assert isinstance(module, nn.Conv2d)
     c_in, h_in, w_in = in_shape
     c_out, h_out, w_out = out_shape
@@ -272,12 +274,12 @@ def layer_edges(
     src = (ic * (h_in * w_in) + yi * w_in + xi).expand(shape)[valid]
     dst = (oc * (h_out * w_out) + yo * w_out + xo).expand(shape)[valid]
     widx = (((oc * cg_in + icg) * kh + ky) * kw + kx).expand(shape)[valid]
-    return LayerEdges(src, dst, widx, c_in * h_in * w_in, c_out * h_out * w_out,
+    return StructuralEdges(src, dst, widx, c_in * h_in * w_in, c_out * h_out * w_out,
                       (c_in, h_in, w_in), (c_out, h_out, w_out))
 
 
 def chain_structure(model: nn.Module, example: torch.Tensor
-                    ) -> tuple[list[ParamLayer], list[LayerEdges]]:
+                    ) -> tuple[list[ChainLayer], list[StructuralEdges]]:
     """The parametrised layers of a chain model and their structural edges.
 
     One forward pass of ``example[:1]`` (in scoring mode: eval, no autograd, the model left as
@@ -331,7 +333,9 @@ def min_plus(
 
 
 @dataclass
-class _Layer:
+class _WeightedEdges:
+    """The nonzero edges of one parametrised layer, with their lengths ``1 / |w|``."""
+
     src: torch.Tensor  # [E] node in layer l-1
     dst: torch.Tensor  # [E] node in layer l
     widx: torch.Tensor  # [E] flat weight index
@@ -347,11 +351,16 @@ class NeuronGraph:
     ``out_nbrs[L]`` (``L < n``) are padded neighbour tables and ``in_len``/``out_len`` the
     lengths of those edges, slot by slot; ``hop2[L]`` is the ``L -> L+2`` distance table and
     ``hop3[L]`` the ``L -> L+3`` one (:class:`HopTable`: windowed for conv layers, so a conv
-    node keeps only the targets its kernels can reach; dense otherwise).
+    node keeps only the targets its kernels can reach; dense otherwise). ``num_weights[l-1]``
+    is the number of elements of layer ``l``'s weight.
+
+    It implements the scoring loop's graph interface
+    (:class:`~curvprune.graphs.base.EdgeGraph`): one group per parametrised layer, each edge
+    scored into its flat weight index, and :meth:`edge_problem` for one example's activities.
     """
 
     sizes: list[int]
-    layers: list[_Layer]
+    layers: list[_WeightedEdges]
     in_nbrs: list[torch.Tensor | None] = field(default_factory=list)
     out_nbrs: list[torch.Tensor | None] = field(default_factory=list)
     in_len: list[torch.Tensor | None] = field(default_factory=list)
@@ -361,7 +370,7 @@ class NeuronGraph:
     num_weights: list[int] = field(default_factory=list)
 
     @classmethod
-    def build(cls, structures: list[LayerEdges], weights: list[torch.Tensor],
+    def build(cls, structures: list[StructuralEdges], weights: list[torch.Tensor],
               device: torch.device, options: EngineOptions | None = None) -> NeuronGraph:
         """Build from each layer's structural edges and current (flattened) weight values
         (``options``: the hop tables' ``window_fraction`` and ``min_plus_block``)."""
@@ -373,7 +382,7 @@ class NeuronGraph:
             widx = s.widx.to(device)
             value = w[widx]
             keep = value != 0
-            layers.append(_Layer(s.src.to(device)[keep], s.dst.to(device)[keep], widx[keep],
+            layers.append(_WeightedEdges(s.src.to(device)[keep], s.dst.to(device)[keep], widx[keep],
                                  1.0 / value[keep].abs()))
         n = len(layers)
         graph = cls(sizes, layers, num_weights=[w.numel() for w in weights])
@@ -429,12 +438,12 @@ class NeuronGraph:
                                  layer.widx, cut_tol)
 
 
-def hop_table_bytes(layers: list[int] | list[LayerEdges],
+def hop_table_bytes(layers: list[int] | list[StructuralEdges],
                     window_fraction: float = WINDOW_FRACTION) -> int:
     """Bytes of the float64 hop tables ``L -> L+2`` and ``L -> L+3`` that
     :meth:`NeuronGraph.build` keeps: from the layers' structural edges (windowed conv tables,
     see :class:`HopTable`), or, given node-layer sizes only, of dense tables."""
-    if layers and isinstance(layers[0], LayerEdges):
+    if layers and isinstance(layers[0], StructuralEdges):
         sizes = [layers[0].n_in] + [s.n_out for s in layers]
         two, three = _hop_layouts(layers, window_fraction)
         entries = sum(sizes[L] * t.width for L, t in enumerate(two))
@@ -448,7 +457,7 @@ def hop_table_bytes(layers: list[int] | list[LayerEdges],
 
 
 
-def _node_shapes(structures: list[LayerEdges]) -> list[tuple[int, int, int]]:
+def _node_shapes(structures: list[StructuralEdges]) -> list[tuple[int, int, int]]:
     """``(C, H, W)`` of every node layer (a flat layer of ``F`` nodes is ``(F, 1, 1)``)."""
     shapes = [structures[0].in_shape] + [s.out_shape for s in structures]
     sizes = [structures[0].n_in] + [s.n_out for s in structures]
@@ -473,7 +482,7 @@ class _Box:
     hi_x: torch.Tensor
 
 
-def _one_hop_box(s: LayerEdges, target: tuple[int, int, int]) -> _Box:
+def _one_hop_box(s: StructuralEdges, target: tuple[int, int, int]) -> _Box:
     _, h, w = target
     y, x = (s.dst // w) % h, s.dst % w
     lo = torch.full((s.n_in,), _EMPTY, dtype=torch.long)
@@ -484,7 +493,7 @@ def _one_hop_box(s: LayerEdges, target: tuple[int, int, int]) -> _Box:
                 hi.scatter_reduce(0, s.src, x, reduce="amax"))
 
 
-def _back_box(s: LayerEdges, box: _Box) -> _Box:
+def _back_box(s: StructuralEdges, box: _Box) -> _Box:
     """The box of ``s``'s sources: the union of the boxes of the nodes they reach."""
     lo = torch.full((s.n_in,), _EMPTY, dtype=torch.long)
     hi = torch.full((s.n_in,), -1, dtype=torch.long)
@@ -526,7 +535,7 @@ def _layout(box: _Box, target: tuple[int, int, int],
                    torch.where(reach, box.lo_x, 0))
 
 
-def _hop_layouts(structures: list[LayerEdges], window_fraction: float = WINDOW_FRACTION
+def _hop_layouts(structures: list[StructuralEdges], window_fraction: float = WINDOW_FRACTION
                  ) -> tuple[list[_Layout], list[_Layout]]:
     """Layouts of the ``L -> L+2`` and ``L -> L+3`` tables, from the structural edges (so that
     zero weights change values, not sizes)."""
@@ -598,7 +607,7 @@ class HopTable:
         return self[rows, torch.arange(n_tgt, device=self.values.device)[None, :]]
 
     @classmethod
-    def of_edges(cls, layer: _Layer, n_src: int, layout: _Layout) -> HopTable:
+    def of_edges(cls, layer: _WeightedEdges, n_src: int, layout: _Layout) -> HopTable:
         """The one-hop table of ``layer``'s edges (their lengths; ``inf`` elsewhere)."""
         if layout.full:
             return cls(length_matrix(layer.src, layer.dst, layer.length, n_src,
@@ -611,7 +620,7 @@ class HopTable:
         return cls(values, layout)
 
     @classmethod
-    def compose(cls, first: _Layer, n_src: int, rest: HopTable, layout: _Layout, *,
+    def compose(cls, first: _WeightedEdges, n_src: int, rest: HopTable, layout: _Layout, *,
                 max_block: int = 1 << 22) -> HopTable:
         r"""Min-plus product ``D[a, c] = min over edges a -> b of length(a, b) + rest[b, c]``
         over the sparse first hop, into ``layout`` (no dense intermediate: each edge adds its
@@ -705,28 +714,32 @@ def bound_example(
     (see :func:`bound_edges`); no transport problem of a single edge is solved.
 
     The measures are cut with ``cut_tol`` (default ``certify_tol``; see :func:`layer_problem`).
-    With ``settle=False`` the bounds are widened by :func:`cut_error` and bracket the
-    curvature of the uncut measures (interval mode). ``edges``: per layer, the indices of the
-    edges to bound (``None``: all of them); the outputs then follow that order.
+    With ``settle=False`` the bounds are widened by :func:`~curvprune.transport.cut_error` and
+    bracket the curvature of the uncut measures (interval mode, as
+    :meth:`EdgeProblem.bounds <curvprune.graphs.base.EdgeProblem.bounds>`). ``edges``: per
+    layer, the indices of the edges to bound (``None``: all of them); the outputs then follow
+    that order.
     """
     out = []
     cut_tol = certify_tol if cut_tol is None else cut_tol
-    for l in range(1, len(graph.layers) + 1):
-        layer = graph.layers[l - 1]
-        sub = None if edges is None else edges[l - 1]
+    stats = stats if stats is not None else EngineStats()
+    for g in range(graph.num_groups):
+        sub = None if edges is None else edges[g]
         if sub is not None and sub.numel() == 0:
-            empty = layer.length[:0]
-            out.append((empty, empty.clone(), layer.src[:0] < 0))
+            layer = graph.layers[g]
+            out.append((layer.length[:0], layer.length[:0].clone(), layer.src[:0] < 0))
             continue
-        dead, mu, nu, tables = layer_problem(graph, acts, l, cut_tol)
-        src, dst, length = layer.src, layer.dst, layer.length
+        problem = graph.edge_problem(g, acts, cut_tol)
         if sub is not None:
-            src, dst, length, dead = src[sub], dst[sub], length[sub], dead[sub]
-        error = None if settle else cut_error(mu, nu, src, dst, dead, cut_tol)
-        lo, hi = bound_edges(src, dst, length, dead, mu, nu, tables, alpha,
-                             certify_tol=certify_tol, block=block, stats=stats, settle=settle,
-                             error=error)
-        out.append((lo, hi, dead))
+            problem = problem.take(sub)
+        if settle:
+            p = problem
+            lo, hi = bound_edges(p.src, p.dst, p.length, p.dead, p.mu, p.nu, p.distances, alpha,
+                                 certify_tol=certify_tol, block=block, stats=stats)
+        else:
+            lo, hi = problem.bounds(alpha, certify_tol, stats=stats,
+                                    options=EngineOptions(block=block))
+        out.append((lo, hi, problem.dead))
     return out
 
 
