@@ -361,6 +361,7 @@ class ChannelProblems:
         self.scored = torch.nonzero(chosen).squeeze(1)
         self.src, self.dst = graph.src[self.scored], graph.dst[self.scored]
         self.length = distances[self.src, self.dst]
+        self.slot = torch.arange(self.scored.numel(), device=self.src.device)
         self.tables = Distances(distances, distances, distances)
         self.in_table = padded_neighbours(graph.dst, graph.src, n)
         self.out_table = padded_neighbours(graph.src, graph.dst, n)
@@ -372,7 +373,9 @@ class ChannelProblems:
         return 1
 
     def slots(self, group: int) -> tuple[torch.Tensor, int]:
-        return torch.arange(self.scored.numel(), device=self.src.device), self.scored.numel()
+        """Each scored edge is its own slot (a weight element belongs to several edges: the
+        minima are scattered to the weights afterwards)."""
+        return self.slot, self.scored.numel()
 
     def edge_problem(self, group: int, activity: torch.Tensor, cut_tol: float) -> EdgeProblem:
         """The problems of the scored edges on one example (``activity``: ``[num_nodes]``)."""
@@ -385,8 +388,8 @@ class ChannelProblems:
         nu.has &= ~graph.outputs  # so is an output node's
         # Every path k -> i -> j -> m is at most reach + D(i, j) + reach long (edge lengths
         # bound shortest paths), so the cut of negligible masses is bounded as in the engine.
-        return EdgeProblem.build(src, dst, self.length, dead, mu, nu, self.tables,
-                                 self.slots(0)[0], cut_tol)
+        return EdgeProblem.build(src, dst, self.length, dead, mu, nu, self.tables, self.slot,
+                                 cut_tol)
 
     def on_edges(self, values: torch.Tensor) -> torch.Tensor:
         """Per-slot ``values`` laid out over all edges of the graph (``+inf`` on the others)."""
