@@ -17,6 +17,7 @@ calibration examples. See ``docs/method.md`` for the full definitions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import sys
@@ -595,8 +596,9 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
                        tolerance, threads, memory_budget, start, options) -> CurvatureResult:
     """``neural_curvature`` at channel granularity (see :mod:`curvprune.graphs.channel`): the
-    structure and its distances come from the first batch; every batch gives activities."""
-    from .graphs.channel import needed_distances, trace_channels
+    structure and its distances come from tracing the first batch; the other batches give
+    their activities only (:func:`~curvprune.graphs.channel.channel_activity`)."""
+    from .graphs.channel import channel_activity, needed_distances, trace_channels
 
     stats = EngineStats()
     first = None
@@ -605,22 +607,19 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     with _progress_bar(progress, "curvature (channel)", calibration) as bar, \
             scoring_mode(model):
         for inputs in _float_batches(calibration, model_device, model, half_dtype(model)):
-            graph = trace_channels(model, inputs, device=engine_device)
             if first is None:
-                first = graph
+                first = trace_channels(model, inputs, device=engine_device)
                 input_shape = tuple(inputs.shape[1:])
                 # Only the pairs the measures touch (refused over memory_budget up front).
-                problems = ChannelProblems(graph, needed_distances(graph,
+                problems = ChannelProblems(first, needed_distances(first,
                                                                    memory_budget=memory_budget))
-            elif not first.same_structure(graph):
-                raise ValueError(
-                    f"calibration examples of shape {tuple(inputs.shape[1:])} give another "
-                    "channel graph than the first batch: every calibration example must "
-                    "have the same shape."
-                )
-            activities.extend(graph.activity)
+                activities.extend(first.activity)
+            else:
+                activities.extend(channel_activity(model, inputs, first, engine_device))
         upper, lower, live = _search(problems, activities, alpha, tolerance, stats=stats,
                                      options=options, threads=threads, bar=bar)
+    first = dataclasses.replace(first, replay=None)  # the result keeps the structure only
+    problems.graph = first
     edge_hi, edge_lo = problems.on_edges(upper[0]), problems.on_edges(lower[0])
     edge_live = problems.on_edges(live[0].to(torch.float64)) == 1.0
     kappa, kappa_lo, kappa_hi, live_w, modules, edges, magnitude = {}, {}, {}, {}, {}, {}, {}

@@ -4,6 +4,8 @@ follows every channel through it by label tensors (the design is in
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -145,6 +147,12 @@ def _replace(obj, swap):
 class _Tracer:
     def __init__(self, model: nn.Module, batch: int):
         self.batch = batch
+        # For replays (:func:`activity`): the function called at each step, the output being
+        # recorded, and per measurement ``(step, output position, node of each element of one
+        # example)``; ``None`` once a measurement does not fit that per-example form.
+        self.calls: list[str] = []
+        self.current: Any = None
+        self.replay: list[tuple[int, int, torch.Tensor]] | None = []
         self.labels = WeakIdKeyDictionary()
         self.sets: list[NodeSet] = []
         self.num_nodes = 0
@@ -201,6 +209,7 @@ class _Tracer:
         valid = label >= 0
         if not bool(valid.any()):
             return
+        self._note_replay(t, label)
         keys = label[valid]
         values = t.detach()[valid].abs().to(torch.float64)
         # Sums per key by counting over the (small) range of keys present: no sort.
@@ -225,6 +234,28 @@ class _Tracer:
                                     device=t.device)
                 self.activity[s] = table
             table[examples[pick], nodes[pick] - self.sets[s].start] = means[pick]
+
+    def _note_replay(self, t: torch.Tensor, label: torch.Tensor) -> None:
+        """Record where this measurement happens and which node each element of one example
+        carries, if every example's labels are the first's shifted by its index (the batch is
+        dimension 0, as :func:`activity` assumes); else give up replays for this model."""
+        if self.replay is None:
+            return
+        if self.calls:
+            found = [k for k, u in enumerate(_tensors(self.current)) if u is t]
+            position = found[0] if found else None
+        else:
+            position = -1  # the model input
+        first = label[0] if label.dim() and label.shape[0] == self.batch else None
+        if position is None or first is None or label.shape != t.shape:
+            self.replay = None
+            return
+        shift = torch.arange(self.batch, device=label.device).view([-1] + [1] * (label.dim() - 1))
+        if not torch.equal(label, torch.where(first >= 0, first + shift, -1)):
+            self.replay = None
+            return
+        nodes = torch.where(first >= 0, torch.div(first, self.batch, rounding_mode="floor"), -1)
+        self.replay.append((len(self.calls), position, nodes))
 
     # ---- the model input -----------------------------------------------------------------
 
@@ -778,13 +809,7 @@ class _Tracer:
         if out_lab is not None:
             nodes = out_lab[out_lab >= 0] // self.batch
             outputs[nodes.to(device)] = True
-        activity = torch.zeros((self.batch, n), dtype=torch.float64, device=device)
-        for s, table in self.activity.items():  # min-max per node set, as per neuron layer
-            node_set = self.sets[s]
-            activity[:, node_set.start:node_set.start + node_set.count] = normalise_activity(
-                table.to(device))
-        if not torch.isfinite(activity).all():
-            raise ValueError("the activations contain NaN or Inf; check the data and the model.")
+        activity = _activity_table(self, n, device)
         return ChannelGraph(
             sets=list(self.sets), src=src, dst=dst, length=length, module=module,
             modules=list(self.modules),
@@ -792,6 +817,8 @@ class _Tracer:
             module_inputs=[(u.to(device), c.to(device)) for u, c in self.module_inputs],
             module_outputs=list(self.module_outputs),
             inputs=inputs, outputs=outputs, activity=activity, unscored=list(self.skipped),
+            replay=None if self.replay is None else {"calls": list(self.calls),
+                                                     "measures": list(self.replay)},
         )
 
 
@@ -803,8 +830,91 @@ class _LabelMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.tracer.calls.append(_name(func))
+        self.tracer.current = out
         self.tracer.record(func, args, kwargs, out)
         return out
+
+
+class _Replay(Exception):
+    """A replay met another call sequence or shape than the trace: trace the batch instead."""
+
+
+class _ReplayMode(TorchFunctionMode):
+    """Runs the model and measures, at the steps the trace measured, the tensors it measured,
+    labelled for this batch from the recorded nodes (no labels are propagated)."""
+
+    def __init__(self, graph: ChannelGraph, recorder: _Tracer):
+        super().__init__()
+        self.graph, self.recorder = graph, recorder
+        self.steps: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for step, position, nodes in graph.replay["measures"]:
+            self.steps.setdefault(step, []).append((position, nodes))
+        self.step = 0
+
+    def measure(self, t: torch.Tensor, nodes: torch.Tensor) -> None:
+        batch = self.recorder.batch
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, *nodes.shape):
+            raise _Replay
+        shift = torch.arange(batch, device=nodes.device).view([-1] + [1] * nodes.dim())
+        label = torch.where(nodes >= 0, nodes * batch + shift, -1).to(t.device)
+        self.recorder.measure(t, label)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        calls = self.graph.replay["calls"]
+        if self.step >= len(calls) or calls[self.step] != _name(func):
+            raise _Replay
+        self.step += 1
+        for position, nodes in self.steps.get(self.step, ()):
+            outs = _tensors(out)
+            if position >= len(outs):
+                raise _Replay
+            self.measure(outs[position], nodes)
+        return out
+
+
+def activity(model: nn.Module, inputs: torch.Tensor, graph: ChannelGraph,
+             device: torch.device | None = None) -> torch.Tensor:
+    """:func:`curvprune.graphs.channel.channel_activity` (its documentation)."""
+    device = device if device is not None else graph.src.device
+    if graph.replay is not None:
+        recorder = _Tracer(model, inputs.shape[0])
+        recorder.sets = graph.sets
+        recorder.replay = None
+        inputs = inputs.detach().clone()
+        if not torch.isfinite(inputs).all():
+            raise ValueError("the calibration inputs contain NaN or Inf; check the data.")
+        mode = _ReplayMode(graph, recorder)
+        try:
+            for _, nodes in mode.steps.get(0, ()):
+                mode.measure(inputs, nodes)
+            with mode:
+                model(inputs)
+            if mode.step == len(graph.replay["calls"]):
+                return _activity_table(recorder, graph.num_nodes, device)
+        except (_Replay, RuntimeError, TypeError, IndexError, ValueError):
+            pass  # traced in full below, which says what is wrong with the batch, if anything
+    other = trace(model, inputs, device)
+    if not graph.same_structure(other):
+        raise ValueError(
+            f"calibration examples of shape {tuple(inputs.shape[1:])} give another channel "
+            "graph than the first batch: every calibration example must have the same shape."
+        )
+    return other.activity
+
+
+def _activity_table(tracer: _Tracer, num_nodes: int, device: torch.device) -> torch.Tensor:
+    """The ``[batch, num_nodes]`` normalised activities of what ``tracer`` measured."""
+    activity = torch.zeros((tracer.batch, num_nodes), dtype=torch.float64, device=device)
+    for s, table in tracer.activity.items():  # min-max per node set, as per neuron layer
+        node_set = tracer.sets[s]
+        activity[:, node_set.start:node_set.start + node_set.count] = normalise_activity(
+            table.to(device))
+    if not torch.isfinite(activity).all():
+        raise ValueError("the activations contain NaN or Inf; check the data and the model.")
+    return activity
 
 
 def trace(model: nn.Module, inputs: torch.Tensor,

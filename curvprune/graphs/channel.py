@@ -61,7 +61,8 @@ from ..transport import Distances, node_measures, padded_neighbours
 from .base import EdgeProblem
 
 __all__ = ["ChannelDistances", "ChannelGraph", "ChannelProblems", "NodeSet", "UntraceableModel",
-           "channel_distances", "needed_distance_bytes", "needed_distances", "trace_channels"]
+           "channel_activity", "channel_distances", "needed_distance_bytes", "needed_distances",
+           "trace_channels"]
 
 
 
@@ -98,6 +99,9 @@ class ChannelGraph:
         unscored: names of the Conv1d/Conv2d/Linear modules that ran but read no channel (they
             act on attention weights, as talking heads, or on constants, as a relative-position
             MLP): no nodes, no edges, their weights are not scored.
+        replay: how :func:`channel_activity` measures another batch without tracing it (the
+            functions called, in order, and where the trace measured which nodes); ``None``
+            when a measured tensor does not keep the batch as its first dimension.
     """
 
     sets: list[NodeSet]
@@ -113,6 +117,7 @@ class ChannelGraph:
     outputs: torch.Tensor
     activity: torch.Tensor = field(repr=False)
     unscored: list[str] = field(default_factory=list)
+    replay: dict | None = field(default=None, repr=False)
 
     @property
     def num_nodes(self) -> int:
@@ -144,6 +149,27 @@ def trace_channels(model: nn.Module, inputs: torch.Tensor,
     from ._trace import trace
 
     return trace(model, inputs, device)
+
+
+def channel_activity(model: nn.Module, inputs: torch.Tensor, graph: ChannelGraph,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """The normalised activities ``[N, num_nodes]`` of another batch ``inputs`` on the traced
+    ``graph``, without tracing it again.
+
+    The model runs once under a light :class:`~torch.overrides.TorchFunctionMode` that
+    propagates no labels: at each step where :func:`trace_channels` measured a tensor it
+    measures the same output, labelled for this batch from the nodes the trace recorded, with
+    the tracer's own arithmetic, so the activities are bitwise those a full trace gives
+    (tested). When the model calls other functions than at the trace (data-dependent control
+    flow), or ``graph.replay`` is ``None``, the batch is traced in full and its structure
+    checked against ``graph``.
+
+    Raises:
+        ValueError: the batch gives another channel graph than ``graph``; NaN/Inf.
+    """
+    from ._trace import activity
+
+    return activity(model, inputs, graph, device)
 
 
 def channel_distances(graph: ChannelGraph) -> torch.Tensor:
