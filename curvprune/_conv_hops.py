@@ -1,5 +1,5 @@
 r"""Hop tables of conv chains from their kernels: the same values as the edge-by-edge
-min-plus products (:meth:`curvprune.engine.HopTable.compose`), in a fraction of the work.
+min-plus products (:meth:`curvprune.graphs.neuron.HopTable.compose`), in a fraction of the work.
 
 A conv layer's edge ``(c, y_in, x_in) -> (c', y, x)`` exists when ``y_in = s y - p + d k`` for a
 kernel row ``k`` (and likewise for columns), and its length ``1 / |W[c', c, k_y, k_x]|`` does not
@@ -22,7 +22,7 @@ pair and the offsets: one table ``R_0[o_y, o_x, c_0, c_h]`` per pair of classes,
 target side (``R_{j-1} = \min_{k_j, c_j} \ell_j + R_j`` over the offsets valid for the class),
 then broadcast to every position.
 
-**Exactness.** The tables hold the same floats as :meth:`~curvprune.engine.HopTable.compose`:
+**Exactness.** The tables hold the same floats as :meth:`~curvprune.graphs.neuron.HopTable.compose`:
 both are the minimum, over exactly the structural paths, of ``l_1 + (l_2 + l_3)`` in IEEE
 double (sums formed in the same order), and ``fl(a + min_i b_i) = min_i fl(a + b_i)`` because
 rounded addition is monotone, so taking minima early (over paths that share an offset) changes
@@ -33,7 +33,7 @@ A table whose first layer is a conv and whose remainder is a dense table (a line
 next, after ``flatten``) is composed kernel position by kernel position with dense min-plus
 products; a table whose first layer is linear, likewise. Any other chain (a layer whose
 geometry cannot be recovered from its edges, a reshape between layers) is left to
-:meth:`~curvprune.engine.HopTable.compose` (``None`` is returned).
+:meth:`~curvprune.graphs.neuron.HopTable.compose` (``None`` is returned).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .graph import LayerEdges, layer_edges
+from .graphs.neuron import StructuralEdges as LayerEdges
+from .graphs.neuron import layer_edges
 
 #: Elements per block of the min-plus kernel (kept in cache: ``2**15`` float64 = 256 KiB).
 _BLOCK = 1 << 15
@@ -102,7 +103,7 @@ def _axis_params(pos_in: torch.Tensor, pos_out: torch.Tensor, widx: torch.Tensor
 
 def conv_geometry(s: LayerEdges) -> _Geometry | None:
     """The conv geometry that generates exactly ``s``'s edges (same ``src``, ``dst``, ``widx``,
-    checked by regenerating them with :func:`curvprune.graph.layer_edges`), or ``None``."""
+    checked by regenerating them with :func:`curvprune.graphs.neuron.layer_edges`), or ``None``."""
     if (s.in_shape is None or s.out_shape is None or len(s.in_shape) != 3
             or len(s.out_shape) != 3 or s.src.numel() == 0):
         return None
@@ -297,7 +298,7 @@ class ConvHops:
     """Builds the ``L -> L+2`` and ``L -> L+3`` hop tables of a chain from its kernels.
 
     ``structures`` are the layers' structural edges and ``layers`` the kept edges with their
-    lengths (zero weights removed), as in :meth:`curvprune.engine.NeuronGraph.build`;
+    lengths (zero weights removed), as in :meth:`curvprune.graphs.neuron.NeuronGraph.build`;
     ``shapes[L]`` is node layer ``L``'s ``(C, H, W)``.
     """
 

@@ -1,7 +1,8 @@
 """Hop tables from the kernels (:mod:`curvprune._conv_hops`) against the edge-by-edge
-min-plus products (:meth:`curvprune.engine.HopTable.compose`): bitwise equal (``torch.equal``,
-``inf`` where unreachable) on random conv chains (zero weights, padding 0/1/2, stride 1/2,
-kernels 1/3/5, non-square maps, linear layers after ``flatten``), windowed and dense."""
+min-plus products (:meth:`curvprune.graphs.neuron.HopTable.compose`): bitwise equal
+(``torch.equal``, ``inf`` where unreachable) on random conv chains (zero weights, padding
+0/1/2, stride 1/2, kernels 1/3/5, non-square maps, linear layers after ``flatten``), windowed
+and dense."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from conftest import build, net_specs, profile_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import curvprune.engine as engine_module
 from curvprune import _conv_hops
-from curvprune.engine import HopTable, NeuronGraph
-from curvprune.graph import chain_structure
+from curvprune.graphs.neuron import HopTable, NeuronGraph, chain_structure
+from curvprune.transport import EngineOptions
 
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -26,19 +26,19 @@ def _weights(layers) -> list[torch.Tensor]:
     return [la.module.weight.detach().flatten() for la in layers]
 
 
-def _reference(structures, weights) -> tuple[list[HopTable], list[HopTable]]:
+def _reference(structures, weights, options=None) -> tuple[list[HopTable], list[HopTable]]:
     """The tables as NeuronGraph.build made them before the kernel path: edge by edge."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_conv_hops.ConvHops, "table", lambda self, *a: None)
-        graph = NeuronGraph.build(structures, weights, torch.device("cpu"))
+        graph = NeuronGraph.build(structures, weights, torch.device("cpu"), options)
     return graph.hop2, graph.hop3
 
 
-def _assert_same(model: nn.Module, x: torch.Tensor) -> NeuronGraph:
+def _assert_same(model: nn.Module, x: torch.Tensor, options=None) -> NeuronGraph:
     layers, structures = chain_structure(model, x)
     weights = _weights(layers)
-    want2, want3 = _reference(structures, weights)
-    graph = NeuronGraph.build(structures, weights, torch.device("cpu"))
+    want2, want3 = _reference(structures, weights, options)
+    graph = NeuronGraph.build(structures, weights, torch.device("cpu"), options)
     assert len(graph.hop2) == len(want2) and len(graph.hop3) == len(want3)
     for kind, got, want in [("hop2", graph.hop2, want2), ("hop3", graph.hop3, want3)]:
         for L, (g, w) in enumerate(zip(got, want)):
@@ -93,9 +93,7 @@ def conv_chains(draw):
 def test_kernel_tables_equal_edge_by_edge(chain, fraction):
     """Every table bitwise equal, windowed (``WINDOW_FRACTION`` 1), dense (0) or as chosen."""
     model, x = chain
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_module, "WINDOW_FRACTION", fraction)
-        _assert_same(model, x)
+    _assert_same(model, x, EngineOptions(window_fraction=fraction))
 
 
 @settings(max_examples=profile_examples(60), **_SETTINGS)

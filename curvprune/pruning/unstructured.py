@@ -42,7 +42,16 @@ from torch.nn.utils.prune import (
     _validate_pruning_amount_init,
 )
 
-from .._checks import check_order, check_score, describe_module, missing_score_message
+from .._checks import (
+    ALLOCATIONS,
+    SCOPES,
+    check_choice,
+    check_module,
+    check_order,
+    check_score,
+    describe_module,
+    missing_score_message,
+)
 from ..calibration import check_model, prepare_calibration
 from ..curvature import check_tolerance, neural_curvature
 from ..decision import decide_exactly
@@ -55,8 +64,6 @@ from .reports import LayerSparsity, PruningReport
 
 __all__ = ["CurvaturePruning", "curvature_unstructured", "prune_model"]
 
-_SCOPES = ("global", "layer")
-_ALLOCATIONS = ("curvature", "wanda", "magnitude")
 
 Scores = torch.Tensor | Mapping[tuple[nn.Module, str], torch.Tensor]
 ExcludeSpec = str | nn.Module | Iterable[str | nn.Module] | None
@@ -184,8 +191,7 @@ def curvature_unstructured(
 
 
 def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.Tensor:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
+    check_module(module, "module")
     target = getattr(module, name, None)
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"{describe_module(module)} has no tensor named {name!r} to prune.")
@@ -350,13 +356,10 @@ def prune_model(
             :func:`~curvprune.curvature.neural_curvature` rejects.
         TypeError: wrong argument types.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
+    check_module(model)
+    check_choice(scope, "scope", SCOPES)
     order = check_order(order)
-    if allocation not in _ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {list(_ALLOCATIONS)}, not {allocation!r}.")
+    check_choice(allocation, "allocation", ALLOCATIONS)
     if allocation != "curvature" and scope != "global":
         raise ValueError(
             f"allocation={allocation!r} sets how much of each layer a global ranking removes; "
