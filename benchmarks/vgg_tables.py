@@ -5,7 +5,7 @@
     python benchmarks/vgg_tables.py --kernels             # every table from the kernels
 
 With ``--kernels`` the tables are built as :meth:`~curvprune.graphs.neuron.NeuronGraph.build` builds
-them now (:mod:`curvprune._conv_hops`: offsets per class of border rows and columns, blocked
+them now (:mod:`curvprune.graphs._conv_hops`: offsets per class of border rows and columns, blocked
 min-plus products), each line with the min-plus operations actually run, wall and CPU seconds.
 
 Builds what :meth:`curvprune.graphs.neuron.NeuronGraph.build` builds for ``create_model("vgg9",
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=None,
                         help="only these tables, e.g. hop2[0] (hop3[L] needs hop2[L+1])")
     parser.add_argument("--kernels", action="store_true",
-                        help="build from the kernels (curvprune._conv_hops), as the engine does")
+                        help="build from the kernels (graphs._conv_hops), as the engine does")
     args = parser.parse_args()
     if args.kernels:
         kernel_tables()
@@ -97,7 +97,7 @@ def main() -> None:
 
 def kernel_tables() -> None:
     """Every table of VGG-9 through NeuronGraph.build (the kernel path), timed one by one."""
-    from curvprune import _conv_hops
+    from curvprune.graphs import _conv_hops
 
     torch.manual_seed(0)
     model = create_model("vgg9", in_channels=1).eval()

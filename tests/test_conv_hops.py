@@ -1,4 +1,4 @@
-"""Hop tables from the kernels (:mod:`curvprune._conv_hops`) against the edge-by-edge
+"""Hop tables from the kernels (:mod:`curvprune.graphs._conv_hops`) against the edge-by-edge
 min-plus products (:meth:`curvprune.graphs.neuron.HopTable.compose`): bitwise equal
 (``torch.equal``, ``inf`` where unreachable) on random conv chains (zero weights, padding
 0/1/2, stride 1/2, kernels 1/3/5, non-square maps, linear layers after ``flatten``), windowed
@@ -15,7 +15,7 @@ from conftest import build, net_specs, profile_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from curvprune import _conv_hops
+from curvprune.graphs import _conv_hops
 from curvprune.graphs.neuron import HopTable, NeuronGraph, chain_structure
 from curvprune.transport import EngineOptions
 

@@ -405,8 +405,8 @@ class NeuronGraph:
         two, three = _hop_layouts(structures, options.window_fraction)
         shapes = _node_shapes(structures)
         block = options.min_plus_block
-        # Conv chains from their kernels (same values: curvprune/_conv_hops.py); else edge by edge.
-        from .._conv_hops import ConvHops
+        # Conv chains from their kernels (same values: graphs/_conv_hops.py); else edge by edge.
+        from ._conv_hops import ConvHops
 
         kernels = ConvHops(structures, layers, shapes)
         for L in range(n - 1):

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .graphs.neuron import StructuralEdges as LayerEdges
-from .graphs.neuron import layer_edges
+from .neuron import StructuralEdges as LayerEdges
+from .neuron import layer_edges
 
 #: Elements per block of the min-plus kernel (kept in cache: ``2**15`` float64 = 256 KiB).
 _BLOCK = 1 << 15
