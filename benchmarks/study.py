@@ -277,8 +277,18 @@ def criteria_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kappa: dict
         a = {w: v[:n] for w, v in live.items()}
         total = sum(v.numel() for v in magnitude.values())
         dead = sum(int((~a[w].any(0)).sum()) for w in k)
-        facts[str(n)] = {"dead_fraction": round(dead / total, 4)}
         paper = {w: aggregate(k[w], a[w], "min") for w in k}
+        facts[str(n)] = {
+            "dead_fraction": round(dead / total, 4),
+            # dead on these N examples but live on one of all the examples scored
+            "dead_but_live_later": round(sum(int((~a[w].any(0) & live[w].any(0)).sum())
+                                             for w in k) / total, 4),
+            # live weights whose value is >= 1, the dead edges' value (without the dead-edge
+            # rule dead weights rank among these)
+            "live_kappa_at_least_1": round(sum(int((a[w].any(0) & (paper[w] >= 1)
+                                                    & ~torch.isinf(paper[w])).sum())
+                                               for w in k) / total, 4),
+            "dead_masks": {w: ~a[w].any(0) for w in k}}
         out[f"curv_min@{n}"] = ranks(curvature_keys(paper), magnitude)
         out[f"curv_nodead@{n}"] = ranks(
             curvature_keys({w: aggregate(k[w], a[w], "min", dead_rule=False) for w in k}),
@@ -433,6 +443,11 @@ def main(argv: list[str] | None = None) -> None:
             kappa, live, seconds = per_example_curvature(model, x, cache, alpha=args.alpha,
                                                          verbose=args.verbose)
             scores, facts = criteria_for(model, x, y, kappa, live, sizes, baseline_sizes)
+            for fact in facts.values():  # accuracy with exactly the dead weights removed
+                dead = fact.pop("dead_masks")
+                count = sum(int(m.sum()) for m in dead.values())
+                fact["dead_removed_accuracy"] = prune_and_evaluate(
+                    model, {w: (~m).to(torch.float64) for w, m in dead.items()}, count, test)
             results: dict = {}
             for criterion, s in scores.items():
                 results[criterion] = {f"{a:g}": prune_and_evaluate(model, s, a, test)
