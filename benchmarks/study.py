@@ -322,6 +322,30 @@ def table(data: dict, model: str, criteria: list[str], amounts: list[float]) -> 
     return "\n".join(lines)
 
 
+def goal(data: dict, model: str, criterion: str, amounts: list[float], size: int) -> str:
+    """Issue 13's goal for ``criterion`` on ``model``: the margin of its mean over the best mean
+    of magnitude, global Wanda, LAMP and SNIP (at the same calibration size), and its worst
+    per-seed difference to global magnitude (the goal: at least -2 points)."""
+    seeds = list(data["models"][model]["seeds"].values())
+    baselines = ["magnitude", f"wanda_global@{size}", "lamp", f"snip@{size}"]
+    lines = [f"{model}, `{criterion}` against the baselines at {size} images:", "",
+             "| sparsity | " + criterion + " | best baseline | margin | worst seed vs magnitude |",
+             "|---|---|---|---|---|"]
+
+    def mean(c: str, key: str) -> float:
+        return sum(100 * s["accuracy"][c][key] for s in seeds) / len(seeds)
+
+    for a in amounts:
+        key = f"{a:g}"
+        best = max(baselines, key=lambda c: mean(c, key))
+        worst = min(100 * (s["accuracy"][criterion][key] - s["accuracy"]["magnitude"][key])
+                    for s in seeds)
+        lines.append(f"| {100 * a:g} % | {mean(criterion, key):.1f} | {best} "
+                     f"{mean(best, key):.1f} | {mean(criterion, key) - mean(best, key):+.1f} | "
+                     f"{worst:+.1f} |")
+    return "\n".join(lines)
+
+
 STUDIES = {  # plot panels: title -> criteria (with {n} the size, {s} the largest size)
     "calibration size (min, paper)": ["curv_min@{each}"],
     "aggregation over examples ({s} images)": ["curv_min@{s}", "curv_mean@{s}", "curv_q10@{s}",
@@ -465,6 +489,10 @@ def main(argv: list[str] | None = None) -> None:
     md = [f"Command: `{data['command']}`", ""]
     for name in data["models"]:
         md += [table(data, name, criteria, args.amounts), ""]
+    for name in data["models"]:
+        for size in baseline_sizes:
+            for c in (f"curv_min@{size}", f"curv_wanda@{size}"):
+                md += [goal(data, name, c, args.amounts, size), ""]
     (args.out / f"{args.name}.md").write_text("\n".join(md))
     plot(data, args.plots / f"{args.name}.png")
     print(f"wrote {out_json}, {args.out / (args.name + '.md')}, "
