@@ -384,7 +384,8 @@ def plot(data: dict, path: Path) -> None:
                 v = torch.tensor([[100 * s["accuracy"][c][f"{a:g}"] for a in amounts]
                                   for s in seeds])
                 x = [100 * a for a in amounts]
-                line = ax.plot(x, v.mean(0), marker="o", label=c)[0]
+                line = ax.plot(x, v.mean(0), marker="o", label=c,
+                               ls="--" if "nodead" in c else "-")[0]
                 ax.fill_between(x, v.amin(0), v.amax(0), alpha=0.12, color=line.get_color())
             ax.set_title(f"{model}: " + title.format(s=max(sizes), b=base), fontsize=9)
             ax.set_xlabel("sparsity %")
