@@ -346,6 +346,39 @@ def goal(data: dict, model: str, criterion: str, amounts: list[float], size: int
     return "\n".join(lines)
 
 
+SIDE_BY_SIDE = ["curv_wanda@10", "curv_min@10", "magnitude", "lamp", "wanda_global@10", "snip@10",
+                "curv_wanda@32", "curv_min@32", "wanda_global@32", "snip@32"]
+
+
+def side_by_side(paths: list[Path]) -> str:
+    """One row per criterion, one column per model of the given result files: the mean accuracy
+    at each amount (``70 / 80 / 90``), the best of each column's amount in bold."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    columns = [(run, m) for run in runs for m in run["models"] if run["models"][m]["seeds"]]
+    amounts = runs[0]["settings"]["amounts"]
+
+    def mean(run: dict, model: str, c: str, a: float) -> float | None:
+        seeds = run["models"][model]["seeds"].values()
+        if not all(c in s["accuracy"] for s in seeds):
+            return None
+        return sum(100 * s["accuracy"][c][f"{a:g}"] for s in seeds) / len(seeds)
+
+    best = {(id(r), m, a): max(v for c in SIDE_BY_SIDE if (v := mean(r, m, c, a)) is not None)
+            for r, m in columns for a in amounts}
+    head = " / ".join(f"{100 * a:g}" for a in amounts)
+    lines = ["| criterion | " + " | ".join(f"{m} ({head} %)" for _, m in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for c in SIDE_BY_SIDE:
+        cells = []
+        for r, m in columns:
+            values = [mean(r, m, c, a) for a in amounts]
+            cells.append("n/a" if None in values else " / ".join(
+                f"**{v:.1f}**" if round(v, 1) == round(best[(id(r), m, a)], 1) else f"{v:.1f}"
+                for v, a in zip(values, amounts)))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 STUDIES = {  # plot panels: title -> criteria (with {n} the size, {s} the largest size)
     "calibration size (min, paper)": ["curv_min@{each}"],
     "aggregation over examples ({s} images)": ["curv_min@{s}", "curv_mean@{s}", "curv_q10@{s}",
@@ -428,7 +461,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="tiny CI run: MLP(32) trained 100 steps, seed 0, sizes 2 4, "
                              "amounts 0.5 0.9, 1000 test images")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--side-by-side", nargs="+", type=Path, metavar="JSON",
+                        help="print the key criteria of these result files side by side "
+                             "(markdown) and exit")
     args = parser.parse_args(argv)
+    if args.side_by_side:
+        print(side_by_side(args.side_by_side))
+        return
     torch.set_num_threads(args.torch_threads)
     if args.quick:
         args.models, args.seeds, args.sizes, args.amounts = ["mlp_quick"], [0], [2, 4], [0.5, 0.9]
@@ -441,8 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         test = torch.utils.data.TensorDataset(test.tensors[0][:1000], test.tensors[1][:1000])
     out_json = args.out / f"{args.name}.json"
     data = {
-        "command": "python benchmarks/study.py " + shlex.join(argv if argv is not None
-                                                                else sys.argv[1:]),
+        "command": ("python benchmarks/study.py " + shlex.join(argv if argv is not None
+                                                                 else sys.argv[1:])).rstrip(),
         "settings": {"models": {m: MODELS[m] for m in args.models}, "seeds": args.seeds,
                      "amounts": args.amounts, "sizes": sizes, "baseline_sizes": baseline_sizes,
                      "alpha": args.alpha, "epochs": 100 / 469 if args.quick else args.epochs,
