@@ -23,12 +23,13 @@ table from the JSON. ``benchmarks/vgg_tables.py`` times the hop tables one by on
 Curvature intervals (``--tolerance-study 1e-6 1e-3 1e-2``, engine only): LeNet-5 is scored at
 the default tolerance (1e-14), at ``tolerance=0`` (the exact baseline) and at each tolerance;
 each row has the scoring time, the largest interval width, whether the midpoints prune the same
-set as exact curvature at ``--amounts`` (global, order "pos"; else the fraction of the exact
-pruned set shared), and the decision-exact refinement (``curvprune.decision.decide_exactly``,
-as ``prune_model`` runs it): its time, the weights it solved, and that its pruned set equals the
-exact one. The ~450 s reference is not rerun: the stored LeNet-5 row's time is quoted. The
-study is written under ``"tolerance_study"`` (the model rows are kept), with the machine's load
-average before and after, since the machine is shared.
+set as exact curvature at ``--amounts`` (global, order "positive_first"; else the fraction of
+the exact pruned set shared), and the decision-exact refinement
+(``curvprune.decision.decide_exactly``, as ``prune_model`` runs it): its time, the weights it
+solved, and that its pruned set equals the exact one. The ~450 s reference is not rerun: the
+stored LeNet-5 row's time is quoted. The study is written under ``"tolerance_study"`` (the
+model rows are kept), with the machine's load average before and after, since the machine is
+shared.
 
     python benchmarks/engine_speed.py --tolerance-study 1e-6 1e-3 1e-2
 
@@ -59,7 +60,7 @@ from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E4
 from curvprune.decision import decide_exactly  # noqa: E402
 from curvprune.engine import hop_table_bytes  # noqa: E402
 from curvprune.graph import chain_structure  # noqa: E402
-from curvprune.pruning import _decide  # noqa: E402
+from curvprune.pruning.unstructured import _decide  # noqa: E402
 from curvprune.reference import reference_curvature, time_reference_per_edge  # noqa: E402
 
 
@@ -99,9 +100,10 @@ def engine_tables(model, example: torch.Tensor) -> dict:
 
 
 def _pruned(result, amount: float) -> dict[str, torch.Tensor]:
-    """The entries a global "pos" pruning by ``amount`` removes, by the result's midpoints."""
+    """The entries a global "positive_first" pruning by ``amount`` removes, by the result's
+    midpoints."""
     names = list(result.kappa)
-    pruned, _ = _decide(result.importance_scores("pos"), None, result.modules, names,
+    pruned, _ = _decide(result.importance_scores("positive_first"), None, result.modules, names,
                         "global", amount)
     return pruned
 
@@ -109,8 +111,8 @@ def _pruned(result, amount: float) -> dict[str, torch.Tensor]:
 def _decide_fn(amount: float):
     def decide(result):
         names = list(result.kappa)
-        return _decide(result.importance_scores("pos"), None, result.modules, names, "global",
-                       amount)
+        return _decide(result.importance_scores("positive_first"), None, result.modules, names,
+                       "global", amount)
     return decide
 
 
@@ -166,7 +168,7 @@ def tolerance_rows(model, calib, args, exact) -> list[dict]:
             shared = sum(int((got[n] & want[amount][n]).sum()) for n in got)
             copy = _fresh(result)
             start = time.perf_counter()
-            decided, refined, rounds = decide_exactly(copy, "pos", _decide_fn(amount))
+            decided, refined, rounds = decide_exactly(copy, "positive_first", _decide_fn(amount))
             refine_s = time.perf_counter() - start
             row["amounts"][str(amount)] = {
                 "midpoints_identical": all(torch.equal(got[n], want[amount][n]) for n in got),
@@ -356,7 +358,7 @@ def tolerance_table(study: dict) -> list[str]:
              f"{os.cpu_count()} cores"
              + (f"; the reference is not rerun (stored: {reference:.0f} s, another run)"
                 if reference else "")
-             + f". Pruned sets: global, order pos, at {pct} % sparsity.", "",
+             + f". Pruned sets: global, order positive_first, at {pct} % sparsity.", "",
              f"| tolerance | scoring (s) | largest width | midpoints prune the exact set "
              f"({pct} %) | decision-exact: weights refined ({pct} %) | decision-exact time "
              f"(s, {pct} %) | equals exact |",

@@ -222,7 +222,8 @@ def ranks(keys: dict[str, torch.Tensor], magnitude: dict[str, torch.Tensor]
 
 
 def curvature_keys(value: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sort keys of the paper's order "pos": zero weights first, then the highest value."""
+    """Sort keys of the paper's order "positive_first": zero weights first, then the highest
+    value."""
     return {n: torch.where(torch.isinf(v), torch.full_like(v, -torch.inf), -v)
             for n, v in value.items()}
 

@@ -13,7 +13,8 @@ with the same seed, and every criterion scores the model once; the same scores a
 every amount (fraction of all Linear/Conv2d weights removed) and the pruned model is evaluated
 on the Fashion-MNIST test set. Criteria:
 
-* ``curv_pos`` / ``curv_neg``: neural curvature, ``importance_scores("pos"|"neg")``, global;
+* ``curv_pos`` / ``curv_neg``: neural curvature, ``importance_scores("positive_first"`` /
+  ``"negative_first")``, global (the labels keep their short names: stored results use them);
   neuron granularity for LeNet-5 and the MLP, channel granularity for VGG-9 (its neuron graph,
   43M edges per example, is out of the engine's reach: ``granularity="auto"`` picks channel).
 * ``magnitude``: global |w|.  ``random``: seeded uniform scores, global.
@@ -25,8 +26,8 @@ on the Fashion-MNIST test set. Criteria:
 * ``curv_pos_layer``, ``curv_neg_layer``, ``magnitude_layer``: every layer pruned by the same
   fraction.
 * ``curv_pos_wanda_alloc``, ``magnitude_wanda_alloc``: each layer loses as many weights as under
-  ``wanda_global``, chosen within the layer by curvature "pos" (or by magnitude, the control):
-  :func:`curvprune.allocate_like`.
+  ``wanda_global``, chosen within the layer by curvature "positive_first" (or by magnitude, the
+  control): :func:`curvprune.allocate_like`.
 
 ``--resume`` keeps the (model, seed) results already in the output JSON (written with the same
 settings, seeds and criteria aside). A kept seed that lacks some of today's criteria gets only
@@ -143,7 +144,8 @@ def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *,
         live = {n: float(v.float().mean()) for n, v in result.live.items()} \
             if isinstance(result.live, dict) else None
         info["live_fraction"] = live
-        pos, neg = result.importance_scores("pos"), result.importance_scores("neg")
+        pos = result.importance_scores("positive_first")
+        neg = result.importance_scores("negative_first")
         scores.update({"curv_pos": pos, "curv_neg": neg, "curv_pos_layer": pos,
                        "curv_neg_layer": neg})
     mag = magnitude_scores(model)

@@ -7,15 +7,19 @@ raises a one-line ``TypeError``/``ValueError`` naming the fix.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-#: ``order=``: ``"pos"`` prunes the most positive curvature first (the paper's method), ``"neg"``
-#: the most negative first (the control).
-ORDERS = ("pos", "neg")
+#: ``order=``: what is pruned first. ``"positive_first"`` prunes the most positive curvature
+#: first (the paper's method), ``"negative_first"`` the most negative first (the paper's control).
+ORDERS = ("positive_first", "negative_first")
+#: The original spellings (``order="pos"|"neg"``), still accepted by :func:`check_order` with a
+#: ``DeprecationWarning``.
+DEPRECATED_ORDERS = {"pos": "positive_first", "neg": "negative_first"}
 #: ``reduction=``: how a node's curvature combines its edges' (``mean`` or ``min``).
 REDUCTIONS = ("mean", "min")
 
@@ -28,6 +32,18 @@ def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
         raise ValueError(f"{name} must be {'one of ' if len(choices) > 2 else ''}{listed}, "
                          f"not {value!r}.")
     return value
+
+
+def check_order(order: Any, stacklevel: int = 3) -> str:
+    """``order`` as one of :data:`ORDERS`: the one place the old spellings ``"pos"``/``"neg"``
+    map to ``"positive_first"``/``"negative_first"`` (with a ``DeprecationWarning`` naming the
+    new value, attributed ``stacklevel`` frames up: the caller's caller by default)."""
+    if isinstance(order, str) and order in DEPRECATED_ORDERS:
+        new = DEPRECATED_ORDERS[order]
+        warnings.warn(f"order={order!r} is deprecated; use order={new!r} (the same ranking).",
+                      DeprecationWarning, stacklevel=stacklevel)
+        return new
+    return check_choice(order, "order", ORDERS)
 
 
 def check_alpha(alpha: float) -> float:

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._checks import ORDERS
+from ._checks import ORDERS, check_order
 
 __all__ = ["main", "load_model"]
 
@@ -160,6 +161,20 @@ def _nodes(text: str) -> int | None:
     return value
 
 
+def _order(text: str) -> str:
+    """``--order``: the old ``pos``/``neg`` map (through :func:`check_order`) to the new names,
+    with the deprecation written to stderr; anything else is left to argparse's choices."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            order = check_order(text)
+        except ValueError:
+            return text
+    for warning in caught:
+        sys.stderr.write(f"curvprune: warning: {warning.message}\n")
+    return order
+
+
 def _tolerance(text: str) -> float:
     try:
         value = float(text)
@@ -296,9 +311,9 @@ def _cmd_prune(args) -> dict:
     if args.scope is None:  # the API's defaults: prune_model global, prune_channels per group
         args.scope = "layer" if args.structured else "global"
     if args.structured:
-        if args.order != "pos":
+        if args.order != "positive_first":
             raise UsageError("--structured ranks channels by curvature importance (bottlenecks "
-                             "kept); --order neg is for unstructured pruning only.")
+                             "kept); --order negative_first is for unstructured pruning only.")
         if args.granularity == "neuron":
             raise UsageError("--structured uses channel granularity; drop --granularity neuron.")
         if args.amount >= 1:
@@ -454,7 +469,7 @@ def _cmd_analyze(args) -> dict:
         pruned = _relational_at_amount(result, amount, args.nodes)
         data["relational_pruned"][str(amount)] = _relational_json(pruned)
         summaries.append(f"after pruning {amount:.0%} of the scored weights by curvature "
-                         f"(order pos, global):\n{pruned.summary()}")
+                         f"(order positive_first, global):\n{pruned.summary()}")
     files = ["analysis.json"]
     if result is not None:
         _plot_histograms(result, out / "kappa_histograms.png")
@@ -486,12 +501,12 @@ def _relational_json(relational) -> dict:
 
 
 def _relational_at_amount(result, amount: float, nodes: int | None):
-    """Relational measures of the masks a global curvature pruning (order pos) of ``amount``
-    of the scored weights leaves: the first ``round(amount * N)`` weights of
+    """Relational measures of the masks a global curvature pruning (order positive_first) of
+    ``amount`` of the scored weights leaves: the first ``round(amount * N)`` weights of
     :meth:`CurvatureResult.pruning_order` go (zero weights first, as in ``prune_model``)."""
     from .analysis import relational_measures_masks
 
-    ranks = result.pruning_order("pos")
+    ranks = result.pruning_order("positive_first")
     total = sum(r.numel() for r in ranks.values())
     cut = round(amount * total)
     masks = {name: (r >= cut).cpu() for name, r in ranks.items()}
@@ -569,7 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "layer: every layer loses --amount. With --structured: layer (the "
                             "default, as prune_channels) removes the ratio from every group, "
                             "global ranks all groups together")
-    prune.add_argument("--order", choices=ORDERS, default="pos")
+    prune.add_argument("--order", type=_order, choices=ORDERS, default="positive_first",
+                       help="what is pruned first: positive_first (the most positive curvature, "
+                            "the paper's method; default) or negative_first (the most negative, "
+                            "the paper's control); the old pos/neg still work, with a warning")
     prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
                        default="curvature",
                        help="with --scope global: how much of each layer goes (curvature: one "

@@ -2,8 +2,8 @@
 
 Trains a small MLP (784-64-32-10) for one epoch (seconds), scores it by neural curvature on one
 correctly classified example per class, and reports test accuracy after pruning 50/80/90% of the
-weights by curvature ("pos"), the paper's control ("neg") and global magnitude, with no
-fine-tuning.
+weights by curvature (``"positive_first"``), the paper's control (``"negative_first"``) and global
+magnitude, with no fine-tuning.
 
 Writes to ``--out`` (default: the current folder) ``model.pt``, the trained dense model saved
 whole (``torch.save(model)``), so that ``curvprune prune --model model.pt ...`` and
@@ -86,7 +86,8 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
     say(f"\n{'removed':>8} {'curvature':>10} {'control':>8} {'magnitude':>10}")
     for amount in amounts:
         row = {}
-        for label, order in (("curvature", "pos"), ("control", "neg"), ("magnitude", None)):
+        for label, order in (("curvature", "positive_first"), ("control", "negative_first"),
+                             ("magnitude", None)):
             pruned = clone_pruned(model)
             targets = [(dict(pruned.named_modules())[n.rsplit(".", 1)[0]], "weight")
                        for n in scores.modules]

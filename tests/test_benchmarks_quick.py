@@ -222,7 +222,7 @@ def test_study_min_of_single_examples_is_the_batch_curvature():
         assert torch.equal(mins[name] == 2, values[name] == 2)  # the same dead weights
     assert any((~batch.live[n]).any() for n in batch.live)  # the dead-edge rule is exercised
     ranks = study.ranks(study.curvature_keys(values), magnitude)
-    for name, order in batch.pruning_order("pos").items():
+    for name, order in batch.pruning_order("positive_first").items():
         assert torch.equal(ranks[name], order.double()), name
 
 
@@ -248,3 +248,32 @@ def test_study_quick(tmp_path):
         assert 0 <= fact["dead_fraction"] <= 1 and 0 <= fact["dead_removed_accuracy"] <= 1
     assert "curv_wanda@2" in (tmp_path / "study.md").read_text()
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+_SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
+                  if 'if __name__ == "__main__"' in p.read_text())
+
+
+def test_every_benchmark_script_starts():
+    """Each benchmark script imports what it needs and parses ``--help`` (one process for all):
+    a script whose import broke when a module moved fails here, not in front of a user."""
+    code = (
+        "import runpy, sys\n"
+        "sys.path.insert(0, {bench!r})\n"
+        "failed = []\n"
+        "for name in {names!r}:\n"
+        "    sys.argv = [name, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path({bench!r} + '/' + name, run_name='__main__')\n"
+        "    except SystemExit as stop:\n"
+        "        if stop.code not in (0, None):\n"
+        "            failed.append((name, stop.code))\n"
+        "    except Exception as error:\n"
+        "        failed.append((name, repr(error)))\n"
+        "print(failed)\n"
+        "sys.exit(1 if failed else 0)\n"
+    ).format(bench=str(ROOT / "benchmarks"), names=_SCRIPTS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert len(_SCRIPTS) >= 8
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

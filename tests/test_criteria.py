@@ -176,7 +176,8 @@ def test_criteria_names():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"criterion": "wanda"}, "criterion must be .curvature. or .curvature_wanda."),
-    ({"criterion": "curvature_wanda", "order": "neg"}, "has no order='neg'"),
+    ({"criterion": "curvature_wanda", "order": "negative_first"},
+     "has no order='negative_first'"),
 ])
 def test_bad_criterion_is_a_clear_error(kwargs, message):
     model, x = tiny(), inputs()

@@ -14,8 +14,8 @@ of a set :math:`S` of not-yet-pruned weights zeroes
 
     P_n(S) = \{\, w \in S : |\{ v \in S : r(v) < r(w) \}| < n \,\},
 
-the first :math:`n` weights of :math:`S` in the curvature order: for order ``"pos"`` weights
-that are already zero, then dead weights (every edge has an inactive end), then live weights
+the first :math:`n` weights of :math:`S` in the curvature order: for order ``"positive_first"``
+weights that are already zero, then dead weights (every edge has an inactive end), then live weights
 from the most positive :math:`\kappa` down, ties broken by smaller :math:`|w|`, then position.
 ``amount`` follows PyTorch: a float :math:`f \in [0, 1]` prunes :math:`n = \operatorname{round}
 (f \cdot |S|)` entries, an int prunes exactly that many.
@@ -42,7 +42,14 @@ from torch.nn.utils.prune import (
     _validate_pruning_amount_init,
 )
 
-from .._checks import ORDERS, check_choice, check_score, describe_module, missing_score_message
+from .._checks import (
+    ORDERS,
+    check_choice,
+    check_order,
+    check_score,
+    describe_module,
+    missing_score_message,
+)
 from ..calibration import check_model, prepare_calibration
 from ..curvature import check_tolerance, neural_curvature
 from ..decision import decide_exactly
@@ -263,7 +270,7 @@ def prune_model(
     amount: int | float,
     *,
     scope: str = "global",
-    order: str = "pos",
+    order: str = "positive_first",
     exclude: ExcludeSpec = None,
     alpha: float = 0.9,
     granularity: str = "neuron",
@@ -309,8 +316,10 @@ def prune_model(
         calibration: the calibration set (tensor, ``(inputs, targets)`` or iterable of them).
         amount: float fraction in ``[0, 1]`` of the entries not yet pruned, or int count.
         scope: ``"global"`` or ``"layer"``.
-        order: ``"pos"`` (highest curvature first, the paper's method) or ``"neg"`` (lowest
-            first, the paper's control). Zero weights go first in both.
+        order: what is pruned first: ``"positive_first"`` (the highest curvature, the paper's
+            method) or ``"negative_first"`` (the lowest, the paper's control). Zero weights go
+            first in both. The old ``"pos"``/``"neg"`` still work, with a
+            ``DeprecationWarning``.
         exclude: weights to leave unpruned: parameter names (``"5.weight"``), module names
             (``"5"``, or a container such as ``"classifier"``) or module objects, alone or in
             an iterable. They are still scored (they are part of the graph).
@@ -363,7 +372,7 @@ def prune_model(
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     if scope not in _SCOPES:
         raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
-    check_choice(order, "order", ORDERS)
+    order = check_order(order)
     check_choice(criterion, "criterion", CRITERIA)
     if criterion != "curvature" and order != ORDERS[0]:
         raise ValueError(
