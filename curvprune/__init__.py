@@ -34,6 +34,7 @@ from .pruning.allocation import allocate_like
 from .pruning.criteria import curvature_wanda_scores
 from .pruning.structured import ChannelPruningReport, prune_channels
 from .result import CurvatureResult, ImportanceScores
+from .transport import EngineOptions
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "neural_curvature",
+    "EngineOptions",
     "estimate",
     "ScoringEstimate",
     "CurvatureImportance",
