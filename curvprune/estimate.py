@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from ._checks import check_alpha as _check_alpha
+from ._checks import GRANULARITIES, check_alpha, check_choice, check_module, check_threads
 from ._checks import model_device as _model_device
 from .calibration import iter_calibration_inputs, scoring_mode
 from .curvature import (
@@ -165,15 +165,10 @@ def estimate(
             the same arguments, before any scoring (an untraceable model at channel
             granularity raises :class:`~curvprune.errors.UntraceableModel`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-    alpha = _check_alpha(alpha)
-    if granularity not in ("neuron", "channel", "auto"):
-        raise ValueError(f"granularity must be 'neuron', 'channel' or 'auto'; got "
-                         f"{granularity!r}.")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    check_module(model)
+    alpha = check_alpha(alpha)
+    check_choice(granularity, "granularity", GRANULARITIES)
+    check_threads(threads)
     budget = MEMORY_BUDGET if memory_budget is None else memory_budget
     model_device = _model_device(model)
     engine_device = resolve_device(device, model)

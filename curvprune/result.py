@@ -30,6 +30,7 @@ import torch.nn as nn
 from ._checks import (
     REDUCTIONS,
     check_choice,
+    check_module,
     check_order,
     check_score,
     describe_module,
@@ -386,8 +387,7 @@ def bind_modules(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
         ValueError: naming the first parameter that is missing, has another shape, or sits on
             a module of another type.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     named = dict(model.named_modules())
     out: dict[str, nn.Module] = {}
     for name, shape in shapes.items():

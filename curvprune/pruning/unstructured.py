@@ -43,8 +43,11 @@ from torch.nn.utils.prune import (
 )
 
 from .._checks import (
+    ALLOCATIONS,
     ORDERS,
+    SCOPES,
     check_choice,
+    check_module,
     check_order,
     check_score,
     describe_module,
@@ -63,8 +66,6 @@ from .reports import LayerSparsity, PruningReport
 
 __all__ = ["CurvaturePruning", "curvature_unstructured", "prune_model"]
 
-_SCOPES = ("global", "layer")
-_ALLOCATIONS = ("curvature", "wanda", "magnitude")
 
 Scores = torch.Tensor | Mapping[tuple[nn.Module, str], torch.Tensor]
 ExcludeSpec = str | nn.Module | Iterable[str | nn.Module] | None
@@ -192,8 +193,7 @@ def curvature_unstructured(
 
 
 def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.Tensor:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
+    check_module(module, "module")
     target = getattr(module, name, None)
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"{describe_module(module)} has no tensor named {name!r} to prune.")
@@ -369,10 +369,8 @@ def prune_model(
             :func:`~curvprune.curvature.neural_curvature` rejects.
         TypeError: wrong argument types.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
+    check_module(model)
+    check_choice(scope, "scope", SCOPES)
     order = check_order(order)
     check_choice(criterion, "criterion", CRITERIA)
     if criterion != "curvature" and order != ORDERS[0]:
@@ -380,8 +378,7 @@ def prune_model(
             f"criterion={criterion!r} keeps the highest (2 - kappa) |w| ||x|| and has no "
             f"order={order!r}; use order={ORDERS[0]!r} (or criterion='curvature')."
         )
-    if allocation not in _ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {list(_ALLOCATIONS)}, not {allocation!r}.")
+    check_choice(allocation, "allocation", ALLOCATIONS)
     if allocation != "curvature" and scope != "global":
         raise ValueError(
             f"allocation={allocation!r} sets how much of each layer a global ranking removes; "
