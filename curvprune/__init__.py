@@ -31,6 +31,7 @@ from .pruning import (
     save_pruned,
 )
 from .pruning.allocation import allocate_like
+from .pruning.criteria import curvature_wanda_scores
 from .pruning.structured import ChannelPruningReport, prune_channels
 from .result import CurvatureResult, ImportanceScores
 from .transport import EngineOptions
@@ -76,6 +77,7 @@ __all__ = [
     "clone_pruned",
     "load_checkpoint",
     "allocate_like",
+    "curvature_wanda_scores",
     "nnstd",
     "nnstd_masks",
     "NNSTDResult",

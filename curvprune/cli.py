@@ -224,6 +224,9 @@ def _cmd_prune(args) -> dict:
         if args.allocation != "curvature":
             raise UsageError("--allocation is for unstructured pruning; --structured removes "
                              "the same channel ratio from every group.")
+        if args.criterion != "curvature":
+            raise UsageError("--criterion is for unstructured pruning; --structured ranks "
+                             "channels by curvature importance.")
         if args.tolerance is not None:
             raise UsageError("--tolerance (decision-exact pruning) is for unstructured "
                              "pruning; --structured scores channels exactly.")
@@ -233,7 +236,8 @@ def _cmd_prune(args) -> dict:
         report = prune_model(model, calibration, args.amount, scope=args.scope,
                              order=args.order, alpha=args.alpha, granularity=args.granularity,
                              progress=not args.quiet, allocation=args.allocation,
-                             threads=args.threads, tolerance=args.tolerance)
+                             threads=args.threads, tolerance=args.tolerance,
+                             criterion=args.criterion)
         make_permanent(model)
         return report
 
@@ -503,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --scope global: how much of each layer goes (curvature: one "
                             "global ranking, the paper; wanda/magnitude: that criterion's "
                             "per-layer amounts, curvature's order within each layer)")
+    prune.add_argument("--criterion", choices=["curvature", "curvature_wanda"],
+                       default="curvature",
+                       help="what ranks the weights: curvature (default, the paper: kappa "
+                            "alone) or curvature_wanda (keep the largest (2 - kappa) |w| ||x||, "
+                            "curvature times Wanda's score; see docs/benchmarks.md, the "
+                            "quality study)")
     prune.add_argument("--structured", action="store_true",
                        help="remove whole channels through Torch-Pruning (CurvatureImportance); "
                             "--amount is then the channel ratio of every group (--scope global "
@@ -544,7 +554,7 @@ def _add_estimate(subs) -> None:
     estimate.add_argument("--no-measure", action="store_true",
                           help="skip the timing (graph size and memory only)")
     for flag, kwargs in [("--amount", {}), ("--scope", {}), ("--order", {}),
-                         ("--allocation", {}), ("--eval-limit", {}),
+                         ("--allocation", {}), ("--criterion", {}), ("--eval-limit", {}),
                          ("--no-eval", {"action": "store_true"})]:
         estimate.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
     estimate.set_defaults(func=_cmd_estimate)

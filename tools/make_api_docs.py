@@ -28,7 +28,7 @@ SECTIONS = [
     ("Unstructured pruning (torch.nn.utils.prune)", curvprune, [
         "CurvaturePruning", "curvature_unstructured", "prune_model", "PruningReport",
         "LayerSparsity", "make_permanent", "save_pruned", "load_pruned", "clone_pruned",
-        "pruning_hooks", "allocate_like"]),
+        "pruning_hooks", "allocate_like", "curvature_wanda_scores"]),
     ("Structured pruning (Torch-Pruning)", curvprune, [
         "CurvatureImportance", "prune_channels", "ChannelPruningReport"]),
     ("Analysis (curvprune.analysis)", analysis, [
