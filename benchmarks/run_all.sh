@@ -17,6 +17,8 @@ python3 benchmarks/unstructured.py --models vgg9 --seeds 0 1 2 --name unstructur
 python3 benchmarks/unstructured.py --models lenet5 --per-class 5 --name unstructured_pc5 --no-progress
 python3 benchmarks/unstructured.py --models lenet5 --alpha 0.3 --name unstructured_alpha03 --no-progress
 python3 benchmarks/unstructured.py --criteria magnitude random lamp wanda_row wanda_global snip curv_pos curv_pos_wanda_alloc --name unstructured_lamp --no-progress
+python3 benchmarks/study.py                                         # the quality study (issue 13), development models
+python3 benchmarks/study.py --heldout --name study_heldout          # ... and the held-out models
 python3 benchmarks/granularity.py                                   # neuron vs channel (LeNet-5)
 python3 benchmarks/structured.py                                    # Torch-Pruning criteria, timm models
 python3 benchmarks/channel_fidelity.py --images 2                  # removed channels at a tolerance vs exact

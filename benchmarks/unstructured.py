@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -79,6 +80,7 @@ from curvprune.baselines import (  # noqa: E402
 )
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 from curvprune.models import create_model  # noqa: E402
+from curvprune.training import train_classifier  # noqa: E402
 
 GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "lamp", "wanda_row", "wanda_global",
           "snip", "curv_pos_wanda_alloc", "magnitude_wanda_alloc"]
@@ -90,10 +92,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: float = 1e-3,
                   cache: bool = True, verbose: bool = True) -> nn.Module:
-    """``create_model(name, **kwargs)`` trained with Adam (batch 128) for ``epochs`` epochs
-    (fractions allowed: a number of steps), seeded, cached by its settings."""
-    from tqdm.auto import tqdm
-
+    """``create_model(name, **kwargs)`` trained by :func:`curvprune.training.train_classifier`
+    (batch 128) for ``epochs`` epochs (fractions allowed: ``round(epochs * 469)`` steps on
+    Fashion-MNIST's 60,000 images), seeded, cached by its settings (as ``trained_model``, which
+    cannot pass ``kwargs``)."""
     settings = dict(name=name, kwargs=kwargs, epochs=epochs, seed=seed, lr=lr)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = CACHE / f"{name}-{key}.pt"
@@ -103,20 +105,10 @@ def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: floa
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return model.eval()
     torch.manual_seed(seed)
-    images, labels = fashion_mnist(train=True).tensors
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = (len(labels) + 127) // 128
-    steps = int(round(epochs * per_epoch))
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for step in tqdm(range(steps), desc=f"train {name} seed {seed}", disable=not verbose):
-        if step % per_epoch == 0:  # a fresh seeded shuffle each epoch, batches of 128
-            order = torch.randperm(len(labels), generator=generator)
-        idx = order[(step % per_epoch) * 128:(step % per_epoch + 1) * 128]
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
-        optimiser.step()
-    model.eval()
+    train = fashion_mnist(train=True)
+    steps = int(round(epochs * math.ceil(len(train) / 128)))
+    train_classifier(model, train, epochs=None, max_steps=steps, batch_size=128, lr=lr,
+                     seed=seed, progress=verbose, desc=f"train {name} seed {seed}")
     if cache:
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

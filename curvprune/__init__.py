@@ -31,8 +31,10 @@ from .pruning import (
     save_pruned,
 )
 from .pruning.allocation import allocate_like
+from .pruning.criteria import curvature_wanda_scores
 from .pruning.structured import ChannelPruningReport, prune_channels
 from .result import CurvatureResult, ImportanceScores
+from .transport import EngineOptions
 
 __version__ = "0.1.0"
 
@@ -54,6 +56,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "neural_curvature",
+    "EngineOptions",
     "estimate",
     "ScoringEstimate",
     "CurvatureImportance",
@@ -74,6 +77,7 @@ __all__ = [
     "clone_pruned",
     "load_checkpoint",
     "allocate_like",
+    "curvature_wanda_scores",
     "nnstd",
     "nnstd_masks",
     "NNSTDResult",

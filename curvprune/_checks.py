@@ -22,6 +22,13 @@ ORDERS = ("positive_first", "negative_first")
 DEPRECATED_ORDERS = {"pos": "positive_first", "neg": "negative_first"}
 #: ``reduction=``: how a node's curvature combines its edges' (``mean`` or ``min``).
 REDUCTIONS = ("mean", "min")
+#: ``scope=``: one ranking over all weights (``global``) or every weight by the amount (``layer``).
+SCOPES = ("global", "layer")
+#: ``allocation=``: which criterion sets how much of each weight a global pruning removes.
+ALLOCATIONS = ("curvature", "wanda", "magnitude")
+#: ``granularity=``: the neuron graph (chains), the channel graph (any model) or the first that
+#: fits.
+GRANULARITIES = ("neuron", "channel", "auto")
 
 
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
@@ -44,6 +51,21 @@ def check_order(order: Any, stacklevel: int = 3) -> str:
                       DeprecationWarning, stacklevel=stacklevel)
         return new
     return check_choice(order, "order", ORDERS)
+
+
+def check_module(model: Any, name: str = "model") -> nn.Module:
+    """``model`` if it is an ``nn.Module``; else a ``TypeError`` naming what it is."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, not {type(model).__name__}.")
+    return model
+
+
+def check_threads(threads: Any) -> int | None:
+    """``threads`` (CPU threads for the transport solves) if ``None`` or a positive int."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    return threads
 
 
 def check_alpha(alpha: float) -> float:

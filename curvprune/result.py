@@ -30,6 +30,7 @@ import torch.nn as nn
 from ._checks import (
     REDUCTIONS,
     check_choice,
+    check_module,
     check_order,
     check_score,
     describe_module,
@@ -70,15 +71,16 @@ class CurvatureResult:
         modules: ``{parameter name: module}`` owning each weight (its attribute is ``"weight"``).
         alpha: the idleness used.
         granularity: ``"neuron"`` (the paper's graph: one node per neuron) or ``"channel"``
-            (one node per channel, :mod:`curvprune.channels`).
+            (one node per channel, :mod:`curvprune.graphs.channel`).
         num_examples: calibration examples scored.
         edges_per_example: ``{parameter name: edges}`` (nonzero weights times positions).
         seconds: wall time of the scoring call.
-        engine: how the engine resolved the live edges (see :class:`~curvprune.engine.EngineStats`).
+        engine: how the engine resolved the live edges (see
+            :class:`~curvprune.transport.EngineStats`).
         magnitude: ``{parameter name: |w|}`` (float64) at scoring time: the ranking's tie-break,
             kept so that a later change of the model does not change the order.
         channel_graph: at channel granularity, the traced
-            :class:`~curvprune.channels.ChannelGraph` (``None`` at neuron granularity).
+            :class:`~curvprune.graphs.channel.ChannelGraph` (``None`` at neuron granularity).
         edge_kappa: at channel granularity, the curvature of every edge of ``channel_graph``
             (minimum over examples; merge edges, which are no weight, ``+inf``).
         input_shape: the shape of one calibration example (``(C, H, W)``, ``(features,)``...),
@@ -385,8 +387,7 @@ def bind_modules(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
         ValueError: naming the first parameter that is missing, has another shape, or sits on
             a module of another type.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     named = dict(model.named_modules())
     out: dict[str, nn.Module] = {}
     for name, shape in shapes.items():

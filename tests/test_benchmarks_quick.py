@@ -180,6 +180,76 @@ def test_coverage_quick(tmp_path):
     assert "| all | 4 | 0 | 0 | 0 | 0 | 0 | 4 |" in table
 
 
+STUDY = ROOT / "benchmarks" / "study.py"
+
+
+def _study_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import study
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return study
+
+
+def test_study_min_of_single_examples_is_the_batch_curvature():
+    """The study scores one example at a time and aggregates offline: the minimum over the
+    examples with the dead-edge rule must be the engine's value on the whole batch (to the
+    rounding of a batched against a one-example forward pass: float64 here, where that is a few
+    ulps; in float32 it is about 1e-7), and the study's ranking of the batch values must be the
+    engine's ranking."""
+    import torch
+    import torch.nn as nn
+
+    from curvprune import neural_curvature
+
+    study = _study_module()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(27, 6), nn.ReLU(), nn.Linear(6, 4)).eval().double()
+    x = torch.randn(4, 1, 7, 7, generator=torch.Generator().manual_seed(4)).double()
+    batch = neural_curvature(model, x, tolerance=0.0)
+    singles = [neural_curvature(model, x[i:i + 1], tolerance=0.0) for i in range(len(x))]
+    values = batch.rank_values()
+    magnitude = {n: m.weight.detach().abs().double() for n, m in batch.modules.items()}
+    mins = {}
+    for name in batch.kappa:
+        kappa = torch.stack([r.kappa[name] for r in singles])
+        live = torch.stack([r.live[name] for r in singles])
+        assert torch.equal(live.any(0), batch.live[name])
+        mins[name] = study.aggregate(kappa, live, "min")
+        torch.testing.assert_close(mins[name], values[name], rtol=0, atol=1e-14)
+        assert torch.equal(mins[name] == 2, values[name] == 2)  # the same dead weights
+    assert any((~batch.live[n]).any() for n in batch.live)  # the dead-edge rule is exercised
+    ranks = study.ranks(study.curvature_keys(values), magnitude)
+    for name, order in batch.pruning_order("positive_first").items():
+        assert torch.equal(ranks[name], order.double()), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+def test_study_quick(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(STUDY), "--quick", "--out", str(tmp_path), "--plots",
+         str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "study.json").read_text())
+    assert data["status"] == "complete" and "--quick" in data["command"]
+    entry = data["models"]["mlp_quick"]["seeds"]["0"]
+    expected = {"magnitude", "lamp", "wanda_global@2", "snip@2", "wanda_global@4", "snip@4"}
+    for n in (2, 4):
+        expected |= {f"curv_{v}@{n}" for v in ("min", "nodead", "mean", "q10", "q25",
+                                                 "median", "mag", "wanda")}
+    assert set(entry["accuracy"]) == expected
+    for accuracy in entry["accuracy"].values():
+        assert set(accuracy) == {"0.5", "0.9"}
+        assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+    for fact in entry["per_size"].values():
+        assert 0 <= fact["dead_fraction"] <= 1 and 0 <= fact["dead_removed_accuracy"] <= 1
+    assert "curv_wanda@2" in (tmp_path / "study.md").read_text()
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 _SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
                   if 'if __name__ == "__main__"' in p.read_text())
 

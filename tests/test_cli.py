@@ -75,6 +75,10 @@ def test_cli_order_accepts_the_old_spelling_with_a_warning(capsys):
      "channel ratio"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.3", "--structured",
       "--allocation", "wanda"], "--allocation is for unstructured"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.3", "--structured",
+      "--criterion", "curvature_wanda"], "--criterion is for unstructured"),
+    (["prune", "--model", "curvprune:lenet5", "--amount", "0.3", "--criterion", "wanda"],
+     "invalid choice"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--tolerance", "-1"],
      "tolerance must be a finite number >= 0"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--tolerance", "nan"],
@@ -180,6 +184,34 @@ def test_prune_with_wanda_allocation(small_model_path, tmp_path, capsys):
     expected = [int((v <= cut).sum()) for v in budget.values()]
     assert [layer["pruned"] for layer in report["layers"]] == expected
     assert expected != [layer["pruned"] for layer in runs["curvature"]["layers"]]
+
+
+@needs_fmnist
+def test_prune_with_the_curvature_wanda_criterion(small_model_path, tmp_path, capsys):
+    """--criterion curvature_wanda: the zeros of the saved model are the lowest
+    (2 - kappa) |w| ||x|| scores on the command's calibration set."""
+    from curvprune import curvature_wanda_scores
+
+    out = tmp_path / "cw"
+    code, _, err = run_main(["prune", "--model", str(small_model_path), "--amount", "0.7",
+                             "--criterion", "curvature_wanda", "--no-eval", "--out", str(out),
+                             "--quiet"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["criterion"] == "curvature_wanda"
+    assert report["overall_sparsity"] == pytest.approx(0.7, abs=1e-4)
+    from curvprune.cli import _prepare, build_parser  # the calibration the command used
+
+    args = build_parser().parse_args(["prune", "--model", str(small_model_path), "--amount",
+                                      "0.7", "--out", str(tmp_path / "again")])
+    model, _, calib, _ = _prepare(args)
+    scores = curvature_wanda_scores(model, calib)
+    flat = torch.cat([v.flatten() for v in scores.values()])
+    expected = flat <= torch.sort(flat).values[round(0.7 * flat.numel()) - 1]
+    pruned = torch.load(out / "model.pt", weights_only=False)
+    zeros = torch.cat([(m.weight == 0).flatten() for m in pruned.modules()
+                       if isinstance(m, nn.Linear)])
+    assert torch.equal(zeros, expected)
 
 
 @needs_fmnist

@@ -36,10 +36,10 @@ from test_channels import RandomNet, _inputs, _perturb, _trace, random_nets
 
 from curvprune import neural_curvature, prune_model
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
-from curvprune.channels import channel_distances, channel_edge_bounds
+from curvprune.curvature import channel_edge_bounds
 from curvprune.decision import straddling
-from curvprune.engine import NeuronGraph, bound_example, score_example
-from curvprune.graph import chain_structure
+from curvprune.graphs.channel import channel_distances
+from curvprune.graphs.neuron import NeuronGraph, bound_example, chain_structure, score_example
 from curvprune.reference import channel_reference_curvature, reference_curvature
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from curvprune import CurvatureResult, neural_curvature
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
-from curvprune.graph import layer_edges, trace_chain
+from curvprune.graphs.neuron import layer_edges, trace_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 

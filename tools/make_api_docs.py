@@ -22,12 +22,13 @@ from curvprune.models import zoo  # noqa: E402
 from curvprune.pruning import baselines, channel_decision  # noqa: E402
 
 SECTIONS = [
-    ("Scoring", curvprune, ["neural_curvature", "CurvatureResult", "ImportanceScores",
+    ("Scoring", curvprune, ["neural_curvature", "EngineOptions", "CurvatureResult",
+                            "ImportanceScores",
                             "UntraceableModel", "estimate", "ScoringEstimate"]),
     ("Unstructured pruning (torch.nn.utils.prune)", curvprune, [
         "CurvaturePruning", "curvature_unstructured", "prune_model", "PruningReport",
         "LayerSparsity", "make_permanent", "save_pruned", "load_pruned", "clone_pruned",
-        "pruning_hooks", "allocate_like"]),
+        "pruning_hooks", "allocate_like", "curvature_wanda_scores"]),
     ("Structured pruning (Torch-Pruning)", curvprune, [
         "CurvatureImportance", "prune_channels", "ChannelPruningReport"]),
     ("Decision-exact channel pruning (curvprune.pruning.channel_decision)", channel_decision, [

@@ -40,7 +40,7 @@ from ..calibration import (
     prepare_calibration,
     scoring_mode,
 )
-from ..graph import conv_padding
+from ..graphs.neuron import conv_padding
 from ..result import ImportanceScores
 
 __all__ = ["prunable_modules", "magnitude", "magnitude_scores", "random_scores", "lamp_scores",

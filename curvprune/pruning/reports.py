@@ -43,8 +43,9 @@ class PruningReport:
         order: ``"positive_first"`` or ``"negative_first"``.
         result: the :class:`~curvprune.result.CurvatureResult` the ranking came from (``None``
             after a fallback).
-        fallback: ``None``, or why the weights were ranked by magnitude instead (a model the
-            channel tracer cannot follow; a warning was issued too).
+        fallback: ``None``, or why the weights were ranked by magnitude (by Wanda's score with
+            ``criterion="curvature_wanda"``) instead (a model the channel tracer cannot
+            follow; a warning was issued too).
         scores: the :class:`~curvprune.result.ImportanceScores` the masks were computed from
             (higher = keep): the curvature ranks of ``result``, or with ``allocation="wanda"``
             / ``"magnitude"`` the re-allocated scores (:func:`~curvprune.allocate_like`), or
