@@ -38,7 +38,8 @@ import torch
 from ._checks import check_order
 from .result import CurvatureResult
 
-__all__ = ["sort_key_bounds", "straddling", "decide_exactly"]
+__all__ = ["kappa_bounds", "sort_key_bounds", "straddling_keys", "straddling",
+           "refine_until_exact", "decide_exactly"]
 
 #: ``decide(result) -> (pruned, groups)``: per weight name, the bool mask of the entries the
 #: result's midpoints prune, and the groups of candidate entries (each ``{name: bool mask}``).
@@ -52,17 +53,16 @@ Decide = Callable[[CurvatureResult], tuple[dict[str, torch.Tensor],
 ROUNDING = 64 * 2.0 ** -52
 
 
-def sort_key_bounds(result: CurvatureResult, order: str,
-                    refined: dict[str, torch.Tensor] | None = None
-                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per weight, bounds ``(a, b)`` on its sort key under exact curvature (smaller key =
-    pruned first; see the module docstring). ``a == b`` where the key is exact.
+def kappa_bounds(result: CurvatureResult, refined: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per weight, ``(lo, hi, zero)``: bounds on the curvature value that ranks it under exact
+    curvature (a dead weight ranks as 2, exactly) and the mask of zero weights (ranked first
+    whatever their value).
 
     With ``refined`` (the entries solved by :meth:`CurvatureResult.refine
     <curvprune.result.CurvatureResult.refine>`), every other live entry is widened by
     :data:`ROUNDING` (relative), so that only zero, dead and refined entries, and the constant
-    1 (a dead edge), count as exact."""
-    order = check_order(order)
+    1 (a dead edge), count as exact (module docstring)."""
     out = {}
     for name, lo in result.kappa_lo.items():
         hi, live = result.kappa_hi[name], result.live[name]
@@ -70,30 +70,43 @@ def sort_key_bounds(result: CurvatureResult, order: str,
         zero = torch.isinf(result.kappa[name])
         value_lo = torch.where(live, lo, two)
         value_hi = torch.where(live, hi, two)
-        if order == "positive_first":
-            a, b = -value_hi, -value_lo
-        else:
-            a, b = value_lo, value_hi
         if refined is not None:
             # 1 (a dead edge) is a constant on every path: exact. 0 is not (module docstring).
             constant = (lo == hi) & (lo == 1)
             loose = live & ~zero & ~constant & ~refined[name].to(lo.device)
-            pad = ROUNDING * torch.maximum(torch.maximum(a.abs(), b.abs()),
-                                           torch.ones_like(a))
-            a, b = torch.where(loose, a - pad, a), torch.where(loose, b + pad, b)
-        first = torch.full_like(lo, -torch.inf)
+            pad = ROUNDING * torch.maximum(torch.maximum(value_lo.abs(), value_hi.abs()),
+                                           torch.ones_like(lo))
+            value_lo = torch.where(loose, value_lo - pad, value_lo)
+            value_hi = torch.where(loose, value_hi + pad, value_hi)
+        out[name] = (value_lo, value_hi, zero)
+    return out
+
+
+def sort_key_bounds(result: CurvatureResult, order: str,
+                    refined: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per weight, bounds ``(a, b)`` on its sort key under exact curvature (smaller key =
+    pruned first; see the module docstring). ``a == b`` where the key is exact.
+    ``refined``: as for :func:`kappa_bounds`."""
+    order = check_order(order)
+    out = {}
+    for name, (value_lo, value_hi, zero) in kappa_bounds(result, refined).items():
+        if order == "positive_first":
+            a, b = -value_hi, -value_lo
+        else:
+            a, b = value_lo, value_hi
+        first = torch.full_like(a, -torch.inf)
         out[name] = (torch.where(zero, first, a), torch.where(zero, first, b))
     return out
 
 
-def straddling(result: CurvatureResult, order: str, pruned: dict[str, torch.Tensor],
-               groups: list[dict[str, torch.Tensor]],
-               refined: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The inexact entries whose interval lets exact curvature move them across the pruning
-    boundary of their group (module docstring); empty masks when the decision is exact.
-    ``refined``: as for :func:`sort_key_bounds`."""
-    order = check_order(order)
-    keys = sort_key_bounds(result, order, refined)
+def straddling_keys(keys: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    pruned: dict[str, torch.Tensor], groups: list[dict[str, torch.Tensor]]
+                    ) -> dict[str, torch.Tensor]:
+    """The inexact entries whose sort-key interval ``keys[name] = (a, b)`` lets them cross the
+    pruning boundary of their group (module docstring: :math:`b_i \\ge A` in the pruned set
+    :math:`P`, :math:`a_j \\le B` in the kept set :math:`K`); empty masks when the decision is
+    exact. Any criterion with certified key bounds uses this rule."""
     out = {name: torch.zeros_like(k[0], dtype=torch.bool) for name, k in keys.items()}
     for group in groups:
         last_pruned = -torch.inf  # B = max over P of b
@@ -115,19 +128,30 @@ def straddling(result: CurvatureResult, order: str, pruned: dict[str, torch.Tens
     return out
 
 
-def decide_exactly(result: CurvatureResult, order: str, decide: Decide
-                   ) -> tuple[dict[str, torch.Tensor], int, int]:
-    """Refine ``result`` until the decision of ``decide`` is the exact one.
+def straddling(result: CurvatureResult, order: str, pruned: dict[str, torch.Tensor],
+               groups: list[dict[str, torch.Tensor]],
+               refined: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The inexact entries whose interval lets exact curvature move them across the pruning
+    boundary of their group (module docstring); empty masks when the decision is exact.
+    ``refined``: as for :func:`sort_key_bounds`."""
+    return straddling_keys(sort_key_bounds(result, order, refined), pruned, groups)
 
-    Returns ``(pruned, refined, rounds)``: the certified pruned masks, the number of weights
-    solved exactly and the number of refinement rounds.
-    """
-    order = check_order(order)
+
+#: ``key_bounds(result, refined) -> {name: (a, b)}``: certified bounds on each weight's sort key.
+KeyBounds = Callable[[CurvatureResult, dict[str, torch.Tensor]],
+                     dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def refine_until_exact(result: CurvatureResult, key_bounds: KeyBounds, decide: Decide
+                       ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Refine ``result`` until no entry's key interval (``key_bounds``) straddles the boundary
+    of ``decide``'s pruned set: the loop of :func:`decide_exactly`, for any criterion whose
+    keys have certified bounds. Returns ``(pruned, refined, rounds)``."""
     done = {n: torch.zeros_like(k, dtype=torch.bool) for n, k in result.kappa.items()}
     refined = rounds = 0
     while True:
         pruned, groups = decide(result)
-        need = straddling(result, order, pruned, groups, done)
+        need = straddling_keys(key_bounds(result, done), pruned, groups)
         need = {n: m & ~done[n] for n, m in need.items() if (m & ~done[n]).any()}
         if not need:
             return pruned, refined, rounds
@@ -136,3 +160,15 @@ def decide_exactly(result: CurvatureResult, order: str, decide: Decide
         for n, m in need.items():
             done[n] |= m
         rounds += 1
+
+
+def decide_exactly(result: CurvatureResult, order: str, decide: Decide
+                   ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Refine ``result`` until the decision of ``decide`` is the exact one.
+
+    Returns ``(pruned, refined, rounds)``: the certified pruned masks, the number of weights
+    solved exactly and the number of refinement rounds.
+    """
+    order = check_order(order)
+    return refine_until_exact(
+        result, lambda res, done: sort_key_bounds(res, order, done), decide)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..decision import ROUNDING
+from ..decision import kappa_bounds, refine_until_exact
 from ..result import CurvatureResult, ImportanceScores
 
 __all__ = ["CRITERIA", "curvature_wanda_values", "curvature_wanda_scores",
@@ -153,45 +153,16 @@ def _key_bounds(result: CurvatureResult, wanda: Mapping[str, torch.Tensor],
                 refined: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor,
                                                                        torch.Tensor]]:
     """Bounds ``(a, b)`` on each weight's exact score (smaller = pruned first); ``a == b``
-    where it is exact. Live values not solved by :meth:`CurvatureResult.refine` are widened by
-    :data:`curvprune.decision.ROUNDING`, as :func:`curvprune.decision.sort_key_bounds` does."""
+    where it is exact. The curvature bounds are :func:`curvprune.decision.kappa_bounds`
+    (live values not solved by :meth:`CurvatureResult.refine` widened by
+    :data:`curvprune.decision.ROUNDING`); the score :math:`(2 - \\kappa) s` with
+    :math:`s \\ge 0` is decreasing in :math:`\\kappa`, so its bounds are the images of theirs."""
     out = {}
-    for name, lo in result.kappa_lo.items():
-        hi, live = result.kappa_hi[name], result.live[name]
-        zero = torch.isinf(result.kappa[name])
-        two = torch.full_like(lo, 2.0)
-        v_lo, v_hi = torch.where(live, lo, two), torch.where(live, hi, two)
-        constant = (lo == hi) & (lo == 1)
-        loose = live & ~zero & ~constant & ~refined[name].to(lo.device)
-        pad = ROUNDING * torch.maximum(torch.maximum(v_lo.abs(), v_hi.abs()),
-                                       torch.ones_like(v_lo))
-        v_lo, v_hi = torch.where(loose, v_lo - pad, v_lo), torch.where(loose, v_hi + pad, v_hi)
-        base = wanda[name].to(lo.device, torch.float64)
+    for name, (v_lo, v_hi, zero) in kappa_bounds(result, dict(refined)).items():
+        base = wanda[name].to(v_lo.device, torch.float64)
         a, b = (2.0 - v_hi) * base, (2.0 - v_lo) * base
         nil = torch.zeros_like(a)
         out[name] = (torch.where(zero, nil, a), torch.where(zero, nil, b))
-    return out
-
-
-def _straddling(keys: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                pruned: Mapping[str, torch.Tensor], groups: list[dict[str, torch.Tensor]]
-                ) -> dict[str, torch.Tensor]:
-    """The inexact entries that can cross their group's boundary (the rule of
-    :func:`curvprune.decision.straddling`, on score bounds)."""
-    out = {name: torch.zeros_like(k[0], dtype=torch.bool) for name, k in keys.items()}
-    for group in groups:
-        last_pruned, first_kept = -torch.inf, torch.inf
-        for name, candidates in group.items():
-            a, b = keys[name]
-            p, k = candidates & pruned[name], candidates & ~pruned[name]
-            if p.any():
-                last_pruned = max(last_pruned, float(b[p].max()))
-            if k.any():
-                first_kept = min(first_kept, float(a[k].min()))
-        for name, candidates in group.items():
-            a, b = keys[name]
-            p, k = candidates & pruned[name], candidates & ~pruned[name]
-            out[name] |= (a < b) & ((p & (b >= first_kept)) | (k & (a <= last_pruned)))
     return out
 
 
@@ -205,15 +176,5 @@ def decide_combined_exactly(
 
     Returns ``(pruned, refined, rounds)``.
     """
-    done = {n: torch.zeros_like(k, dtype=torch.bool) for n, k in result.kappa.items()}
-    refined = rounds = 0
-    while True:
-        pruned, groups = decide(result)
-        need = _straddling(_key_bounds(result, wanda, done), pruned, groups)
-        need = {n: m & ~done[n] for n, m in need.items() if (m & ~done[n]).any()}
-        if not need:
-            return pruned, refined, rounds
-        refined += result.refine(need, force=True)
-        for n, m in need.items():
-            done[n] |= m
-        rounds += 1
+    return refine_until_exact(result, lambda res, done: _key_bounds(res, wanda, done),
+                              decide)
