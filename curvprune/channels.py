@@ -1082,7 +1082,8 @@ def needed_distance_bytes(graph: ChannelGraph) -> int:
 
 
 def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
-                     memory_budget: int | None = None) -> ChannelDistances:
+                     memory_budget: int | None = None,
+                     _by_levels: bool = True) -> ChannelDistances:
     r"""The shortest-path distances of ``graph`` on the pairs the measures need, no more.
 
     The measures of a layer edge ``i -> j`` live on ``i`` and its in-neighbours ``k``, and on
@@ -1126,6 +1127,11 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
             f"raise memory_budget to at least {need / 2**30:.1f} GiB if the machine has the "
             "memory, or score a narrower model (or granularity='neuron' on a small chain)."
         )
+    device = graph.length.device
+    if _by_levels and bool((graph.src < graph.dst).all()) and bool((graph.length > 0).all()):
+        from ._channel_distances import needed_pair_distances  # min-plus, level by level
+        return ChannelDistances(*needed_pair_distances(adjacency, needed, block=block,
+                                                       device=device), n)
     sources = np.nonzero(np.diff(needed.indptr))[0]
     # Per source, the largest needed target (indices are sorted within rows).
     last = needed.indices[needed.indptr[sources + 1] - 1]
@@ -1151,7 +1157,6 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
         p = q
     key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
     value = np.concatenate(values) if values else np.zeros(0)
-    device = graph.length.device
     return ChannelDistances(torch.from_numpy(key).to(device), torch.from_numpy(value).to(device),
                             n)
 
