@@ -43,7 +43,7 @@ import torch_pruning as tp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from curvprune.calibration import scoring_mode  # noqa: E402
-from curvprune.channels import trace_channels  # noqa: E402
+from curvprune.graphs.channel import trace_channels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"resnet50": "resnet50", "vit_small": "vit_small_patch16_224",

@@ -7,7 +7,7 @@ For one model of every timm architecture family (a family is a module of ``timm.
 model is the registered variant with the fewest parameters, counted on the ``meta`` device among
 the variants whose names suggest a small model) and for every torchvision classification model
 (``torchvision.models.list_models(module=torchvision.models)``), randomly initialised
-(``pretrained=False``), the structure is traced with :func:`curvprune.channels.trace_channels`
+(``pretrained=False``), the structure is traced with :func:`curvprune.graphs.channel.trace_channels`
 on **one** seeded input of ``--size`` x ``--size`` pixels (64 by default), or of the model's
 default input size when the model rejects the small one. Each model gets one of
 
@@ -120,7 +120,8 @@ def run_job(job: dict, size: int, max_params: float) -> dict:
     import torch
 
     from curvprune.calibration import scoring_mode
-    from curvprune.channels import UntraceableModel, trace_channels
+    from curvprune.errors import UntraceableModel
+    from curvprune.graphs.channel import trace_channels
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -190,7 +191,7 @@ def _worker(requests, replies, size: int, max_params: float) -> None:
     import timm  # noqa: F401 - imported before the first model's clock starts
     import torchvision  # noqa: F401
 
-    import curvprune.channels  # noqa: F401
+    import curvprune.graphs.channel  # noqa: F401
 
     parent = os.getppid()
     replies.put("ready")

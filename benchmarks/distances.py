@@ -39,7 +39,7 @@ def _graph(model_name: str, size: int):
     import torch
 
     from curvprune.calibration import scoring_mode
-    from curvprune.channels import trace_channels
+    from curvprune.graphs.channel import trace_channels
 
     torch.manual_seed(0)
     model = timm.create_model(MODELS[model_name], pretrained=False).eval()
@@ -54,7 +54,7 @@ def _check(graph, needed, count: int) -> dict:
     import scipy.sparse.csgraph
     import torch
 
-    from curvprune.channels import _needed_structure
+    from curvprune.graphs.channel import _needed_structure
 
     adjacency, pattern = _needed_structure(graph)
     sources = np.nonzero(np.diff(pattern.indptr))[0]
@@ -77,7 +77,7 @@ def _check(graph, needed, count: int) -> dict:
 def _dijkstra_child(args) -> None:
     import torch
 
-    from curvprune.channels import needed_distances
+    from curvprune.graphs.channel import needed_distances
 
     torch.set_num_threads(args.threads)
     graph = _graph(args.model, args.size)
@@ -101,7 +101,7 @@ def main() -> None:
         return
     import torch
 
-    from curvprune.channels import needed_distances
+    from curvprune.graphs.channel import needed_distances
 
     torch.set_num_threads(args.threads)
     record: dict = {"command": "python " + " ".join(sys.argv), "model": MODELS[args.model],

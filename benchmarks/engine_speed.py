@@ -9,26 +9,27 @@ under benchmarks/.cache). The calibration set is one correctly classified test e
 With ``--reference full`` the reference scores the same 10 examples and the script checks that
 the two agree on every weight (max |difference|, and +inf on the same weights).
 
-VGG-9 (``create_model("vgg9", in_channels=1)``, trained 5 epochs on Fashion-MNIST padded to
-32 x 32, ~37M edges per example): the reference is timed on ``--vgg-sample-edges`` sampled edges
-of one example and extrapolated. The engine's hop tables and the min-plus products that fill
-them are counted (bytes and operations, dense and windowed: :class:`curvprune.engine.HopTable`);
-``--vgg-engine`` runs the engine on that row's model. ``--vgg-run`` (with ``--vgg-examples N``
-and ``--vgg-tolerance T``) runs ``neural_curvature(granularity="neuron")`` on a random-init
-VGG-9 (seed ``--vgg-seed``) with the first N Fashion-MNIST test images padded to 32, and records
-the time of each phase (graph build, bounds and their shared problems, exact solves), the peak
-RSS and the engine's counts under the vgg9 row's ``engine_runs``; ``--render-only`` rewrites the
-table from the JSON. ``benchmarks/vgg_tables.py`` times the hop tables one by one.
+VGG-9 (``create_model("vgg9", in_channels=1)``, trained 5 epochs on Fashion-MNIST padded to 32 x
+32, ~37M edges per example): the reference is timed on ``--vgg-sample-edges`` sampled edges of one
+example and extrapolated. The engine's hop tables and the min-plus products that fill them are
+counted (bytes and operations, dense and windowed: :class:`curvprune.graphs.neuron.HopTable`);
+``--vgg-engine`` runs the engine on that row's model. ``--vgg-run`` (with ``--vgg-examples N`` and
+``--vgg-tolerance T``) runs ``neural_curvature(granularity="neuron")`` on a random-init VGG-9 (seed
+``--vgg-seed``) with the first N Fashion-MNIST test images padded to 32, and records the time of
+each phase (graph build, bounds and their shared problems, exact solves), the peak RSS and the
+engine's counts under the vgg9 row's ``engine_runs``; ``--render-only`` rewrites the table from the
+JSON. ``benchmarks/vgg_tables.py`` times the hop tables one by one.
 
 Curvature intervals (``--tolerance-study 1e-6 1e-3 1e-2``, engine only): LeNet-5 is scored at
 the default tolerance (1e-14), at ``tolerance=0`` (the exact baseline) and at each tolerance;
 each row has the scoring time, the largest interval width, whether the midpoints prune the same
-set as exact curvature at ``--amounts`` (global, order "pos"; else the fraction of the exact
-pruned set shared), and the decision-exact refinement (``curvprune.decision.decide_exactly``,
-as ``prune_model`` runs it): its time, the weights it solved, and that its pruned set equals the
-exact one. The ~450 s reference is not rerun: the stored LeNet-5 row's time is quoted. The
-study is written under ``"tolerance_study"`` (the model rows are kept), with the machine's load
-average before and after, since the machine is shared.
+set as exact curvature at ``--amounts`` (global, order "positive_first"; else the fraction of
+the exact pruned set shared), and the decision-exact refinement
+(``curvprune.decision.decide_exactly``, as ``prune_model`` runs it): its time, the weights it
+solved, and that its pruned set equals the exact one. The ~450 s reference is not rerun: the
+stored LeNet-5 row's time is quoted. The study is written under ``"tolerance_study"`` (the
+model rows are kept), with the machine's load average before and after, since the machine is
+shared.
 
     python benchmarks/engine_speed.py --tolerance-study 1e-6 1e-3 1e-2
 
@@ -57,9 +58,8 @@ from common import RESULTS, trained_model  # noqa: E402
 from curvprune import neural_curvature  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 from curvprune.decision import decide_exactly  # noqa: E402
-from curvprune.engine import hop_table_bytes  # noqa: E402
-from curvprune.graph import chain_structure  # noqa: E402
-from curvprune.pruning import _decide  # noqa: E402
+from curvprune.graphs.neuron import chain_structure, hop_table_bytes  # noqa: E402
+from curvprune.pruning.unstructured import _decide  # noqa: E402
 from curvprune.reference import reference_curvature, time_reference_per_edge  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def engine_tables(model, example: torch.Tensor) -> dict:
     ops = sum(edges[L] * sizes[L + 2] for L in range(n - 1)) + \
         sum(edges[L] * sizes[L + 3] for L in range(n - 2))
     # Windowed tables (engine.HopTable): each first-hop edge adds one window of the next table.
-    from curvprune.engine import _hop_layouts, _layout, _node_shapes, _one_hop_box
+    from curvprune.graphs.neuron import _hop_layouts, _layout, _node_shapes, _one_hop_box
 
     two, three = _hop_layouts(structures)
     shapes = _node_shapes(structures)
@@ -99,9 +99,10 @@ def engine_tables(model, example: torch.Tensor) -> dict:
 
 
 def _pruned(result, amount: float) -> dict[str, torch.Tensor]:
-    """The entries a global "pos" pruning by ``amount`` removes, by the result's midpoints."""
+    """The entries a global "positive_first" pruning by ``amount`` removes, by the result's
+    midpoints."""
     names = list(result.kappa)
-    pruned, _ = _decide(result.importance_scores("pos"), None, result.modules, names,
+    pruned, _ = _decide(result.importance_scores("positive_first"), None, result.modules, names,
                         "global", amount)
     return pruned
 
@@ -109,8 +110,8 @@ def _pruned(result, amount: float) -> dict[str, torch.Tensor]:
 def _decide_fn(amount: float):
     def decide(result):
         names = list(result.kappa)
-        return _decide(result.importance_scores("pos"), None, result.modules, names, "global",
-                       amount)
+        return _decide(result.importance_scores("positive_first"), None, result.modules, names,
+                       "global", amount)
     return decide
 
 
@@ -166,7 +167,7 @@ def tolerance_rows(model, calib, args, exact) -> list[dict]:
             shared = sum(int((got[n] & want[amount][n]).sum()) for n in got)
             copy = _fresh(result)
             start = time.perf_counter()
-            decided, refined, rounds = decide_exactly(copy, "pos", _decide_fn(amount))
+            decided, refined, rounds = decide_exactly(copy, "positive_first", _decide_fn(amount))
             refine_s = time.perf_counter() - start
             row["amounts"][str(amount)] = {
                 "midpoints_identical": all(torch.equal(got[n], want[amount][n]) for n in got),
@@ -244,8 +245,8 @@ def vgg_engine_run(args) -> dict:
     granularity, with the time of each phase and the process's peak RSS."""
     import resource
 
-    import curvprune.curvature as curvature_module
-    from curvprune.engine import NeuronGraph
+    from curvprune.graphs.base import EdgeProblem
+    from curvprune.graphs.neuron import NeuronGraph
     from curvprune.models import create_model
 
     load_before = os.getloadavg()
@@ -253,7 +254,7 @@ def vgg_engine_run(args) -> dict:
     model = create_model("vgg9", in_channels=1).eval()
     test = fashion_mnist(train=False, pad_to=32)
     calib = torch.stack([test[k][0] for k in range(args.vgg_examples)])
-    import curvprune.engine as engine_module
+    import curvprune.transport.bounds as engine_module
 
     phases = {"graph_build_s": 0.0, "bound_s": 0.0, "shared_problems_s": 0.0, "solve_s": 0.0}
     clock = time.perf_counter()
@@ -274,8 +275,8 @@ def vgg_engine_run(args) -> dict:
 
     build = NeuronGraph.__dict__["build"].__func__
     NeuronGraph.build = classmethod(timed(build, "graph_build_s"))
-    curvature_module.bound_example = timed(curvature_module.bound_example, "bound_s")
-    curvature_module.solve_layer_edges = timed(curvature_module.solve_layer_edges, "solve_s")
+    EdgeProblem.bounds = timed(EdgeProblem.bounds, "bound_s")
+    EdgeProblem.solve = timed(EdgeProblem.solve, "solve_s")
     kwargs = {} if args.vgg_tolerance is None else {"tolerance": args.vgg_tolerance}
     tables = engine_tables(model, calib[:1])
     print(json.dumps(tables), flush=True)
@@ -356,7 +357,7 @@ def tolerance_table(study: dict) -> list[str]:
              f"{os.cpu_count()} cores"
              + (f"; the reference is not rerun (stored: {reference:.0f} s, another run)"
                 if reference else "")
-             + f". Pruned sets: global, order pos, at {pct} % sparsity.", "",
+             + f". Pruned sets: global, order positive_first, at {pct} % sparsity.", "",
              f"| tolerance | scoring (s) | largest width | midpoints prune the exact set "
              f"({pct} %) | decision-exact: weights refined ({pct} %) | decision-exact time "
              f"(s, {pct} %) | equals exact |",

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             result = neural_curvature(model, calib, granularity=granularity,
                                       threads=os.cpu_count() or 1)
             seconds[granularity] = round(time.perf_counter() - start, 2)
-            scores[granularity] = result.importance_scores("pos")
+            scores[granularity] = result.importance_scores("positive_first")
         scores["magnitude"] = magnitude_scores(model)
         row = {"seed": seed, "dense_accuracy": accuracy, "scoring_seconds": seconds,
                "accuracy": {}}
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 make_permanent(model)
                 model.load_state_dict(state)
         scored = neural_curvature(model, calib, granularity="channel")
-        prune_with(model, "curv_pos", scored.importance_scores("pos"), 0.5)
+        prune_with(model, "curv_pos", scored.importance_scores("positive_first"), 0.5)
         names = {id(m): n for n, m in model.named_modules()}
         row["channel_global_layer_sparsity_at_0.5"] = {
             f"{names[id(m)]}.weight": round(float((m.weight == 0).double().mean()), 3)

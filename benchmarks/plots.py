@@ -15,18 +15,18 @@ import os
 from pathlib import Path
 
 STYLE = {
-    "curv_pos": ("curvature pos (paper)", "tab:blue", "-"),
-    "curv_neg": ("curvature neg (control)", "tab:red", "-"),
+    "curv_pos": ("curvature positive first (paper)", "tab:blue", "-"),
+    "curv_neg": ("curvature negative first (control)", "tab:red", "-"),
     "magnitude": ("magnitude", "tab:green", "-"),
     "random": ("random", "tab:gray", "--"),
     "lamp": ("LAMP", "tab:brown", "-"),
     "wanda_row": ("Wanda per row", "tab:purple", "-"),
     "wanda_global": ("Wanda global", "tab:purple", ":"),
     "snip": ("SNIP", "tab:orange", "-"),
-    "curv_pos_layer": ("curvature pos, per layer", "tab:blue", "-"),
-    "curv_neg_layer": ("curvature neg, per layer", "tab:red", "-"),
+    "curv_pos_layer": ("curvature positive first, per layer", "tab:blue", "-"),
+    "curv_neg_layer": ("curvature negative first, per layer", "tab:red", "-"),
     "magnitude_layer": ("magnitude, per layer", "tab:green", "-"),
-    "curv_pos_wanda_alloc": ("curvature pos, Wanda's layer amounts", "tab:blue", "--"),
+    "curv_pos_wanda_alloc": ("curvature positive first, Wanda's layer amounts", "tab:blue", "--"),
     "magnitude_wanda_alloc": ("magnitude, Wanda's layer amounts", "tab:green", "--"),
 }
 GROUPS = {

@@ -31,7 +31,8 @@ then the test accuracy is measured:
   (:func:`fisher_diagonal`).
 
 At ``--finetune-ratio`` each pruned model is also fine-tuned for ``--finetune-steps`` Adam steps
-(batch 128, lr 1e-3, seeded) and evaluated again. Parameters and MACs come from
+(:func:`curvprune.training.train_classifier`: batch 128, lr 1e-3, seeded shuffled epochs) and
+evaluated again. Parameters and MACs come from
 ``tp.utils.count_ops_and_params``; CPU latency is the median of 50 single-image forward passes
 on one thread.
 
@@ -74,12 +75,17 @@ from curvprune.data import (  # noqa: E402
     random_calibration,
 )
 from curvprune.models import zoo  # noqa: E402
+from curvprune.training import train_classifier  # noqa: E402
 
 MODELS = ["timm/resnet18", "timm/mobilenetv3_large_100", "timm/convnext_atto",
           "timm/vit_tiny_patch16_224"]
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5]
 CRITERIA = ["curvature", "magnitude", "taylor", "random", "activation", "hessian"]
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+#: How a pruned model is fine-tuned, recorded in the settings so that ``--resume`` does not mix
+#: results fine-tuned another way (the committed file predates it: random batches with
+#: replacement, drawn per step).
+FINETUNE = "curvprune.training.train_classifier: Adam lr 1e-3, batch 128, seeded shuffled epochs"
 
 
 def latency_ms(model, example: torch.Tensor, runs: int = 50) -> float:
@@ -93,19 +99,6 @@ def latency_ms(model, example: torch.Tensor, runs: int = 50) -> float:
             model(example)
             times.append(time.perf_counter() - start)
     return 1e3 * sorted(times)[len(times) // 2]
-
-
-def fine_tune(model, train, steps: int, seed: int) -> None:
-    images, targets = train.tensors
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(targets), (128,), generator=generator)
-        optimiser.zero_grad()
-        torch.nn.functional.cross_entropy(model(images[idx]), targets[idx]).backward()
-        optimiser.step()
-    model.eval()
 
 
 def fisher_diagonal(model, calib: torch.Tensor, labels: torch.Tensor) -> None:
@@ -155,7 +148,8 @@ def prune_and_evaluate(name: str, state: dict, criterion: str, ratio: float, cal
            "macs_before": report.macs_before, "seconds": round(seconds, 2),
            "fallback": report.fell_back, "latency_ms": latency_ms(model, calib[:1])}
     if finetune_steps:
-        fine_tune(model, train, finetune_steps, seed)
+        train_classifier(model, train, epochs=None, max_steps=finetune_steps, batch_size=128,
+                         lr=1e-3, seed=seed)
         row["accuracy_finetuned"] = evaluate(model, test)
     return row
 
@@ -281,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     train = fashion_mnist(train=True, pad_to=32, channels=3)
     data = {"command": "python benchmarks/structured.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "settings": vars(args) | {
-            "out": str(args.out), "plot": str(args.plot)}, "models": {}}
+            "out": str(args.out), "plot": str(args.plot), "finetune": FINETUNE}, "models": {}}
     done = {}
     if args.resume:
         done = resumable(args.out, data["settings"],

@@ -13,7 +13,8 @@ with the same seed, and every criterion scores the model once; the same scores a
 every amount (fraction of all Linear/Conv2d weights removed) and the pruned model is evaluated
 on the Fashion-MNIST test set. Criteria:
 
-* ``curv_pos`` / ``curv_neg``: neural curvature, ``importance_scores("pos"|"neg")``, global;
+* ``curv_pos`` / ``curv_neg``: neural curvature, ``importance_scores("positive_first"`` /
+  ``"negative_first")``, global (the labels keep their short names: stored results use them);
   neuron granularity for LeNet-5 and the MLP, channel granularity for VGG-9 (its neuron graph,
   43M edges per example, is out of the engine's reach: ``granularity="auto"`` picks channel).
 * ``magnitude``: global |w|.  ``random``: seeded uniform scores, global.
@@ -25,8 +26,8 @@ on the Fashion-MNIST test set. Criteria:
 * ``curv_pos_layer``, ``curv_neg_layer``, ``magnitude_layer``: every layer pruned by the same
   fraction.
 * ``curv_pos_wanda_alloc``, ``magnitude_wanda_alloc``: each layer loses as many weights as under
-  ``wanda_global``, chosen within the layer by curvature "pos" (or by magnitude, the control):
-  :func:`curvprune.allocate_like`.
+  ``wanda_global``, chosen within the layer by curvature "positive_first" (or by magnitude, the
+  control): :func:`curvprune.allocate_like`.
 
 ``--resume`` keeps the (model, seed) results already in the output JSON (written with the same
 settings, seeds and criteria aside). A kept seed that lacks some of today's criteria gets only
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -78,6 +80,7 @@ from curvprune.baselines import (  # noqa: E402
 )
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 from curvprune.models import create_model  # noqa: E402
+from curvprune.training import train_classifier  # noqa: E402
 
 GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "lamp", "wanda_row", "wanda_global",
           "snip", "curv_pos_wanda_alloc", "magnitude_wanda_alloc"]
@@ -89,10 +92,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: float = 1e-3,
                   cache: bool = True, verbose: bool = True) -> nn.Module:
-    """``create_model(name, **kwargs)`` trained with Adam (batch 128) for ``epochs`` epochs
-    (fractions allowed: a number of steps), seeded, cached by its settings."""
-    from tqdm.auto import tqdm
-
+    """``create_model(name, **kwargs)`` trained by :func:`curvprune.training.train_classifier`
+    (batch 128) for ``epochs`` epochs (fractions allowed: ``round(epochs * 469)`` steps on
+    Fashion-MNIST's 60,000 images), seeded, cached by its settings (as ``trained_model``, which
+    cannot pass ``kwargs``)."""
     settings = dict(name=name, kwargs=kwargs, epochs=epochs, seed=seed, lr=lr)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = CACHE / f"{name}-{key}.pt"
@@ -102,20 +105,10 @@ def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: floa
         model.load_state_dict(torch.load(path, map_location="cpu"))
         return model.eval()
     torch.manual_seed(seed)
-    images, labels = fashion_mnist(train=True).tensors
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = (len(labels) + 127) // 128
-    steps = int(round(epochs * per_epoch))
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for step in tqdm(range(steps), desc=f"train {name} seed {seed}", disable=not verbose):
-        if step % per_epoch == 0:  # a fresh seeded shuffle each epoch, batches of 128
-            order = torch.randperm(len(labels), generator=generator)
-        idx = order[(step % per_epoch) * 128:(step % per_epoch + 1) * 128]
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
-        optimiser.step()
-    model.eval()
+    train = fashion_mnist(train=True)
+    steps = int(round(epochs * math.ceil(len(train) / 128)))
+    train_classifier(model, train, epochs=None, max_steps=steps, batch_size=128, lr=lr,
+                     seed=seed, progress=verbose, desc=f"train {name} seed {seed}")
     if cache:
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -143,7 +136,8 @@ def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *,
         live = {n: float(v.float().mean()) for n, v in result.live.items()} \
             if isinstance(result.live, dict) else None
         info["live_fraction"] = live
-        pos, neg = result.importance_scores("pos"), result.importance_scores("neg")
+        pos = result.importance_scores("positive_first")
+        neg = result.importance_scores("negative_first")
         scores.update({"curv_pos": pos, "curv_neg": neg, "curv_pos_layer": pos,
                        "curv_neg_layer": neg})
     mag = magnitude_scores(model)

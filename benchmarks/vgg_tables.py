@@ -3,7 +3,7 @@
     python benchmarks/vgg_tables.py                       # every table
     python benchmarks/vgg_tables.py --tables hop2[0] hop2[6]   # only these (hop2 ones)
 
-Builds what :meth:`curvprune.engine.NeuronGraph.build` builds for ``create_model("vgg9",
+Builds what :meth:`curvprune.graphs.neuron.NeuronGraph.build` builds for ``create_model("vgg9",
 in_channels=1)`` (random init; the tables' sizes and work do not depend on the weights' values
 unless some are zero), printing for each ``L -> L+2`` and ``L -> L+3`` table its layout, its
 bytes, its min-plus operations (first-hop edges times the next table's window) and its time,
@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curvprune import engine  # noqa: E402
-from curvprune.graph import chain_structure  # noqa: E402
+from curvprune.graphs import neuron as engine  # noqa: E402
+from curvprune.graphs.neuron import chain_structure  # noqa: E402
 from curvprune.models import create_model  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     for s, w in zip(structures, weights):
         value = w.to(torch.float64)[s.widx]
         keep = value != 0
-        kept.append(engine._Layer(s.src[keep], s.dst[keep], s.widx[keep],
+        kept.append(engine._WeightedEdges(s.src[keep], s.dst[keep], s.widx[keep],
                                   1.0 / value[keep].abs()))
     del structures
     n = len(kept)

@@ -33,6 +33,7 @@ from .pruning import (
 from .pruning.allocation import allocate_like
 from .pruning.structured import ChannelPruningReport, prune_channels
 from .result import CurvatureResult, ImportanceScores
+from .transport import EngineOptions
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "neural_curvature",
+    "EngineOptions",
     "estimate",
     "ScoringEstimate",
     "CurvatureImportance",

@@ -7,17 +7,28 @@ raises a one-line ``TypeError``/``ValueError`` naming the fix.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-#: ``order=``: ``"pos"`` prunes the most positive curvature first (the paper's method), ``"neg"``
-#: the most negative first (the control).
-ORDERS = ("pos", "neg")
+#: ``order=``: what is pruned first. ``"positive_first"`` prunes the most positive curvature
+#: first (the paper's method), ``"negative_first"`` the most negative first (the paper's control).
+ORDERS = ("positive_first", "negative_first")
+#: The original spellings (``order="pos"|"neg"``), still accepted by :func:`check_order` with a
+#: ``DeprecationWarning``.
+DEPRECATED_ORDERS = {"pos": "positive_first", "neg": "negative_first"}
 #: ``reduction=``: how a node's curvature combines its edges' (``mean`` or ``min``).
 REDUCTIONS = ("mean", "min")
+#: ``scope=``: one ranking over all weights (``global``) or every weight by the amount (``layer``).
+SCOPES = ("global", "layer")
+#: ``allocation=``: which criterion sets how much of each weight a global pruning removes.
+ALLOCATIONS = ("curvature", "wanda", "magnitude")
+#: ``granularity=``: the neuron graph (chains), the channel graph (any model) or the first that
+#: fits.
+GRANULARITIES = ("neuron", "channel", "auto")
 
 
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
@@ -28,6 +39,33 @@ def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
         raise ValueError(f"{name} must be {'one of ' if len(choices) > 2 else ''}{listed}, "
                          f"not {value!r}.")
     return value
+
+
+def check_order(order: Any, stacklevel: int = 3) -> str:
+    """``order`` as one of :data:`ORDERS`: the one place the old spellings ``"pos"``/``"neg"``
+    map to ``"positive_first"``/``"negative_first"`` (with a ``DeprecationWarning`` naming the
+    new value, attributed ``stacklevel`` frames up: the caller's caller by default)."""
+    if isinstance(order, str) and order in DEPRECATED_ORDERS:
+        new = DEPRECATED_ORDERS[order]
+        warnings.warn(f"order={order!r} is deprecated; use order={new!r} (the same ranking).",
+                      DeprecationWarning, stacklevel=stacklevel)
+        return new
+    return check_choice(order, "order", ORDERS)
+
+
+def check_module(model: Any, name: str = "model") -> nn.Module:
+    """``model`` if it is an ``nn.Module``; else a ``TypeError`` naming what it is."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, not {type(model).__name__}.")
+    return model
+
+
+def check_threads(threads: Any) -> int | None:
+    """``threads`` (CPU threads for the transport solves) if ``None`` or a positive int."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    return threads
 
 
 def check_alpha(alpha: float) -> float:

@@ -1,4 +1,5 @@
-"""Calibration data and node activities.
+"""Calibration data and node activities: the accepted forms of a calibration set, the scoring
+mode a model runs in, and the activities its forward pass records.
 
 A calibration set is a tensor batch, an ``(inputs, targets)`` pair, or any iterable of those
 (a :class:`~torch.utils.data.DataLoader` works as is). A list of single examples without their
@@ -23,7 +24,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._checks import model_device  # the one rule: every parameter on one device
+from ._checks import (
+    check_module,
+    model_device,  # the one rule: every parameter on one device
+)
 
 __all__ = ["is_single_pair", "iter_calibration_inputs", "model_device", "half_dtype",
            "scoring_mode", "capture_activations", "normalise_activity", "check_model",
@@ -77,8 +81,7 @@ def check_model(model: nn.Module) -> None:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: a parameter or buffer on the ``meta`` device.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_meta:
             raise ValueError(

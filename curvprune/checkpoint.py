@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._checks import check_module
+
 __all__ = ["load_checkpoint"]
 
 #: Keys under which training scripts commonly store the state dict, tried in this order.
@@ -79,6 +81,18 @@ def _names(keys: list[str], shown: int = _SHOWN) -> str:
     return text + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
+def state_mismatches(target: Mapping[str, Any], state: Mapping[str, Any]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` fails to fit ``target`` (a model's state dict): the keys of ``target`` it
+    lacks, the keys it has that ``target`` does not, and the keys both hold as tensors of
+    different shapes (each in its dict's order)."""
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    shapes = [k for k in target if k in state and isinstance(target[k], torch.Tensor)
+              and isinstance(state[k], torch.Tensor) and target[k].shape != state[k].shape]
+    return missing, unexpected, shapes
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], *,
                     label: str | None = None) -> nn.Module:
     """Load trained weights into ``model`` (in place) and return it.
@@ -113,8 +127,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
             and shapes that do not match ``model`` (the message names them).
         TypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     if isinstance(checkpoint, (str, os.PathLike)):
         label = label or str(checkpoint)
         obj = _read(Path(checkpoint))
@@ -123,15 +136,15 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
         obj = checkpoint
     target = model.state_dict()
     state = _strip_prefixes(_unwrap(obj, label), set(target))
-    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in target]
+    missing, unexpected, mismatched = state_mismatches(target, state)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if any(k.endswith(("weight_orig", "weight_mask")) for k in unexpected):
         raise ValueError(
             f"{label} was saved from a model under pruning hooks (weight_orig/weight_mask "
             "keys); call curvprune.make_permanent(model) before saving its state dict, or load "
             "it with curvprune.load_pruned.")
     shapes = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(target[k].shape)} in the "
-              "model" for k in target if k in state and state[k].shape != target[k].shape]
+              "model" for k in mismatched]
     if missing or unexpected or shapes:
         parts = []
         if missing:

@@ -11,8 +11,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,40 +20,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._checks import ORDERS
+from ._checks import ALLOCATIONS, GRANULARITIES, ORDERS, SCOPES, check_order
+from .errors import UsageError
+from .outputs import atomic_write, output_dir, write_json
+from .plots import plot_kappa_histograms, plot_sparsity
 
-__all__ = ["main", "load_model"]
-
-
-class UsageError(Exception):
-    """A problem with the command line: reported in one line, exit status 2."""
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, data: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
-    _atomic_write(path, write)
-
-
-def _save_figure(fig, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+__all__ = ["main", "load_model", "UsageError"]
 
 
 def load_model(spec: str, *, num_classes: int | None = 10, in_channels: int | None = None,
@@ -116,58 +88,46 @@ def _match_input(model: nn.Module, dataset):
     return dataset
 
 
-def _output_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, delete=True)
-        probe.close()
-    except OSError as exc:
-        raise UsageError(f"cannot write to output folder {path}: {exc.strerror or exc}") from exc
-    return out
+def _parsed(name: str, convert: Callable[[str], Any], kind: str, valid: Callable[[Any], bool],
+            expected: str, none: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)`` (``'none'`` -> ``None`` when ``none``), refused
+    with ``"{name} must be {kind}"`` when it does not convert and ``"{name} must be
+    {expected}"`` when ``valid`` rejects it."""
+    def parse(text: str) -> Any:
+        if none and text.lower() == "none":
+            return None
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {expected}, got {text}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"threads must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"threads must be at least 1, got {value}")
-    return value
+_threads = _parsed("threads", int, "an integer", lambda v: v >= 1, "at least 1")
+_amount = _parsed("amount", float, "a number", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+_nodes = _parsed("nodes", int, "a positive integer or 'none'", lambda v: v >= 1,
+                 "a positive integer", none=True)
+_tolerance = _parsed("tolerance", float, "a number", lambda v: 0 <= v < float("inf"),
+                     "a finite number >= 0")
 
 
-def _amount(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"amount must be a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"amount must be in [0, 1], got {value}")
-    return value
-
-
-def _nodes(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"nodes must be a positive integer or 'none', got "
-                                         f"{text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"nodes must be a positive integer, got {value}")
-    return value
-
-
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tolerance must be a number, got {text!r}") from None
-    if not (value >= 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"tolerance must be a finite number >= 0, got {text}")
-    return value
+def _order(text: str) -> str:
+    """``--order``: the old ``pos``/``neg`` map (through :func:`check_order`) to the new names,
+    with the deprecation written to stderr; anything else is left to argparse's choices."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            order = check_order(text)
+        except ValueError:
+            return text
+    for warning in caught:
+        sys.stderr.write(f"curvprune: warning: {warning.message}\n")
+    return order
 
 
 def _calibration(model, dataset, per_class: int, seed: int, kind: str = "correct"):
@@ -179,47 +139,6 @@ def _calibration(model, dataset, per_class: int, seed: int, kind: str = "correct
         return class_balanced_calibration(model, dataset, per_class, seed=seed)
     except ValueError as exc:
         raise UsageError(f"calibration: {exc} (is the model trained on this data?)") from exc
-
-
-def _plot_sparsity(report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report.layers)
-    values = [row.sparsity for row in report.layers.values()]
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2), 3.2))
-    ax.bar(range(len(names)), values, color="#4a7ab5")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction pruned")
-    ax.set_title(f"per-layer sparsity (overall {report.overall_sparsity:.1%})")
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_histograms(result, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .analysis import histogram
-
-    hists = histogram(result, bins=40)
-    fig, axes = plt.subplots(len(hists), 1, figsize=(6, 1.6 * len(hists) + 0.6), squeeze=False)
-    for ax, (name, h) in zip(axes[:, 0], hists.items()):
-        ax.stairs(h.counts, h.edges, fill=True, color="#b5644a")
-        ax.axvline(0.0, color="k", lw=0.6)
-        ax.set_ylabel(name, fontsize=8)
-    axes[-1, 0].set_xlabel("kappa (live weights)")
-    fig.suptitle(f"neural curvature per layer (alpha={result.alpha}, "
-                 f"{result.num_examples} examples)", fontsize=10)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    plt.close(fig)
 
 
 def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
@@ -241,7 +160,7 @@ def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
                           "random: a plain random batch of 10 k examples (no trained model "
                           "needed)")
     sub.add_argument("--alpha", type=float, default=0.9)
-    sub.add_argument("--granularity", choices=["neuron", "channel", "auto"], default="auto",
+    sub.add_argument("--granularity", choices=GRANULARITIES, default="auto",
                      help="neuron (the paper's graph, chains only), channel (any model) or auto "
                           "(neuron when it fits, else channel)")
     sub.add_argument("--device", default=None)
@@ -268,7 +187,7 @@ def _data_classes(dataset) -> int:
 
 
 def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None]:
-    out = _output_dir(args.out) if write else None
+    out = output_dir(args.out) if write else None
     if args.num_classes is not None and args.num_classes < 1:
         raise UsageError("--num-classes must be at least 1")
     test = _load_data(args.data, train=False)
@@ -290,15 +209,14 @@ def _prepare(args, write: bool = True) -> tuple[nn.Module, Any, Any, Path | None
 
 
 def _cmd_prune(args) -> dict:
-    from .evaluation import accuracy
     from .pruning import make_permanent, prune_model
 
     if args.scope is None:  # the API's defaults: prune_model global, prune_channels per group
         args.scope = "layer" if args.structured else "global"
     if args.structured:
-        if args.order != "pos":
+        if args.order != "positive_first":
             raise UsageError("--structured ranks channels by curvature importance (bottlenecks "
-                             "kept); --order neg is for unstructured pruning only.")
+                             "kept); --order negative_first is for unstructured pruning only.")
         if args.granularity == "neuron":
             raise UsageError("--structured uses channel granularity; drop --granularity neuron.")
         if args.amount >= 1:
@@ -310,18 +228,16 @@ def _cmd_prune(args) -> dict:
             raise UsageError("--tolerance (decision-exact pruning) is for unstructured "
                              "pruning; --structured scores channels exactly.")
         return _cmd_prune_channels(args)
-    model, test, calibration, out = _prepare(args)
-    start = time.perf_counter()
-    before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
-    try:
+
+    def prune(model: nn.Module, calibration: Any):
         report = prune_model(model, calibration, args.amount, scope=args.scope,
                              order=args.order, alpha=args.alpha, granularity=args.granularity,
                              progress=not args.quiet, allocation=args.allocation,
                              threads=args.threads, tolerance=args.tolerance)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from exc
-    make_permanent(model)
-    after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+        make_permanent(model)
+        return report
+
+    model, calibration, out, report, before, after, start = _evaluated_pruning(args, prune)
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "overall_sparsity": report.overall_sparsity,
@@ -342,17 +258,35 @@ def _cmd_prune(args) -> dict:
     if report.result is not None:
         files.append("kappa_histograms.png")
     data["files"] = files
-    _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
-    _write_json(out / "report.json", data)
-    _plot_sparsity(report, out / "sparsity.png")
+    atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
+    write_json(out / "report.json", data)
+    plot_sparsity(report, out / "sparsity.png")
     if report.result is not None:
-        _plot_histograms(report.result, out / "kappa_histograms.png")
+        plot_kappa_histograms(report.result, out / "kappa_histograms.png")
     else:  # no curvature to plot: leave no stale plot of an earlier run beside this report
         (out / "kappa_histograms.png").unlink(missing_ok=True)
     if report.result is None and not args.quiet:
         print(f"note: no kappa_histograms.png: the weights were ranked by {report.fallback}")
     _print_done(args, report.summary(), before, after, out, ", ".join(files))
     return data
+
+
+def _evaluated_pruning(args, prune: Callable[[nn.Module, Any], Any]) -> tuple:
+    """The body both kinds of ``prune`` share: build the model and data (:func:`_prepare`),
+    measure test accuracy, run ``prune(model, calibration)`` (its ``ValueError``/``TypeError``
+    as a ``UsageError``), measure again. Returns ``(model, calibration, out, report, before,
+    after, start)``; the accuracies are ``None`` with ``--no-eval``."""
+    from .evaluation import accuracy
+
+    model, test, calibration, out = _prepare(args)
+    start = time.perf_counter()
+    before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+    try:
+        report = prune(model, calibration)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+    return model, calibration, out, report, before, after, start
 
 
 def _print_done(args, summary: str, before, after, out: Path, files: str) -> None:
@@ -377,19 +311,14 @@ def _zoo_ignored_layers(spec: str, model: nn.Module) -> list[nn.Module] | None:
 
 
 def _cmd_prune_channels(args) -> dict:
-    from .evaluation import accuracy
     from .pruning.structured import prune_channels
 
-    model, test, calibration, out = _prepare(args)
-    start = time.perf_counter()
-    before = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
-    try:
-        report = prune_channels(model, calibration, args.amount, alpha=args.alpha,
-                                global_pruning=args.scope == "global", threads=args.threads,
-                                ignored_layers=_zoo_ignored_layers(args.model, model))
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from exc
-    after = None if args.no_eval else accuracy(model, test, limit=args.eval_limit)
+    def prune(model: nn.Module, calibration: Any):
+        return prune_channels(model, calibration, args.amount, alpha=args.alpha,
+                              global_pruning=args.scope == "global", threads=args.threads,
+                              ignored_layers=_zoo_ignored_layers(args.model, model))
+
+    model, calibration, out, report, before, after, start = _evaluated_pruning(args, prune)
     result = report.importance.result
     data = {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
@@ -403,8 +332,8 @@ def _cmd_prune_channels(args) -> dict:
         "scoring_seconds": result.seconds if result is not None else None,
         "seconds": time.perf_counter() - start,
     }
-    _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
-    _write_json(out / "report.json", json.loads(json.dumps(data, default=_jsonable)))
+    atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
+    write_json(out / "report.json", json.loads(json.dumps(data, default=_jsonable)))
     _print_done(args, report.summary(), before, after, out, "model.pt, report.json")
     return data
 
@@ -450,14 +379,14 @@ def _cmd_analyze(args) -> dict:
         pruned = _relational_at_amount(result, amount, args.nodes)
         data["relational_pruned"][str(amount)] = _relational_json(pruned)
         summaries.append(f"after pruning {amount:.0%} of the scored weights by curvature "
-                         f"(order pos, global):\n{pruned.summary()}")
+                         f"(order positive_first, global):\n{pruned.summary()}")
     files = ["analysis.json"]
     if result is not None:
-        _plot_histograms(result, out / "kappa_histograms.png")
+        plot_kappa_histograms(result, out / "kappa_histograms.png")
         files.append("kappa_histograms.png")
     else:
         (out / "kappa_histograms.png").unlink(missing_ok=True)
-    _write_json(out / "analysis.json", json.loads(json.dumps(data, default=_jsonable)))
+    write_json(out / "analysis.json", json.loads(json.dumps(data, default=_jsonable)))
     if not args.quiet:
         if result is not None:
             print(result.summary())
@@ -482,12 +411,12 @@ def _relational_json(relational) -> dict:
 
 
 def _relational_at_amount(result, amount: float, nodes: int | None):
-    """Relational measures of the masks a global curvature pruning (order pos) of ``amount``
-    of the scored weights leaves: the first ``round(amount * N)`` weights of
+    """Relational measures of the masks a global curvature pruning (order positive_first) of
+    ``amount`` of the scored weights leaves: the first ``round(amount * N)`` weights of
     :meth:`CurvatureResult.pruning_order` go (zero weights first, as in ``prune_model``)."""
     from .analysis import relational_measures_masks
 
-    ranks = result.pruning_order("pos")
+    ranks = result.pruning_order("positive_first")
     total = sum(r.numel() for r in ranks.values())
     cut = round(amount * total)
     masks = {name: (r >= cut).cpu() for name, r in ranks.items()}
@@ -560,13 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prune)
     prune.add_argument("--amount", type=_amount, required=True,
                        help="fraction of the weights to remove, in [0, 1]")
-    prune.add_argument("--scope", choices=["global", "layer"], default=None,
+    prune.add_argument("--scope", choices=SCOPES, default=None,
                        help="global: one ranking of all weights (default, as prune_model); "
                             "layer: every layer loses --amount. With --structured: layer (the "
                             "default, as prune_channels) removes the ratio from every group, "
                             "global ranks all groups together")
-    prune.add_argument("--order", choices=ORDERS, default="pos")
-    prune.add_argument("--allocation", choices=["curvature", "wanda", "magnitude"],
+    prune.add_argument("--order", type=_order, choices=ORDERS, default="positive_first",
+                       help="what is pruned first: positive_first (the most positive curvature, "
+                            "the paper's method; default) or negative_first (the most negative, "
+                            "the paper's control); the old pos/neg still work, with a warning")
+    prune.add_argument("--allocation", choices=ALLOCATIONS,
                        default="curvature",
                        help="with --scope global: how much of each layer goes (curvature: one "
                             "global ranking, the paper; wanda/magnitude: that criterion's "

@@ -38,19 +38,13 @@ from .calibration import (
     prepare_calibration,
     scoring_mode,
 )
-from .engine import (
-    CERTIFY_TOL,
-    EngineStats,
-    NeuronGraph,
-    bound_example,
-    hop_table_bytes,
-    solve_layer_edges,
-)
-from .graph import chain_structure, layer_edges, trace_chain
-from .minimum import MinimumSearch
+from .graphs.base import EdgeGraph, EdgeProblem
+from .graphs.channel import ChannelDistances, ChannelGraph, ChannelProblems
+from .graphs.neuron import NeuronGraph, chain_structure, hop_table_bytes, layer_edges, trace_chain
 from .result import CurvatureResult
+from .transport import CERTIFY_TOL, EngineOptions, EngineStats, MinimumSearch
 
-__all__ = ["neural_curvature"]
+__all__ = ["neural_curvature", "EngineOptions", "channel_edge_bounds"]
 
 _GRANULARITIES = ("neuron", "channel", "auto")
 
@@ -131,6 +125,7 @@ def neural_curvature(
     threads: int | None = None,
     memory_budget: int | None = None,
     certify_tol: float | None = None,
+    options: EngineOptions | None = None,
 ) -> CurvatureResult:
     r"""Neural Ollivier-Ricci curvature of every Linear/Conv2d weight of ``model``.
 
@@ -158,7 +153,7 @@ def neural_curvature(
             :math:`\alpha \ge 1/2` kappa does not depend on alpha (see ``docs/method.md``).
         granularity: ``"neuron"`` (the paper's graph: one node per neuron, chains only),
             ``"channel"`` (one node per channel, any model the channel tracer follows: see
-            :mod:`curvprune.channels`; every element of ``W[o, i, ...]`` gets the curvature of
+            :mod:`curvprune.graphs.channel`; every element of ``W[o, i, ...]`` gets the curvature of
             the channel edge ``i -> o``, zero elements ``+inf``), or ``"auto"`` (neuron when the
             model is a chain whose distance tables fit ``memory_budget``, else channel).
         device: where the engine runs; defaults to the model's device. The model itself is not
@@ -171,11 +166,11 @@ def neural_curvature(
             curvature, at most ``tolerance`` apart, and ``result.kappa`` is their midpoint. The
             engine spends the tolerance three ways (``docs/method.md``, "Curvature
             intervals"): masses whose effect on an edge's kappa is at most ``tolerance / 4``
-            are cut from the measures (:func:`curvprune.engine.cut_measures`) and the bounds
+            are cut from the measures (:func:`curvprune.transport.cut_measures`) and the bounds
             are widened by that; edges are settled by their bounds
-            (:func:`curvprune.engine.bound_edges`); and the minimum search
-            (:mod:`curvprune.minimum`) stops solving a weight's edges once its interval is at
-            most ``tolerance`` wide. :meth:`CurvatureResult.refine
+            (:func:`curvprune.transport.bound_edges`); and the minimum search
+            (:mod:`curvprune.transport.minimum`) stops solving a weight's edges once its
+            interval is at most ``tolerance`` wide. :meth:`CurvatureResult.refine
             <curvprune.result.CurvatureResult.refine>` later solves chosen weights exactly.
         certify_tol: deprecated name of ``tolerance`` (a ``DeprecationWarning``).
         threads: CPU threads for the exact transport solves (default: ``torch.get_num_threads()``).
@@ -183,6 +178,14 @@ def neural_curvature(
             after), so that the two do not compete for the cores.
         memory_budget: bytes the distance tables may take (default :data:`MEMORY_BUDGET`,
             4 GiB); a larger graph is refused with a ``ValueError`` saying how much it needs.
+        options: the engine's tuning knobs (chunk sizes, hop-table windows, the edge-problem
+            cache; :class:`~curvprune.transport.EngineOptions`); none changes a score.
+
+    Both granularities run one loop: build the graph once (the neuron graph and its hop
+    tables, or the traced channel graph and its needed distances), capture every example's
+    activities, bound every edge problem (built once per layer or group and example, then
+    reused by the solve rounds), feed the minimum search, solve exactly only what can still
+    move a weight's interval, and scatter the minima to the weights.
 
     Returns:
         A :class:`~curvprune.result.CurvatureResult`; ``result.kappa[name]`` has the shape of
@@ -220,6 +223,11 @@ def neural_curvature(
         raise ValueError(f"threads must be a positive integer, got {threads!r}.")
     if memory_budget is None:
         memory_budget = MEMORY_BUDGET
+    if options is None:
+        options = EngineOptions()
+    elif not isinstance(options, EngineOptions):
+        raise TypeError(f"options must be a curvprune.transport.EngineOptions, not "
+                        f"{type(options).__name__}.")
     model_device = _model_device(model)
     engine_device = resolve_device(device, model)
     if granularity == "auto":
@@ -228,7 +236,7 @@ def neural_curvature(
         return _channel_curvature(model, calibration, alpha=alpha, model_device=model_device,
                                   engine_device=engine_device, progress=progress,
                                   tolerance=tolerance, threads=threads,
-                                  memory_budget=memory_budget, start=start)
+                                  memory_budget=memory_budget, start=start, options=options)
     layers = trace_chain(model)
     modules = [layer.module for layer in layers]
     names = [layer.name for layer in layers]
@@ -253,9 +261,11 @@ def neural_curvature(
                 structures = [layer_edges(m, in_shapes[k], out_shapes[k])
                               for k, m in enumerate(modules)]
                 _check_shapes(structures, values, names)
-                _check_table_bytes(hop_table_bytes(structures), memory_budget)
+                _check_table_bytes(hop_table_bytes(structures, options.window_fraction),
+                                   memory_budget)
                 graph = NeuronGraph.build(
-                    structures, [m.weight.detach().flatten() for m in modules], engine_device
+                    structures, [m.weight.detach().flatten() for m in modules], engine_device,
+                    options,
                 )
             acts = [normalise_activity(v).to(engine_device) for v in values]
             for b in range(acts[0].shape[0]):
@@ -264,8 +274,8 @@ def neural_curvature(
         if graph is None:  # iter_calibration_inputs refuses an empty set; kept for safety
             raise ValueError("the calibration set is empty.")
         numels = [m.weight.numel() for m in modules]
-        upper, lower, live = _neuron_search(graph, example_acts, numels, alpha, tolerance,
-                                            stats=stats, threads=threads, bar=bar)
+        upper, lower, live = _search(graph, example_acts, alpha, tolerance, stats=stats,
+                                     options=options, threads=threads, bar=bar)
 
     def refine(result: CurvatureResult, masks: dict[str, torch.Tensor]
                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -276,8 +286,8 @@ def neural_curvature(
         subsets = [torch.nonzero(flat[k][graph.layers[k].widx]).squeeze(1)
                    for k in range(len(names))]
         counts = EngineStats()
-        exact, _, _ = _neuron_search(graph, example_acts, numels, alpha, 0.0, stats=counts,
-                                     threads=threads, subsets=subsets)
+        exact, _, _ = _search(graph, example_acts, alpha, 0.0, stats=counts, options=options,
+                              threads=threads, subsets=subsets)
         return {n: exact[k] for k, n in enumerate(names) if n in masks}, counts.as_dict()
 
     kappa = [0.5 * (lo + hi) for lo, hi in zip(lower, upper)]
@@ -306,46 +316,123 @@ def neural_curvature(
     )
 
 
-def _neuron_search(graph: NeuronGraph, example_acts: list[list[torch.Tensor]],
-                   numels: list[int], alpha: float, tolerance: float, *, stats: EngineStats,
-                   threads: int, subsets: list[torch.Tensor] | None = None, bar=None
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer, ``(upper, lower, live)`` over the flat weights: certified bounds on each
-    weight's curvature at most ``tolerance`` apart (``docs/method.md``), and whether the weight
-    has a live edge. ``subsets``: per layer, the edges to score (every edge of the weights one
-    wants; the others' weights stay ``+inf``)."""
-    layers = graph.layers
-    widx = [layer.widx if subsets is None else layer.widx[subsets[k]]
-            for k, layer in enumerate(layers)]
-    search = MinimumSearch(widx, numels, tolerance=tolerance)
-    device = layers[0].src.device if layers else torch.device("cpu")
-    live = [torch.zeros(n, dtype=torch.bool, device=device) for n in numels]
-    cut_tol = tolerance / 2  # each edge within tolerance / 4 (engine.cut_measures)
+def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, *,
+            stats: EngineStats, options: EngineOptions, threads: int,
+            subsets: list[torch.Tensor] | None = None, bar=None
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The one scoring loop, for either graph: per group of ``graph``, ``(upper, lower,
+    live)`` over its search slots: certified bounds on each slot's minimum curvature over the
+    examples (``activities``, one per example), at most ``tolerance`` apart
+    (``docs/method.md``), and whether the slot has a live edge.
+
+    Every edge problem is bounded (:meth:`EdgeProblem.bounds`), the bounds feed the minimum
+    search (:class:`~curvprune.transport.MinimumSearch`), and the search solves exactly only
+    the edges that can still move a slot's interval (:meth:`EdgeProblem.solve`). Each problem
+    is built once per (group, example) and kept for the solve rounds while the problems kept
+    fit ``options.problem_cache_bytes``. ``subsets``: per group, the edges to score (the
+    others' slots stay ``+inf``)."""
+    groups = range(graph.num_groups)
+    slots, sizes = [], []
+    for g in groups:
+        slot, size = graph.slots(g)
+        slots.append(slot if subsets is None else slot[subsets[g]])
+        sizes.append(size)
+    search = MinimumSearch(slots, sizes, tolerance=tolerance)
+    live = [torch.zeros(n, dtype=torch.bool, device=s.device) for s, n in zip(slots, sizes)]
+    cut_tol = tolerance / 2  # each edge within tolerance / 4 (transport.cut_measures)
+    cache = _ProblemCache(options.problem_cache_bytes)
+
+    def problem(g: int, x: int) -> EdgeProblem:
+        found = cache.get((g, x))
+        if found is None:
+            found = graph.edge_problem(g, activities[x], cut_tol)
+            cache.put((g, x), found)
+        return found
+
     _restart_clock(bar)  # the ETA is per example: the forward passes and build are not in it
-    for x, acts in enumerate(example_acts):
+    for x in range(len(activities)):
         # Only the engine runs single-threaded: the model's forward pass keeps the user's
         # setting (float32 kernels round differently with other counts).
         with _torch_threads(1 if threads > 1 else None):
-            bounds = bound_example(graph, acts, alpha, certify_tol=tolerance, cut_tol=cut_tol,
-                                   settle=False, stats=stats, edges=subsets)
-        for k, (lo, hi, dead) in enumerate(bounds):
-            search.add(k, x, lo, hi)
-            live[k].scatter_reduce_(0, widx[k], ~dead, reduce="amax")
+            for g in groups:
+                if subsets is not None and subsets[g].numel() == 0:
+                    continue
+                part = problem(g, x)
+                if subsets is not None:
+                    part = part.take(subsets[g])
+                lo, hi = part.bounds(alpha, tolerance, stats=stats, options=options)
+                search.add(g, x, lo, hi)
+                live[g].scatter_reduce_(0, slots[g], ~part.dead, reduce="amax")
         if bar is not None:
             bar.update(1)
-    # Only the edges that can still matter to a weight's interval are solved.
 
-    def solve(k: int, x: int, edges: torch.Tensor):
+    def solve(g: int, x: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache.keep_group(g)  # the search resolves group by group: earlier ones are done
         if subsets is not None:
-            edges = subsets[k][edges]
-        return solve_layer_edges(graph, example_acts[x], k + 1, edges, alpha,
-                                 certify_tol=cut_tol, stats=stats, threads=threads,
-                                 with_error=True)
+            edges = subsets[g][edges]
+        return problem(g, x).solve(edges, alpha, stats=stats, options=options,
+                                   threads=threads)
 
+    # Only the edges that can still matter to a slot's interval are solved.
     with _torch_threads(1 if threads > 1 else None), _MinimaBar(bar is not None) as minima:
         upper = search.resolve(solve, on_progress=minima)
-    stats.bounded += search.opened - search.solved
+    stats.ruled_out += search.opened - search.solved
     return upper, search.lower(), live
+
+
+class _ProblemCache:
+    """Edge problems by ``(group, example)``, kept while their bytes fit ``budget``."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.items: dict[tuple[int, int], EdgeProblem] = {}
+        self.bytes = 0
+
+    def get(self, key: tuple[int, int]) -> EdgeProblem | None:
+        return self.items.get(key)
+
+    def put(self, key: tuple[int, int], problem: EdgeProblem) -> None:
+        size = problem.nbytes
+        if self.bytes + size <= self.budget:
+            self.items[key] = problem
+            self.bytes += size
+
+    def keep_group(self, group: int) -> None:
+        """Drop the problems of other groups."""
+        for key in [k for k in self.items if k[0] != group]:
+            self.bytes -= self.items.pop(key).nbytes
+
+
+def channel_edge_bounds(
+    graph: ChannelGraph,
+    distances: torch.Tensor | ChannelDistances,
+    alpha: float,
+    *,
+    tolerance: float = CERTIFY_TOL,
+    stats: EngineStats | None = None,
+    threads: int = 1,
+    edges: torch.Tensor | None = None,
+    options: EngineOptions | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Certified bounds on the curvature of every layer edge of one traced ``graph``, minimum
+    over its batch's examples: the loop of :func:`neural_curvature` on the edges, without the
+    scatter to weights.
+
+    Returns ``(upper, lower, live)`` over all edges (``[num_edges]``): ``lower <= kappa <=
+    upper`` with ``upper - lower <= tolerance`` (both exact and equal for ``tolerance=0``);
+    merge edges, which are no weight, stay ``+inf``. ``live``: whether the edge was live on at
+    least one example. ``distances``: the dense table of
+    :func:`~curvprune.graphs.channel.channel_distances` or the needed pairs of
+    :func:`~curvprune.graphs.channel.needed_distances` (the same numbers). ``edges``: a bool
+    mask over all edges; only those layer edges are scored (the others stay ``+inf``).
+    """
+    problems = ChannelProblems(graph, distances, edges)
+    upper, lower, live = _search(
+        problems, list(graph.activity), alpha, tolerance,
+        stats=stats if stats is not None else EngineStats(),
+        options=options if options is not None else EngineOptions(), threads=threads)
+    return (problems.on_edges(upper[0]), problems.on_edges(lower[0]),
+            problems.on_edges(live[0].to(torch.float64)) == 1.0)
 
 
 @contextlib.contextmanager
@@ -507,66 +594,57 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
 
 
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
-                       tolerance, threads, memory_budget, start) -> CurvatureResult:
-    """``neural_curvature`` at channel granularity (see :mod:`curvprune.channels`)."""
-    from .channels import channel_edge_bounds, needed_distances, trace_channels
+                       tolerance, threads, memory_budget, start, options) -> CurvatureResult:
+    """``neural_curvature`` at channel granularity (see :mod:`curvprune.graphs.channel`): the
+    structure and its distances come from tracing the first batch; the other batches give
+    their activities only (:func:`~curvprune.graphs.channel.channel_activity`)."""
+    from .graphs.channel import channel_activity, needed_distances, trace_channels
 
     stats = EngineStats()
     first = None
-    distances = None
-    edge_hi = edge_lo = edge_live = None
-    batches: list[torch.Tensor] = []
-    num_examples = 0
+    problems = None
+    activities: list[torch.Tensor] = []
     with _progress_bar(progress, "curvature (channel)", calibration) as bar, \
             scoring_mode(model):
         for inputs in _float_batches(calibration, model_device, model, half_dtype(model)):
-            graph = trace_channels(model, inputs, device=engine_device)
             if first is None:
-                first = graph
+                first = trace_channels(model, inputs, device=engine_device)
                 input_shape = tuple(inputs.shape[1:])
                 # Only the pairs the measures touch (refused over memory_budget up front).
-                distances = needed_distances(graph, memory_budget=memory_budget)
-                _restart_clock(bar)  # the ETA is per example: the one-off build is not in it
-                edge_hi = torch.full_like(graph.length, math.inf)
-                edge_lo = edge_hi.clone()
-                edge_live = torch.zeros_like(graph.src, dtype=torch.bool)
-            elif not first.same_structure(graph):
-                raise ValueError(
-                    f"calibration examples of shape {tuple(inputs.shape[1:])} give another "
-                    "channel graph than the first batch: every calibration example must "
-                    "have the same shape."
-                )
-            with _torch_threads(1 if threads > 1 else None), _MinimaBar(progress) as minima:
-                upper, lower, live = channel_edge_bounds(
-                    graph, distances, alpha, tolerance=tolerance, stats=stats,
-                    threads=threads, on_example=bar.update if bar is not None else None,
-                    upper=edge_hi, on_progress=minima)
-            # Over batches: the minimum of the upper bounds and of the lower bounds.
-            edge_hi = torch.minimum(edge_hi, upper)
-            edge_lo = torch.minimum(edge_lo, lower)
-            edge_live |= live
-            batches.append(graph.activity)
-            num_examples += inputs.shape[0]
+                problems = ChannelProblems(first, needed_distances(first,
+                                                                   memory_budget=memory_budget))
+                activities.extend(first.activity)
+            else:
+                activities.extend(channel_activity(model, inputs, first, engine_device))
+        upper, lower, live = _search(problems, activities, alpha, tolerance, stats=stats,
+                                     options=options, threads=threads, bar=bar)
+    first = dataclasses.replace(first, replay=None)  # the result keeps the structure only
+    problems.graph = first
+    edge_hi, edge_lo = problems.on_edges(upper[0]), problems.on_edges(lower[0])
+    edge_live = problems.on_edges(live[0].to(torch.float64)) == 1.0
     kappa, kappa_lo, kappa_hi, live_w, modules, edges, magnitude = {}, {}, {}, {}, {}, {}, {}
     zeros = {}
+
+    def to_weight(k: int, edge_values: torch.Tensor) -> torch.Tensor:
+        """A weight element's value: the minimum over the channel edges it belongs to."""
+        widx, eidx = first.weight_edges[k]
+        flat = torch.full((zeros[k].numel(),), math.inf, dtype=torch.float64,
+                          device=engine_device)
+        flat.scatter_reduce_(0, widx, edge_values[eidx], reduce="amin")
+        flat[zeros[k]] = math.inf  # a zero weight is no edge
+        return flat
+
     for k, (name, module) in enumerate(first.modules):
         weight = module.weight.detach()
         widx, eidx = first.weight_edges[k]
-        zero = weight.flatten().to(engine_device) == 0
-        zeros[name] = zero
-        bounds = []
-        for edge_values in (edge_lo, edge_hi):
-            flat = torch.full((weight.numel(),), math.inf, dtype=torch.float64,
-                              device=engine_device)
-            flat.scatter_reduce_(0, widx, edge_values[eidx], reduce="amin")
-            flat[zero] = math.inf  # a zero weight is no edge
-            bounds.append(flat)
+        zeros[k] = weight.flatten().to(engine_device) == 0
+        lo, hi = to_weight(k, edge_lo), to_weight(k, edge_hi)
         alive = torch.zeros(weight.numel(), dtype=torch.bool, device=engine_device)
         alive.scatter_reduce_(0, widx, edge_live[eidx], reduce="amax")
-        alive &= ~zero
-        kappa[name] = (0.5 * (bounds[0] + bounds[1])).view(weight.shape).to(weight.device)
-        kappa_lo[name] = bounds[0].view(weight.shape).to(weight.device)
-        kappa_hi[name] = bounds[1].view(weight.shape).to(weight.device)
+        alive &= ~zeros[k]
+        kappa[name] = (0.5 * (lo + hi)).view(weight.shape).to(weight.device)
+        kappa_lo[name] = lo.view(weight.shape).to(weight.device)
+        kappa_hi[name] = hi.view(weight.shape).to(weight.device)
         live_w[name] = alive.view(weight.shape).to(weight.device)
         modules[name] = module
         edges[name] = int((first.module == k).sum())
@@ -575,37 +653,26 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     def refine(result: CurvatureResult, masks: dict[str, torch.Tensor]
                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Exact minima (tolerance 0, uncut measures) of the weights in ``masks``: every
-        channel edge they belong to is solved exactly, on every batch."""
+        channel edge they belong to is solved exactly, on every example."""
         need = torch.zeros_like(first.src, dtype=torch.bool)
         for k, (name, _) in enumerate(first.modules):
             if name in masks:
                 widx, eidx = first.weight_edges[k]
                 need[eidx[masks[name].reshape(-1).to(engine_device)[widx]]] = True
         counts = EngineStats()
-        exact = None
-        for activity in batches:
-            graph = dataclasses.replace(first, activity=activity)
-            with _torch_threads(1 if threads > 1 else None):
-                upper, _, _ = channel_edge_bounds(graph, distances, alpha, tolerance=0.0,
-                                                  stats=counts, threads=threads, upper=exact,
-                                                  edges=need)
-            exact = upper if exact is None else torch.minimum(exact, upper)
+        subset = torch.nonzero(need[problems.scored]).squeeze(1)
+        upper, _, _ = _search(problems, activities, alpha, 0.0, stats=counts, options=options,
+                              threads=threads, subsets=[subset])
+        exact = problems.on_edges(upper[0])
         for values in (result.edge_kappa, result.edge_kappa_lo, result.edge_kappa_hi):
             values[need] = exact[need]
-        out = {}
-        for k, (name, _) in enumerate(first.modules):
-            if name in masks:
-                widx, eidx = first.weight_edges[k]
-                flat = torch.full((zeros[name].numel(),), math.inf, dtype=torch.float64,
-                                  device=engine_device)
-                flat.scatter_reduce_(0, widx, exact[eidx], reduce="amin")
-                flat[zeros[name]] = math.inf
-                out[name] = flat
+        out = {name: to_weight(k, exact) for k, (name, _) in enumerate(first.modules)
+               if name in masks}
         return out, counts.as_dict()
 
     return CurvatureResult(
         kappa=kappa, live=live_w, modules=modules, alpha=alpha, granularity="channel",
-        num_examples=num_examples, edges_per_example=edges,
+        num_examples=len(activities), edges_per_example=edges,
         seconds=time.perf_counter() - start, engine=stats.as_dict(), magnitude=magnitude,
         channel_graph=first, edge_kappa=0.5 * (edge_lo + edge_hi), input_shape=input_shape,
         kappa_lo=kappa_lo, kappa_hi=kappa_hi, tolerance=tolerance, refiner=refine,

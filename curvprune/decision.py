@@ -5,12 +5,13 @@ entries (one group over every target weight for ``scope="global"``, one per weig
 ``scope="layer"`` or an allocation budget). With :math:`\kappa` known only up to certified
 intervals :math:`[lo_w, hi_w]` (:attr:`CurvatureResult.kappa_lo
 <curvprune.result.CurvatureResult.kappa_lo>`), every weight has an interval of sort keys
-:math:`[a_w, b_w]` (pruned first = smaller key: :math:`-\kappa` for order ``"pos"``,
-:math:`\kappa` for ``"neg"``; zero weights :math:`-\infty` and dead weights :math:`\mp 2`,
-both exact). Let :math:`P` be the entries the midpoints prune in a group and :math:`K` the
-candidates they keep. The decision is the exact one if no pair :math:`i \in P, j \in K` can
-swap, i.e. :math:`a_j > b_i` for every pair where one of the two is not exact (two exact
-entries are ordered by their exact values and the usual tie-breaks, as in an exact run).
+:math:`[a_w, b_w]` (pruned first = smaller key: :math:`-\kappa` for order
+``"positive_first"``, :math:`\kappa` for ``"negative_first"``; zero weights :math:`-\infty`
+and dead weights :math:`\mp 2`, both exact). Let :math:`P` be the entries the midpoints prune
+in a group and :math:`K` the candidates they keep. The decision is the exact one if no pair
+:math:`i \in P, j \in K` can swap, i.e. :math:`a_j > b_i` for every pair where one of the two
+is not exact (two exact entries are ordered by their exact values and the usual tie-breaks, as
+in an exact run).
 With :math:`B = \max_P b` and :math:`A = \min_K a`, a pair that can swap has an inexact
 :math:`i \in P` with :math:`b_i \ge A` or an inexact :math:`j \in K` with :math:`a_j \le B`:
 those are the *straddling* entries. :func:`decide_exactly` solves them exactly
@@ -34,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._checks import check_order
 from .result import CurvatureResult
 
 __all__ = ["sort_key_bounds", "straddling", "decide_exactly"]
@@ -60,6 +62,7 @@ def sort_key_bounds(result: CurvatureResult, order: str,
     <curvprune.result.CurvatureResult.refine>`), every other live entry is widened by
     :data:`ROUNDING` (relative), so that only zero, dead and refined entries, and the constant
     1 (a dead edge), count as exact."""
+    order = check_order(order)
     out = {}
     for name, lo in result.kappa_lo.items():
         hi, live = result.kappa_hi[name], result.live[name]
@@ -67,7 +70,7 @@ def sort_key_bounds(result: CurvatureResult, order: str,
         zero = torch.isinf(result.kappa[name])
         value_lo = torch.where(live, lo, two)
         value_hi = torch.where(live, hi, two)
-        if order == "pos":
+        if order == "positive_first":
             a, b = -value_hi, -value_lo
         else:
             a, b = value_lo, value_hi
@@ -89,6 +92,7 @@ def straddling(result: CurvatureResult, order: str, pruned: dict[str, torch.Tens
     """The inexact entries whose interval lets exact curvature move them across the pruning
     boundary of their group (module docstring); empty masks when the decision is exact.
     ``refined``: as for :func:`sort_key_bounds`."""
+    order = check_order(order)
     keys = sort_key_bounds(result, order, refined)
     out = {name: torch.zeros_like(k[0], dtype=torch.bool) for name, k in keys.items()}
     for group in groups:
@@ -118,6 +122,7 @@ def decide_exactly(result: CurvatureResult, order: str, decide: Decide
     Returns ``(pruned, refined, rounds)``: the certified pruned masks, the number of weights
     solved exactly and the number of refinement rounds.
     """
+    order = check_order(order)
     done = {n: torch.zeros_like(k, dtype=torch.bool) for n, k in result.kappa.items()}
     refined = rounds = 0
     while True:

@@ -1,9 +1,10 @@
-"""The main job on an embedded default: ``python -m curvprune.demo``.
+"""The demo, ``python -m curvprune.demo``: the main job (train, score, prune, compare) on an
+embedded default.
 
 Trains a small MLP (784-64-32-10) for one epoch (seconds), scores it by neural curvature on one
 correctly classified example per class, and reports test accuracy after pruning 50/80/90% of the
-weights by curvature ("pos"), the paper's control ("neg") and global magnitude, with no
-fine-tuning.
+weights by curvature (``"positive_first"``), the paper's control (``"negative_first"``) and global
+magnitude, with no fine-tuning.
 
 Writes to ``--out`` (default: the current folder) ``model.pt``, the trained dense model saved
 whole (``torch.save(model)``), so that ``curvprune prune --model model.pt ...`` and
@@ -27,8 +28,11 @@ import torch.nn.utils.prune as prune
 
 from .curvature import neural_curvature
 from .data import class_balanced_calibration, fashion_mnist
+from .errors import UsageError
 from .evaluation import accuracy
 from .models import create_model
+from .outputs import atomic_write, output_dir
+from .plots import plot_demo_accuracy, plot_kappa_histograms
 from .pruning import CurvaturePruning, clone_pruned, make_permanent
 from .training import train_classifier
 
@@ -61,14 +65,12 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
     """Run the demo and return its numbers (accuracy per criterion and amount).
 
     With ``out`` (a folder, created if missing; an unwritable one raises
-    ``curvprune.cli.UsageError`` before training), also write ``model.pt`` (the trained dense
+    ``curvprune.errors.UsageError`` before training), also write ``model.pt`` (the trained dense
     model, saved whole), ``demo_accuracy.png`` and ``kappa_histograms.png`` there; the report's
     ``"files"`` lists them."""
     say = (lambda *a: None) if quiet else print
     if out is not None:  # checked before training: an unwritable folder fails at once
-        from .cli import _output_dir
-
-        out = _output_dir(str(out))
+        out = output_dir(out)
     torch.manual_seed(seed)
     name, train, test = _datasets()
     model = create_model("mlp", hidden=(64, 32))
@@ -80,25 +82,23 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
     calibration, _ = class_balanced_calibration(model, test, 1, num_classes=10, seed=seed)
     scores = neural_curvature(model, calibration, progress=not quiet)
     say(scores.summary())
-    params = [(m, "weight") for m in scores.modules.values()]
     report: dict = {"data": name, "dense_accuracy": dense, "seconds": scores.seconds,
                     "accuracy": {}}
     say(f"\n{'removed':>8} {'curvature':>10} {'control':>8} {'magnitude':>10}")
     for amount in amounts:
         row = {}
-        for label, order in (("curvature", "pos"), ("control", "neg"), ("magnitude", None)):
+        for label, order in (("curvature", "positive_first"), ("control", "negative_first"),
+                             ("magnitude", None)):
             pruned = clone_pruned(model)
-            targets = [(dict(pruned.named_modules())[n.rsplit(".", 1)[0]], "weight")
-                       for n in scores.modules]
+            bound = scores.bind(pruned)  # the same scores, keyed by the clone's modules
+            targets = [(module, "weight") for module in bound.modules.values()]
             if order is None:
                 prune.global_unstructured(targets, pruning_method=prune.L1Unstructured,
                                           amount=amount)
             else:
-                ranks = scores.importance_scores(order)
-                keyed = {(t[0], "weight"): ranks[p] for t, p in zip(targets, params)}
-
                 prune.global_unstructured(targets, pruning_method=CurvaturePruning,
-                                          importance_scores=keyed, amount=amount)
+                                          importance_scores=bound.importance_scores(order),
+                                          amount=amount)
             make_permanent(pruned)
             row[label] = accuracy(pruned, test)
         report["accuracy"][amount] = row
@@ -112,29 +112,9 @@ def run_demo(*, amounts: tuple[float, ...] = (0.5, 0.8, 0.9), seed: int = 0,
 
 def _write_outputs(out: Path, model: nn.Module, scores, report: dict) -> list[str]:
     """``model.pt``, ``demo_accuracy.png`` and ``kappa_histograms.png`` in ``out``."""
-    from .cli import _atomic_write, _plot_histograms, _save_figure
-
-    _atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    amounts = list(report["accuracy"])
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for label, style in (("curvature", "o-"), ("control", "s--"), ("magnitude", "^:")):
-        ax.plot([0.0] + amounts,
-                [report["dense_accuracy"]] + [report["accuracy"][a][label] for a in amounts],
-                style, label=label)
-    ax.set_xlabel("fraction of weights removed (no fine-tuning)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"demo: MLP on {report['data']}")
-    ax.legend()
-    fig.tight_layout()
-    _save_figure(fig, out / "demo_accuracy.png")
-    plt.close(fig)
-    _plot_histograms(scores, out / "kappa_histograms.png")
+    atomic_write(out / "model.pt", lambda tmp: torch.save(model, tmp))
+    plot_demo_accuracy(report, out / "demo_accuracy.png")
+    plot_kappa_histograms(scores, out / "kappa_histograms.png")
     return [str(out / name) for name in ("model.pt", "demo_accuracy.png", "kappa_histograms.png")]
 
 
@@ -146,8 +126,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for model.pt, demo_accuracy.png and kappa_histograms.png "
                              "(default: the current folder)")
     args = parser.parse_args(argv)
-    from .cli import UsageError
-
     try:
         run_demo(seed=args.seed, quiet=args.quiet, out=args.out)
     except UsageError as exc:

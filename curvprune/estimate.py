@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from ._checks import check_alpha as _check_alpha
+from ._checks import GRANULARITIES, check_alpha, check_choice, check_module, check_threads
 from ._checks import model_device as _model_device
 from .calibration import iter_calibration_inputs, scoring_mode
 from .curvature import (
@@ -23,8 +23,7 @@ from .curvature import (
     neural_curvature,
     resolve_device,
 )
-from .engine import NeuronGraph, hop_table_bytes
-from .graph import chain_structure
+from .graphs.neuron import NeuronGraph, chain_structure, hop_table_bytes
 
 __all__ = ["ScoringEstimate", "estimate"]
 
@@ -43,7 +42,7 @@ class ScoringEstimate:
         edges_per_layer: ``{weight name: edges}`` as ``CurvatureResult.edges_per_example``.
         distance_bytes: bytes of the distance tables the engine keeps (neuron: the
             ``L -> L+2`` and ``L -> L+3`` hop tables; channel: 16 bytes per node pair the
-            measures need, :func:`curvprune.channels.needed_distance_bytes`).
+            measures need, :func:`curvprune.graphs.channel.needed_distance_bytes`).
         memory_budget: the budget the tables are checked against.
         fits: ``distance_bytes <= memory_budget`` (``"auto"`` picks the neuron graph only
             when it fits; a channel graph over it is refused).
@@ -145,10 +144,10 @@ def estimate(
     for :math:`n` calibration examples. It is usually an **overestimate**: with one example
     every edge whose bounds do not settle it is solved exactly, whereas with :math:`n`
     examples only the edges that can still be a weight's minimum over all of them are
-    (:mod:`curvprune.minimum`), so the exact solves grow more slowly than :math:`n`. Measured
-    on 2 shared cores with 10 examples: LeNet-5 (neuron) estimated 29.2 s against 17.3 s taken,
-    the zoo's reduced ResNet-18 (channel) 10.3 s against 3.9 s (``docs/cli.md``). It also
-    varies with the load of the machine. Measuring costs
+    (:mod:`curvprune.transport.minimum`), so the exact solves grow more slowly than :math:`n`.
+    Measured on 2 shared cores with 10 examples: LeNet-5 (neuron) estimated 29.2 s against
+    17.3 s taken, the zoo's reduced ResNet-18 (channel) 10.3 s against 3.9 s (``docs/cli.md``).
+    It also varies with the load of the machine. Measuring costs
     about two graph builds and one example's scoring; ``measure=False`` skips it (the time
     fields are then ``None``). Nothing is measured when the tables exceed ``memory_budget``.
 
@@ -164,17 +163,12 @@ def estimate(
     Raises:
         TypeError, ValueError: what :func:`~curvprune.curvature.neural_curvature` raises for
             the same arguments, before any scoring (an untraceable model at channel
-            granularity raises :class:`~curvprune.channels.UntraceableModel`).
+            granularity raises :class:`~curvprune.errors.UntraceableModel`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-    alpha = _check_alpha(alpha)
-    if granularity not in ("neuron", "channel", "auto"):
-        raise ValueError(f"granularity must be 'neuron', 'channel' or 'auto'; got "
-                         f"{granularity!r}.")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    check_module(model)
+    alpha = check_alpha(alpha)
+    check_choice(granularity, "granularity", GRANULARITIES)
+    check_threads(threads)
     budget = MEMORY_BUDGET if memory_budget is None else memory_budget
     model_device = _model_device(model)
     engine_device = resolve_device(device, model)
@@ -193,7 +187,7 @@ def estimate(
                                                for layer in layers], engine_device)
                 build = time.perf_counter() - start
         else:
-            from .channels import needed_distance_bytes, needed_distances, trace_channels
+            from .graphs.channel import needed_distance_bytes, needed_distances, trace_channels
 
             start = time.perf_counter()
             graph = trace_channels(model, example, device=engine_device)

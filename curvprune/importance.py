@@ -1,7 +1,7 @@
 r"""``CurvatureImportance``: channel curvature as a Torch-Pruning importance.
 
 Structured pruning removes whole channels. Each channel is a node of the channel graph
-(:mod:`curvprune.channels`), and its curvature combines the curvature of its incident
+(:mod:`curvprune.graphs.channel`), and its curvature combines the curvature of its incident
 Conv2d/Linear edges (in and out):
 
 .. math::
@@ -67,7 +67,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         fallback: ``"magnitude"`` (default): a model the channel tracer cannot follow is scored
             by the group L2 magnitude (Torch-Pruning's ``GroupMagnitudeImportance(p=2)``) and a
             warning names it and the functions that stopped the tracer; ``"error"`` raises
-            :class:`~curvprune.channels.UntraceableModel` instead.
+            :class:`~curvprune.errors.UntraceableModel` instead.
         result: a channel-granularity :class:`~curvprune.CurvatureResult` computed before, to
             use instead of scoring (pass ``calibration=None``): it is bound to the pruned model
             by parameter name (:meth:`~curvprune.CurvatureResult.bind`), so it may come from a

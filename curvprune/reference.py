@@ -32,7 +32,7 @@ from .calibration import (
     normalise_activity,
     scoring_mode,
 )
-from .graph import chain_structure, layer_edges, trace_chain
+from .graphs.neuron import chain_structure, layer_edges, trace_chain
 
 __all__ = ["reference_curvature", "channel_reference_curvature"]
 
@@ -190,7 +190,7 @@ def time_reference_per_edge(model: nn.Module, calibration, *, alpha: float = 0.9
 def channel_reference_curvature(graph, alpha: float = 0.9) -> torch.Tensor:
     """Per-edge curvature of a traced channel graph, by the definition (for tests).
 
-    ``graph`` is a :class:`~curvprune.channels.ChannelGraph` (the tracing is shared with the
+    ``graph`` is a :class:`~curvprune.graphs.channel.ChannelGraph` (the tracing is shared with the
     engine; everything after it is not): distances by Floyd-Warshall on the whole graph, the
     measures node by node, one ``ot.emd2`` per live layer edge per example, and
     :math:`\\kappa = (1 - W_1 / D(i, j)) / (1 - \\alpha)`. Returns ``[num_edges]`` float64: the

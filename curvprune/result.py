@@ -8,9 +8,10 @@ Ranking (the paper's, made deterministic). Give each weight a value
 
 Live curvature is always below 2 (:math:`\kappa \le 1/(1-\alpha) < 2` for :math:`\alpha < 1/2`,
 and :math:`\kappa = 1 - X/d` with :math:`X > -d` for :math:`\alpha \ge 1/2`), so dead weights sit
-between the zero weights and every live weight. Order ``"pos"`` prunes the highest value first
-(zero weights, then dead weights, then live weights from the most positive curvature down);
-order ``"neg"`` prunes zero weights first and then the lowest value first (the paper's control).
+between the zero weights and every live weight. Order ``"positive_first"`` prunes the highest
+value first (zero weights, then dead weights, then live weights from the most positive curvature
+down); order ``"negative_first"`` prunes zero weights first and then the lowest value first (the
+paper's control).
 Ties are broken by smaller ``|w|`` first, then by position (layer order, then the weight's
 flattened index), so the ranking is a total order that does not depend on the device.
 """
@@ -27,9 +28,10 @@ import torch
 import torch.nn as nn
 
 from ._checks import (
-    ORDERS,
     REDUCTIONS,
     check_choice,
+    check_module,
+    check_order,
     check_score,
     describe_module,
     missing_score_message,
@@ -69,15 +71,16 @@ class CurvatureResult:
         modules: ``{parameter name: module}`` owning each weight (its attribute is ``"weight"``).
         alpha: the idleness used.
         granularity: ``"neuron"`` (the paper's graph: one node per neuron) or ``"channel"``
-            (one node per channel, :mod:`curvprune.channels`).
+            (one node per channel, :mod:`curvprune.graphs.channel`).
         num_examples: calibration examples scored.
         edges_per_example: ``{parameter name: edges}`` (nonzero weights times positions).
         seconds: wall time of the scoring call.
-        engine: how the engine resolved the live edges (see :class:`~curvprune.engine.EngineStats`).
+        engine: how the engine resolved the live edges (see
+            :class:`~curvprune.transport.EngineStats`).
         magnitude: ``{parameter name: |w|}`` (float64) at scoring time: the ranking's tie-break,
             kept so that a later change of the model does not change the order.
         channel_graph: at channel granularity, the traced
-            :class:`~curvprune.channels.ChannelGraph` (``None`` at neuron granularity).
+            :class:`~curvprune.graphs.channel.ChannelGraph` (``None`` at neuron granularity).
         edge_kappa: at channel granularity, the curvature of every edge of ``channel_graph``
             (minimum over examples; merge edges, which are no weight, ``+inf``).
         input_shape: the shape of one calibration example (``(C, H, W)``, ``(features,)``...),
@@ -232,21 +235,22 @@ class CurvatureResult:
             for name, k in self.kappa.items()
         }
 
-    def pruning_order(self, order: str = "pos") -> dict[str, torch.Tensor]:
+    def pruning_order(self, order: str = "positive_first") -> dict[str, torch.Tensor]:
         """Global pruning rank of every weight (0 = pruned first), as int64 tensors.
 
         Args:
-            order: ``"pos"`` (highest curvature first, the paper's method) or ``"neg"`` (lowest
-                first, the control).
+            order: ``"positive_first"`` (highest curvature first, the paper's method) or
+                ``"negative_first"`` (lowest first, the control). The old ``"pos"``/``"neg"``
+                still work, with a ``DeprecationWarning``.
         """
-        check_choice(order, "order", ORDERS)
+        order = check_order(order)
         names = list(self.kappa)
         values = self.rank_values()
         device = next(iter(values.values())).device if names else torch.device("cpu")
         flat_v = torch.cat([values[n].reshape(-1).to(device) for n in names])
         flat_w = torch.cat([self._magnitude(n).reshape(-1).to(device) for n in names])
         is_zero = torch.isinf(flat_v)
-        key = flat_v if order == "neg" else -flat_v
+        key = flat_v if order == "negative_first" else -flat_v
         key = torch.where(is_zero, torch.full_like(key, -math.inf), key)
         perm = torch.argsort(flat_w, stable=True)
         perm = perm[torch.argsort(key[perm], stable=True)]
@@ -264,7 +268,7 @@ class CurvatureResult:
             return self.magnitude[name]
         return self.modules[name].weight.detach().abs().to(torch.float64)
 
-    def importance_scores(self, order: str = "pos") -> ImportanceScores:
+    def importance_scores(self, order: str = "positive_first") -> ImportanceScores:
         """Scores for :func:`torch.nn.utils.prune.global_unstructured`: higher means keep.
 
         Each score is the weight's global rank in :meth:`pruning_order` as float64 (exact up to
@@ -272,9 +276,9 @@ class CurvatureResult:
         distinct, so "prune the ``n`` lowest scores" selects exactly the first ``n`` weights of
         :meth:`pruning_order`. The mapping is an :class:`ImportanceScores`: asking it for a
         parameter it does not score raises instead of letting PyTorch fall back to the raw
-        weight values.
+        weight values. ``order`` is :meth:`pruning_order`'s.
         """
-        ranks = self.pruning_order(order)
+        ranks = self.pruning_order(check_order(order))
         return ImportanceScores(
             {(self.modules[n], "weight"): r.to(torch.float64) for n, r in ranks.items()},
             names={(self.modules[n], "weight"): n for n in ranks},
@@ -383,8 +387,7 @@ def bind_modules(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
         ValueError: naming the first parameter that is missing, has another shape, or sits on
             a module of another type.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     named = dict(model.named_modules())
     out: dict[str, nn.Module] = {}
     for name, shape in shapes.items():

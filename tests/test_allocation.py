@@ -44,7 +44,7 @@ def first_k(score: torch.Tensor, k: int) -> torch.Tensor:
 def test_per_layer_counts_follow_budget_and_order_follows_order(amount):
     model = lenet_like()
     calibration = torch.rand(6, 1, 13, 13)
-    curvature = neural_curvature(model, calibration).importance_scores("pos")
+    curvature = neural_curvature(model, calibration).importance_scores("positive_first")
     budget = wanda_scores(model, calibration)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     budget_masks = pruned_masks(model, budget, amount)

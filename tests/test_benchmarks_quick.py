@@ -178,3 +178,32 @@ def test_coverage_quick(tmp_path):
     assert data["summary"]["all"] == {"traced": 4, "total": 4}
     table = (tmp_path / "coverage_quick.md").read_text()
     assert "| all | 4 | 0 | 0 | 0 | 0 | 0 | 4 |" in table
+
+
+_SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
+                  if 'if __name__ == "__main__"' in p.read_text())
+
+
+def test_every_benchmark_script_starts():
+    """Each benchmark script imports what it needs and parses ``--help`` (one process for all):
+    a script whose import broke when a module moved fails here, not in front of a user."""
+    code = (
+        "import runpy, sys\n"
+        "sys.path.insert(0, {bench!r})\n"
+        "failed = []\n"
+        "for name in {names!r}:\n"
+        "    sys.argv = [name, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path({bench!r} + '/' + name, run_name='__main__')\n"
+        "    except SystemExit as stop:\n"
+        "        if stop.code not in (0, None):\n"
+        "            failed.append((name, stop.code))\n"
+        "    except Exception as error:\n"
+        "        failed.append((name, repr(error)))\n"
+        "print(failed)\n"
+        "sys.exit(1 if failed else 0)\n"
+    ).format(bench=str(ROOT / "benchmarks"), names=_SCRIPTS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert len(_SCRIPTS) >= 8
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -17,12 +18,13 @@ import torch.nn.functional as F
 import curvprune
 from curvprune import _channel_distances
 from curvprune.calibration import scoring_mode
-from curvprune.channels import (
+from curvprune.curvature import channel_edge_bounds
+from curvprune.errors import UntraceableModel
+from curvprune.graphs.channel import (
     ChannelGraph,
     NodeSet,
-    UntraceableModel,
+    channel_activity,
     channel_distances,
-    channel_edge_bounds,
     needed_distance_bytes,
     needed_distances,
     trace_channels,
@@ -593,8 +595,7 @@ def test_auto_granularity():
 
 def test_auto_granularity_budget_is_the_size_of_the_hop_tables_built():
     from curvprune.calibration import capture_activations
-    from curvprune.engine import NeuronGraph
-    from curvprune.graph import layer_edges, trace_chain
+    from curvprune.graphs.neuron import NeuronGraph, layer_edges, trace_chain
 
     chain = MODELS["chain"][0]()
     x = _inputs((3, 8, 8))
@@ -1147,3 +1148,56 @@ def test_needed_distances_on_zoo_graphs_equal_all_pairs(name):
     needed = needed_distances(graph)
     assert torch.equal(needed.keys, a * graph.num_nodes + b)
     assert torch.equal(needed.values, channel_distances(graph)[a, b])
+
+
+# --------------------------------------------------------------------------------------------
+# Activities of later batches without tracing them (channel_activity)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_channel_activity_equals_a_full_trace(name):
+    """Another batch's activities, measured by replaying the trace's measurements, are bitwise
+    those of tracing that batch, for a batch of another size too; the replay really runs on
+    the convolutional models (the batch stays dimension 0 of every measured tensor; window
+    attention folds it into the windows, so those models are traced in full)."""
+    build, shape = MODELS[name]
+    model = build()
+    graph = _trace(model, _inputs(shape, batch=3, seed=1))
+    if name in ("chain", "residual", "dense", "mobile", "standardised"):
+        assert graph.replay is not None
+    for batch, seed in ((3, 2), (1, 3), (5, 4)):
+        x = _inputs(shape, batch=batch, seed=seed)
+        with scoring_mode(model):
+            got = channel_activity(model, x, graph)
+        assert torch.equal(got, _trace(model, x).activity), (name, batch)
+
+
+def test_channel_activity_refuses_another_structure():
+    """A batch the model rejects, or one that gives another graph, is traced in full and
+    refused with the tracer's message."""
+    build, _ = MODELS["chain"]
+    model = build()
+    graph = _trace(model, _inputs((3, 8, 8)))
+    with scoring_mode(model), pytest.raises(ValueError, match="rejects calibration inputs"):
+        channel_activity(model, _inputs((3, 6, 6)), graph)
+    other = _trace(model, _inputs((3, 8, 8)))
+    other.sets = other.sets[:-1]  # stands for a model whose structure changed
+    with scoring_mode(model), pytest.raises(ValueError, match="another channel graph"):
+        channel_activity(model, _inputs((3, 8, 8)), dataclasses.replace(other, replay=None))
+
+
+def test_channel_curvature_over_batches_equals_one_batch_traced_per_batch():
+    """Scoring over several batches (later ones replayed) equals scoring where every batch's
+    activities come from a full trace."""
+    build, shape = MODELS["residual"]
+    model = build()
+    batches = [_inputs(shape, batch=2, seed=s) for s in (1, 2, 3)]
+    replayed = curvprune.neural_curvature(model, batches, granularity="channel", tolerance=0.0)
+    graph = _trace(model, batches[0])
+    activity = torch.cat([_trace(model, b).activity for b in batches])
+    traced = channel_edge_bounds(dataclasses.replace(graph, activity=activity),
+                                 needed_distances(graph), 0.9, tolerance=0.0)[0]
+    layer = graph.module >= 0
+    assert torch.equal(replayed.edge_kappa[layer], traced[layer])
+    assert replayed.channel_graph.replay is None  # the result keeps the structure only

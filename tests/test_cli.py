@@ -42,6 +42,23 @@ def run_main(args, capsys):
     return info.value.code, captured.out, captured.err
 
 
+def test_cli_order_accepts_the_old_spelling_with_a_warning(capsys):
+    from curvprune.cli import build_parser
+
+    base = ["prune", "--model", "curvprune:lenet5", "--out", "unused", "--amount", "0.5",
+            "--order"]
+    for old, new in (("pos", "positive_first"), ("neg", "negative_first")):
+        assert build_parser().parse_args(base + [old]).order == new
+        err = capsys.readouterr().err
+        assert f"warning: order='{old}' is deprecated; use order='{new}'" in err
+        assert build_parser().parse_args(base + [new]).order == new
+        assert capsys.readouterr().err == ""
+    assert build_parser().parse_args(base[:-1]).order == "positive_first"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["highest"])
+    assert "invalid choice: 'highest'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["prune", "--model", "curvprune:nosuchnet", "--amount", "0.5"], "unknown curvprune model"),
     (["prune", "--model", "timm:nosuchnet_xyz", "--amount", "0.5"], "unknown timm model"),
@@ -51,7 +68,7 @@ def run_main(args, capsys):
     (["prune", "--model", "curvprune:lenet5", "--amount", "1.5"], "amount must be in [0, 1]"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "half"], "amount must be a number"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--structured", "--order",
-      "neg"], "--order neg is for unstructured"),
+      "negative_first"], "--order negative_first is for unstructured"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "0.5", "--structured",
       "--granularity", "neuron"], "channel granularity"),
     (["prune", "--model", "curvprune:lenet5", "--amount", "1", "--structured"],

@@ -10,7 +10,6 @@ hypothesis failure prints a :class:`conftest.NetSpec`: ``conftest.build(spec)`` 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -21,17 +20,15 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-import curvprune.curvature as curvature_module
-import curvprune.distance as distance_module
-import curvprune.engine as engine_module
 from curvprune import neural_curvature
 from curvprune.calibration import (
     capture_activations,
     normalise_activity,
     scoring_mode,
 )
-from curvprune.graph import trace_chain
+from curvprune.graphs.neuron import trace_chain
 from curvprune.reference import reference_curvature
+from curvprune.transport import EngineOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
@@ -39,9 +36,10 @@ ATOL = 1e-6
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def check_against_reference(model: nn.Module, calibration, alpha: float, context: str = ""):
+def check_against_reference(model: nn.Module, calibration, alpha: float, context: str = "",
+                            options: EngineOptions | None = None):
     """Score with both and compare every weight; return the engine's result."""
-    result = neural_curvature(model, calibration, alpha=alpha)
+    result = neural_curvature(model, calibration, alpha=alpha, options=options)
     expected = reference_curvature(model, calibration, alpha=alpha)
     if currently_in_test_context():
         note(f"engine stats: {result.engine}")
@@ -180,7 +178,7 @@ def test_small_lenet_matches_reference(alpha, seed):
     # The branch and bound really skips edges here (conv weights have many positions and
     # there are three examples), and the counts add up to every edge-example.
     stats = result.engine
-    assert stats["bounded"] > 0
+    assert stats["ruled_out"] > 0
     assert sum(v for k, v in stats.items() if k != "shared_problems") == 3 * sum(
         result.edges_per_example.values())
 
@@ -389,19 +387,16 @@ def test_tied_weights_and_inputs(alpha):
     alpha=alphas,
     block=st.integers(1, 40),
     max_block=st.integers(1, 40),
+    cache=st.sampled_from([0, 1 << 29]),
 )
-def test_tiny_chunks_match_reference(spec, alpha, block, max_block):
+def test_tiny_chunks_match_reference(spec, alpha, block, max_block, cache):
     """The engine's vectorised work runs in chunks of ``block`` entries (and the min-plus
     products in chunks of ``max_block``); chunk boundaries must not change kappa. Tiny chunks
-    put boundaries everywhere on small networks."""
+    put boundaries everywhere on small networks. With no problem cache every solve round
+    rebuilds its edge problems, which must not change kappa either."""
     model, x = build(spec)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("bound_example", "solve_layer_edges"):
-            mp.setattr(curvature_module, name,
-                       functools.partial(getattr(engine_module, name), block=block))
-        mp.setattr(engine_module, "min_plus",
-                   functools.partial(distance_module.min_plus, max_block=max_block))
-        check_against_reference(model, x, alpha, repr(spec))
+    options = EngineOptions(block=block, min_plus_block=max_block, problem_cache_bytes=cache)
+    check_against_reference(model, x, alpha, repr(spec), options=options)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,7 @@ import numpy as np
 import ot
 import pytest
 
-import curvprune.engine as engine
+import curvprune.transport.solver as engine
 
 
 def random_problem(rng, n, m, zeros=0):

@@ -9,17 +9,12 @@ import torch
 import torch.nn as nn
 
 from curvprune import ScoringEstimate, estimate, neural_curvature, zoo
-from curvprune.channels import (
-    UntraceableModel,
-    channel_distances,
-    needed_distances,
-    trace_channels,
-)
 from curvprune.cli import main
 from curvprune.data import FASHION_MNIST_DIR
-from curvprune.engine import NeuronGraph
-from curvprune.graph import chain_structure
-from curvprune.minimum import MinimumSearch
+from curvprune.errors import UntraceableModel
+from curvprune.graphs.channel import channel_distances, needed_distances, trace_channels
+from curvprune.graphs.neuron import NeuronGraph, chain_structure
+from curvprune.transport import MinimumSearch
 
 HAVE_FMNIST = any(FASHION_MNIST_DIR.glob("t10k-images-idx3-ubyte*"))
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
@@ -160,8 +155,8 @@ def test_progress_clock_starts_after_the_graph_build(granularity, monkeypatch):
 
     import tqdm.auto
 
-    import curvprune.channels as channels
     import curvprune.curvature as curvature
+    import curvprune.graphs.channel as channels
 
     built = []
     if granularity == "neuron":

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from curvprune import neural_curvature
-from curvprune.graph import chain_structure, layer_edges, trace_chain
+from curvprune.graphs.neuron import chain_structure, layer_edges, trace_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
@@ -308,7 +308,7 @@ def test_reflect_padding_is_rejected():
                                                        (2, 3, 1), ((1, 0), 3, 2)])
 def test_conv_padding_reproduces_pytorch(padding, kernel, dilation):
     """Padding explicitly by ``conv_padding`` and convolving unpadded gives PyTorch's output."""
-    from curvprune.graph import conv_padding
+    from curvprune.graphs.neuron import conv_padding
 
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation)

@@ -1,38 +1,42 @@
-"""Windowed hop tables (:class:`curvprune.engine.HopTable`) against the dense ones.
+"""Windowed hop tables (:class:`curvprune.graphs.neuron.HopTable`) against the dense ones.
 
-``WINDOW_FRACTION = 1.0`` windows every table whose target is spatial (even a window as large
-as the layer) and ``0.0`` keeps every table dense, so on the small random networks of
-``net_specs`` both layouts are built and compared: the tables bitwise on every pair, and the
-curvature of ``neural_curvature(..., tolerance=0)`` bitwise (and against the reference).
+``EngineOptions(window_fraction=1.0)`` windows every table whose target is spatial (even a
+window as large as the layer) and ``0.0`` keeps every table dense, so on the small random
+networks of ``net_specs`` both layouts are built and compared: the tables bitwise on every
+pair, and the curvature of ``neural_curvature(..., tolerance=0)`` bitwise (and against the
+reference).
 """
 
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from conftest import alphas, assert_kappa_equal, build, net_specs, profile_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import curvprune.engine as engine_module
+import curvprune.graphs.neuron as engine_module
 from curvprune import neural_curvature
-from curvprune.engine import HopTable, NeuronGraph, hop_table_bytes
-from curvprune.graph import chain_structure, layer_edges
+from curvprune.graphs.neuron import (
+    NeuronGraph,
+    chain_structure,
+    hop_table_bytes,
+    layer_edges,
+)
 from curvprune.models import create_model
 from curvprune.reference import reference_curvature
+from curvprune.transport import EngineOptions
 
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _graph(model, x, fraction: float) -> tuple[NeuronGraph, list]:
+def _graph(model, x, fraction: float, max_block: int = 1 << 22) -> tuple[NeuronGraph, list]:
     layers, structures = chain_structure(model, x)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_module, "WINDOW_FRACTION", fraction)
-        graph = NeuronGraph.build(structures, [la.module.weight.detach().flatten()
-                                               for la in layers], torch.device("cpu"))
-        table_bytes = hop_table_bytes(structures)
+    options = EngineOptions(window_fraction=fraction, min_plus_block=max_block)
+    graph = NeuronGraph.build(structures, [la.module.weight.detach().flatten()
+                                           for la in layers], torch.device("cpu"), options)
+    table_bytes = hop_table_bytes(structures, fraction)
     assert table_bytes == sum(t.numel() * t.element_size() for t in graph.hop2 + graph.hop3)
     return graph, structures
 
@@ -44,11 +48,7 @@ def test_windowed_tables_equal_dense(spec, max_block):
     products in chunks of ``max_block`` entries."""
     model, x = build(spec)
     dense, _ = _graph(model, x, 0.0)
-    compose = HopTable.compose.__func__
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(HopTable, "compose", classmethod(
-            lambda cls, *a, **k: compose(cls, *a, **{**k, "max_block": max_block})))
-        windowed, _ = _graph(model, x, 1.0)
+    windowed, _ = _graph(model, x, 1.0, max_block)
     assert all(t.layout.full for t in dense.hop2 + dense.hop3)
     for got, want in zip(windowed.hop2 + windowed.hop3, dense.hop2 + dense.hop3):
         assert torch.equal(got.dense(), want.values)
@@ -66,9 +66,8 @@ def test_windowed_curvature_equals_dense(spec, alpha):
     model, x = build(spec)
     results = []
     for fraction in (0.0, 1.0):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(engine_module, "WINDOW_FRACTION", fraction)
-            results.append(neural_curvature(model, x, alpha=alpha, tolerance=0.0))
+        results.append(neural_curvature(model, x, alpha=alpha, tolerance=0.0,
+                                        options=EngineOptions(window_fraction=fraction)))
     for name, kappa in results[0].kappa.items():
         assert torch.equal(kappa, results[1].kappa[name]), name
     assert_kappa_equal(results[1].kappa, reference_curvature(model, x, alpha=alpha),

@@ -36,10 +36,10 @@ from test_channels import RandomNet, _inputs, _perturb, _trace, random_nets
 
 from curvprune import neural_curvature, prune_model
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
-from curvprune.channels import channel_distances, channel_edge_bounds
+from curvprune.curvature import channel_edge_bounds
 from curvprune.decision import straddling
-from curvprune.engine import NeuronGraph, bound_example, score_example
-from curvprune.graph import chain_structure
+from curvprune.graphs.channel import channel_distances
+from curvprune.graphs.neuron import NeuronGraph, bound_example, chain_structure, score_example
 from curvprune.reference import channel_reference_curvature, reference_curvature
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -298,7 +298,8 @@ def _prune(model, x, amounts, tolerance, **kwargs):
 @settings(max_examples=40, **_SETTINGS)
 @given(spec=net_specs(max_examples=2, min_layers=2), alpha=st.sampled_from([0.0, 0.5, 0.9]),
        granularity=st.sampled_from(["neuron", "channel"]),
-       scope=st.sampled_from(["global", "layer"]), order=st.sampled_from(["pos", "neg"]),
+       scope=st.sampled_from(["global", "layer"]),
+       order=st.sampled_from(["positive_first", "negative_first"]),
        tolerance=st.sampled_from([0.05, 0.5, 2.0]))
 # A kappa of exactly 0 on the cut path (a measure cut to a point mass) is -2.2e-16 on the exact
 # path: it must not count as an exact constant (curvprune.decision).
@@ -317,7 +318,7 @@ def _prune(model, x, amounts, tolerance, **kwargs):
             HiddenSpec(activation="relu", batchnorm=False)),
     zero=("random", "random", "random", "rows", "cols"), bias_shift=(0.0,) * 5,
     weight_style="quantized", input_style="normal", num_examples=1, seed=200, extra={}),
-    alpha=0.0, granularity="neuron", scope="layer", order="pos", tolerance=2.0)
+    alpha=0.0, granularity="neuron", scope="layer", order="positive_first", tolerance=2.0)
 def test_decision_exact_pruning_equals_exact_pruning(spec, alpha, granularity, scope, order,
                                                      tolerance):
     """At several amounts the pruned masks are those of ``tolerance=0``, element for element,
@@ -358,7 +359,7 @@ def test_decision_exact_pruning_refines_and_reports():
     pruned = {n: (got[0][n.replace("weight", "weight_mask")] == 0)
               for n in result.kappa}
     groups = [{n: torch.ones_like(k, dtype=torch.bool) for n, k in result.kappa.items()}]
-    assert not any(m.any() for m in straddling(result, "pos", pruned, groups).values())
+    assert not any(m.any() for m in straddling(result, "positive_first", pruned, groups).values())
 
 
 @pytest.mark.parametrize("allocation", ["wanda", "magnitude"])
@@ -383,14 +384,14 @@ def test_straddling_finds_overlaps_across_the_boundary():
                              granularity="neuron", num_examples=1, edges_per_example={"w": 4},
                              seconds=0.0, kappa_lo={"w": lo}, kappa_hi={"w": hi})
     group = [{"w": torch.ones(5, dtype=torch.bool)}]
-    # "pos" prunes the zero weight, then 0.9, then 0.5: the boundary sits between 0.5 [0.4,
-    # 0.6] and the exact 0.45, so 0.5 straddles; 0.9 and 0.1 cannot cross.
+    # "positive_first" prunes the zero weight, then 0.9, then 0.5: the boundary sits between 0.5
+    # [0.4, 0.6] and the exact 0.45, so 0.5 straddles; 0.9 and 0.1 cannot cross.
     pruned = {"w": torch.tensor([True, True, False, False, True])}
-    need = straddling(result, "pos", pruned, group)["w"]
+    need = straddling(result, "positive_first", pruned, group)["w"]
     assert need.tolist() == [False, True, False, False, False]
     # Between 0.9 [0.8, 1] and 0.5 [0.4, 0.6] nothing can cross.
     pruned = {"w": torch.tensor([True, False, False, False, True])}
-    assert not straddling(result, "pos", pruned, group)["w"].any()
+    assert not straddling(result, "positive_first", pruned, group)["w"].any()
 
 
 def test_near_ties_of_scored_values_are_refined():
@@ -407,16 +408,18 @@ def test_near_ties_of_scored_values_are_refined():
                              granularity="neuron", num_examples=1, edges_per_example={"w": 3},
                              seconds=0.0)
     group = [{"w": torch.ones(3, dtype=torch.bool)}]
-    pruned = {"w": torch.tensor([False, True, False])}  # "pos": the larger one goes first
-    assert not straddling(result, "pos", pruned, group)["w"].any()
+    # "positive_first": the larger one goes first
+    pruned = {"w": torch.tensor([False, True, False])}
+    assert not straddling(result, "positive_first", pruned, group)["w"].any()
     none = {"w": torch.zeros(3, dtype=torch.bool)}
-    assert straddling(result, "pos", pruned, group, none)["w"].tolist() == [True, True, False]
+    assert (straddling(result, "positive_first", pruned, group, none)["w"].tolist()
+            == [True, True, False])
     done = {"w": torch.tensor([True, True, False])}
-    assert not straddling(result, "pos", pruned, group, done)["w"].any()
+    assert not straddling(result, "positive_first", pruned, group, done)["w"].any()
     assert ROUNDING * 0.3 > math.ulp(0.3)
     # The constant 1 (a dead edge) ties exactly on every path: not widened.
     ones = torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64)
     result = CurvatureResult(kappa={"w": ones}, live={"w": live}, modules={}, alpha=0.9,
                              granularity="neuron", num_examples=1, edges_per_example={"w": 3},
                              seconds=0.0)
-    assert not straddling(result, "pos", pruned, group, none)["w"].any()
+    assert not straddling(result, "positive_first", pruned, group, none)["w"].any()

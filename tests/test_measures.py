@@ -11,8 +11,8 @@ from conftest import profile_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curvprune.measures import neighbour_measures, padded_neighbours
 from curvprune.reference import _measure
+from curvprune.transport import neighbour_measures, padded_neighbours
 
 _UNDERFLOW = 1.0 / math.sqrt(-math.log(np.finfo(np.float64).tiny))  # ~0.0376
 

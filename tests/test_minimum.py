@@ -1,4 +1,5 @@
-"""Branch and bound for the per-weight minimum (``curvprune.minimum``) and the engine's bounds.
+"""Branch and bound for the per-weight minimum (``curvprune.transport.minimum``) and the
+engine's bounds.
 
 ``neural_curvature`` solves only the edges that can be a weight's minimum, so the equality
 tests of ``test_engine_equality.py`` check the minima. Here: the search itself on synthetic
@@ -15,19 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
-from curvprune.engine import (
-    EngineStats,
+from curvprune.graphs.neuron import (
     NeuronGraph,
     bound_example,
-    cut_measures,
+    chain_structure,
     layer_problem,
-    node_measures,
-    score_edges,
     score_example,
+    trace_chain,
 )
-from curvprune.graph import chain_structure, trace_chain
-from curvprune.minimum import MinimumSearch
 from curvprune.reference import reference_curvature
+from curvprune.transport import EngineStats, MinimumSearch, cut_measures, node_measures, score_edges
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 

@@ -65,7 +65,7 @@ def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def remap(result: curvprune.CurvatureResult, model: nn.Module,
-          order: str = "pos") -> ImportanceScores:
+          order: str = "positive_first") -> ImportanceScores:
     """The scores of ``result`` keyed by the same-named modules of another ``model``."""
     mods = weight_modules(model)
     ranks = result.importance_scores(order)
@@ -79,9 +79,9 @@ def expected_order(result: curvprune.CurvatureResult, order: str,
                    names: list[str] | None = None) -> list[tuple[str, int]]:
     """The curvature pruning order rebuilt from kappa/live/|w| with plain Python sorting.
 
-    result.py: value = +inf (zero weight), 2 (dead), kappa (live). "pos": zero first, then the
-    highest value first; "neg": zero first, then the lowest value first; ties by smaller |w|,
-    then layer order, then flat index.
+    result.py: value = +inf (zero weight), 2 (dead), kappa (live). "positive_first": zero first,
+    then the highest value first; "negative_first": zero first, then the lowest value first; ties
+    by smaller |w|, then layer order, then flat index.
     """
     names = names or list(result.kappa)
     keys = []
@@ -96,7 +96,7 @@ def expected_order(result: curvprune.CurvatureResult, order: str,
                 primary = (0, 0.0)
             else:
                 value = k if alive else 2.0
-                primary = (1, -value if order == "pos" else value)
+                primary = (1, -value if order == "positive_first" else value)
             keys.append((primary, w[i], layer, i, name))
     keys.sort()
     return [(key[4], key[3]) for key in keys]
@@ -225,7 +225,7 @@ def test_bad_scores_raise_value_error(fresh, bad, message):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("order", ["pos", "neg"])
+@pytest.mark.parametrize("order", ["positive_first", "negative_first"])
 @pytest.mark.parametrize("amount", [0.3, 0.5, 7, 0.9])
 def test_global_unstructured_prunes_the_curvature_ranking(scored, fresh, order, amount):
     _, _, result = scored
@@ -239,7 +239,7 @@ def test_global_unstructured_prunes_the_curvature_ranking(scored, fresh, order, 
         assert module.weight_mask.dtype == module.weight_orig.dtype == torch.float32
 
 
-@pytest.mark.parametrize("order", ["pos", "neg"])
+@pytest.mark.parametrize("order", ["positive_first", "negative_first"])
 def test_per_layer_apply_prunes_each_layer_by_its_ranking(scored, fresh, order):
     _, _, result = scored
     scores = remap(result, fresh, order)
@@ -266,18 +266,19 @@ def test_functional_form_matches_apply_and_returns_module(scored, fresh):
 
 def test_order_neg_prunes_lowest_kappa_first(scored, fresh):
     _, _, result = scored
-    prune_set = expected_order(result, "neg")[:20]
+    prune_set = expected_order(result, "negative_first")[:20]
     values = [float(result.kappa[n].flatten()[i]) for n, i in prune_set]
     finite = [v for v in values if not math.isinf(v)]
     assert finite == sorted(finite) and finite[0] < 0
-    prune.global_unstructured(list(remap(result, fresh, "neg")), pruning_method=CurvaturePruning,
-                              importance_scores=remap(result, fresh, "neg"), amount=20)
+    prune.global_unstructured(list(remap(result, fresh, "negative_first")),
+                              pruning_method=CurvaturePruning,
+                              importance_scores=remap(result, fresh, "negative_first"), amount=20)
     assert pruned_set(fresh) == set(prune_set)
 
 
 @settings(max_examples=profile_examples(30), deadline=None)
 @given(amount=st.one_of(st.floats(0.0, 1.0), st.integers(0, 213)),
-       order=st.sampled_from(["pos", "neg"]),
+       order=st.sampled_from(["positive_first", "negative_first"]),
        layers=st.sets(st.sampled_from(NAMES), min_size=1))
 def test_global_pruning_property(scored, amount, order, layers):
     _, _, result = scored
@@ -347,7 +348,7 @@ def test_composition_with_previous_curvature_mask(scored, fresh):
     remaining = int(first.sum())
     assert int((second == 0).sum()) == int((first == 0).sum()) + round(0.5 * remaining)
     # two steps on one static ranking prune exactly the first n of the ranking
-    ranking = expected_order(result, "pos", ["3.weight"])
+    ranking = expected_order(result, "positive_first", ["3.weight"])
     assert pruned_set(fresh, ["3.weight"]) == set(ranking[:int((second == 0).sum())])
 
 
@@ -361,7 +362,7 @@ def test_composition_with_another_pytorch_method(scored, fresh):
     newly = (before != 0) & (after == 0)
     assert int(newly.sum()) == 10
     # the 10 new ones are the lowest-ranked of the entries the random mask left
-    ranking = [i for n, i in expected_order(result, "pos", ["3.weight"])
+    ranking = [i for n, i in expected_order(result, "positive_first", ["3.weight"])
                if before.flatten()[i] != 0]
     assert set(torch.nonzero(newly.flatten()).flatten().tolist()) == set(ranking[:10])
 
@@ -538,7 +539,7 @@ def test_rescoring_sees_pruned_weights_as_absent_edges(scored, fresh):
         assert torch.equal(torch.isinf(again.kappa[name]), pruned)
         assert not again.live[name][pruned].any()
     # the pruned weights rank first in both orders
-    for order in ("pos", "neg"):
+    for order in ("positive_first", "negative_first"):
         ranks = again.pruning_order(order)
         first = {(n, int(i)) for n in NAMES
                  for i in torch.nonzero(ranks[n].flatten() < total_pruned).flatten()}
@@ -560,7 +561,7 @@ def test_prune_model_iterative(scored, fresh):
         assert bool(((mask1[name] == 0) <= (module.weight_mask == 0)).all())
         assert torch.equal(torch.isinf(second.result.kappa[name]), mask1[name] == 0)
     # the second step pruned the lowest-ranked of the rescored, still unpruned weights
-    ranking = [key for key in expected_order(second.result, "pos")
+    ranking = [key for key in expected_order(second.result, "positive_first")
                if key not in {(n, int(i)) for n in NAMES
                               for i in torch.nonzero(mask1[n].flatten() == 0).flatten()}]
     newly = pruned_set(fresh) - {(n, int(i)) for n in NAMES
@@ -573,7 +574,7 @@ def test_prune_model_iterative(scored, fresh):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("order", ["pos", "neg"])
+@pytest.mark.parametrize("order", ["positive_first", "negative_first"])
 def test_prune_model_global_matches_ranking(scored, fresh, order):
     _, x, result = scored
     report = prune_model(fresh, x, 0.5, order=order)
@@ -589,6 +590,42 @@ def test_prune_model_global_matches_ranking(scored, fresh, order):
     assert report.overall_sparsity == round(0.5 * 213) / 213
     assert report.excluded == []
     assert "3.weight" in report.summary() and "PruningReport" in repr(report)
+
+
+@pytest.mark.parametrize("old, new", [("pos", "positive_first"), ("neg", "negative_first")])
+def test_old_order_spellings_rank_and_prune_identically_with_a_warning(scored, old, new):
+    from curvprune.baselines import magnitude
+    from curvprune.decision import sort_key_bounds
+
+    model, _, result = scored
+    warns = pytest.warns(DeprecationWarning, match=f"order='{old}' is deprecated; use "
+                                                   f"order='{new}'")
+    with warns:
+        old_ranks = result.pruning_order(old)
+    assert old_ranks.keys() == result.pruning_order(new).keys()
+    assert all(torch.equal(old_ranks[n], result.pruning_order(new)[n]) for n in old_ranks)
+    with warns:
+        old_scores = result.importance_scores(old)
+    new_scores = result.importance_scores(new)
+    assert all(torch.equal(old_scores[k], new_scores[k]) for k in new_scores)
+    with warns:
+        assert torch.equal(magnitude(model[3].weight, old), magnitude(model[3].weight, new))
+    with warns:
+        old_keys = sort_key_bounds(result, old)
+    for name, (a, b) in sort_key_bounds(result, new).items():
+        assert torch.equal(old_keys[name][0], a) and torch.equal(old_keys[name][1], b)
+    pruned = {}
+    for spelling in (old, new):
+        copy_ = tiny()
+        copy_.load_state_dict(model.state_dict())
+        if spelling == old:
+            with warns:
+                report = prune_model(copy_, None, 0.4, order=old, result=result.bind(copy_))
+        else:
+            report = prune_model(copy_, None, 0.4, order=new, result=result.bind(copy_))
+        assert report.order == new  # the report names the new spelling
+        pruned[spelling] = pruned_set(copy_)
+    assert pruned[old] == pruned[new] and len(pruned[new]) == round(0.4 * 213)
 
 
 @pytest.mark.parametrize("allocation", ["wanda", "magnitude"])
@@ -607,7 +644,7 @@ def test_prune_model_allocation(scored, fresh, allocation):
         expected = int((budget[(mods[name], "weight")] <= cut).sum())
         assert report.layers[name].pruned == expected, name
         # ... chosen by curvature within the layer
-        ranking = expected_order(report.result, "pos", [name])
+        ranking = expected_order(report.result, "positive_first", [name])
         assert pruned_set(fresh, [name]) == set(ranking[:expected])
     assert report.layers["0.weight"].pruned == 0
     assert report.pruned == round(0.6 * flat.numel())
@@ -615,9 +652,9 @@ def test_prune_model_allocation(scored, fresh, allocation):
 
 def test_prune_model_layer_scope(scored, fresh):
     _, x, _ = scored
-    report = prune_model(fresh, x, 0.5, scope="layer", order="neg")
+    report = prune_model(fresh, x, 0.5, scope="layer", order="negative_first")
     for name in NAMES:
-        ranking = expected_order(report.result, "neg", [name])
+        ranking = expected_order(report.result, "negative_first", [name])
         n = round(0.5 * len(ranking))
         assert pruned_set(fresh, [name]) == set(ranking[:n])
         assert report.layers[name].pruned == n
@@ -632,7 +669,7 @@ def test_prune_model_exclude(scored, fresh, exclude):
     assert not hasattr(fresh[5], "weight_mask")
     assert "5.weight" in report.excluded and report.layers["5.weight"].pruned == 0
     targets = [n for n in NAMES if n not in report.excluded]
-    assert pruned_set(fresh) == set(expected_order(report.result, "pos", targets)[:10])
+    assert pruned_set(fresh) == set(expected_order(report.result, "positive_first", targets)[:10])
     assert report.pruned == 10
 
 
@@ -665,7 +702,7 @@ def test_prune_model_bad_exclude(fresh, exclude, error, message):
 def test_already_zero_weights_go_first():
     model, x = tiny(zero="some"), inputs()
     zeros = {("3.weight", i) for i in range(0, 162, 7)}
-    for order in ("pos", "neg"):
+    for order in ("positive_first", "negative_first"):
         m = tiny(zero="some")
         report = prune_model(m, x, len(zeros), order=order)
         assert pruned_set(m) == zeros
@@ -674,7 +711,7 @@ def test_already_zero_weights_go_first():
     m = tiny(zero="all")
     report = prune_model(m, x, 30)
     assert int((m[5].weight_mask == 0).sum()) == 24
-    assert pruned_set(m) == set(expected_order(report.result, "pos")[:30])
+    assert pruned_set(m) == set(expected_order(report.result, "positive_first")[:30])
     assert model is not m
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from curvprune import CurvatureResult, neural_curvature
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
-from curvprune.graph import layer_edges, trace_chain
+from curvprune.graphs.neuron import layer_edges, trace_chain
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
@@ -77,7 +77,7 @@ def test_shapes_infinities_and_live_flags(spec, alpha):
 
 
 @settings(max_examples=profile_examples(30), **_SETTINGS)
-@given(spec=net_specs(max_examples=2), order=st.sampled_from(["pos", "neg"]))
+@given(spec=net_specs(max_examples=2), order=st.sampled_from(["positive_first", "negative_first"]))
 def test_importance_scores_are_a_permutation_in_rank_order(spec, order):
     model, x = build(spec)
     result = neural_curvature(model, x)
@@ -93,8 +93,8 @@ def test_importance_scores_are_a_permutation_in_rank_order(spec, order):
     flat_rank = torch.cat([ranks[n].flatten() for n in result.kappa])
     total = flat_rank.numel()
     assert torch.equal(torch.sort(flat_rank).values, torch.arange(total))
-    # Walking the ranks: zero weights first, then by value (pos: high first, neg: low first),
-    # ties by smaller |w|.
+    # Walking the ranks: zero weights first, then by value (positive_first: high first,
+    # negative_first: low first), ties by smaller |w|.
     flat_value = torch.cat([values[n].flatten() for n in result.kappa])
     flat_w = torch.cat([m.weight.detach().abs().flatten().double()
                         for m in result.modules.values()])
@@ -105,7 +105,7 @@ def test_importance_scores_are_a_permutation_in_rank_order(spec, order):
         assert zero[: int(zero.sum())].all(), "zero weights must come first"
     live_v, live_w = v[~zero], w[~zero]
     step = live_v[1:] - live_v[:-1]
-    if order == "pos":
+    if order == "positive_first":
         assert (step <= 0).all()
     else:
         assert (step >= 0).all()

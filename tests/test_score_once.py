@@ -72,8 +72,8 @@ class CountingScorer:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scope, order", [("global", "pos"), ("layer", "pos"),
-                                          ("global", "neg")])
+@pytest.mark.parametrize("scope, order", [("global", "positive_first"), ("layer", "positive_first"),
+                                          ("global", "negative_first")])
 def test_sweep_from_one_result_equals_separate_calls(monkeypatch, scope, order):
     model, x = tiny(), inputs()
     separate = {}
@@ -249,8 +249,8 @@ def test_wanda_allocation_with_a_result_and_report_scores():
 def test_report_scores_are_the_curvature_ranks():
     model, x = tiny(), inputs()
     result = neural_curvature(model, x)
-    report = prune_model(copy.deepcopy(model), None, 0.4, order="neg", result=result)
-    ranks = result.importance_scores("neg").by_name()
+    report = prune_model(copy.deepcopy(model), None, 0.4, order="negative_first", result=result)
+    ranks = result.importance_scores("negative_first").by_name()
     got = report.scores.by_name()
     assert list(got) == NAMES
     assert all(torch.equal(got[n], ranks[n]) for n in NAMES)

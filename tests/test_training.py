@@ -47,3 +47,16 @@ def test_max_steps_stops_early():
     assert not torch.equal(one_step[1].weight, longer[1].weight)
     with pytest.raises(ValueError, match="at least 1"):
         train_classifier(_fresh(), data, epochs=0)
+
+
+def test_epochs_none_trains_exactly_max_steps_across_epochs():
+    data = _data(64)  # two batches of 32 per epoch: 5 steps run into the third epoch
+    by_steps = train_classifier(_fresh(), data, epochs=None, batch_size=32, seed=2, max_steps=5)
+    by_epochs = train_classifier(_fresh(), data, epochs=3, batch_size=32, seed=2, max_steps=5)
+    four = train_classifier(_fresh(), data, epochs=2, batch_size=32, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(by_steps.parameters(), by_epochs.parameters()))
+    assert not torch.equal(by_steps[1].weight, four[1].weight)  # the fifth step ran
+    with pytest.raises(ValueError, match="pass max_steps"):
+        train_classifier(_fresh(), data, epochs=None)
+    with pytest.raises(ValueError, match="at least 1"):
+        train_classifier(_fresh(), data, epochs=None, max_steps=0)

@@ -22,7 +22,8 @@ from curvprune.models import zoo  # noqa: E402
 from curvprune.pruning import baselines  # noqa: E402
 
 SECTIONS = [
-    ("Scoring", curvprune, ["neural_curvature", "CurvatureResult", "ImportanceScores",
+    ("Scoring", curvprune, ["neural_curvature", "EngineOptions", "CurvatureResult",
+                            "ImportanceScores",
                             "UntraceableModel", "estimate", "ScoringEstimate"]),
     ("Unstructured pruning (torch.nn.utils.prune)", curvprune, [
         "CurvaturePruning", "curvature_unstructured", "prune_model", "PruningReport",

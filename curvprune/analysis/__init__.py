@@ -17,9 +17,9 @@ r"""Analysis of pruned networks: the topology and the curvature statistics of a 
   :func:`curvature_statistics`, :func:`most_negative` (bottlenecks) and :func:`histogram`.
 
 NNSTD reads a network as a chain of ``Linear``/``Conv2d`` weights
-(:func:`~curvprune.graph.trace_chain`); the relational measures read every ``Linear``/``Conv2d``
-weight on its own. Connectivity is the set of non-zero weights (:func:`connectivity_masks`),
-which respects ``torch.nn.utils.prune`` masks.
+(:func:`~curvprune.graphs.neuron.trace_chain`); the relational measures read every
+``Linear``/``Conv2d`` weight on its own. Connectivity is the set of non-zero weights
+(:func:`connectivity_masks`), which respects ``torch.nn.utils.prune`` masks.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ r"""Topology of sparse networks: connectivity masks, NNSTD and relational-graph 
   layers. :func:`graph_measures` computes both for any undirected graph.
 
 NNSTD reads a network as a chain of ``Linear``/``Conv2d`` weights
-(:func:`~curvprune.graph.trace_chain`); the relational measures read every ``Linear``/``Conv2d``
-weight on its own. Connectivity is the set of non-zero weights (:func:`connectivity_masks`),
-which respects ``torch.nn.utils.prune`` masks.
+(:func:`~curvprune.graphs.neuron.trace_chain`); the relational measures read every
+``Linear``/``Conv2d`` weight on its own. Connectivity is the set of non-zero weights
+(:func:`connectivity_masks`), which respects ``torch.nn.utils.prune`` masks.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components, shortest_path
 
-from ..graph import trace_chain
+from ..graphs.neuron import trace_chain
 
 __all__ = [
     "connectivity_masks",
@@ -58,7 +58,7 @@ MaskLike = torch.Tensor | np.ndarray
 
 
 @dataclass(frozen=True)
-class _Layer:
+class _MaskLayer:
     """One weight of the chain as a 0/1 mask of the weight's shape.
 
     ``mask`` is ``[out, in / groups]`` (linear) or ``[out, in / groups, kh, kw]`` (conv).
@@ -119,12 +119,12 @@ def connectivity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     ``weight`` for an unpruned module) is non-zero.
 
     Raises:
-        ValueError: ``model`` is not a chain :func:`~curvprune.graph.trace_chain` accepts.
+        ValueError: ``model`` is not a chain :func:`~curvprune.graphs.neuron.trace_chain` accepts.
     """
     return {layer.name: _nonzero(layer.module).cpu() for layer in trace_chain(model)}
 
 
-def _layers_from_model(model: nn.Module) -> list[_Layer]:
+def _layers_from_model(model: nn.Module) -> list[_MaskLayer]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, not {type(model).__name__}.")
     layers = []
@@ -132,12 +132,12 @@ def _layers_from_model(model: nn.Module) -> list[_Layer]:
         module = layer.module
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         groups = module.groups if kind == "conv" else 1
-        layers.append(_Layer(layer.name, _nonzero(module).cpu().numpy(), groups, kind))
+        layers.append(_MaskLayer(layer.name, _nonzero(module).cpu().numpy(), groups, kind))
     return layers
 
 
 def _layers_from_masks(masks: Mapping[str, MaskLike],
-                       groups: Mapping[str, int] | None = None) -> list[_Layer]:
+                       groups: Mapping[str, int] | None = None) -> list[_MaskLayer]:
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a mapping {{name: tensor}}, not {type(masks).__name__}.")
     groups = dict(groups or {})
@@ -163,13 +163,13 @@ def _layers_from_masks(masks: Mapping[str, MaskLike],
             )
         if array.ndim == 2 and g != 1:
             raise ValueError(f"groups[{name!r}] = {g}: only a conv mask (4-D) can be grouped.")
-        layers.append(_Layer(str(name), array, g, "conv" if array.ndim == 4 else "linear"))
+        layers.append(_MaskLayer(str(name), array, g, "conv" if array.ndim == 4 else "linear"))
     if not layers:
         raise ValueError("no masks given.")
     return layers
 
 
-def _check_same_architecture(a: list[_Layer], b: list[_Layer]) -> None:
+def _check_same_architecture(a: list[_MaskLayer], b: list[_MaskLayer]) -> None:
     for k in range(max(len(a), len(b))):
         if k >= len(a) or k >= len(b):
             extra = (b if k >= len(a) else a)[k]
@@ -283,7 +283,8 @@ def nnstd(model_a: nn.Module, model_b: nn.Module, *, conv_mode: str = "channel",
     matchings.
 
     Args:
-        model_a, model_b: chains :func:`~curvprune.graph.trace_chain` accepts (pruned or not).
+        model_a, model_b: chains :func:`~curvprune.graphs.neuron.trace_chain` accepts (pruned
+            or not).
         conv_mode: ``"channel"`` or ``"kernel"`` (see above).
         carry: carry each layer's matching to the next layer's inputs (Liu et al.'s method);
             ``False`` compares every layer on its own.
@@ -353,7 +354,7 @@ def _match(cost: np.ndarray) -> np.ndarray:
     return out
 
 
-def _carry_permutation(prev: _Layer, layer: _Layer,
+def _carry_permutation(prev: _MaskLayer, layer: _MaskLayer,
                        matching: np.ndarray) -> tuple[np.ndarray | None, str | None]:
     """The permutation of ``layer``'s input units induced by ``prev``'s output matching."""
     n_prev, n_in = prev.n_out, layer.n_in
@@ -371,7 +372,7 @@ def _carry_permutation(prev: _Layer, layer: _Layer,
     return None, reason
 
 
-def _nnstd_ordered(a: list[_Layer], b: list[_Layer], conv_mode: str, carry: bool
+def _nnstd_ordered(a: list[_MaskLayer], b: list[_MaskLayer], conv_mode: str, carry: bool
                    ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, bool],
                               dict[str, str]]:
     distances: dict[str, float] = {}
@@ -398,11 +399,11 @@ def _nnstd_ordered(a: list[_Layer], b: list[_Layer], conv_mode: str, carry: bool
     return distances, matchings, carried, notes
 
 
-def _mask_key(layers: list[_Layer]) -> bytes:
+def _mask_key(layers: list[_MaskLayer]) -> bytes:
     return b"".join(np.packbits(layer.mask.reshape(-1)).tobytes() for layer in layers)
 
 
-def _nnstd(a: list[_Layer], b: list[_Layer], conv_mode: str, carry: bool) -> NNSTDResult:
+def _nnstd(a: list[_MaskLayer], b: list[_MaskLayer], conv_mode: str, carry: bool) -> NNSTDResult:
     if conv_mode not in _CONV_MODES:
         raise ValueError(f"conv_mode must be one of {_CONV_MODES}, not {conv_mode!r}.")
     _check_same_architecture(a, b)
@@ -688,7 +689,7 @@ def relational_graph(connected: MaskLike, nodes: int | None = RELATIONAL_NODES) 
     return _adjacency(n, *_node_edges(array, n))
 
 
-def _layers_any(model: nn.Module) -> list[_Layer]:
+def _layers_any(model: nn.Module) -> list[_MaskLayer]:
     """Every Linear/Conv2d weight of ``model`` (module order), as connectivity masks."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, not {type(model).__name__}.")
@@ -697,7 +698,7 @@ def _layers_any(model: nn.Module) -> list[_Layer]:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
             groups = module.groups if kind == "conv" else 1
-            layers.append(_Layer(f"{name}.weight" if name else "weight",
+            layers.append(_MaskLayer(f"{name}.weight" if name else "weight",
                                  _nonzero(module).cpu().numpy(), groups, kind))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer.")
@@ -747,12 +748,12 @@ def relational_measures_masks(masks: Mapping[str, MaskLike], *,
     return _relational(_layers_from_masks(masks, groups), _check_nodes(nodes), method)
 
 
-def _relational(layers: list[_Layer], nodes: int | None, method: str) -> RelationalResult:
+def _relational(layers: list[_MaskLayer], nodes: int | None, method: str) -> RelationalResult:
     if method not in ("auto", "bfs", "matmul"):
         raise ValueError(f"method must be 'auto', 'bfs' or 'matmul', not {method!r}.")
     rows, notes = {}, {}
     pruned_units = [layer.unit_matrix() for layer in layers]
-    dense_units = [_Layer(l.name, np.ones_like(l.mask), l.groups, l.kind).unit_matrix()
+    dense_units = [_MaskLayer(l.name, np.ones_like(l.mask), l.groups, l.kind).unit_matrix()
                    for l in layers]
     for layer, p, d in zip(layers, pruned_units, dense_units):
         rows[layer.name] = RelationalMeasures(

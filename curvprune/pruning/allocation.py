@@ -40,8 +40,8 @@ def allocate_like(order: Mapping, budget: Mapping) -> ImportanceScores:
 
     Args:
         order: importance scores (higher = keep) keyed by ``(module, "weight")``, e.g.
-            ``neural_curvature(...).importance_scores("pos")``. Ties are broken by the flat
-            (row-major) index, lower index pruned first.
+            ``neural_curvature(...).importance_scores("positive_first")``. Ties are broken by
+            the flat (row-major) index, lower index pruned first.
         budget: importance scores with the same keys and shapes, e.g.
             :func:`curvprune.baselines.wanda_scores`; only their per-tensor distribution is used.
 

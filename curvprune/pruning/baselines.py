@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import ORDERS, check_choice
+from .._checks import check_order
 from ..calibration import (
     is_single_pair,
     iter_calibration_inputs,
@@ -40,7 +40,7 @@ from ..calibration import (
     prepare_calibration,
     scoring_mode,
 )
-from ..graph import conv_padding
+from ..graphs.neuron import conv_padding
 from ..result import ImportanceScores
 
 __all__ = ["prunable_modules", "magnitude", "magnitude_scores", "random_scores", "lamp_scores",
@@ -72,13 +72,14 @@ def _wrap(scores: dict[str, torch.Tensor], targets: dict[str, nn.Module]) -> Imp
                             names={(targets[n], "weight"): n for n in scores})
 
 
-def magnitude(weight: torch.Tensor, order: str = "pos") -> torch.Tensor:
-    """The magnitude score of each entry of ``weight`` (a detached copy, same dtype):
-    :math:`|w|` for ``order="pos"`` (smallest pruned first), :math:`-|w|` for ``"neg"`` with
-    zero weights at :math:`-\\infty` (largest pruned first, zeros still first)."""
-    check_choice(order, "order", ORDERS)
+def magnitude(weight: torch.Tensor, order: str = "positive_first") -> torch.Tensor:
+    """The magnitude score of each entry of ``weight`` (a detached copy, same dtype), as the
+    fallback of a curvature ``order``: :math:`|w|` for ``"positive_first"`` (the paper's order;
+    smallest pruned first), :math:`-|w|` for ``"negative_first"`` (the control) with zero weights
+    at :math:`-\\infty` (largest pruned first, zeros still first)."""
+    order = check_order(order)
     scores = weight.detach().abs()
-    if order == "pos":
+    if order == "positive_first":
         return scores.clone()
     return torch.where(scores == 0, -math.inf, -scores)
 

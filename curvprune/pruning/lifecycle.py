@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
+from ..checkpoint import state_mismatches
+
 __all__ = ["pruning_hooks", "make_permanent", "save_pruned", "load_pruned", "clone_pruned"]
 
 
@@ -155,22 +157,18 @@ def _check_state(model: nn.Module, state: Mapping[str, Any], strict: bool) -> No
     """Refuse a state dict ``load_state_dict`` would only half load (it copies what fits, then
     raises): wrong shapes, and with ``strict`` missing or unexpected keys."""
     own = model.state_dict(keep_vars=True)
+    missing, unexpected, shapes = state_mismatches(own, state)
     errors = []
     if strict:
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
         if unexpected:
             errors.append(f"Unexpected key(s) in state_dict: {unexpected}.")
         if missing:
             errors.append(f"Missing key(s) in state_dict: {missing}.")
-    for key, value in state.items():
-        mine = own.get(key)
-        if (isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor)
-                and mine.shape != value.shape):
-            errors.append(
-                f"size mismatch for {key}: copying a param with shape {value.shape} from "
-                f"checkpoint, the shape in current model is {mine.shape}."
-            )
+    for key in shapes:
+        errors.append(
+            f"size mismatch for {key}: copying a param with shape {state[key].shape} from "
+            f"checkpoint, the shape in current model is {own[key].shape}."
+        )
     if errors:
         raise RuntimeError(
             f"Error(s) in loading state_dict for {type(model).__name__} (nothing was "

@@ -40,7 +40,7 @@ class PruningReport:
         newly_pruned: entries masked by this call.
         amount: the ``amount`` asked for.
         scope: ``"global"`` or ``"layer"``.
-        order: ``"pos"`` or ``"neg"``.
+        order: ``"positive_first"`` or ``"negative_first"``.
         result: the :class:`~curvprune.result.CurvatureResult` the ranking came from (``None``
             after a fallback).
         fallback: ``None``, or why the weights were ranked by magnitude instead (a model the

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .._checks import check_module
 from ..calibration import (
     check_model,
     half_dtype,
@@ -229,8 +230,7 @@ def prune_channels(
 
     from ..importance import CurvatureImportance
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"ratio must be a number in [0, 1); got {ratio!r}.")
     if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) \

@@ -14,8 +14,8 @@ of a set :math:`S` of not-yet-pruned weights zeroes
 
     P_n(S) = \{\, w \in S : |\{ v \in S : r(v) < r(w) \}| < n \,\},
 
-the first :math:`n` weights of :math:`S` in the curvature order: for order ``"pos"`` weights
-that are already zero, then dead weights (every edge has an inactive end), then live weights
+the first :math:`n` weights of :math:`S` in the curvature order: for order ``"positive_first"``
+weights that are already zero, then dead weights (every edge has an inactive end), then live weights
 from the most positive :math:`\kappa` down, ties broken by smaller :math:`|w|`, then position.
 ``amount`` follows PyTorch: a float :math:`f \in [0, 1]` prunes :math:`n = \operatorname{round}
 (f \cdot |S|)` entries, an int prunes exactly that many.
@@ -42,7 +42,16 @@ from torch.nn.utils.prune import (
     _validate_pruning_amount_init,
 )
 
-from .._checks import ORDERS, check_choice, check_score, describe_module, missing_score_message
+from .._checks import (
+    ALLOCATIONS,
+    SCOPES,
+    check_choice,
+    check_module,
+    check_order,
+    check_score,
+    describe_module,
+    missing_score_message,
+)
 from ..calibration import check_model, prepare_calibration
 from ..curvature import check_tolerance, neural_curvature
 from ..decision import decide_exactly
@@ -55,8 +64,6 @@ from .reports import LayerSparsity, PruningReport
 
 __all__ = ["CurvaturePruning", "curvature_unstructured", "prune_model"]
 
-_SCOPES = ("global", "layer")
-_ALLOCATIONS = ("curvature", "wanda", "magnitude")
 
 Scores = torch.Tensor | Mapping[tuple[nn.Module, str], torch.Tensor]
 ExcludeSpec = str | nn.Module | Iterable[str | nn.Module] | None
@@ -184,8 +191,7 @@ def curvature_unstructured(
 
 
 def _scores_for(module: nn.Module, name: str, importance_scores: Any) -> torch.Tensor:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}.")
+    check_module(module, "module")
     target = getattr(module, name, None)
     if not isinstance(target, torch.Tensor):
         raise ValueError(f"{describe_module(module)} has no tensor named {name!r} to prune.")
@@ -262,7 +268,7 @@ def prune_model(
     amount: int | float,
     *,
     scope: str = "global",
-    order: str = "pos",
+    order: str = "positive_first",
     exclude: ExcludeSpec = None,
     alpha: float = 0.9,
     granularity: str = "neuron",
@@ -307,8 +313,10 @@ def prune_model(
         calibration: the calibration set (tensor, ``(inputs, targets)`` or iterable of them).
         amount: float fraction in ``[0, 1]`` of the entries not yet pruned, or int count.
         scope: ``"global"`` or ``"layer"``.
-        order: ``"pos"`` (highest curvature first, the paper's method) or ``"neg"`` (lowest
-            first, the paper's control). Zero weights go first in both.
+        order: what is pruned first: ``"positive_first"`` (the highest curvature, the paper's
+            method) or ``"negative_first"`` (the lowest, the paper's control). Zero weights go
+            first in both. The old ``"pos"``/``"neg"`` still work, with a
+            ``DeprecationWarning``.
         exclude: weights to leave unpruned: parameter names (``"5.weight"``), module names
             (``"5"``, or a container such as ``"classifier"``) or module objects, alone or in
             an iterable. They are still scored (they are part of the graph).
@@ -348,13 +356,10 @@ def prune_model(
             :func:`~curvprune.curvature.neural_curvature` rejects.
         TypeError: wrong argument types.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be 'global' or 'layer', not {scope!r}.")
-    check_choice(order, "order", ORDERS)
-    if allocation not in _ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {list(_ALLOCATIONS)}, not {allocation!r}.")
+    check_module(model)
+    check_choice(scope, "scope", SCOPES)
+    order = check_order(order)
+    check_choice(allocation, "allocation", ALLOCATIONS)
     if allocation != "curvature" and scope != "global":
         raise ValueError(
             f"allocation={allocation!r} sets how much of each layer a global ranking removes; "

@@ -1,0 +1,186 @@
+r"""The neighbourhood measures :math:`\mu_i` and :math:`\nu_j` of the neural graph.
+
+For a node ``v`` with neighbours ``N(v)`` (in-neighbours for :math:`\mu`, out-neighbours for
+:math:`\nu`), the neighbour part of its measure is
+
+.. math::
+
+    p_v(u) = \frac{w(a_u)}{\sum_{u' \in A(v)} w(a_{u'})}, \qquad
+    w(a) = \exp(-1 / a^2), \quad u \in A(v) = \{u \in N(v) : a_u > 0\},
+
+and the full measure puts mass :math:`\alpha` on ``v`` and :math:`(1-\alpha) p_v` on ``A(v)``.
+If the weights underflow to a sum below the smallest normal float64 (all active neighbours have
+activity below about 0.037), the neighbour mass is spread uniformly over ``A(v)``; if ``A(v)``
+is empty the measure is the point mass :math:`\delta_v`. Everything is computed in float64 (the
+authors' float32 code drops neighbours with activity below about 0.1; curvprune does not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["padded_neighbours", "neighbour_measures", "node_measures", "cut_measures",
+           "cut_error"]
+
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def padded_neighbours(keys: torch.Tensor, values: torch.Tensor, n: int,
+                      fill: float = -1) -> torch.Tensor:
+    """Group ``values`` by ``keys`` into an ``[n, max_degree]`` table padded with ``fill``.
+
+    Values keep their order within a key, so tables of two value arrays over the same keys
+    line up slot by slot (neighbours and the lengths of the edges to them)."""
+    if keys.numel() == 0:
+        return torch.full((n, 0), fill, dtype=values.dtype, device=keys.device)
+    order = torch.argsort(keys, stable=True)
+    k, v = keys[order], values[order]
+    counts = torch.bincount(k, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(k.numel(), device=k.device) - starts[k]
+    table = torch.full((n, int(counts.max())), fill, dtype=values.dtype, device=keys.device)
+    table[k, position] = v
+    return table
+
+
+def neighbour_measures(
+    neighbours: torch.Tensor, activity: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Neighbour parts :math:`p_v` of the measures of all nodes of one layer, on one example.
+
+    Args:
+        neighbours: ``[n, D]`` neighbour table (``-1`` pads), from :func:`padded_neighbours`.
+        activity: ``[n_neighbour_layer]`` normalised activities of the neighbours' layer.
+
+    Returns:
+        ``(mass, has_support)``: ``mass[v, s]`` is :math:`p_v` of neighbour slot ``s`` (0 for
+        padding and inactive neighbours; each row with support sums to 1), and ``has_support[v]``
+        says whether ``v`` has an active neighbour (else its measure is :math:`\delta_v`).
+    """
+    valid = neighbours >= 0
+    a = torch.where(valid, activity[neighbours.clamp(min=0)], torch.zeros((), dtype=activity.dtype,
+                                                                          device=activity.device))
+    active = a > 0
+    weight = torch.where(active, torch.exp(-1.0 / torch.where(active, a, 1.0) ** 2), 0.0)
+    total = weight.sum(dim=1, keepdim=True)
+    count = active.sum(dim=1, keepdim=True)
+    uniform = active.to(activity.dtype) / count.clamp(min=1).to(activity.dtype)
+    proportional = weight / torch.where(total >= _TINY, total, 1.0)
+    mass = torch.where(total >= _TINY, proportional, uniform)
+    return mass, count.squeeze(1) > 0
+
+
+@dataclass
+class _Measure:
+    """Neighbour parts of the measures of one node layer on one example, support first.
+
+    ``table[v, s]`` is the neighbour in slot ``s`` of node ``v`` and ``mass[v, s]`` its mass
+    (0 past the support); ``has[v]`` says whether ``v`` has any support (else a point mass).
+    ``reach[v]`` bounds the distance between ``v`` and every node of its (uncut) support;
+    ``cut[v]`` says whether :func:`cut_measures` dropped mass from ``v``'s measure (``None``:
+    nothing was cut anywhere).
+    """
+
+    table: torch.Tensor
+    mass: torch.Tensor
+    has: torch.Tensor
+    reach: torch.Tensor
+    cut: torch.Tensor | None = None
+
+
+def node_measures(table: torch.Tensor, activity: torch.Tensor,
+                  lengths: torch.Tensor | None = None) -> _Measure:
+    """Measures of a layer with each node's support moved to the front and empty slots cut.
+
+    ``lengths`` (the edge lengths to the neighbours, slot by slot) give ``reach``; without
+    them ``reach`` is ``+inf`` (and :func:`cut_measures` cuts nothing)."""
+    mass, has = neighbour_measures(table, activity)
+    if lengths is None:
+        reach = torch.full_like(has, math.inf, dtype=mass.dtype)
+    else:
+        reach = torch.where(mass > 0, lengths, 0.0).amax(1) if mass.shape[1] else \
+            torch.zeros_like(has, dtype=mass.dtype)
+    return _support_first(table, mass, has, reach)
+
+
+def _support_first(table: torch.Tensor, mass: torch.Tensor, has: torch.Tensor,
+                   reach: torch.Tensor, cut: torch.Tensor | None = None) -> _Measure:
+    order = torch.argsort((mass <= 0).to(torch.int8), dim=1, stable=True)
+    width = int((mass > 0).sum(dim=1).max()) if mass.numel() else 0
+    order = order[:, :width]
+    return _Measure(table.gather(1, order), mass.gather(1, order), has, reach, cut)
+
+
+def cut_measures(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor,
+                 dst: torch.Tensor, d: torch.Tensor, tol: float
+                 ) -> tuple[_Measure | None, _Measure | None]:
+    r"""Drop the negligible masses of the measures of edges ``src -> dst`` (distance ``d``),
+    moving every edge's curvature by at most ``tol / 2``.
+
+    Neighbour weights :math:`\exp(-1/a^2)` span hundreds of orders of magnitude, so most of a
+    support often carries less mass than the rounding of the rest. Cutting mass
+    :math:`\epsilon_p` from ``p`` and :math:`\epsilon_q` from ``q`` (the rest rescaled to 1)
+    changes :math:`\kappa` by at most :math:`(\epsilon_p + \epsilon_q) M / d`, where ``M``
+    bounds every ground cost of the edge's problem: optimal potentials can be taken
+    c-concave, so they vary by at most ``M`` over a side, and the change of the masses sums to
+    zero on each side. With :math:`M \le L_p + d + L_q` (the path ``k -> i -> j -> m``;
+    ``L`` the nodes' ``reach``), each node's cut is chosen from its shortest edge in ``d`` and
+    the longest reach of the other side so that every edge stays within ``tol / 2``. The
+    smallest masses are cut first; the largest always stays.
+    """
+    if tol <= 0 or src.numel() == 0:
+        return mu, nu
+    if mu is not None:
+        other = float(nu.reach.max()) if nu is not None and nu.reach.numel() else 0.0
+        mu = _cut(mu, _cut_budget(mu, src, d, other, tol))
+    if nu is not None:
+        other = float(mu.reach.max()) if mu is not None and mu.reach.numel() else 0.0
+        nu = _cut(nu, _cut_budget(nu, dst, d, other, tol))
+    return mu, nu
+
+
+def _cut_budget(measure: _Measure, nodes: torch.Tensor, d: torch.Tensor, other: float,
+                tol: float) -> torch.Tensor:
+    """Mass each node may lose: ``eps ((reach + other) / d_min + 1) <= tol / 4``."""
+    d_min = torch.full_like(measure.reach, math.inf).scatter_reduce_(0, nodes, d, reduce="amin")
+    budget = (tol / 4) / ((measure.reach + other) / d_min + 1.0)
+    return torch.nan_to_num(budget, nan=0.0)
+
+
+def _cut(measure: _Measure, budget: torch.Tensor) -> _Measure:
+    """Zero each node's smallest masses while their sum stays within its budget; rescale."""
+    mass = measure.mass
+    if mass.shape[1] == 0:
+        return measure
+    ascending, order = torch.sort(torch.where(mass > 0, mass, math.inf), dim=1)
+    finite = torch.isfinite(ascending)
+    dropped = torch.cumsum(torch.where(finite, ascending, 0.0), dim=1)
+    cut_sorted = finite & (dropped <= budget[:, None])
+    # The largest mass always stays (a budget of 1 or more would otherwise empty the measure).
+    largest = finite.sum(1, keepdim=True) - 1
+    cut_sorted &= torch.arange(mass.shape[1], device=mass.device)[None, :] != largest
+    cut = torch.zeros_like(cut_sorted).scatter_(1, order, cut_sorted)
+    if not cut.any():
+        return measure
+    kept = torch.where(cut, 0.0, mass)
+    total = kept.sum(1, keepdim=True)
+    kept = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), 0.0)
+    return _support_first(measure.table, kept, measure.has, measure.reach, cut.any(1))
+
+
+def cut_error(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor, dst: torch.Tensor,
+              dead: torch.Tensor, cut_tol: float) -> torch.Tensor:
+    """Per edge, a bound on how far :func:`cut_measures` (run with ``cut_tol``) moved kappa:
+    ``cut_tol / 2`` for a live edge one of whose measures lost mass, else 0 (float64 ``[E]``).
+    """
+    touched = torch.zeros_like(dead)
+    if mu is not None and mu.cut is not None:
+        touched |= mu.cut[src] & mu.has[src]
+    if nu is not None and nu.cut is not None:
+        touched |= nu.cut[dst] & nu.has[dst]
+    touched &= ~dead
+    return touched.to(torch.float64) * (cut_tol / 2)
+
