@@ -405,7 +405,15 @@ class NeuronGraph:
         two, three = _hop_layouts(structures, options.window_fraction)
         shapes = _node_shapes(structures)
         block = options.min_plus_block
+        # Conv chains from their kernels (same values: curvprune/_conv_hops.py); else edge by edge.
+        from .._conv_hops import ConvHops
+
+        kernels = ConvHops(structures, layers, shapes)
         for L in range(n - 1):
+            fast = kernels.table(L, 2, _on(two[L], device), None)
+            if fast is not None:
+                graph.hop2.append(HopTable(fast, _on(two[L], device)))
+                continue
             one = _layout(_one_hop_box(structures[L + 1], shapes[L + 2]), shapes[L + 2],
                           options.window_fraction)
             rest = HopTable.of_edges(layers[L + 1], sizes[L + 1], one)
@@ -413,8 +421,12 @@ class NeuronGraph:
                                                max_block=block))
             del rest
         for L in range(n - 2):
-            graph.hop3.append(HopTable.compose(layers[L], sizes[L], graph.hop2[L + 1],
-                                               three[L], max_block=block))
+            rest = graph.hop2[L + 1]
+            fast = kernels.table(L, 3, _on(three[L], device),
+                                 rest.values if rest.layout.full else None)
+            graph.hop3.append(HopTable(fast, _on(three[L], device)) if fast is not None else
+                              HopTable.compose(layers[L], sizes[L], rest, three[L],
+                                               max_block=block))
         return graph
 
     # The graph interface of the scoring loop (graphs.base.EdgeGraph): one group per layer.
