@@ -16,10 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import curvprune
+from curvprune import _channel_distances
 from curvprune.calibration import scoring_mode
 from curvprune.curvature import channel_edge_bounds
 from curvprune.errors import UntraceableModel
 from curvprune.graphs.channel import (
+    ChannelGraph,
+    NodeSet,
     channel_activity,
     channel_distances,
     needed_distance_bytes,
@@ -994,15 +997,22 @@ def _needed_pairs(graph):
     return torch.tensor(a), torch.tensor(b)
 
 
+# The level-by-level min-plus path chooses, per row of each product, a dense product or an
+# expansion of the finite entries; these force one or the other (and the default mixes them).
+_PRODUCTS = {"dense": 10**18, "expanded": 0, "mixed": _channel_distances._SPARSE_COST}
+
+
+@pytest.mark.parametrize("products", sorted(_PRODUCTS))
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_needed_distances_equal_all_pairs_on_every_needed_pair(name):
+def test_needed_distances_equal_all_pairs_on_every_needed_pair(name, products, monkeypatch):
+    monkeypatch.setattr(_channel_distances, "_SPARSE_COST", _PRODUCTS[products])
     build, shape = MODELS[name]
     model = build()
     _perturb(model, seed=len(name), zero_fraction=0.2)
     graph = _trace(model, _inputs(shape))
     dense = channel_distances(graph)
-    # block=1: one source per Dijkstra, each with its own limit (the tightest cut-offs).
-    for block in (1, 1 << 25):
+    # block=1: one source per window; 7: a few sources; 1 << 25: all sources in one window.
+    for block in (1, 7, 1 << 25):
         needed = needed_distances(graph, block=block)
         a, b = _needed_pairs(graph)
         assert needed.num_pairs == a.numel()  # exactly the needed pairs are stored
@@ -1044,11 +1054,100 @@ def test_needed_distances_refused_over_budget_before_dijkstra(monkeypatch):
         raise AssertionError("Dijkstra ran")
 
     monkeypatch.setattr(scipy.sparse.csgraph, "dijkstra", no_dijkstra)
+    monkeypatch.setattr(_channel_distances, "needed_pair_distances", no_dijkstra)
     with pytest.raises(ValueError, match="over memory_budget") as info:
         needed_distances(graph, memory_budget=need - 1)
     assert "number of images" in str(info.value)
     monkeypatch.undo()
     assert needed_distances(graph, memory_budget=need).nbytes == need
+
+
+def _graph(src, dst, length, module, num_nodes):
+    """A ChannelGraph with the given edges only (what the distances read)."""
+    return ChannelGraph(
+        sets=[NodeSet("nodes", "layer", 0, num_nodes)], src=torch.tensor(src),
+        dst=torch.tensor(dst), length=torch.tensor(length, dtype=torch.float64),
+        module=torch.tensor(module), modules=[], weight_edges=[], module_inputs=[],
+        module_outputs=[], inputs=torch.zeros(num_nodes, dtype=torch.bool),
+        outputs=torch.zeros(num_nodes, dtype=torch.bool),
+        activity=torch.zeros(1, num_nodes, dtype=torch.float64))
+
+
+def _random_dag(seed, num_nodes=60, density=0.15):
+    """A random DAG in topological order: parallel routes, duplicate (summed) edges, lengths
+    over 16 orders of magnitude and exact ties (equal sums reached by different routes and
+    roundings), about a third of the edges merges (no layer)."""
+    rng = np.random.default_rng(seed)
+    src, dst = np.nonzero(np.triu(rng.random((num_nodes, num_nodes)) < density, 1))
+    dup = rng.random(src.size) < 0.05
+    src, dst = np.concatenate([src, src[dup]]), np.concatenate([dst, dst[dup]])
+    kind = rng.integers(0, 3, src.size)
+    length = np.where(kind == 0, 10.0 ** rng.uniform(-8, 8, src.size),
+                      np.where(kind == 1, rng.choice([0.1, 0.2, 0.3, 1.0, 1 / 3], src.size),
+                               rng.uniform(0.5, 2.0, src.size)))
+    module = np.where(rng.random(src.size) < 0.35, -1, 0)
+    return _graph(src.tolist(), dst.tolist(), length.tolist(), module.tolist(), num_nodes)
+
+
+@pytest.mark.parametrize("products", sorted(_PRODUCTS))
+@pytest.mark.parametrize("seed", range(4))
+def test_needed_distances_on_random_dags_are_bitwise_dijkstra(seed, products, monkeypatch):
+    monkeypatch.setattr(_channel_distances, "_SPARSE_COST", _PRODUCTS[products])
+    graph = _random_dag(seed, num_nodes=40 + 20 * seed, density=0.05 + 0.05 * (seed % 3))
+    dense = channel_distances(graph)
+    a, b = _needed_pairs(graph)
+    for block in (1, 50, 1 << 25):
+        needed = needed_distances(graph, block=block)
+        assert torch.equal(needed.keys, a * graph.num_nodes + b)
+        assert torch.equal(needed[a, b], dense[a, b])  # bitwise, +inf where no path
+        old = needed_distances(graph, block=block, _by_levels=False)  # the Dijkstra windows
+        assert torch.equal(needed.values, old.values)
+
+
+def test_needed_distances_off_topological_order_use_dijkstra():
+    """Node ids that are not a topological order (no windows): the Dijkstra path, same
+    values."""
+    graph = _random_dag(3, num_nodes=50)
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(graph.num_nodes))
+    shuffled = _graph(perm[graph.src].tolist(), perm[graph.dst].tolist(),
+                      graph.length.tolist(), graph.module.tolist(), graph.num_nodes)
+    assert not bool((shuffled.src < shuffled.dst).all())
+    a, b = _needed_pairs(shuffled)
+    assert torch.equal(needed_distances(shuffled)[a, b], channel_distances(shuffled)[a, b])
+
+
+@settings(max_examples=profile_examples(20), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(random_nets())
+def test_needed_distances_on_random_networks_equal_all_pairs(spec):
+    spec = dict(spec)
+    zero, _ = spec.pop("zero"), spec.pop("alpha")
+    model = RandomNet(**spec).eval()
+    _perturb(model, seed=spec["seed"], zero_fraction=zero)
+    graph = _trace(model, _inputs((3, 4, 4), seed=spec["seed"]))
+    a, b = _needed_pairs(graph)
+    assert torch.equal(needed_distances(graph)[a, b], channel_distances(graph)[a, b])
+
+
+# A few of the zoo's channel graphs (tests/test_matrix.py): SE gates and depthwise convs,
+# windows and attention, concatenation, grouped convs, channel shuffle, class tokens.
+_ZOO_GRAPHS = ["timm/efficientnet_b0", "timm/swin_tiny_patch4_window7_224", "timm/densenet121",
+               "torchvision/resnext50_32x4d", "torchvision/shufflenet_v2",
+               "timm/deit_tiny_distilled_patch16_224", "timm/mobilevit_xxs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _ZOO_GRAPHS)
+def test_needed_distances_on_zoo_graphs_equal_all_pairs(name):
+    from curvprune import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create(name).eval()
+    graph = _trace(model, zoo.example_input(name, batch=1))
+    a, b = _needed_pairs(graph)
+    needed = needed_distances(graph)
+    assert torch.equal(needed.keys, a * graph.num_nodes + b)
+    assert torch.equal(needed.values, channel_distances(graph)[a, b])
 
 
 # --------------------------------------------------------------------------------------------

@@ -292,7 +292,8 @@ def needed_distance_bytes(graph: ChannelGraph) -> int:
 
 
 def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
-                     memory_budget: int | None = None) -> ChannelDistances:
+                     memory_budget: int | None = None,
+                     _by_levels: bool = True) -> ChannelDistances:
     r"""The shortest-path distances of ``graph`` on the pairs the measures need, no more.
 
     The measures of a layer edge ``i -> j`` live on ``i`` and its in-neighbours ``k``, and on
@@ -302,6 +303,13 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
     layer edge ``i -> j`` (all in-/out-neighbours, active or not: the measures of every example
     are supported there), i.e. the pattern of :math:`(I + A)\, S\, (I + A)` with ``A`` the
     adjacency and ``S`` the layer edges.
+
+    **How.** The graph's node ids are a topological order, so the distances are filled level
+    by level by min-plus products in torch on the graph's device
+    (``curvprune/_channel_distances.py``; its docstring proves that every value is bitwise the
+    all-pairs Dijkstra one). Graphs whose ids are not in topological order (and lengths that
+    are not all positive) take the per-window Dijkstra below, which ``_by_levels=False``
+    (private, for tests and benchmarks) forces.
 
     **The values equal the all-pairs ones, computed per window.** Node ids are a topological
     order (every edge goes from a lower id to a higher one), so every path from ``a`` to ``b``
@@ -336,6 +344,11 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
             f"raise memory_budget to at least {need / 2**30:.1f} GiB if the machine has the "
             "memory, or score a narrower model (or granularity='neuron' on a small chain)."
         )
+    device = graph.length.device
+    if _by_levels and bool((graph.src < graph.dst).all()) and bool((graph.length > 0).all()):
+        from .._channel_distances import needed_pair_distances  # min-plus, level by level
+        return ChannelDistances(*needed_pair_distances(adjacency, needed, block=block,
+                                                       device=device), n)
     sources = np.nonzero(np.diff(needed.indptr))[0]
     # Per source, the largest needed target (indices are sorted within rows).
     last = needed.indices[needed.indptr[sources + 1] - 1]
@@ -361,7 +374,6 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
         p = q
     key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
     value = np.concatenate(values) if values else np.zeros(0)
-    device = graph.length.device
     return ChannelDistances(torch.from_numpy(key).to(device), torch.from_numpy(value).to(device),
                             n)
 
