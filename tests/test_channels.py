@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import curvprune
-from curvprune import _channel_distances
 from curvprune.calibration import scoring_mode
 from curvprune.curvature import channel_edge_bounds
 from curvprune.errors import UntraceableModel
+from curvprune.graphs import _channel_distances
 from curvprune.graphs.channel import (
     ChannelGraph,
     NodeSet,

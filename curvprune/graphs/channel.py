@@ -306,9 +306,9 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
 
     **How.** The graph's node ids are a topological order, so the distances are filled level
     by level by min-plus products in torch on the graph's device
-    (``curvprune/_channel_distances.py``; its docstring proves that every value is bitwise the
-    all-pairs Dijkstra one). Graphs whose ids are not in topological order (and lengths that
-    are not all positive) take the per-window Dijkstra below, which ``_by_levels=False``
+    (``curvprune/graphs/_channel_distances.py``; its docstring proves that every value is
+    bitwise the all-pairs Dijkstra one). Graphs whose ids are not in topological order (and
+    lengths that are not all positive) take the per-window Dijkstra below, which ``_by_levels=False``
     (private, for tests and benchmarks) forces.
 
     **The values equal the all-pairs ones, computed per window.** Node ids are a topological
@@ -346,7 +346,7 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
         )
     device = graph.length.device
     if _by_levels and bool((graph.src < graph.dst).all()) and bool((graph.length > 0).all()):
-        from .._channel_distances import needed_pair_distances  # min-plus, level by level
+        from ._channel_distances import needed_pair_distances  # min-plus, level by level
         return ChannelDistances(*needed_pair_distances(adjacency, needed, block=block,
                                                        device=device), n)
     sources = np.nonzero(np.diff(needed.indptr))[0]
