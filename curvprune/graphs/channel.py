@@ -308,8 +308,8 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
     by level by min-plus products in torch on the graph's device
     (``curvprune/graphs/_channel_distances.py``; its docstring proves that every value is
     bitwise the all-pairs Dijkstra one). Graphs whose ids are not in topological order (and
-    lengths that are not all positive) take the per-window Dijkstra below, which ``_by_levels=False``
-    (private, for tests and benchmarks) forces.
+    lengths that are not all positive) take the per-window Dijkstra below, which
+    ``_by_levels=False`` (private, for tests and benchmarks) forces.
 
     **The values equal the all-pairs ones, computed per window.** Node ids are a topological
     order (every edge goes from a lower id to a higher one), so every path from ``a`` to ``b``
