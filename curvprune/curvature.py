@@ -27,6 +27,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ._checks import GRANULARITIES, check_choice, check_module, check_threads
 from ._checks import check_alpha as _check_alpha
 from ._checks import model_device as _model_device
 from .calibration import (
@@ -46,7 +47,6 @@ from .transport import CERTIFY_TOL, EngineOptions, EngineStats, MinimumSearch
 
 __all__ = ["neural_curvature", "EngineOptions", "channel_edge_bounds"]
 
-_GRANULARITIES = ("neuron", "channel", "auto")
 
 #: Default memory budget (bytes) of the distance tables for ``granularity="auto"``.
 MEMORY_BUDGET = 4 << 30
@@ -208,19 +208,12 @@ def neural_curvature(
             and fall back to magnitude with a warning.
     """
     start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    check_module(model)
     alpha = _check_alpha(alpha)
     tolerance = _resolve_tolerance(tolerance, certify_tol)
     calibration = prepare_calibration(model, calibration)
-    if granularity not in _GRANULARITIES:
-        raise ValueError(
-            f"granularity must be one of {_GRANULARITIES}; got {granularity!r}."
-        )
-    if threads is None:
-        threads = max(1, torch.get_num_threads())
-    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    check_choice(granularity, "granularity", GRANULARITIES)
+    threads = check_threads(threads) or max(1, torch.get_num_threads())
     if memory_budget is None:
         memory_budget = MEMORY_BUDGET
     if options is None:
