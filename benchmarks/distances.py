@@ -6,11 +6,11 @@
 Traces the channel graph of the timm model (random init, seeded: the distances depend on the
 weights' structure only through the edge lengths, and their cost not at all) on one seeded image
 at ``--size`` (224 by default; the graph is the same at any size the model accepts), then times
-:func:`curvprune.channels.needed_distances` with ``--threads`` torch threads. ``--check`` sources
-drawn at random (seeded) are checked bitwise against SciPy's Dijkstra (each in its id window, as
-the all-pairs table reads them) on every needed pair. ``--dijkstra`` also times the previous
-implementation (Dijkstra per source window, the path still used for graphs whose node ids are
-not a topological order) in a child process stopped at ``--limit`` seconds.
+:func:`curvprune.graphs.channel.needed_distances` with ``--threads`` torch threads. ``--check``
+sources drawn at random (seeded) are checked bitwise against SciPy's Dijkstra (each in its id
+window, as the all-pairs table reads them) on every needed pair. ``--dijkstra`` also times the
+previous implementation (Dijkstra per source window, the path still used for graphs whose node
+ids are not a topological order) in a child process stopped at ``--limit`` seconds.
 Results: ``benchmarks/results/distances_<model>.json``.
 """
 
