@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CACHE, RESULTS, evaluate, trained_model  # noqa: E402
+from unstructured import write_json  # noqa: E402
 
 from curvprune import CurvaturePruning, neural_curvature  # noqa: E402
 from curvprune.baselines import lamp_scores, magnitude_scores, snip_scores, wanda_scores  # noqa: E402
@@ -431,13 +432,6 @@ def plot(data: dict, path: Path) -> None:
     tmp = path.with_name("tmp_" + path.name)
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
 
 

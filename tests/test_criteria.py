@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_pruning import tiny  # the same small conv + FC net
 
 import curvprune
 from curvprune import neural_curvature, prune_model
@@ -20,17 +21,6 @@ from curvprune.pruning.criteria import CRITERIA, curvature_wanda_scores
 NAMES = ["0.weight", "3.weight", "5.weight"]
 
 
-def tiny(seed: int = 0) -> nn.Sequential:
-    """conv 1->3 k3 s2 (7x7 -> 3x3), FC 27-6-4, ReLU between (the model of test_pruning)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, stride=2), nn.ReLU(), nn.Flatten(),
-        nn.Linear(27, 6), nn.ReLU(), nn.Linear(6, 4),
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
 
 
 def inputs(seed: int = 1, n: int = 3) -> torch.Tensor:
