@@ -244,22 +244,40 @@ class CurvatureResult:
                 still work, with a ``DeprecationWarning``.
         """
         order = check_order(order)
-        names = list(self.kappa)
-        values = self.rank_values()
-        device = next(iter(values.values())).device if names else torch.device("cpu")
-        flat_v = torch.cat([values[n].reshape(-1).to(device) for n in names])
+        keys = {}
+        for n, v in self.rank_values().items():
+            key = v if order == "negative_first" else -v
+            keys[n] = torch.where(torch.isinf(v), torch.full_like(key, -math.inf), key)
+        return self.rank_by(keys)
+
+    def rank_by(self, keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Global rank of every entry of ``keys`` (0 = smallest key, pruned first), as int64
+        tensors shaped like the keys: ties go to the smaller ``|w|`` (the result's tie-break
+        magnitudes), then to position (the order of ``keys``, then the flattened index).
+        :meth:`pruning_order` is this with key :math:`\\mp\\kappa`; other criteria built on
+        the curvature (:mod:`curvprune.pruning.criteria`) pass their own keys.
+
+        Raises:
+            ValueError: a name of ``keys`` that the result does not score.
+        """
+        unknown = [n for n in keys if n not in self.kappa]
+        if unknown:
+            raise ValueError(f"rank_by: {unknown[0]!r} is not a weight this result scores "
+                             f"(it scores {list(self.kappa)}).")
+        names = list(keys)
+        if not names:
+            return {}
+        device = keys[names[0]].device
+        flat_v = torch.cat([keys[n].reshape(-1).to(device) for n in names])
         flat_w = torch.cat([self._magnitude(n).reshape(-1).to(device) for n in names])
-        is_zero = torch.isinf(flat_v)
-        key = flat_v if order == "negative_first" else -flat_v
-        key = torch.where(is_zero, torch.full_like(key, -math.inf), key)
         perm = torch.argsort(flat_w, stable=True)
-        perm = perm[torch.argsort(key[perm], stable=True)]
+        perm = perm[torch.argsort(flat_v[perm], stable=True)]
         ranks = torch.empty_like(perm)
         ranks[perm] = torch.arange(perm.numel(), device=device)
         out, start = {}, 0
         for n in names:
-            size = values[n].numel()
-            out[n] = ranks[start:start + size].view(values[n].shape).to(values[n].device)
+            size = keys[n].numel()
+            out[n] = ranks[start:start + size].view(keys[n].shape).to(keys[n].device)
             start += size
         return out
 

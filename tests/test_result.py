@@ -149,6 +149,28 @@ def test_rank_values_and_summaries():
         result.pruning_order("random")
 
 
+def test_rank_by_orders_keys_then_magnitude_then_position():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    result = neural_curvature(model, torch.randn(3, 4))
+    # pruning_order is rank_by with key -kappa (zeros first): the same ranks.
+    keys = {n: torch.where(torch.isinf(v), torch.full_like(v, -math.inf), -v)
+            for n, v in result.rank_values().items()}
+    ranks = result.rank_by(keys)
+    for name, r in result.pruning_order().items():
+        assert torch.equal(ranks[name], r)
+    # Equal keys: the smaller |w| first, then layer order and flattened index (brute force).
+    flat = [(0.0, float(model[int(n[0])].weight.detach().abs().reshape(-1)[i]), j, i)
+            for j, n in enumerate(result.kappa) for i in range(result.kappa[n].numel())]
+    expected = {item: rank for rank, item in enumerate(sorted(flat))}
+    tied = result.rank_by({n: torch.zeros_like(k) for n, k in result.kappa.items()})
+    for (_, _, j, i), rank in expected.items():
+        assert int(tied[list(result.kappa)[j]].reshape(-1)[i]) == rank
+    assert result.rank_by({}) == {}
+    with pytest.raises(ValueError, match="not a weight this result scores"):
+        result.rank_by({"9.weight": torch.zeros(3)})
+
+
 def test_result_tensors_do_not_require_grad():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))

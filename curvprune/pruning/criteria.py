@@ -79,32 +79,14 @@ def curvature_wanda_values(result: CurvatureResult, wanda: Mapping[str, torch.Te
             for n, v in values.items()}
 
 
-def _magnitude(result: CurvatureResult, name: str) -> torch.Tensor:
-    if name in result.magnitude:
-        return result.magnitude[name]
-    return result.modules[name].weight.detach().abs().to(torch.float64)
-
-
 def _ranks(result: CurvatureResult, values: Mapping[str, torch.Tensor]) -> ImportanceScores:
-    """Ranks of ``values`` (smallest = 0, pruned first), ties to the smaller ``|w|``, then
-    position (layer order, flattened index), as float64 scores keyed by ``(module, "weight")``."""
-    names = list(values)
-    if not names:
-        return ImportanceScores({}, names={})
-    device = values[names[0]].device
-    flat_v = torch.cat([values[n].reshape(-1).to(device) for n in names])
-    flat_w = torch.cat([_magnitude(result, n).reshape(-1).to(device) for n in names])
-    perm = torch.argsort(flat_w, stable=True)
-    perm = perm[torch.argsort(flat_v[perm], stable=True)]
-    ranks = torch.empty(perm.numel(), dtype=torch.float64, device=device)
-    ranks[perm] = torch.arange(perm.numel(), dtype=torch.float64, device=device)
-    out, start = {}, 0
-    for n in names:
-        size = values[n].numel()
-        out[(result.modules[n], "weight")] = (ranks[start:start + size].view(values[n].shape)
-                                              .to(values[n].device))
-        start += size
-    return ImportanceScores(out, names={(result.modules[n], "weight"): n for n in names})
+    """Ranks of ``values`` (smallest = 0, pruned first; ties as
+    :meth:`CurvatureResult.rank_by <curvprune.result.CurvatureResult.rank_by>` breaks them) as
+    float64 scores keyed by ``(module, "weight")``."""
+    ranks = result.rank_by(dict(values))
+    return ImportanceScores(
+        {(result.modules[n], "weight"): r.to(torch.float64) for n, r in ranks.items()},
+        names={(result.modules[n], "weight"): n for n in ranks})
 
 
 def curvature_wanda_ranks(result: CurvatureResult, wanda: Mapping[str, torch.Tensor]
