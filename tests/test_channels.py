@@ -1201,3 +1201,94 @@ def test_channel_curvature_over_batches_equals_one_batch_traced_per_batch():
     layer = graph.module >= 0
     assert torch.equal(replayed.edge_kappa[layer], traced[layer])
     assert replayed.channel_graph.replay is None  # the result keeps the structure only
+
+
+# --------------------------------------------------------------------------------------------
+# The structure traced on two examples, every example's activities replayed
+# --------------------------------------------------------------------------------------------
+
+
+def _same_graph(a, b) -> bool:
+    """Equal structure, lengths and weight-to-edge maps (everything but the activities)."""
+    return (a.same_structure(b) and torch.equal(a.length, b.length)
+            and torch.equal(a.module, b.module) and torch.equal(a.inputs, b.inputs)
+            and torch.equal(a.outputs, b.outputs)
+            and all(torch.equal(x, y) for p, q in zip(a.weight_edges, b.weight_edges)
+                    for x, y in zip(p, q))
+            and all(torch.equal(x, y) for p, q in zip(a.module_inputs, b.module_inputs)
+                    for x, y in zip(p, q)))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_structure_of_two_examples_is_the_batchs(name):
+    """The graph traced on the first two examples of a batch is the one traced on the whole
+    batch (the tracer reads every structure from example 0; one dead channel more or less on
+    an example changes no node and no edge: lengths come from the weights)."""
+    build, shape = MODELS[name]
+    model = build()
+    x = _inputs(shape, batch=5, seed=7)
+    x[1] = 0.0  # an example with (almost) every channel dead
+    assert _same_graph(_trace(model, x[:2]), _trace(model, x))
+    assert _same_graph(_trace(model, x[:1]), _trace(model, x))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_channel_curvature_traces_two_examples_and_equals_full_traces(name, monkeypatch):
+    """neural_curvature traces 2 examples whatever the batch, and its curvature is bitwise the
+    one computed from full traces of every batch (today's pipeline before the change)."""
+    import curvprune.graphs.channel as channel_module
+
+    build, shape = MODELS[name]
+    model = build()
+    batches = [_inputs(shape, batch=4, seed=11), _inputs(shape, batch=3, seed=12)]
+    traced_sizes = []
+    real_trace = channel_module.trace_channels
+
+    def counting(model, inputs, device=None):
+        traced_sizes.append(inputs.shape[0])
+        return real_trace(model, inputs, device)
+
+    monkeypatch.setattr(channel_module, "trace_channels", counting)
+    got = curvprune.neural_curvature(model, batches, granularity="channel", tolerance=0.0)
+    replayed = name in ("chain", "residual", "dense", "mobile", "standardised")
+    if replayed:
+        assert traced_sizes == [2]  # the replay covers all 7 examples
+    monkeypatch.setattr(channel_module, "trace_channels", real_trace)
+    graph = _trace(model, batches[0])
+    activity = torch.cat([_trace(model, b).activity for b in batches])
+    assert torch.equal(got.channel_graph.activity, activity)
+    expected = channel_edge_bounds(dataclasses.replace(graph, activity=activity),
+                                   needed_distances(graph), 0.9, tolerance=0.0)[0]
+    layer = graph.module >= 0
+    assert torch.equal(got.edge_kappa[layer], expected[layer])
+    assert _same_graph(got.channel_graph, graph)
+
+
+def test_replay_record_keeps_one_node_per_channel():
+    """A conv feature map's replay record is one node per channel (its spatial dims are
+    size 1), not one per position: the record is as small as the graph, whatever the input
+    size."""
+    build, shape = MODELS["residual"]
+    graph = _trace(build(), _inputs(shape, batch=2))
+    maps = [(nodes, full) for _, _, nodes, full in graph.replay["measures"] if len(full) == 3]
+    assert maps
+    for nodes, full in maps:
+        assert nodes.shape[1:] == (1, 1) and nodes.shape[0] in (1, full[0])
+
+
+@pytest.mark.parametrize("chunk", [1, 200])
+def test_replay_measured_a_few_examples_at_a_time_is_bitwise_the_same(chunk, monkeypatch):
+    """Measuring a replayed tensor one example at a time (or a part of one) gives bitwise the
+    activities of one measurement on the whole batch: each mean sums the same elements in the
+    same order."""
+    from curvprune.graphs import _trace as trace_module
+
+    build, shape = MODELS["mobile"]
+    model = build()
+    graph = _trace(model, _inputs(shape, batch=2))
+    x = _inputs(shape, batch=6, seed=5)
+    with scoring_mode(model):
+        whole = channel_activity(model, x, graph)
+        monkeypatch.setattr(trace_module, "_MEASURE_CHUNK", chunk)
+        assert torch.equal(channel_activity(model, x, graph), whole)
+    assert torch.equal(whole, _trace(model, x).activity)
