@@ -182,7 +182,11 @@ def neural_curvature(
             With more than one, torch's own ops run on one thread during the call (restored
             after), so that the two do not compete for the cores.
         memory_budget: bytes the distance tables may take (default :data:`MEMORY_BUDGET`,
-            4 GiB); a larger graph is refused with a ``ValueError`` saying how much it needs.
+            4 GiB): the neuron graph's hop tables; at channel granularity the needed
+            distances plus the edge problems' neighbour tables and one example's measures
+            (:func:`~curvprune.graphs.channel.channel_problem_bytes`). A larger graph is
+            refused with a ``ValueError`` saying how much it needs, right after the channel
+            structure is traced (on two examples) and before any distance is computed.
         options: the engine's tuning knobs (chunk sizes, hop-table windows, the edge-problem
             cache; :class:`~curvprune.transport.EngineOptions`); none changes a score.
 
@@ -603,7 +607,12 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     first dimension and carries the same channels on both examples, which the replay of the
     other examples relies on (a model where either fails is traced in full, batch by batch).
     """
-    from .graphs.channel import channel_activity, needed_distances, trace_channels
+    from .graphs.channel import (
+        channel_activity,
+        channel_problem_bytes,
+        needed_distances,
+        trace_channels,
+    )
 
     stats = EngineStats()
     first = None
@@ -615,9 +624,12 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
             if first is None:
                 first = trace_channels(model, inputs[:TRACE_EXAMPLES], device=engine_device)
                 input_shape = tuple(inputs.shape[1:])
-                # Only the pairs the measures touch (refused over memory_budget up front).
-                problems = ChannelProblems(first, needed_distances(first,
-                                                                   memory_budget=memory_budget))
+                # Only the pairs the measures touch; the distances and the problems' tables
+                # are refused over memory_budget before they are built.
+                distances = needed_distances(first, memory_budget=memory_budget,
+                                             reserve=channel_problem_bytes(first))
+                problems = ChannelProblems(first, distances)
+                del distances
             activities.extend(channel_activity(model, inputs, first, engine_device))
         upper, lower, live = _search(problems, activities, alpha, tolerance, stats=stats,
                                      options=options, threads=threads, bar=bar)

@@ -22,6 +22,7 @@ from curvprune.errors import UntraceableModel
 from curvprune.graphs import _channel_distances
 from curvprune.graphs.channel import (
     ChannelGraph,
+    ChannelProblems,
     NodeSet,
     channel_activity,
     channel_distances,
@@ -1057,7 +1058,7 @@ def test_needed_distances_refused_over_budget_before_dijkstra(monkeypatch):
     monkeypatch.setattr(_channel_distances, "needed_pair_distances", no_dijkstra)
     with pytest.raises(ValueError, match="over memory_budget") as info:
         needed_distances(graph, memory_budget=need - 1)
-    assert "number of images" in str(info.value)
+    assert "Fewer calibration images" in str(info.value)
     monkeypatch.undo()
     assert needed_distances(graph, memory_budget=need).nbytes == need
 
@@ -1292,3 +1293,71 @@ def test_replay_measured_a_few_examples_at_a_time_is_bitwise_the_same(chunk, mon
         monkeypatch.setattr(trace_module, "_MEASURE_CHUNK", chunk)
         assert torch.equal(channel_activity(model, x, graph), whole)
     assert torch.equal(whole, _trace(model, x).activity)
+
+
+@pytest.mark.parametrize("name", ["residual", "mobile", "vit_fused"])
+def test_channel_measures_without_padded_length_tables_are_bitwise_the_same(name):
+    """ChannelProblems keeps each edge's slot instead of padded length tables; its measures
+    (support, masses, reach) are bitwise those of node_measures on the padded lengths, on
+    examples with dead channels too."""
+    from curvprune.graphs.channel import _node_measures, _padded_slots
+    from curvprune.transport import node_measures, padded_neighbours
+
+    build, shape = MODELS[name]
+    x = _inputs(shape, batch=3, seed=3)
+    x[2] = 0.0
+    graph = _trace(build(), x)
+    n = graph.num_nodes
+    for keys, others in ((graph.dst, graph.src), (graph.src, graph.dst)):
+        table = padded_neighbours(keys, others, n)
+        slot = _padded_slots(keys, n)
+        assert torch.equal(table.view(-1)[slot], others)
+        lengths = padded_neighbours(keys, graph.length, n, fill=0.0)
+        for activity in graph.activity:
+            want = node_measures(table, activity, lengths)
+            got = _node_measures(table, slot, graph.length, activity)
+            for field in ("table", "mass", "has", "reach"):
+                assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_channel_graph_over_budget_is_refused_before_distances(monkeypatch):
+    """A channel graph whose distances plus edge-problem tables exceed memory_budget is refused
+    after tracing two examples, before the distances (or any problem) are built, with a
+    message that gives the sizes and what would fit; the problems alone over the budget are
+    refused before the pairs are even counted."""
+    import curvprune.graphs.channel as channel_module
+    from curvprune.graphs.channel import channel_problem_bytes
+
+    build, shape = MODELS["residual"]
+    model = build()
+    x = _inputs(shape, batch=6)
+    graph = _trace(model, x[:2])
+    reserve = channel_problem_bytes(graph)
+    pairs = needed_distance_bytes(graph)
+    n = graph.num_nodes
+    d_in = int(torch.bincount(graph.dst, minlength=n).max())
+    d_out = int(torch.bincount(graph.src, minlength=n).max())
+    assert reserve == 24 * n * (d_in + d_out) + 16 * graph.src.numel()
+    # ChannelProblems really holds the tables counted (8 n (D_in + D_out) + 16 E bytes).
+    problems = ChannelProblems(graph, needed_distances(graph))
+    held = sum(t.numel() * t.element_size() for t in (problems.in_table, problems.out_table,
+                                                      problems.in_slot, problems.out_slot))
+    assert held == 8 * n * (d_in + d_out) + 16 * graph.src.numel()
+    calls = []
+    monkeypatch.setattr(channel_module, "_needed_structure",
+                        lambda g, real=channel_module._needed_structure: calls.append(1)
+                        or real(g))
+    monkeypatch.setattr(_channel_distances, "needed_pair_distances",
+                        lambda *a, **k: pytest.fail("distances computed over budget"))
+    budget = reserve + pairs - 1
+    with pytest.raises(ValueError, match=r"over memory_budget=.*Fewer calibration images, a "
+                       r"smaller input or a tolerance would not help.*") as info:
+        curvprune.neural_curvature(model, x, granularity="channel", memory_budget=budget)
+    assert calls == [1] and f"memory_budget={reserve + pairs} (bytes)" in str(info.value)
+    with pytest.raises(ValueError, match=r"neighbour tables and one example's measures") as info:
+        curvprune.neural_curvature(model, x, granularity="channel", memory_budget=reserve - 1)
+    assert "node pairs" not in str(info.value) and calls == [1]  # refused before counting
+    monkeypatch.undo()
+    fits = curvprune.neural_curvature(model, x, granularity="channel",
+                                      memory_budget=reserve + pairs, tolerance=0.0)
+    assert fits.num_examples == 6
