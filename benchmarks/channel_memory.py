@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"resnet50": "resnet50", "vit_small": "vit_small_patch16_224",
           "convnext_tiny": "convnext_tiny", "efficientnet_b0": "efficientnet_b0",
-          "mobilenetv3_large": "mobilenetv3_large_100", "resnet18": "resnet18"}
+          "mobilenetv3_large": "mobilenetv3_large_100", "resnet18": "resnet18",
+          "resnet26": "resnet26"}
 GIB = 2**30
 
 

@@ -221,11 +221,12 @@ def _relax(table: torch.Tensor, first: int, rows: torch.Tensor, src: torch.Tenso
         _write(table, rows, t0, block)
 
 
-def needed_pair_distances(adjacency: scipy.sparse.csr_matrix, needed: scipy.sparse.csr_matrix,
+def needed_pair_distances(adjacency: scipy.sparse.csr_matrix, needed,
                           *, block: int, device: torch.device
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted keys ``a * n + b`` and float64 distances ``D(a, b)`` of every nonzero of
-    ``needed`` (sorted csr), for the graph ``adjacency`` (csr, lengths positive, every edge
+    ``needed`` (a sorted csr matrix, or anything with its ``indptr``, ``indices`` and ``nnz``:
+    the data is not read), for the graph ``adjacency`` (csr, lengths positive, every edge
     ``u -> v`` with ``u < v``): bitwise the all-pairs Dijkstra values (module docstring)."""
     n = adjacency.shape[0]
     bounds = levels(adjacency)

@@ -370,7 +370,10 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
     device = graph.length.device
     if _by_levels and bool((graph.src < graph.dst).all()) and bool((graph.length > 0).all()):
         from ._channel_distances import needed_pair_distances  # min-plus, level by level
-        return ChannelDistances(*needed_pair_distances(adjacency, needed, block=block,
+        # The pattern's rows and columns only: its float32 data (4 bytes a pair) is freed.
+        pattern = _Pattern(needed.indptr, needed.indices)
+        del needed
+        return ChannelDistances(*needed_pair_distances(adjacency, pattern, block=block,
                                                        device=device), n)
     sources = np.nonzero(np.diff(needed.indptr))[0]
     # Per source, the largest needed target (indices are sorted within rows).
@@ -399,6 +402,14 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
     value = np.concatenate(values) if values else np.zeros(0)
     return ChannelDistances(torch.from_numpy(key).to(device), torch.from_numpy(value).to(device),
                             n)
+
+
+class _Pattern:
+    """A csr pattern without its data: ``indptr``, ``indices`` (sorted within rows), ``nnz``."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray) -> None:
+        self.indptr, self.indices = indptr, indices
+        self.nnz = int(indptr[-1])
 
 
 def _refuse(graph: ChannelGraph, pairs: int | None, reserve: int, memory_budget: int) -> None:
