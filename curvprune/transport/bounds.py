@@ -79,18 +79,25 @@ def bound_edges(
     live = ~dead
     both = live & mu_point & nu_point
     kappa[both] = 0.0
-    # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d
+    # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d; the sum depends on (i, q_j) only.
     sel = torch.nonzero(live & mu_point & ~nu_point).squeeze(1)
-    for chunk in _chunks(sel, block, nu.mass.shape[1] if nu is not None else 1):
-        i, j = src[chunk], dst[chunk]
-        cost = _gather_rows(tables.d_im, i, nu.table[j])
-        kappa[chunk] = 1.0 - _weighted_sum(nu.mass[j], cost) / d[chunk]
-    # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d
+    if sel.numel():
+        i, j = src[sel], dst[sel]
+        q_key = _measure_keys(nu)
+        total = _keyed(i * (int(q_key.max()) + 1) + q_key[j], block, nu.mass.shape[1],
+                       lambda e: _weighted_sum(nu.mass[j[e]],
+                                               _gather_rows(tables.d_im, i[e], nu.table[j[e]])))
+        kappa[sel] = 1.0 - total / d[sel]
+    # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d; the sum depends on (p_i, j) only.
     sel2 = torch.nonzero(live & ~mu_point & nu_point).squeeze(1)
-    for chunk in _chunks(sel2, block, mu.mass.shape[1] if mu is not None else 1):
-        i, j = src[chunk], dst[chunk]
-        cost = tables.d_kj[mu.table[i].clamp(min=0), j[:, None]]
-        kappa[chunk] = 1.0 - _weighted_sum(mu.mass[i], cost) / d[chunk]
+    if sel2.numel():
+        i, j = src[sel2], dst[sel2]
+        p_key = _measure_keys(mu)
+        total = _keyed(p_key[i] * (int(j.max()) + 1) + j, block, mu.mass.shape[1],
+                       lambda e: _weighted_sum(mu.mass[i[e]],
+                                               tables.d_kj[mu.table[i[e]].clamp(min=0),
+                                                           j[e][:, None]]))
+        kappa[sel2] = 1.0 - total / d[sel2]
     stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
     upper = kappa.clone()
     general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
@@ -148,10 +155,7 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
     device = src.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
     dk, dm = k_tab.shape[1], m_tab.shape[1]
-    p_key = torch.unique(torch.cat([k_tab.to(torch.float64), p_mass], 1), dim=0,
-                         return_inverse=True)[1]
-    q_key = torch.unique(torch.cat([m_tab.to(torch.float64), q_mass], 1), dim=0,
-                         return_inverse=True)[1]
+    p_key, q_key = _measure_keys(mu), _measure_keys(nu)
     pair = p_key[src] * (int(q_key.max()) + 1) + q_key[dst]
     pairs, pair_of_edge = torch.unique(pair, return_inverse=True)
     first = _first_edges(pair_of_edge, pairs.numel())
@@ -299,6 +303,23 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
     if lam > 0:
         upper = torch.minimum(upper, lam * swap + (1.0 - lam) * upper)
     return lower, upper
+
+
+def _measure_keys(measure: _Measure) -> torch.Tensor:
+    """Per node, a key equal for nodes with the same neighbour part (table and masses)."""
+    return torch.unique(torch.cat([measure.table.to(torch.float64), measure.mass], 1), dim=0,
+                        return_inverse=True)[1]
+
+
+def _keyed(key_of_edge: torch.Tensor, block: int, width: int, compute) -> torch.Tensor:
+    """``compute(edges)`` (a value per edge, ``width`` entries of work each) evaluated once per
+    distinct key, on each key's first edge, and read back for every edge."""
+    keys, inverse = torch.unique(key_of_edge, return_inverse=True)
+    first = _first_edges(inverse, keys.numel())
+    out = torch.empty(keys.numel(), dtype=torch.float64, device=key_of_edge.device)
+    for chunk in _chunks(torch.arange(keys.numel(), device=key_of_edge.device), block, width):
+        out[chunk] = compute(first[chunk])
+    return out[inverse]
 
 
 def _first_edges(key_of_edge: torch.Tensor, count: int) -> torch.Tensor:
