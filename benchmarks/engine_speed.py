@@ -228,8 +228,8 @@ def lenet_row(args, stored: dict | None = None) -> dict:
             row.update(compare(result.kappa, torch.load(REFERENCE_KAPPA)))
         else:  # runs from before the reference's kappa was kept are not compared here
             row["max_abs_diff"] = None
-            row["reference_note"] = (f"not compared: {REFERENCE_KAPPA} is written by "
-                                     "--reference full")
+            row["reference_note"] = (f"not compared: benchmarks/.cache/{REFERENCE_KAPPA.name} "
+                                     "is written by --reference full")
     else:
         per_edge, total = time_reference_per_edge(model, calib, alpha=args.alpha,
                                                   sample=args.sample_edges)
