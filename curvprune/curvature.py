@@ -369,7 +369,7 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
             bar.update(1)
 
     def solve(g: int, x: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cache.keep_group(g)  # the search resolves group by group: earlier ones are done
+        cache.drop_before(g)  # the search resolves groups in order: earlier ones are done
         if subsets is not None:
             edges = subsets[g][edges]
         return problem(g, x).solve(edges, alpha, stats=stats, options=options,
@@ -399,9 +399,11 @@ class _ProblemCache:
             self.items[key] = problem
             self.bytes += size
 
-    def keep_group(self, group: int) -> None:
-        """Drop the problems of other groups."""
-        for key in [k for k in self.items if k[0] != group]:
+    def drop_before(self, group: int) -> None:
+        """Drop the problems of the groups before ``group`` (the minimum search resolves the
+        groups in order, so those are done; the later ones are still to be solved and are
+        kept, not rebuilt)."""
+        for key in [k for k in self.items if k[0] < group]:
             self.bytes -= self.items.pop(key).nbytes
 
 

@@ -612,6 +612,12 @@ class HopTable:
         slot = ((cols // (h * w)) * wy + iy.clamp(0, wy - 1)) * wx + ix.clamp(0, wx - 1)
         return slot, inside
 
+    @property
+    def dense_values(self) -> torch.Tensor | None:
+        """The ``[n_src, n_tgt]`` values when the table is stored dense, else ``None`` (the
+        transport kernels then read it by :meth:`__getitem__`)."""
+        return self.values if self.layout.full else None
+
     def dense(self) -> torch.Tensor:
         """The ``[n_src, n_tgt]`` table (for tests and small layers)."""
         n_src, n_tgt = self.shape

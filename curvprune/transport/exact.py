@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .base import CERTIFY_TOL, Distances, EngineStats, _chunks
+from .base import CERTIFY_TOL, Distances, EngineStats, _chunks, _cross
 from .bounds import bound_edges
 from .measures import _Measure
 from .solver import _solve_batch, _submit_batch
@@ -36,32 +36,46 @@ def solve_edges(src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor, mu: _Meas
         k_idx, m_idx = k_tab[i, :r].clamp(min=0), m_tab[j, :c].clamp(min=0)
         pm, qm = p_mass[i, :r], q_mass[j, :c]
         rows, cols = pm > 0, qm > 0
-        support = rows[:, :, None] & cols[:, None, :]
         a_k = torch.where(rows, d_kj[k_idx, j[:, None]], zero)  # D(k, j)
         d_i_m = torch.where(cols, d_im[i[:, None], m_idx], zero)  # D(i, m)
         if alpha >= 0.5:
             # X = OT(p, q; min(C, A + B)); rows (columns) that take the swap on every support
             # cell differ only by a constant and are merged into one row (column), exactly.
             b_m = torch.where(cols, d_i_m - de[:, None], zero)
-            c_km = d_km[k_idx[:, :, None], m_idx[:, None, :]]  # C(k, m)
-            swap = a_k[:, :, None] + b_m[:, None, :]  # A(k) + B(m)
-            margin = (c_km - swap).masked_fill_(~support, math.inf)
-            hub_row = (margin.amin(2) >= 0) & rows
-            hub_col = (margin.amin(1) >= 0) & cols
+            cells = _cross(d_km, k_idx, m_idx)  # C(k, m)
+            # A(k) + B(m) on the support, -inf off it (A and B are finite distances there), so
+            # that no mask of the support is needed: off it no cell keeps C and the smaller of
+            # C and A + B is -inf, set to 0 below.
+            swap = (torch.where(rows, a_k, -math.inf)[:, :, None]
+                    + torch.where(cols, b_m, -math.inf)[:, None, :])
+            # A support cell keeps C where C < A + B (the margin C - (A + B) is negative exactly
+            # then, in IEEE arithmetic); a row (column) is a hub when none of its cells does.
+            keeps = torch.lt(cells, swap).view(torch.uint8)
+            hub_row = (keeps.amax(2) == 0) & rows
+            hub_col = (keeps.amax(1) == 0) & cols
             x = (torch.where(hub_row, pm * a_k, zero).sum(1)
                  + torch.where(hub_col, qm * b_m, zero).sum(1))
             need = torch.nonzero(~(hub_row | ~rows).all(1)).squeeze(1)
             stats.full_swap += chunk.numel() - need.numel()
             if need.numel():
-                cost = torch.zeros((need.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
                 # Each cell exactly C or A + B, whichever is smaller (no re-association, which
                 # would cost precision when d is small against A and B); off-support cells carry
-                # no mass and get zero.
-                cost[:, :r, :c] = torch.where(support[need], torch.minimum(c_km[need],
-                                                                           swap[need]), zero)
-                cost[:, r, :c] = b_m[need]
-                cost[:, :r, c] = a_k[need]
-                hr, hc, pn, qn = hub_row[need], hub_col[need], pm[need], qm[need]
+                # no mass and get zero. Written straight into the problems' cost blocks when
+                # every problem of the chunk needs the solver (the usual case).
+                every = need.numel() == chunk.numel()
+                cost = torch.empty((need.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
+                block_ = cost[:, :r, :c]
+                if every:
+                    torch.minimum(cells, swap, out=block_)
+                else:
+                    block_.copy_(torch.minimum(cells, swap, out=cells)[need])
+                torch.nan_to_num_(block_, nan=math.nan, posinf=math.inf, neginf=0.0)
+                cost[:, r, :c] = b_m if every else b_m[need]
+                cost[:, :r, c] = a_k if every else a_k[need]
+                cost[:, r, c] = 0.0
+                del cells, swap, keeps
+                hr, pn = (hub_row, pm) if every else (hub_row[need], pm[need])
+                hc, qn = (hub_col, qm) if every else (hub_col[need], qm[need])
                 row_mass = torch.cat([torch.where(hr, zero, pn),
                                       torch.where(hr, pn, zero).sum(1, keepdim=True)], 1)
                 col_mass = torch.cat([torch.where(hc, zero, qn),
@@ -76,6 +90,7 @@ def solve_edges(src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor, mu: _Meas
                 kappa[chunk] = 1.0 - x / de
         else:
             # alpha < 1/2: the atoms limit the swaps; solve the full problem.
+            support = rows[:, :, None] & cols[:, None, :]
             cost = torch.empty((chunk.numel(), r + 1, c + 1), dtype=d.dtype, device=device)
             cost[:, 0, 0] = de
             cost[:, 0, 1:] = d_i_m
