@@ -38,8 +38,12 @@ Every criterion is a global ranking of all ``Linear``/``Conv2d`` weights: the ``
 lowest scores are zeroed (the selection of :class:`curvprune.CurvaturePruning`), and the model is
 evaluated on the 10,000 Fashion-MNIST test images, no fine-tuning; then the weights are restored.
 
+``--criteria curv_min curv_wanda ...`` evaluates only those criterion families (names without
+``@N``); the curvature is computed all the same.
+
 Results: ``--out``/``{name}.json`` (every seed, criterion and amount, the command and the
-settings), ``--out``/``{name}.md`` (the tables: mean over seeds, min-max in brackets) and the plot
+settings), ``--out``/``{name}.md`` (the tables: mean over seeds, min-max in brackets; with more
+than one size also a calibration-size table and the dead-edge facts per size) and the plot
 ``--plots``/``{name}.png``.
 """
 
