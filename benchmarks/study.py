@@ -38,8 +38,12 @@ Every criterion is a global ranking of all ``Linear``/``Conv2d`` weights: the ``
 lowest scores are zeroed (the selection of :class:`curvprune.CurvaturePruning`), and the model is
 evaluated on the 10,000 Fashion-MNIST test images, no fine-tuning; then the weights are restored.
 
+``--criteria curv_min curv_wanda ...`` evaluates only those criterion families (names without
+``@N``); the curvature is computed all the same.
+
 Results: ``--out``/``{name}.json`` (every seed, criterion and amount, the command and the
-settings), ``--out``/``{name}.md`` (the tables: mean over seeds, min-max in brackets) and the plot
+settings), ``--out``/``{name}.md`` (the tables: mean over seeds, min-max in brackets; with more
+than one size also a calibration-size table and the dead-edge facts per size) and the plot
 ``--plots``/``{name}.png``.
 """
 
@@ -71,6 +75,9 @@ from curvprune.models import create_model  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 AGGREGATIONS = {"min": None, "mean": None, "q10": 0.10, "q25": 0.25, "median": 0.50}
+#: every criterion's name without its calibration size ``@N`` (what ``--criteria`` selects)
+FAMILIES = ["magnitude", "lamp", "wanda_global", "snip", "curv_min", "curv_nodead", "curv_mean",
+            "curv_q10", "curv_q25", "curv_median", "curv_mag", "curv_wanda"]
 
 
 def heldout_cnn() -> nn.Module:
@@ -159,17 +166,22 @@ def calibration_pool(model: nn.Module, train_set, size: int, seed: int
 def per_example_curvature(model: nn.Module, x: torch.Tensor, cache: Path | None, *,
                           alpha: float, verbose: bool) -> tuple[dict, dict, list[float]]:
     """``kappa[name]`` (examples x weight shape, float64) and ``live[name]`` (bool) from one
-    ``neural_curvature`` call per example; cached in ``cache`` example by example."""
+    ``neural_curvature`` call per example; cached in ``cache`` (new examples appended, the file
+    rewritten at most once a minute and after the last one)."""
     stored: dict = {"kappa": [], "live": [], "seconds": []}
     if cache is not None and cache.exists():
         stored = torch.load(cache)
+    saved = time.perf_counter()
     for i in range(len(stored["kappa"]), len(x)):
         start = time.perf_counter()
         result = neural_curvature(model, x[i:i + 1], alpha=alpha, threads=os.cpu_count() or 1)
         stored["seconds"].append(time.perf_counter() - start)
         stored["kappa"].append({n: k.cpu() for n, k in result.kappa.items()})
         stored["live"].append({n: v.cpu() for n, v in result.live.items()})
-        if cache is not None:
+        # the whole file is rewritten: at most once a minute (and after the last example), so
+        # that hundreds of examples do not write it hundreds of times
+        if cache is not None and (i == len(x) - 1 or time.perf_counter() - saved >= 60):
+            saved = time.perf_counter()
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
             torch.save(stored, tmp)
@@ -348,6 +360,57 @@ def goal(data: dict, model: str, criterion: str, amounts: list[float], size: int
     return "\n".join(lines)
 
 
+def size_table(data: dict, model: str, amounts: list[float]) -> str:
+    """The calibration-size view of ``model``'s results: one row per criterion family and
+    sparsity, one column per calibration size (mean over seeds, min-max in brackets; ``-`` where
+    the family was not evaluated at that size)."""
+    seeds = list(data["models"][model]["seeds"].values())
+    sizes = data["settings"]["sizes"]
+    present = set.intersection(*(set(s["accuracy"]) for s in seeds))
+    families = [f for f in FAMILIES if any(c.split("@")[0] == f for c in present)]
+    lines = [f"**{model}**, calibration size (images): test accuracy %, mean (min-max) over "
+             f"seeds {', '.join(data['models'][model]['seeds'])}", "",
+             "| criterion | sparsity | " + " | ".join(str(n) for n in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for family in families:
+        for a in amounts:
+            cells = []
+            for n in sizes:
+                c = family if family in ("magnitude", "lamp") else f"{family}@{n}"
+                if c not in present:
+                    cells.append("-")
+                    continue
+                v = [100 * s["accuracy"][c][f"{a:g}"] for s in seeds]
+                cells.append(f"{sum(v) / len(v):.1f} ({min(v):.1f}-{max(v):.1f})")
+            lines.append(f"| {family} | {100 * a:g} % | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dead_table(data: dict, model: str) -> str:
+    """Per calibration size: the share of weights dead on all ``N`` images (the dead-edge rule
+    prunes them first), of those live on a later image of the pool, of live weights with
+    ``kappa >= 1``, and the accuracy with exactly the dead weights removed (mean, min-max)."""
+    seeds = list(data["models"][model]["seeds"].values())
+    dense = [100 * s["test_accuracy"] for s in seeds]
+
+    def cell(values: list[float], digits: int = 1) -> str:
+        return f"{sum(values) / len(values):.{digits}f} ({min(values):.{digits}f}-" \
+               f"{max(values):.{digits}f})"
+
+    lines = [f"**{model}**, the dead-edge rule by calibration size (mean (min-max) over seeds; "
+             f"dense {cell(dense, 2)} %)", "",
+             "| images | dead on all N, % of weights | dead at N, live on a later image, % | "
+             "live with kappa >= 1, % | accuracy with the dead removed, % |",
+             "|---|---|---|---|---|"]
+    for n in data["settings"]["sizes"]:
+        facts = [s["per_size"][str(n)] for s in seeds]
+        lines.append(f"| {n} | {cell([100 * f['dead_fraction'] for f in facts])} | "
+                     f"{cell([100 * f['dead_but_live_later'] for f in facts])} | "
+                     f"{cell([100 * f['live_kappa_at_least_1'] for f in facts])} | "
+                     f"{cell([100 * f['dead_removed_accuracy'] for f in facts], 2)} |")
+    return "\n".join(lines)
+
+
 SIDE_BY_SIDE = ["curv_wanda@10", "curv_min@10", "magnitude", "lamp", "wanda_global@10", "snip@10",
                 "curv_wanda@32", "curv_min@32", "wanda_global@32", "snip@32"]
 
@@ -451,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="study")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plots", type=Path, default=DOCS)
+    parser.add_argument("--criteria", nargs="+", metavar="FAMILY",
+                        help="evaluate only these criteria (names without '@N', e.g. curv_min "
+                             "curv_nodead curv_wanda magnitude lamp wanda_global snip; default "
+                             "all)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
                         help="tiny CI run: MLP(32) trained 100 steps, seed 0, sizes 2 4, "
@@ -468,6 +535,10 @@ def main(argv: list[str] | None = None) -> None:
         args.models, args.seeds, args.sizes, args.amounts = ["mlp_quick"], [0], [2, 4], [0.5, 0.9]
     elif args.models is None:
         args.models = ["cnn_heldout", "mlp_heldout"] if args.heldout else ["lenet5", "mlp"]
+    if args.criteria:
+        unknown = sorted(set(args.criteria) - set(FAMILIES))
+        if unknown:
+            parser.error(f"unknown --criteria {unknown}; choose from {', '.join(FAMILIES)}")
     sizes = sorted(set(args.sizes))
     baseline_sizes = sorted({sizes[0], sizes[-1]})
     test, train_set = fashion_mnist(train=False), fashion_mnist(train=True)
@@ -479,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                  else sys.argv[1:])).rstrip(),
         "settings": {"models": {m: MODELS[m] for m in args.models}, "seeds": args.seeds,
                      "amounts": args.amounts, "sizes": sizes, "baseline_sizes": baseline_sizes,
+                     "criteria": args.criteria or FAMILIES,
                      "alpha": args.alpha, "epochs": 100 / 469 if args.quick else args.epochs,
                      "test_examples": len(test), "fine_tuning": False, "quick": args.quick,
                      "calibration": "first N of a round-robin class-ordered pool of correctly "
@@ -507,6 +579,8 @@ def main(argv: list[str] | None = None) -> None:
                 count = sum(int(m.sum()) for m in dead.values())
                 fact["dead_removed_accuracy"] = prune_and_evaluate(
                     model, {w: (~m).to(torch.float64) for w, m in dead.items()}, count, test)
+            if args.criteria:
+                scores = {c: s for c, s in scores.items() if c.split("@")[0] in args.criteria}
             results: dict = {}
             for criterion, s in scores.items():
                 results[criterion] = {f"{a:g}": prune_and_evaluate(model, s, a, test)
@@ -524,10 +598,15 @@ def main(argv: list[str] | None = None) -> None:
     md = [f"Command: `{data['command']}`", ""]
     for name in data["models"]:
         md += [table(data, name, criteria, args.amounts), ""]
+    if len(sizes) > 1:
+        for name in data["models"]:
+            md += [size_table(data, name, args.amounts), "", dead_table(data, name), ""]
     for name in data["models"]:
         for size in baseline_sizes:
             for c in (f"curv_min@{size}", f"curv_wanda@{size}"):
-                md += [goal(data, name, c, args.amounts, size), ""]
+                if {c, "magnitude", "lamp", f"wanda_global@{size}", f"snip@{size}"} <= set(
+                        criteria):
+                    md += [goal(data, name, c, args.amounts, size), ""]
     (args.out / f"{args.name}.md").write_text("\n".join(md))
     plot(data, args.plots / f"{args.name}.png")
     print(f"wrote {out_json}, {args.out / (args.name + '.md')}, "

@@ -226,6 +226,45 @@ def test_study_min_of_single_examples_is_the_batch_curvature():
         assert torch.equal(ranks[name], order.double()), name
 
 
+def test_study_size_and_dead_tables():
+    """The calibration-size tables of ``study.md``: one cell per family, amount and size with the
+    mean and min-max over seeds, ``-`` where a family was not evaluated at a size, and the
+    dead-edge facts per size in percent."""
+    study = _study_module()
+
+    def seed(acc_min10: float, acc_min100: float, dead10: float) -> dict:
+        return {"test_accuracy": 0.9,
+                "accuracy": {"magnitude": {"0.5": 0.8}, "curv_min@10": {"0.5": acc_min10},
+                             "curv_min@100": {"0.5": acc_min100},
+                             "wanda_global@10": {"0.5": 0.7}},
+                "per_size": {"10": {"dead_fraction": dead10, "dead_but_live_later": 0.02,
+                                    "live_kappa_at_least_1": 0.1,
+                                    "dead_removed_accuracy": 0.85},
+                             "100": {"dead_fraction": 0.1, "dead_but_live_later": 0.0,
+                                     "live_kappa_at_least_1": 0.1,
+                                     "dead_removed_accuracy": 0.9}}}
+
+    data = {"settings": {"sizes": [10, 100]},
+            "models": {"m": {"seeds": {"0": seed(0.5, 0.6, 0.3), "1": seed(0.7, 0.8, 0.2)}}}}
+    sizes = study.size_table(data, "m", [0.5]).splitlines()
+    assert "| magnitude | 50 % | 80.0 (80.0-80.0) | 80.0 (80.0-80.0) |" in sizes
+    assert "| wanda_global | 50 % | 70.0 (70.0-70.0) | - |" in sizes
+    assert "| curv_min | 50 % | 60.0 (50.0-70.0) | 70.0 (60.0-80.0) |" in sizes
+    assert not any(line.startswith("| snip") for line in sizes)  # not evaluated: no row
+    dead = study.dead_table(data, "m").splitlines()
+    assert "| 10 | 25.0 (20.0-30.0) | 2.0 (2.0-2.0) | 10.0 (10.0-10.0) | 85.00 (85.00-85.00) |" \
+        in dead
+    assert dead[-1].startswith("| 100 | 10.0 (10.0-10.0) | 0.0 ")
+
+
+def test_study_rejects_unknown_criteria(capsys):
+    study = _study_module()
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--criteria", "curv_min", "curv_best"])
+    assert stop.value.code == 2
+    assert "unknown --criteria ['curv_best']" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
 def test_study_quick(tmp_path):
@@ -246,7 +285,10 @@ def test_study_quick(tmp_path):
         assert all(0.0 <= v <= 1.0 for v in accuracy.values())
     for fact in entry["per_size"].values():
         assert 0 <= fact["dead_fraction"] <= 1 and 0 <= fact["dead_removed_accuracy"] <= 1
-    assert "curv_wanda@2" in (tmp_path / "study.md").read_text()
+    md = (tmp_path / "study.md").read_text()
+    assert "curv_wanda@2" in md
+    assert "**mlp_quick**, calibration size (images)" in md and "| curv_min | 90 % |" in md
+    assert "**mlp_quick**, the dead-edge rule by calibration size" in md
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
