@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import curvprune
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "unstructured.py"
@@ -113,8 +116,9 @@ def test_structured_quick(tmp_path):
     data = json.loads(out.read_text())
     (model,) = data["models"].values()
     (entry,) = model["seeds"].values()
-    assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random", "activation",
-                                     "hessian"}
+    assert set(entry["results"]) == {"curvature", "curvature_min", "curvature_weighted",
+                                     "magnitude", "taylor", "random", "activation", "hessian"}
+    assert entry["curvature_seconds"] > 0  # one scoring for the three reductions
     for rows in entry["results"].values():
         row = rows["0.3"]
         assert row["params"] < row["params_before"] and row["macs"] < row["macs_before"]
@@ -123,7 +127,59 @@ def test_structured_quick(tmp_path):
     # every criterion removes the same channels count per group: same parameter count
     assert len({rows["0.3"]["params"] for rows in entry["results"].values()}) == 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.with_suffix(".md").exists()
+    text = out.with_suffix(".md").read_text()
+    assert "After 10 fine-tuning steps" in text and "| timm/resnet18 | curvature_min |" in text
+
+
+def _structured_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import structured
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return structured
+
+
+def test_structured_curvature_reductions_use_one_scoring(monkeypatch):
+    """The three curvature criteria pruned from one scoring remove the channels that a fresh
+    ``CurvatureImportance(calibration, reduction=...)`` removes; the reductions differ."""
+    structured = _structured_module()
+    from curvprune.models import zoo
+
+    name = "timm/convnext_atto"
+    torch.manual_seed(0)
+    model = zoo.create(name)
+    state = model.state_dict()
+    calib = torch.randn(4, 3, 32, 32)
+    result = curvprune.neural_curvature(model, calib, granularity="channel")
+    removed = {}
+    original = curvprune.prune_channels
+
+    def recording(model, *args, **kwargs):
+        report = original(model, *args, **kwargs)
+        removed[key] = report.removed
+        return report
+
+    monkeypatch.setattr(structured.curvprune, "prune_channels", recording)
+    test = torch.utils.data.TensorDataset(calib, torch.zeros(4, dtype=torch.long))
+    for criterion in structured.CURVATURE:
+        for curvature in (None, result):
+            key = (criterion, curvature is None)
+            structured.prune_and_evaluate(name, state, criterion, 0.3, calib, None, test, 0,
+                                          curvature=curvature)
+        assert removed[(criterion, True)] == removed[(criterion, False)]
+    assert removed[("curvature", True)] != removed[("curvature_min", True)]
+    assert removed[("curvature", True)] != removed[("curvature_weighted", True)]
+
+
+def test_structured_options_are_checked(capsys):
+    structured = _structured_module()
+    with pytest.raises(SystemExit):
+        structured.main(["--ratios", "0.1", "--finetune-ratios", "0.2"])
+    assert "not among --ratios" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        structured.main(["--criteria", "curvature_median"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 @pytest.mark.slow
