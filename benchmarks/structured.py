@@ -4,6 +4,7 @@
     python benchmarks/structured.py --seeds 0 1 2 --resume   # keep the seeds already in the JSON
     python benchmarks/structured.py --models timm/resnet18 --ratios 0.3 --finetune-ratios
     python benchmarks/structured.py --criteria magnitude taylor --resume   # add criteria later
+    python benchmarks/structured.py --merge seed0.json seed1.json          # combine runs
     python benchmarks/structured.py --quick --out /tmp/q.json --plot /tmp/q.png   # CI smoke run
 
 Models are reduced-width timm architectures from :mod:`curvprune.models.zoo` (ResNet-18, MobileNetV3
@@ -55,6 +56,11 @@ run, on the same trained model (the script stops if the dense accuracy differs f
 one), and records them under ``criteria_added``. The tables show the criteria that every seed
 of a model has.
 
+``--merge A.json B.json ...`` runs nothing: it combines the (model, seed) results of files
+written with the same settings (one process per seed, run side by side, each with its own
+``--out``) into ``--out``, its tables and ``--plot``; a (model, seed) found in two files is an
+error. Give it the settings the files were written with (``--finetune-steps`` ...).
+
 ``--quick`` (CI, under a minute): one seed, one untrained model, a random calibration batch,
 ratio 0.3, 10 fine-tuning steps, 500 test images: it checks that the script runs, not what it
 measures.
@@ -63,6 +69,7 @@ measures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -183,14 +190,29 @@ def _mean_range(values: list[float]) -> str:
     return f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+def _having(entry: dict, criterion: str) -> dict[str, dict]:
+    """``{seed: run}`` of the seeds of ``entry`` that have ``criterion`` (a run interrupted,
+    or made before a criterion existed, lacks it)."""
+    return {seed: run for seed, run in entry["seeds"].items() if criterion in run["results"]}
+
+
 def _rows(entry: dict, criterion: str, key: str) -> list[dict]:
-    return [run["results"][criterion][key] for run in entry["seeds"].values()]
+    return [run["results"][criterion][key] for run in _having(entry, criterion).values()]
 
 
 def _criteria(runs: list[dict]) -> list[str]:
-    """The criteria of :data:`CRITERIA` that every seed has (runs made before a criterion
-    existed lack it)."""
-    return [c for c in CRITERIA if all(c in run["results"] for run in runs)]
+    """The criteria of :data:`CRITERIA` that some seed has, in that order."""
+    return [c for c in CRITERIA if any(c in run["results"] for run in runs)]
+
+
+def _cell(entry: dict, criterion: str, key: str, field: str) -> str:
+    """Mean (min-max) of ``field`` over the seeds that have ``criterion``, naming those seeds
+    when they are not all of the model's."""
+    having = _having(entry, criterion)
+    text = _mean_range([run["results"][criterion][key][field] for run in having.values()])
+    if len(having) < len(entry["seeds"]):
+        text += f" [seed {', '.join(having)}]"
+    return text
 
 
 def _ratios(run: dict, criterion: str, key: str) -> list[str]:
@@ -219,17 +241,18 @@ def plot(data: dict, path: Path) -> None:
         for row, (key, stage) in enumerate(stages):
             ax = axes[row][column]
             for criterion in _criteria(runs):
-                keys = _ratios(runs[0], criterion, key)
-                if not keys or any(_ratios(run, criterion, key) != keys for run in runs):
+                having = [(d, run) for d, run in zip(dense, runs) if criterion in run["results"]]
+                keys = _ratios(having[0][1], criterion, key)
+                if not keys or any(_ratios(run, criterion, key) != keys for _, run in having):
                     continue
                 x = [0.0] + [float(k) for k in keys]
                 per_seed = [[d] + [100 * run["results"][criterion][k][key] for k in keys]
-                            for d, run in zip(dense, runs)]
+                            for d, run in having]
                 mean = [sum(col) / len(col) for col in zip(*per_seed)]
                 ax.plot(x, mean, marker="o", ms=3, label=criterion, color=colours[criterion],
                         linestyle="--" if criterion in CURVATURE and criterion != "curvature"
                         else "-")
-                if len(runs) > 1:
+                if len(per_seed) > 1:
                     ax.fill_between(x, [min(c) for c in zip(*per_seed)],
                                     [max(c) for c in zip(*per_seed)],
                                     color=colours[criterion], alpha=0.12, linewidth=0)
@@ -265,7 +288,8 @@ def markdown(data: dict) -> str:
         criteria = _criteria(runs)
         dense = _mean_range([run["dense_accuracy"] for run in runs])
         ratios = [r for r in _ratios(runs[0], criteria[0], "accuracy")
-                  if all(r in run["results"][c] for run in runs for c in criteria)]
+                  if all(r in run["results"][c] for c in criteria
+                         for run in _having(entry, c).values())]
         seconds = [run["curvature_seconds"] for run in runs if "curvature_seconds" in run]
         scoring = (f", curvature scoring {min(seconds):.0f}-{max(seconds):.0f} s"
                    if seconds else "")
@@ -278,14 +302,12 @@ def markdown(data: dict) -> str:
             first = _rows(entry, criteria[0], key)[0]
             left = first["params"] / first["params_before"]
             macs = first["macs"] / first["macs_before"]
-            cells = [_mean_range([r["accuracy"] for r in _rows(entry, c, key)])
-                     for c in criteria]
+            cells = [_cell(entry, c, key, "accuracy") for c in criteria]
             lines.append(f"| {key} | {100 * left:.0f}% | {100 * macs:.0f}% | "
                          + " | ".join(cells) + " |")
             if all("accuracy_finetuned" in r for c in criteria for r in _rows(entry, c, key)):
                 tuned.append(f"| {key} | " + " | ".join(
-                    _mean_range([r["accuracy_finetuned"] for r in _rows(entry, c, key)])
-                    for c in criteria) + " |")
+                    _cell(entry, c, key, "accuracy_finetuned") for c in criteria) + " |")
         if tuned:
             steps = data["settings"]["finetune_steps"]
             lines += ["", f"After {steps} fine-tuning steps:", "",
@@ -296,15 +318,18 @@ def markdown(data: dict) -> str:
             if criterion not in criteria or not {"magnitude", "taylor"} <= set(criteria):
                 continue
             cells = []
-            for key in ratios:
-                ours = _mean([r["accuracy"] for r in _rows(entry, criterion, key)])
-                cells.append(" / ".join(
-                    f"{ours - _mean([r['accuracy'] for r in _rows(entry, c, key)]):+.1f}"
-                    for c in ("magnitude", "taylor")))
+            for key in ratios:  # over the seeds that have both criteria
+                pair = []
+                for other in ("magnitude", "taylor"):
+                    both = [run["results"] for run in runs
+                            if criterion in run["results"] and other in run["results"]]
+                    pair.append(_mean([r[criterion][key]["accuracy"] - r[other][key]["accuracy"]
+                                       for r in both]))
+                cells.append(" / ".join(f"{d:+.1f}" for d in pair))
             gaps.append((name, criterion, ratios, cells))
     if gaps:
         lines += ["Lead of each curvature criterion over magnitude / Taylor right after pruning "
-                  "(points, mean over seeds; negative: behind):", ""]
+                  "(points, mean over the seeds that have both; negative: behind):", ""]
         header = None
         for name, criterion, ratios, cells in gaps:
             if header != ratios:
@@ -316,7 +341,9 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's settings, checked (``--quick`` and the ``--finetune-ratios``
+    default applied)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
@@ -337,6 +364,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the (model, seed) results already in --out when it was "
                              "written with the same settings; run the rest")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: combine the (model, seed) results of these files "
+                             "(written with the same settings, e.g. one process per seed) "
+                             "into --out, its tables and --plot")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.ratios, args.seeds = args.models[:1], [0.3], args.seeds[:1]
@@ -350,16 +381,22 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--finetune-ratios {unknown} are not among --ratios {args.ratios}")
     args.criteria = [c for c in CRITERIA if c in args.criteria]  # one order, no repeats
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.merge:
+        _finish(merge(args.merge, args, argv if argv is not None else sys.argv[1:]), args)
+        return
     torch.set_num_threads(1)
     test = fashion_mnist(train=False, pad_to=32, channels=3)
     train = fashion_mnist(train=True, pad_to=32, channels=3)
     data = {"command": "python benchmarks/structured.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:]), "settings": vars(args) | {
-            "out": str(args.out), "plot": str(args.plot), "finetune": FINETUNE}, "models": {}}
+        argv if argv is not None else sys.argv[1:]), "settings": _settings(args), "models": {}}
     done = {}
     if args.resume:
-        done = resumable(args.out, data["settings"],
-                         ignore={"seeds", "models", "out", "plot", "resume", "criteria"})
+        done = resumable(args.out, data["settings"], ignore=FREE)
         for name in done:  # models of the file that this run does not touch stay as they are
             if name not in args.models:
                 data["models"][name] = {"seeds": done[name]}
@@ -423,6 +460,44 @@ def main(argv: list[str] | None = None) -> None:
                 write_json(args.out, data)  # after every criterion: --resume keeps it
             seeds[str(seed)] = entry
             write_json(args.out, data)
+    _finish(data, args)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return vars(args) | {"out": str(args.out), "plot": str(args.plot), "finetune": FINETUNE,
+                         "merge": None}
+
+
+#: Settings that may differ between runs whose results are combined (``--resume``, ``--merge``).
+FREE = {"seeds", "models", "out", "plot", "resume", "criteria", "merge"}
+
+
+def merge(paths: list[Path], args: argparse.Namespace, argv: list[str]) -> dict:
+    """The benchmark JSON that combines the (model, seed) results of ``paths``, each written
+    with the settings of ``args`` (:data:`FREE` aside); a (model, seed) in two files is an
+    error."""
+    data = {"command": "python benchmarks/structured.py " + shlex.join(argv),
+            "settings": _settings(args), "models": {},
+        "merged_from": {}}
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"--merge: {path} does not exist")
+        done = resumable(path, data["settings"], ignore=FREE)
+        data["merged_from"][str(path)] = json.loads(path.read_text())["command"]
+        for name, seeds in done.items():
+            into = data["models"].setdefault(name, {"seeds": {}})["seeds"]
+            twice = sorted(set(into) & set(seeds))
+            if twice:
+                raise SystemExit(f"--merge: {name} seed(s) {', '.join(twice)} are in two of "
+                                 "the files; merge each (model, seed) from one file")
+            into.update(seeds)
+    for entry in data["models"].values():  # seeds in numeric order
+        entry["seeds"] = dict(sorted(entry["seeds"].items(), key=lambda kv: int(kv[0])))
+    return data
+
+
+def _finish(data: dict, args: argparse.Namespace) -> None:
+    """Write the JSON, its tables (``.md`` beside it) and the plot."""
     write_json(args.out, data)
     text = markdown(data)
     md = args.out.with_suffix(".md")
