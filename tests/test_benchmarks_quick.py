@@ -140,6 +140,7 @@ def _structured_module():
     return structured
 
 
+@pytest.mark.slow  # four channel scorings of a zoo model: about a minute of CPU
 def test_structured_curvature_reductions_use_one_scoring(monkeypatch):
     """The three curvature criteria pruned from one scoring remove the channels that a fresh
     ``CurvatureImportance(calibration, reduction=...)`` removes; the reductions differ."""
