@@ -223,7 +223,8 @@ def _ratios(run: dict, criterion: str, key: str) -> list[str]:
 
 def plot(data: dict, path: Path) -> None:
     """Accuracy against channel ratio per model (columns), right after pruning (top row) and
-    after fine-tuning (bottom row, where fine-tuned): mean over seeds, min-max band."""
+    after fine-tuning (bottom row, when some model was fine-tuned): mean over seeds, min-max
+    band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,8 +233,12 @@ def plot(data: dict, path: Path) -> None:
     models = [m for m in data["models"] if data["models"][m]["seeds"]]
     stages = [("accuracy", "right after pruning"), ("accuracy_finetuned", "after "
               f"{data['settings']['finetune_steps']} fine-tuning steps")]
+    stages = [(key, stage) for key, stage in stages  # the fine-tuned row only where tuned
+              if any(key in row for m in models for run in data["models"][m]["seeds"].values()
+                     for rows in run["results"].values() for row in rows.values())]
     colours = dict(zip(CRITERIA, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(2, len(models), figsize=(4.2 * len(models), 6.6), squeeze=False)
+    fig, axes = plt.subplots(len(stages), len(models),
+                             figsize=(4.2 * len(models), 3.3 * len(stages)), squeeze=False)
     for column, name in enumerate(models):
         entry = data["models"][name]
         runs = list(entry["seeds"].values())
