@@ -2,6 +2,7 @@
 
     python benchmarks/real_size.py --model resnet50 --images 4 --limit 1200
     python benchmarks/real_size.py --model resnet50 --images 4 --tolerance 1e-3 --limit 1200
+    python benchmarks/real_size.py --model tv_resnet18 --images 16 --limit 1200   # unstructured
 
 Each criterion runs in its own process (so that its peak RSS, ``ru_maxrss``, is its own) on the
 same model (timm, randomly initialised and seeded: no weights can be downloaded here; time and
@@ -17,6 +18,14 @@ then ``step()``:
 For curvature the phases are timed as they happen (trace, needed distances and their pair
 count, bounds per batch, the exact minima's progress) and written to the results file while the
 run goes, so a run stopped by ``--limit`` (seconds, per criterion) still reports how far it got.
+``tv_resnet18`` (torchvision's ``resnet18``) is the unstructured task instead: 50 % of all
+conv and linear weights (classifier included) removed by one
+``prune.global_unstructured`` call, with scores from
+
+* ``magnitude``: ``prune.L1Unstructured`` (global |w|);
+* ``curvature``: ``curvprune.neural_curvature(model, images, granularity="auto",
+  tolerance=...)`` and ``curvprune.CurvaturePruning`` with its ``importance_scores()``.
+
 Results: ``benchmarks/results/real_size_<model>_<images>_<tolerance>.json``.
 """
 
@@ -37,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"resnet50": "resnet50", "vit_small": "vit_small_patch16_224",
           "convnext_tiny": "convnext_tiny", "efficientnet_b0": "efficientnet_b0",
-          "mobilenetv3_large": "mobilenetv3_large_100"}
+          "mobilenetv3_large": "mobilenetv3_large_100", "tv_resnet18": "torchvision resnet18"}
+#: The models of the unstructured task (``prune.global_unstructured``); the others are structured.
+UNSTRUCTURED = {"tv_resnet18"}
 
 
 def peak_gib() -> float:
@@ -49,7 +60,12 @@ def _setup(model_name: str, images: int):
     import torch
 
     torch.manual_seed(0)
-    model = timm.create_model(MODELS[model_name], pretrained=False).eval()
+    if model_name == "tv_resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(weights=None).eval()
+    else:
+        model = timm.create_model(MODELS[model_name], pretrained=False).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(images, 3, 224, 224, generator=gen)
     return model, x
@@ -71,6 +87,9 @@ def run_one(args) -> None:
     start = time.perf_counter()
     model, x = _setup(args.model, args.images)
     record["setup_s"] = time.perf_counter() - start
+    if args.model in UNSTRUCTURED:
+        _unstructured(args, model, x, record, start, save)
+        return
     classifier = model.get_classifier()
     if args.criterion == "magnitude":
         imp = tp.importance.GroupMagnitudeImportance(p=2)
@@ -142,6 +161,40 @@ def run_one(args) -> None:
     save()
 
 
+def _unstructured(args, model, x, record: dict, start: float, save) -> None:
+    """The unstructured task (module docstring) in this process, timed as it goes."""
+    import torch.nn as nn
+    import torch.nn.utils.prune as prune
+
+    import curvprune
+
+    params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    before = sum(int(m.weight.numel()) for m, _ in params)
+    t0 = time.perf_counter()
+    if args.criterion == "magnitude":
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.5)
+    elif args.criterion == "curvature":
+        phase = {"phase": "neural_curvature", "start_s": t0 - start}
+        record["phases"].append(phase)
+        save()
+        result = curvprune.neural_curvature(model, x, granularity="auto",
+                                            tolerance=args.tolerance, threads=args.threads,
+                                            memory_budget=8 << 30)
+        phase.update(s=time.perf_counter() - t0, granularity=result.granularity,
+                     engine=result.engine)
+        save()
+        prune.global_unstructured(params, pruning_method=curvprune.CurvaturePruning,
+                                  importance_scores=result.importance_scores(), amount=0.5)
+    else:
+        raise SystemExit(f"criterion {args.criterion!r} has no unstructured run here; use "
+                         "magnitude or curvature.")
+    record["prune_s"] = time.perf_counter() - t0
+    record["weights"] = before
+    record["weights_zero"] = sum(int((m.weight == 0).sum()) for m, _ in params)
+    record["finished"] = True
+    save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet50", choices=sorted(MODELS))
@@ -149,7 +202,9 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1e-14)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=600, help="seconds per criterion")
-    parser.add_argument("--criteria", default="magnitude,taylor,curvature")
+    parser.add_argument("--criteria", default=None,
+                        help="comma-separated (default: magnitude,taylor,curvature; "
+                             "magnitude,curvature for tv_resnet18)")
     parser.add_argument("--criterion", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,9 +216,13 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"real_size_{args.model}_{args.images}_{args.tolerance:g}.json"
     summary = {"command": "python " + " ".join(sys.argv), "model": MODELS[args.model],
+               "task": "unstructured" if args.model in UNSTRUCTURED else "structured",
                "images": args.images, "tolerance": args.tolerance, "threads": args.threads,
                "limit_s": args.limit, "torch": torch.__version__, "cpus": os.cpu_count(),
                "machine": platform.platform(), "load_before": os.getloadavg(), "criteria": {}}
+    if args.criteria is None:
+        args.criteria = ("magnitude,curvature" if args.model in UNSTRUCTURED
+                         else "magnitude,taylor,curvature")
     for criterion in args.criteria.split(","):
         part = path.with_suffix(f".{criterion}.part")
         cmd = [sys.executable, __file__, "--model", args.model, "--images", str(args.images),
@@ -172,7 +231,10 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, timeout=args.limit, capture_output=True, text=True)
-            status = "finished" if proc.returncode == 0 else f"failed: {proc.stderr[-500:]}"
+            status = ("finished" if proc.returncode == 0 else
+                      f"failed (exit status {proc.returncode}"
+                      f"{', killed by the system: out of memory?' if proc.returncode == -9 else ''}"
+                      f"): {proc.stderr[-500:]}")
         except subprocess.TimeoutExpired:
             status = f"stopped at the {args.limit} s limit"
         record = json.loads(part.read_text()) if part.exists() else {}
