@@ -237,8 +237,9 @@ def plot(data: dict, path: Path) -> None:
               if any(key in row for m in models for run in data["models"][m]["seeds"].values()
                      for rows in run["results"].values() for row in rows.values())]
     colours = dict(zip(CRITERIA, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(len(stages), len(models),
-                             figsize=(4.2 * len(models), 3.3 * len(stages)), squeeze=False)
+    width = max(6.0, 4.2 * len(models))
+    fig, axes = plt.subplots(len(stages), len(models), figsize=(width, 3.3 * len(stages)),
+                             squeeze=False)
     for column, name in enumerate(models):
         entry = data["models"][name]
         runs = list(entry["seeds"].values())
