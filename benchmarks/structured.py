@@ -13,8 +13,8 @@ exact channel curvature, training and fine-tuning fit a 2-core CPU), trained on 
 (padded to 32 x 32, grey repeated to 3 channels; Adam, seeded, cached under benchmarks/.cache).
 Calibration: ``--per-class`` correctly classified training examples per class. Each criterion
 removes the same fraction of the channels of every prunable group with Torch-Pruning's
-``MetaPruner`` (local ranking, classifier kept; ``curvprune.prune_channels``), no fine-tuning,
-then the test accuracy is measured:
+``MetaPruner`` (local ranking, classifier kept; ``curvprune.prune_channels``), and the test
+accuracy is measured right after pruning (and after a short fine-tune, below):
 
 * ``curvature``: ``curvprune.CurvatureImportance`` (channel importance ``2 - kappa``, a
   channel's curvature the mean of its edges', the default ``reduction="mean"``);
