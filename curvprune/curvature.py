@@ -52,6 +52,11 @@ __all__ = ["neural_curvature", "EngineOptions", "channel_edge_bounds"]
 MEMORY_BUDGET = 4 << 30
 
 
+#: Calibration examples the channel tracer follows (the first ones); every example's
+#: activities come from replaying that trace (``_channel_curvature``).
+TRACE_EXAMPLES = 2
+
+
 #: Default ``tolerance`` of :func:`neural_curvature`: a few ulps, so the scores are exact in
 #: practice (every interval is at most this wide).
 TOLERANCE = CERTIFY_TOL
@@ -177,7 +182,11 @@ def neural_curvature(
             With more than one, torch's own ops run on one thread during the call (restored
             after), so that the two do not compete for the cores.
         memory_budget: bytes the distance tables may take (default :data:`MEMORY_BUDGET`,
-            4 GiB); a larger graph is refused with a ``ValueError`` saying how much it needs.
+            4 GiB): the neuron graph's hop tables; at channel granularity the needed
+            distances plus the edge problems' neighbour tables and one example's measures
+            (:func:`~curvprune.graphs.channel.channel_problem_bytes`). A larger graph is
+            refused with a ``ValueError`` saying how much it needs, right after the channel
+            structure is traced (on two examples) and before any distance is computed.
         options: the engine's tuning knobs (chunk sizes, hop-table windows, the edge-problem
             cache; :class:`~curvprune.transport.EngineOptions`); none changes a score.
 
@@ -588,10 +597,22 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
 
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
                        tolerance, threads, memory_budget, start, options) -> CurvatureResult:
-    """``neural_curvature`` at channel granularity (see :mod:`curvprune.graphs.channel`): the
-    structure and its distances come from tracing the first batch; the other batches give
-    their activities only (:func:`~curvprune.graphs.channel.channel_activity`)."""
-    from .graphs.channel import channel_activity, needed_distances, trace_channels
+    """``neural_curvature`` at channel granularity (see :mod:`curvprune.graphs.channel`).
+
+    The structure is traced on the first two examples only (:data:`TRACE_EXAMPLES`), so the
+    label tracer's cost does not grow with the calibration set; every batch, the first
+    included, gives its activities by replaying the trace
+    (:func:`~curvprune.graphs.channel.channel_activity`: bitwise a full trace's). Two, not one:
+    with two examples the trace checks that every tensor it measures keeps the batch as its
+    first dimension and carries the same channels on both examples, which the replay of the
+    other examples relies on (a model where either fails is traced in full, batch by batch).
+    """
+    from .graphs.channel import (
+        channel_activity,
+        channel_problem_bytes,
+        needed_distances,
+        trace_channels,
+    )
 
     stats = EngineStats()
     first = None
@@ -601,17 +622,19 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
             scoring_mode(model):
         for inputs in _float_batches(calibration, model_device, model, half_dtype(model)):
             if first is None:
-                first = trace_channels(model, inputs, device=engine_device)
+                first = trace_channels(model, inputs[:TRACE_EXAMPLES], device=engine_device)
                 input_shape = tuple(inputs.shape[1:])
-                # Only the pairs the measures touch (refused over memory_budget up front).
-                problems = ChannelProblems(first, needed_distances(first,
-                                                                   memory_budget=memory_budget))
-                activities.extend(first.activity)
-            else:
-                activities.extend(channel_activity(model, inputs, first, engine_device))
+                # Only the pairs the measures touch; the distances and the problems' tables
+                # are refused over memory_budget before they are built.
+                distances = needed_distances(first, memory_budget=memory_budget,
+                                             reserve=channel_problem_bytes(first))
+                problems = ChannelProblems(first, distances)
+                del distances
+            activities.extend(channel_activity(model, inputs, first, engine_device))
         upper, lower, live = _search(problems, activities, alpha, tolerance, stats=stats,
                                      options=options, threads=threads, bar=bar)
-    first = dataclasses.replace(first, replay=None)  # the result keeps the structure only
+    # The result keeps the structure and every example's activities (no replay record).
+    first = dataclasses.replace(first, replay=None, activity=torch.stack(activities))
     problems.graph = first
     edge_hi, edge_lo = problems.on_edges(upper[0]), problems.on_edges(lower[0])
     edge_live = problems.on_edges(live[0].to(torch.float64)) == 1.0

@@ -44,8 +44,8 @@ class ScoringEstimate:
             ``L -> L+2`` and ``L -> L+3`` hop tables; channel: 16 bytes per node pair the
             measures need, :func:`curvprune.graphs.channel.needed_distance_bytes`).
         memory_budget: the budget the tables are checked against.
-        fits: ``distance_bytes <= memory_budget`` (``"auto"`` picks the neuron graph only
-            when it fits; a channel graph over it is refused).
+        fits: ``distance_bytes + problem_bytes <= memory_budget`` (``"auto"`` picks the
+            neuron graph only when it fits; a channel graph over it is refused).
         calibration_examples: examples in the calibration set.
         build_seconds: measured time of building the graph and its distance tables (paid once);
             ``None`` when not measured.
@@ -54,6 +54,9 @@ class ScoringEstimate:
         seconds: the estimated total, ``build_seconds + calibration_examples *
             example_seconds``; ``None`` when not measured.
         notes: why something was not measured.
+        problem_bytes: at channel granularity, what the edge problems hold besides the
+            distances (:func:`curvprune.graphs.channel.channel_problem_bytes`), also checked
+            against ``memory_budget``; 0 at neuron granularity.
     """
 
     granularity: str
@@ -68,6 +71,7 @@ class ScoringEstimate:
     example_seconds: float | None
     seconds: float | None
     notes: list[str] = field(default_factory=list)
+    problem_bytes: int = 0
 
     def as_dict(self) -> dict:
         """The fields as a JSON-ready dict."""
@@ -76,10 +80,13 @@ class ScoringEstimate:
     def summary(self) -> str:
         """A few plain-text lines: graph size, memory, time."""
         mib = self.distance_bytes / 2**20
+        problems = (f", edge-problem tables {self.problem_bytes / 2**20:,.1f} MiB"
+                    if self.problem_bytes else "")
         lines = [
             f"granularity {self.granularity}: {self.nodes:,} nodes, {self.edges:,} edges per "
             f"example, {len(self.edges_per_layer)} weights",
-            f"distance tables {mib:,.1f} MiB (budget {self.memory_budget / 2**20:,.0f} MiB"
+            f"distance tables {mib:,.1f} MiB{problems} (budget "
+            f"{self.memory_budget / 2**20:,.0f} MiB"
             f"{'' if self.fits else ': OVER the budget'})",
             f"calibration examples {self.calibration_examples}",
         ]
@@ -177,6 +184,7 @@ def estimate(
         granularity = _choose_granularity(model, example, model_device, budget)
     notes: list[str] = []
     build = None
+    problem_bytes = 0
     with scoring_mode(model):
         if granularity == "neuron":
             nodes, edges, table_bytes, structures, layers = _neuron_structure(model, example)
@@ -187,19 +195,25 @@ def estimate(
                                                for layer in layers], engine_device)
                 build = time.perf_counter() - start
         else:
-            from .graphs.channel import needed_distance_bytes, needed_distances, trace_channels
+            from .graphs.channel import (
+                channel_problem_bytes,
+                needed_distance_bytes,
+                needed_distances,
+                trace_channels,
+            )
 
             start = time.perf_counter()
             graph = trace_channels(model, example, device=engine_device)
             nodes = graph.num_nodes
             table_bytes = needed_distance_bytes(graph)
+            problem_bytes = channel_problem_bytes(graph)
             edges = {name: int((graph.module == k).sum())
                      for k, (name, _) in enumerate(graph.modules)}
             total_edges = int(graph.src.numel())
-            if measure and table_bytes <= budget:
+            if measure and table_bytes + problem_bytes <= budget:
                 needed_distances(graph)
                 build = time.perf_counter() - start
-    fits = table_bytes <= budget
+    fits = table_bytes + problem_bytes <= budget
     per_example = seconds = None
     if measure and not fits:
         notes.append("not timed: the distance tables exceed memory_budget")
@@ -215,4 +229,5 @@ def estimate(
         granularity=granularity, nodes=int(nodes), edges=int(total_edges),
         edges_per_layer=edges, distance_bytes=int(table_bytes), memory_budget=int(budget),
         fits=fits, calibration_examples=count, build_seconds=build,
-        example_seconds=per_example, seconds=seconds, notes=notes)
+        example_seconds=per_example, seconds=seconds, notes=notes,
+        problem_bytes=int(problem_bytes))

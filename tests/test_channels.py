@@ -22,6 +22,7 @@ from curvprune.errors import UntraceableModel
 from curvprune.graphs import _channel_distances
 from curvprune.graphs.channel import (
     ChannelGraph,
+    ChannelProblems,
     NodeSet,
     channel_activity,
     channel_distances,
@@ -585,7 +586,9 @@ def test_auto_granularity():
     chain = MODELS["chain"][0]()
     x = _inputs((3, 8, 8))
     assert curvprune.neural_curvature(chain, x, granularity="auto").granularity == "neuron"
-    small = curvprune.neural_curvature(chain, x, granularity="auto", memory_budget=5000)
+    # 7600 bytes: the chain's channel graph fits (1904 bytes of distances, 5696 of problem
+    # tables), its neuron hop tables (120 KiB) do not.
+    small = curvprune.neural_curvature(chain, x, granularity="auto", memory_budget=7600)
     assert small.granularity == "channel"
     residual = MODELS["residual"][0]()
     assert curvprune.neural_curvature(residual, x, granularity="auto").granularity == "channel"
@@ -1057,7 +1060,7 @@ def test_needed_distances_refused_over_budget_before_dijkstra(monkeypatch):
     monkeypatch.setattr(_channel_distances, "needed_pair_distances", no_dijkstra)
     with pytest.raises(ValueError, match="over memory_budget") as info:
         needed_distances(graph, memory_budget=need - 1)
-    assert "number of images" in str(info.value)
+    assert "Fewer calibration images" in str(info.value)
     monkeypatch.undo()
     assert needed_distances(graph, memory_budget=need).nbytes == need
 
@@ -1201,3 +1204,162 @@ def test_channel_curvature_over_batches_equals_one_batch_traced_per_batch():
     layer = graph.module >= 0
     assert torch.equal(replayed.edge_kappa[layer], traced[layer])
     assert replayed.channel_graph.replay is None  # the result keeps the structure only
+
+
+# --------------------------------------------------------------------------------------------
+# The structure traced on two examples, every example's activities replayed
+# --------------------------------------------------------------------------------------------
+
+
+def _same_graph(a, b) -> bool:
+    """Equal structure, lengths and weight-to-edge maps (everything but the activities)."""
+    return (a.same_structure(b) and torch.equal(a.length, b.length)
+            and torch.equal(a.module, b.module) and torch.equal(a.inputs, b.inputs)
+            and torch.equal(a.outputs, b.outputs)
+            and all(torch.equal(x, y) for p, q in zip(a.weight_edges, b.weight_edges)
+                    for x, y in zip(p, q))
+            and all(torch.equal(x, y) for p, q in zip(a.module_inputs, b.module_inputs)
+                    for x, y in zip(p, q)))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_structure_of_two_examples_is_the_batchs(name):
+    """The graph traced on the first two examples of a batch is the one traced on the whole
+    batch (the tracer reads every structure from example 0; one dead channel more or less on
+    an example changes no node and no edge: lengths come from the weights)."""
+    build, shape = MODELS[name]
+    model = build()
+    x = _inputs(shape, batch=5, seed=7)
+    x[1] = 0.0  # an example with (almost) every channel dead
+    assert _same_graph(_trace(model, x[:2]), _trace(model, x))
+    assert _same_graph(_trace(model, x[:1]), _trace(model, x))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_channel_curvature_traces_two_examples_and_equals_full_traces(name, monkeypatch):
+    """neural_curvature traces 2 examples whatever the batch, and its curvature is bitwise the
+    one computed from full traces of every batch (today's pipeline before the change)."""
+    import curvprune.graphs.channel as channel_module
+
+    build, shape = MODELS[name]
+    model = build()
+    batches = [_inputs(shape, batch=4, seed=11), _inputs(shape, batch=3, seed=12)]
+    traced_sizes = []
+    real_trace = channel_module.trace_channels
+
+    def counting(model, inputs, device=None):
+        traced_sizes.append(inputs.shape[0])
+        return real_trace(model, inputs, device)
+
+    monkeypatch.setattr(channel_module, "trace_channels", counting)
+    got = curvprune.neural_curvature(model, batches, granularity="channel", tolerance=0.0)
+    replayed = name in ("chain", "residual", "dense", "mobile", "standardised")
+    if replayed:
+        assert traced_sizes == [2]  # the replay covers all 7 examples
+    monkeypatch.setattr(channel_module, "trace_channels", real_trace)
+    graph = _trace(model, batches[0])
+    activity = torch.cat([_trace(model, b).activity for b in batches])
+    assert torch.equal(got.channel_graph.activity, activity)
+    expected = channel_edge_bounds(dataclasses.replace(graph, activity=activity),
+                                   needed_distances(graph), 0.9, tolerance=0.0)[0]
+    layer = graph.module >= 0
+    assert torch.equal(got.edge_kappa[layer], expected[layer])
+    assert _same_graph(got.channel_graph, graph)
+
+
+def test_replay_record_keeps_one_node_per_channel():
+    """A conv feature map's replay record is one node per channel (its spatial dims are
+    size 1), not one per position: the record is as small as the graph, whatever the input
+    size."""
+    build, shape = MODELS["residual"]
+    graph = _trace(build(), _inputs(shape, batch=2))
+    maps = [(nodes, full) for _, _, nodes, full in graph.replay["measures"] if len(full) == 3]
+    assert maps
+    for nodes, full in maps:
+        assert nodes.shape[1:] == (1, 1) and nodes.shape[0] in (1, full[0])
+
+
+@pytest.mark.parametrize("chunk", [1, 200])
+def test_replay_measured_a_few_examples_at_a_time_is_bitwise_the_same(chunk, monkeypatch):
+    """Measuring a replayed tensor one example at a time (or a part of one) gives bitwise the
+    activities of one measurement on the whole batch: each mean sums the same elements in the
+    same order."""
+    from curvprune.graphs import _trace as trace_module
+
+    build, shape = MODELS["mobile"]
+    model = build()
+    graph = _trace(model, _inputs(shape, batch=2))
+    x = _inputs(shape, batch=6, seed=5)
+    with scoring_mode(model):
+        whole = channel_activity(model, x, graph)
+        monkeypatch.setattr(trace_module, "_MEASURE_CHUNK", chunk)
+        assert torch.equal(channel_activity(model, x, graph), whole)
+    assert torch.equal(whole, _trace(model, x).activity)
+
+
+@pytest.mark.parametrize("name", ["residual", "mobile", "vit_fused"])
+def test_channel_measures_without_padded_length_tables_are_bitwise_the_same(name):
+    """ChannelProblems keeps each edge's slot instead of padded length tables; its measures
+    (support, masses, reach) are bitwise those of node_measures on the padded lengths, on
+    examples with dead channels too."""
+    from curvprune.graphs.channel import _node_measures, _padded_slots
+    from curvprune.transport import node_measures, padded_neighbours
+
+    build, shape = MODELS[name]
+    x = _inputs(shape, batch=3, seed=3)
+    x[2] = 0.0
+    graph = _trace(build(), x)
+    n = graph.num_nodes
+    for keys, others in ((graph.dst, graph.src), (graph.src, graph.dst)):
+        table = padded_neighbours(keys, others, n)
+        slot = _padded_slots(keys, n)
+        assert torch.equal(table.view(-1)[slot], others)
+        lengths = padded_neighbours(keys, graph.length, n, fill=0.0)
+        for activity in graph.activity:
+            want = node_measures(table, activity, lengths)
+            got = _node_measures(table, slot, graph.length, activity)
+            for field in ("table", "mass", "has", "reach"):
+                assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_channel_graph_over_budget_is_refused_before_distances(monkeypatch):
+    """A channel graph whose distances plus edge-problem tables exceed memory_budget is refused
+    after tracing two examples, before the distances (or any problem) are built, with a
+    message that gives the sizes and what would fit; the problems alone over the budget are
+    refused before the pairs are even counted."""
+    import curvprune.graphs.channel as channel_module
+    from curvprune.graphs.channel import channel_problem_bytes
+
+    build, shape = MODELS["residual"]
+    model = build()
+    x = _inputs(shape, batch=6)
+    graph = _trace(model, x[:2])
+    reserve = channel_problem_bytes(graph)
+    pairs = needed_distance_bytes(graph)
+    n = graph.num_nodes
+    d_in = int(torch.bincount(graph.dst, minlength=n).max())
+    d_out = int(torch.bincount(graph.src, minlength=n).max())
+    assert reserve == 24 * n * (d_in + d_out) + 16 * graph.src.numel()
+    # ChannelProblems really holds the tables counted (8 n (D_in + D_out) + 16 E bytes).
+    problems = ChannelProblems(graph, needed_distances(graph))
+    held = sum(t.numel() * t.element_size() for t in (problems.in_table, problems.out_table,
+                                                      problems.in_slot, problems.out_slot))
+    assert held == 8 * n * (d_in + d_out) + 16 * graph.src.numel()
+    calls = []
+    monkeypatch.setattr(channel_module, "_needed_structure",
+                        lambda g, real=channel_module._needed_structure: calls.append(1)
+                        or real(g))
+    monkeypatch.setattr(_channel_distances, "needed_pair_distances",
+                        lambda *a, **k: pytest.fail("distances computed over budget"))
+    budget = reserve + pairs - 1
+    with pytest.raises(ValueError, match=r"over memory_budget=.*Fewer calibration images, a "
+                       r"smaller input or a tolerance would not help.*") as info:
+        curvprune.neural_curvature(model, x, granularity="channel", memory_budget=budget)
+    assert calls == [1] and f"memory_budget={reserve + pairs} (bytes)" in str(info.value)
+    with pytest.raises(ValueError, match=r"neighbour tables and one example's measures") as info:
+        curvprune.neural_curvature(model, x, granularity="channel", memory_budget=reserve - 1)
+    assert "node pairs" not in str(info.value) and calls == [1]  # refused before counting
+    monkeypatch.undo()
+    fits = curvprune.neural_curvature(model, x, granularity="channel",
+                                      memory_budget=reserve + pairs, tolerance=0.0)
+    assert fits.num_examples == 6

@@ -12,7 +12,12 @@ from curvprune import ScoringEstimate, estimate, neural_curvature, zoo
 from curvprune.cli import main
 from curvprune.data import FASHION_MNIST_DIR
 from curvprune.errors import UntraceableModel
-from curvprune.graphs.channel import channel_distances, needed_distances, trace_channels
+from curvprune.graphs.channel import (
+    channel_distances,
+    channel_problem_bytes,
+    needed_distances,
+    trace_channels,
+)
 from curvprune.graphs.neuron import NeuronGraph, chain_structure
 from curvprune.transport import MinimumSearch
 
@@ -68,6 +73,15 @@ def test_channel_estimate_matches_the_engine():
     # The needed pairs only: 16 bytes each, far below the dense table.
     assert e.distance_bytes == needed_distances(graph).nbytes < channel_distances(graph).numel() * 8
     assert e.calibration_examples == 2
+    # The edge problems' tables count against the budget too, as neural_curvature counts them.
+    assert e.problem_bytes == channel_problem_bytes(graph) > 0
+    assert "edge-problem tables" in e.summary()
+    need = e.distance_bytes + e.problem_bytes
+    assert estimate(model, x, granularity="channel", memory_budget=need, measure=False).fits
+    over = estimate(model, x, granularity="channel", memory_budget=need - 1, measure=False)
+    assert not over.fits and "OVER" in over.summary()
+    with pytest.raises(ValueError, match="over memory_budget"):
+        neural_curvature(model, x, granularity="channel", memory_budget=need - 1)
 
 
 def test_estimate_over_budget_and_bad_input():

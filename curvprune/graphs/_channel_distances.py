@@ -221,20 +221,29 @@ def _relax(table: torch.Tensor, first: int, rows: torch.Tensor, src: torch.Tenso
         _write(table, rows, t0, block)
 
 
-def needed_pair_distances(adjacency: scipy.sparse.csr_matrix, needed: scipy.sparse.csr_matrix,
+def needed_pair_distances(adjacency: scipy.sparse.csr_matrix, needed,
                           *, block: int, device: torch.device
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted keys ``a * n + b`` and float64 distances ``D(a, b)`` of every nonzero of
-    ``needed`` (sorted csr), for the graph ``adjacency`` (csr, lengths positive, every edge
+    ``needed`` (a sorted csr matrix, or anything with its ``indptr``, ``indices`` and ``nnz``:
+    the data is not read), for the graph ``adjacency`` (csr, lengths positive, every edge
     ``u -> v`` with ``u < v``): bitwise the all-pairs Dijkstra values (module docstring)."""
     n = adjacency.shape[0]
     bounds = levels(adjacency)
     edges = _Levels(adjacency, bounds, device)
-    sources = np.nonzero(np.diff(needed.indptr))[0]
-    last = needed.indices[needed.indptr[sources + 1] - 1].astype(np.int64)
-    row_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(needed.indptr))
-    keys = torch.from_numpy(row_of * n + needed.indices).to(device)
-    del row_of
+    indptr, indices = needed.indptr, needed.indices
+    sources = np.nonzero(np.diff(indptr))[0]
+    last = indices[indptr[sources + 1] - 1].astype(np.int64)
+    # The keys row by row, a block of rows at a time (no [nnz] temporaries beyond the result).
+    keys = torch.empty(needed.nnz, dtype=torch.long, device=device)
+    r = 0
+    while r < n:
+        s = min(n, int(np.searchsorted(indptr, indptr[r] + _CHUNK, side="right")) - 1)
+        s = max(s, r + 1)
+        lo, hi = int(indptr[r]), int(indptr[s])
+        row = np.repeat(np.arange(r, s, dtype=np.int64), np.diff(indptr[r:s + 1]))
+        keys[lo:hi] = torch.from_numpy(row * n + indices[lo:hi]).to(device)
+        r = s
     values = torch.empty(needed.nnz, dtype=torch.float64, device=device)
     p = 0
     while p < sources.size:
@@ -255,10 +264,12 @@ def needed_pair_distances(adjacency: scipy.sparse.csr_matrix, needed: scipy.spar
                 for src, dst, length in edges.groups(k, first, top):
                     _relax(table, first, rows, src, dst, length)
             k += 1
-        lo, hi = int(needed.indptr[chunk[0]]), int(needed.indptr[chunk[-1] + 1])
-        sub = needed[chunk]
-        row = np.repeat(np.arange(chunk.size, dtype=np.int64), np.diff(sub.indptr))
-        cells = torch.from_numpy(row * width + sub.indices - first).to(device)
+        # The needed targets of the chunk's rows (rows between its sources need none).
+        lo, hi = int(indptr[chunk[0]]), int(indptr[chunk[-1] + 1])
+        row = np.repeat(np.arange(chunk[0], chunk[-1] + 1, dtype=np.int64),
+                        np.diff(indptr[chunk[0]:chunk[-1] + 2]))
+        local = np.searchsorted(chunk, row)  # each row's position among the chunk's sources
+        cells = torch.from_numpy(local * width + indices[lo:hi] - first).to(device)
         values[lo:hi] = table.view(-1)[cells]
         p = q
     return keys, values

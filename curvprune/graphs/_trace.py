@@ -113,6 +113,18 @@ def _constant_labels(lab: torch.Tensor, dims: list[int]) -> torch.Tensor | None:
     return high
 
 
+def _compact(nodes: torch.Tensor) -> torch.Tensor:
+    """``nodes`` reduced to size 1 along every dim where it is constant (an expanded view of
+    the result is ``nodes`` again): a replay record keeps one node per channel of a feature
+    map, not one per position."""
+    for d in range(nodes.dim()):
+        if nodes.shape[d] > 1:
+            head = nodes.narrow(d, 0, 1)
+            if bool((nodes == head).all()):
+                nodes = head
+    return nodes.contiguous()
+
+
 def _name(func) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property such as Tensor.T or Tensor.shape
@@ -255,7 +267,7 @@ class _Tracer:
             self.replay = None
             return
         nodes = torch.where(first >= 0, torch.div(first, self.batch, rounding_mode="floor"), -1)
-        self.replay.append((len(self.calls), position, nodes))
+        self.replay.append((len(self.calls), position, _compact(nodes), tuple(nodes.shape)))
 
     # ---- the model input -----------------------------------------------------------------
 
@@ -836,6 +848,10 @@ class _LabelMode(TorchFunctionMode):
         return out
 
 
+#: Elements of a measured tensor a replay labels at a time (a few examples' worth).
+_MEASURE_CHUNK = 1 << 22
+
+
 class _Replay(Exception):
     """A replay met another call sequence or shape than the trace: trace the batch instead."""
 
@@ -847,18 +863,26 @@ class _ReplayMode(TorchFunctionMode):
     def __init__(self, graph: ChannelGraph, recorder: _Tracer):
         super().__init__()
         self.graph, self.recorder = graph, recorder
-        self.steps: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for step, position, nodes in graph.replay["measures"]:
-            self.steps.setdefault(step, []).append((position, nodes))
+        self.steps: dict[int, list[tuple[int, torch.Tensor, tuple[int, ...]]]] = {}
+        for step, position, nodes, shape in graph.replay["measures"]:
+            self.steps.setdefault(step, []).append((position, nodes, shape))
         self.step = 0
 
-    def measure(self, t: torch.Tensor, nodes: torch.Tensor) -> None:
+    def measure(self, t: torch.Tensor, nodes: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """Measure ``t`` (``[batch, *shape]``) as the trace measured it, a few examples at a
+        time (at most :data:`_MEASURE_CHUNK` elements), so that the labels and temporaries
+        do not grow with the batch. Each ``(node, example)`` mean sums the same elements in
+        the same order as one call on the whole batch: bitwise the same activities."""
         batch = self.recorder.batch
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, *nodes.shape):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, *shape):
             raise _Replay
-        shift = torch.arange(batch, device=nodes.device).view([-1] + [1] * nodes.dim())
-        label = torch.where(nodes >= 0, nodes * batch + shift, -1).to(t.device)
-        self.recorder.measure(t, label)
+        nodes = nodes.to(t.device).expand(shape).unsqueeze(0)
+        step = max(1, _MEASURE_CHUNK // max(1, t[0].numel()))
+        for b in range(0, batch, step):
+            shift = torch.arange(b, min(batch, b + step), device=t.device).view(
+                [-1] + [1] * len(shape))
+            label = torch.where(nodes >= 0, nodes * batch + shift, -1)
+            self.recorder.measure(t[b:b + step], label)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -867,11 +891,11 @@ class _ReplayMode(TorchFunctionMode):
         if self.step >= len(calls) or calls[self.step] != _name(func):
             raise _Replay
         self.step += 1
-        for position, nodes in self.steps.get(self.step, ()):
+        for position, nodes, shape in self.steps.get(self.step, ()):
             outs = _tensors(out)
             if position >= len(outs):
                 raise _Replay
-            self.measure(outs[position], nodes)
+            self.measure(outs[position], nodes, shape)
         return out
 
 
@@ -888,8 +912,8 @@ def activity(model: nn.Module, inputs: torch.Tensor, graph: ChannelGraph,
             raise ValueError("the calibration inputs contain NaN or Inf; check the data.")
         mode = _ReplayMode(graph, recorder)
         try:
-            for _, nodes in mode.steps.get(0, ()):
-                mode.measure(inputs, nodes)
+            for _, nodes, shape in mode.steps.get(0, ()):
+                mode.measure(inputs, nodes, shape)
             with mode:
                 model(inputs)
             if mode.step == len(graph.replay["calls"]):

@@ -57,12 +57,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import UntraceableModel
-from ..transport import Distances, node_measures, padded_neighbours
+from ..transport import Distances, padded_neighbours
+from ..transport.measures import _Measure, _support_first, neighbour_measures
 from .base import EdgeProblem
 
 __all__ = ["ChannelDistances", "ChannelGraph", "ChannelProblems", "NodeSet", "UntraceableModel",
-           "channel_activity", "channel_distances", "needed_distance_bytes", "needed_distances",
-           "trace_channels"]
+           "channel_activity", "channel_distances", "channel_problem_bytes",
+           "needed_distance_bytes", "needed_distances", "trace_channels"]
 
 
 
@@ -241,6 +242,9 @@ def _bool(matrix: scipy.sparse.spmatrix) -> scipy.sparse.csr_matrix:
     matrix = scipy.sparse.csr_matrix(matrix)
     matrix.sum_duplicates()
     matrix.sort_indices()
+    if matrix.dtype == np.float32 and not (matrix.data == 0).any():
+        matrix.data.fill(1.0)  # in place: a product's fresh pattern needs no copy
+        return matrix
     return scipy.sparse.csr_matrix((np.ones(matrix.nnz, dtype=np.float32), matrix.indices,
                                     matrix.indptr), shape=matrix.shape)
 
@@ -264,7 +268,9 @@ def _bool_product(x: scipy.sparse.csr_matrix, y: scipy.sparse.csr_matrix
     group = scipy.sparse.csr_matrix((np.ones(y.shape[0], dtype=np.float32),
                                      (np.arange(y.shape[0]), label)),
                                     shape=(y.shape[0], len(classes)))
-    return _bool(_bool(x @ group) @ y[first])
+    product = _bool(x @ group)
+    del group
+    return _bool(product @ y[first])
 
 
 def _needed_structure(graph: ChannelGraph) -> tuple[scipy.sparse.csr_matrix,
@@ -279,10 +285,13 @@ def _needed_structure(graph: ChannelGraph) -> tuple[scipy.sparse.csr_matrix,
     scored = _bool(scipy.sparse.csr_matrix((np.ones(src.size, dtype=np.float32), (src, dst)),
                                            shape=(n, n)))
     # (k, m) with k = i or k -> i, i -> j scored, m = j or j -> m: the pattern of
-    # (I + A) S (I + A) = T + A T with T = S + S A.
-    after = _bool(scored + _bool_product(scored, pattern))
-    needed = _bool(after + _bool_product(pattern, after))
-    return adjacency, needed
+    # (I + A) S (I + A) = (I + A) T with T = S (I + A), each one product (all entries are
+    # positive: no cancellation), so no sum of two [nnz] patterns is ever held.
+    loops = _bool(pattern + scipy.sparse.identity(n, dtype=np.float32, format="csr"))
+    del pattern
+    after = _bool_product(scored, loops)
+    del scored
+    return adjacency, _bool_product(loops, after)
 
 
 def needed_distance_bytes(graph: ChannelGraph) -> int:
@@ -291,8 +300,24 @@ def needed_distance_bytes(graph: ChannelGraph) -> int:
     return 16 * int(_needed_structure(graph)[1].nnz)
 
 
+def channel_problem_bytes(graph: ChannelGraph) -> int:
+    """Bytes the scoring loop holds for ``graph`` besides its distances, counted from the
+    node degrees before anything is built: the edge problems' padded neighbour tables
+    (:class:`ChannelProblems`: ``8 n (D_in + D_out)`` for ``n`` nodes of largest in- and
+    out-degree ``D_in``, ``D_out``, plus 16 bytes per edge for its slots) and one example's
+    measures (a neighbour table and a float64 mass per node and slot, both sides: ``16 n
+    (D_in + D_out)``, the widest support). The engine's temporaries come on top (a few more
+    ``[n, D]`` float64 tables while one example's measures are computed)."""
+    n = graph.num_nodes
+    if graph.src.numel() == 0:
+        return 0
+    d_in = int(torch.bincount(graph.dst, minlength=n).max())
+    d_out = int(torch.bincount(graph.src, minlength=n).max())
+    return 24 * n * (d_in + d_out) + 16 * graph.src.numel()
+
+
 def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
-                     memory_budget: int | None = None,
+                     memory_budget: int | None = None, reserve: int = 0,
                      _by_levels: bool = True) -> ChannelDistances:
     r"""The shortest-path distances of ``graph`` on the pairs the measures need, no more.
 
@@ -329,25 +354,26 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
     A block holds at most about ``block`` float64 entries (sources times window width, the
     dense output of its Dijkstra runs); memory is ``16 * num_pairs`` bytes for the
     result plus one block. With ``memory_budget`` (bytes), a graph whose needed pairs take
-    more is refused with a ``ValueError`` before any Dijkstra runs (counting the pairs is one
-    sparse product, seconds even on full-width ImageNet models).
+    more than ``memory_budget - reserve`` is refused with a ``ValueError`` before any Dijkstra
+    runs (counting the pairs is one sparse product, seconds even on full-width ImageNet
+    models); ``reserve``: bytes the caller needs besides (:func:`neural_curvature
+    <curvprune.neural_curvature>` reserves :func:`channel_problem_bytes`), refused on its own
+    before the pairs are counted when it alone is over the budget.
     """
     n = graph.num_nodes
+    if memory_budget is not None and reserve > memory_budget:
+        _refuse(graph, None, reserve, memory_budget)
     adjacency, needed = _needed_structure(graph)
     need = 16 * int(needed.nnz)
-    if memory_budget is not None and need > memory_budget:
-        raise ValueError(
-            f"the channel graph has {n} nodes and its measures need the distances of "
-            f"{needed.nnz} node pairs ({need / 2**30:.1f} GiB), over memory_budget "
-            f"({memory_budget / 2**30:.1f} GiB). This does not depend on the number of "
-            "images, the input size or the tolerance (it is fixed by the model's widths): "
-            f"raise memory_budget to at least {need / 2**30:.1f} GiB if the machine has the "
-            "memory, or score a narrower model (or granularity='neuron' on a small chain)."
-        )
+    if memory_budget is not None and need + reserve > memory_budget:
+        _refuse(graph, int(needed.nnz), reserve, memory_budget)
     device = graph.length.device
     if _by_levels and bool((graph.src < graph.dst).all()) and bool((graph.length > 0).all()):
         from ._channel_distances import needed_pair_distances  # min-plus, level by level
-        return ChannelDistances(*needed_pair_distances(adjacency, needed, block=block,
+        # The pattern's rows and columns only: its float32 data (4 bytes a pair) is freed.
+        pattern = _Pattern(needed.indptr, needed.indices)
+        del needed
+        return ChannelDistances(*needed_pair_distances(adjacency, pattern, block=block,
                                                        device=device), n)
     sources = np.nonzero(np.diff(needed.indptr))[0]
     # Per source, the largest needed target (indices are sorted within rows).
@@ -378,6 +404,37 @@ def needed_distances(graph: ChannelGraph, *, block: int = 1 << 25,
                             n)
 
 
+class _Pattern:
+    """A csr pattern without its data: ``indptr``, ``indices`` (sorted within rows), ``nnz``."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray) -> None:
+        self.indptr, self.indices = indptr, indices
+        self.nnz = int(indptr[-1])
+
+
+def _refuse(graph: ChannelGraph, pairs: int | None, reserve: int, memory_budget: int) -> None:
+    """The ``ValueError`` of a channel graph over ``memory_budget``: what takes how much, and
+    what would fit."""
+    gib = 2**30
+    parts, need = [], reserve
+    if pairs is not None:
+        parts.append(f"the distances of {pairs} node pairs the measures read "
+                     f"({16 * pairs / gib:.2f} GiB)")
+        need += 16 * pairs
+    if reserve:
+        parts.append(f"the edge problems' neighbour tables and one example's measures "
+                     f"({reserve / gib:.2f} GiB)")
+    raise ValueError(
+        f"the channel graph has {graph.num_nodes} nodes and {graph.src.numel()} edges; "
+        f"{' and '.join(parts)} need {'at least ' if pairs is None else ''}"
+        f"{need / gib:.2f} GiB, over memory_budget={memory_budget / gib:.2f} GiB. Fewer "
+        "calibration images, a smaller input or a tolerance would not help: the nodes are "
+        "channels and the edges the weights' channel pairs, fixed by the model's widths. "
+        f"Pass memory_budget={need} (bytes) or more if the machine has the memory (the "
+        "engine's temporaries come on top), or score a narrower model."
+    )
+
+
 class ChannelProblems:
     """The channel graph's side of the scoring loop (:class:`~curvprune.graphs.base.EdgeGraph`):
     one group, the layer edges of ``graph`` (merge edges are no weight), each its own search
@@ -403,8 +460,10 @@ class ChannelProblems:
         self.tables = Distances(distances, distances, distances)
         self.in_table = padded_neighbours(graph.dst, graph.src, n)
         self.out_table = padded_neighbours(graph.src, graph.dst, n)
-        self.in_len = padded_neighbours(graph.dst, graph.length, n, fill=0.0)
-        self.out_len = padded_neighbours(graph.src, graph.length, n, fill=0.0)
+        # Where each edge sits in the two tables (its lengths are graph.length): no padded
+        # length tables, which would take as much memory as the neighbour tables again.
+        self.in_slot = _padded_slots(graph.dst, n)
+        self.out_slot = _padded_slots(graph.src, n)
 
     @property
     def num_groups(self) -> int:
@@ -420,8 +479,8 @@ class ChannelProblems:
         graph, src, dst = self.graph, self.src, self.dst
         dead = ((~graph.inputs[src]) & (activity[src] == 0)) | ((~graph.outputs[dst])
                                                                 & (activity[dst] == 0))
-        mu = node_measures(self.in_table, activity, self.in_len)
-        nu = node_measures(self.out_table, activity, self.out_len)
+        mu = _node_measures(self.in_table, self.in_slot, graph.length, activity)
+        nu = _node_measures(self.out_table, self.out_slot, graph.length, activity)
         mu.has &= ~graph.inputs  # an input node's measure is its point mass
         nu.has &= ~graph.outputs  # so is an output node's
         # Every path k -> i -> j -> m is at most reach + D(i, j) + reach long (edge lengths
@@ -435,3 +494,33 @@ class ChannelProblems:
                          device=values.device)
         out[self.scored] = values
         return out
+
+
+def _padded_slots(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Where :func:`~curvprune.transport.padded_neighbours` puts each value grouped by
+    ``keys``: ``slot[e] = keys[e] * width + position`` in the flattened ``[n, width]`` table
+    (``padded_neighbours(keys, values, n).view(-1)[slot] == values``)."""
+    if keys.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=keys.device)
+    order = torch.argsort(keys, stable=True)
+    k = keys[order]
+    counts = torch.bincount(k, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(k)
+    slot[order] = k * int(counts.max()) + torch.arange(k.numel(), device=k.device) - starts[k]
+    return slot
+
+
+def _node_measures(table: torch.Tensor, slot: torch.Tensor, length: torch.Tensor,
+                   activity: torch.Tensor) -> _Measure:
+    """:func:`~curvprune.transport.node_measures` ``(table, activity, lengths)`` with the
+    padded ``lengths`` table given as the edges' ``length`` and their ``slot`` in ``table``
+    (:func:`_padded_slots`): the same measures, bitwise (``reach`` is a maximum, exact in any
+    order; padding and massless slots count 0 in both)."""
+    mass, has = neighbour_measures(table, activity)
+    reach = torch.zeros(has.shape, dtype=mass.dtype, device=mass.device)
+    if slot.numel() and mass.shape[1]:
+        on = mass.reshape(-1)[slot] > 0
+        reach.scatter_reduce_(0, torch.div(slot, mass.shape[1], rounding_mode="floor"),
+                              torch.where(on, length, 0.0), reduce="amax")
+    return _support_first(table, mass, has, reach)

@@ -1,0 +1,158 @@
+"""The factored edge bounds (``curvprune.transport.bounds._factored_bounds``): on random networks
+they equal the straightforward per-edge evaluation of the same bounds (the engine's previous
+implementation, kept here as the oracle: every edge gathers its ``A_k`` and ``B_m`` and evaluates
+the clipped dual at its three ``t``) to 1e-12 relative, on neuron graphs (dense and conv) and on
+channel graphs (random DAGs and zoo models); and the bounds bracket the exact per-edge value.
+
+The oracle and the engine share the shared problems (``X0``, potentials, slack) of
+``_shared_problems``, so the comparison isolates the factoring, the only part that changed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import alphas, build, net_specs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_channels import RandomNet, _inputs, _perturb, _trace, random_nets
+from test_intervals import _graph_and_acts
+
+from curvprune.graphs.channel import ChannelProblems, channel_distances
+from curvprune.graphs.neuron import score_example
+from curvprune.transport.base import EngineStats, _gather_rows, _weighted_sum
+from curvprune.transport.bounds import _factored_bounds, _shared_problems, bound_edges
+
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def per_edge_bounds(problem, general, shared, alpha):
+    """``(lower, upper)`` on ``X`` of the ``general`` edges, edge by edge (the oracle)."""
+    src, dst, de = problem.src[general], problem.dst[general], problem.length[general]
+    mu, nu, tables = problem.mu, problem.nu, problem.distances
+    pm, qm = mu.mass[src], nu.mass[dst]
+    rows, cols = pm > 0, qm > 0
+    a_k = tables.d_kj[mu.table[src].clamp(min=0), dst[:, None]]
+    b_m = _gather_rows(tables.d_im, src, nu.table[dst]) - de[:, None]
+    f, g = shared.f[shared.pair], shared.g[shared.pair]
+    upper = shared.x0[shared.pair]
+    lam = min(1.0, alpha / (1.0 - alpha))
+    if lam > 0:
+        swap = _weighted_sum(pm, a_k) + _weighted_sum(qm, b_m)
+        upper = torch.minimum(upper, lam * swap + (1.0 - lam) * upper)
+    t_row = torch.where(rows, a_k - f, math.inf).amin(1)
+    t_col = torch.where(cols, g - b_m, -math.inf).amax(1)
+    lower = torch.full_like(de, -math.inf)
+    for t in (t_row, t_col, 0.5 * (t_row + t_col)):
+        value = (torch.where(rows, pm * torch.minimum(f + t[:, None], a_k), 0.0).sum(1)
+                 + torch.where(cols, qm * torch.minimum(g - t[:, None], b_m), 0.0).sum(1))
+        lower = torch.maximum(lower, value)
+    return lower - shared.slack[shared.pair], upper
+
+
+def general_edges(problem) -> torch.Tensor:
+    """The live edges with two neighbour parts (the ones the shared problems bound)."""
+    if problem.mu is None or problem.nu is None:
+        return torch.zeros(0, dtype=torch.long)
+    keep = ~problem.dead & problem.mu.has[problem.src] & problem.nu.has[problem.dst]
+    return torch.nonzero(keep).squeeze(1)
+
+
+def check_against_per_edge(problem, alpha, blocks=(1 << 22, 7)) -> int:
+    """The factored bounds equal the oracle's to 1e-12 relative (at any chunk size)."""
+    general = general_edges(problem)
+    if general.numel() == 0:
+        return 0
+    src, dst, de = problem.src[general], problem.dst[general], problem.length[general]
+    shared = _shared_problems(problem.distances, src, dst, problem.mu, problem.nu, 1 << 22,
+                              EngineStats())
+    want_lo, want_hi = per_edge_bounds(problem, general, shared, alpha)
+    for block in blocks:
+        lower, upper = _factored_bounds(problem.distances, src, dst, de, problem.mu, problem.nu,
+                                        shared, alpha, block)
+        scale = 1e-12 * (want_lo.abs() + want_hi.abs() + de)
+        assert ((lower - want_lo).abs() <= scale).all(), (lower - want_lo).abs().max()
+        assert ((upper - want_hi).abs() <= scale).all(), (upper - want_hi).abs().max()
+    return general.numel()
+
+
+def neuron_problems(model, x, cut_tol=0.0):
+    graph, examples = _graph_and_acts(model, x)
+    for acts in examples:
+        for g in range(graph.num_groups):
+            yield graph.edge_problem(g, acts, cut_tol)
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(spec=net_specs(max_examples=2, min_layers=3), alpha=alphas,
+       cut_tol=st.sampled_from([0.0, 1e-2]))
+def test_neuron_bounds_equal_per_edge(spec, alpha, cut_tol):
+    model, x = build(spec)
+    for problem in neuron_problems(model, x, cut_tol):
+        check_against_per_edge(problem, alpha)
+
+
+@settings(max_examples=30, **_SETTINGS)
+@given(spec=net_specs(conv=True, max_convs=3, max_linears=2, min_layers=3, max_examples=2),
+       alpha=alphas)
+def test_conv_neuron_bounds_equal_per_edge(spec, alpha):
+    model, x = build(spec)
+    for problem in neuron_problems(model, x):
+        check_against_per_edge(problem, alpha)
+
+
+def test_conv_bounds_share_keys():
+    """A conv layer with many channels: far fewer row and column keys than edges, and the
+    bounds still equal the per-edge ones (the case the factoring is for)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.rand(1, 2, 9, 9)
+    counted = sum(check_against_per_edge(p, 0.5) for p in neuron_problems(model, x))
+    assert counted > 1000
+
+
+@settings(max_examples=25, **_SETTINGS)
+@given(data=st.data())
+def test_channel_bounds_equal_per_edge(data):
+    spec = dict(data.draw(random_nets()))
+    zero, alpha = spec.pop("zero"), spec.pop("alpha")
+    model = RandomNet(**spec).eval()
+    _perturb(model, seed=spec["seed"], zero_fraction=zero)
+    graph = _trace(model, _inputs((3, 4, 4), seed=spec["seed"]))
+    problems = ChannelProblems(graph, channel_distances(graph))
+    for activity in graph.activity:
+        check_against_per_edge(problems.edge_problem(0, activity, 0.0), alpha)
+
+
+@pytest.mark.parametrize("name", ["timm/efficientnet_b0", "torchvision/shufflenet_v2",
+                                  "timm/deit_tiny_distilled_patch16_224"])
+def test_zoo_channel_bounds_equal_per_edge(name):
+    from curvprune import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create(name).eval()
+    graph = _trace(model, zoo.example_input(name, batch=1))
+    problems = ChannelProblems(graph, channel_distances(graph))
+    assert check_against_per_edge(problems.edge_problem(0, graph.activity[0], 0.0), 0.9,
+                                  blocks=(1 << 22,)) > 0
+
+
+@settings(max_examples=30, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1),
+       alpha=alphas)
+def test_bounds_bracket_the_exact_value(spec, alpha):
+    """``lo <= kappa <= hi`` on every edge against the exact per-edge value (network simplex, equal
+    to ``ot.emd2``: tests/test_engine_equality.py), with no settling."""
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    exact, _ = score_example(graph, examples[0], alpha, certify_tol=0.0)
+    for g, value in enumerate(exact):
+        p = graph.edge_problem(g, examples[0], 0.0)
+        lo, hi = bound_edges(p.src, p.dst, p.length, p.dead, p.mu, p.nu, p.distances, alpha,
+                             certify_tol=0.0, settle=False)
+        slack = 1e-9 * (1 + value.abs())
+        assert (lo <= value + slack).all(), (lo - value).max()
+        assert (value <= hi + slack).all(), (value - hi).max()
