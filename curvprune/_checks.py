@@ -20,8 +20,9 @@ ORDERS = ("positive_first", "negative_first")
 #: The original spellings (``order="pos"|"neg"``), still accepted by :func:`check_order` with a
 #: ``DeprecationWarning``.
 DEPRECATED_ORDERS = {"pos": "positive_first", "neg": "negative_first"}
-#: ``reduction=``: how a node's curvature combines its edges' (``mean`` or ``min``).
-REDUCTIONS = ("mean", "min")
+#: ``reduction=``: how a node's curvature combines its edges' (``mean``, ``min``, or
+#: ``weighted``: the mean weighted by each edge's weight norm).
+REDUCTIONS = ("mean", "min", "weighted")
 #: ``scope=``: one ranking over all weights (``global``) or every weight by the amount (``layer``).
 SCOPES = ("global", "layer")
 #: ``allocation=``: which criterion sets how much of each weight a global pruning removes.

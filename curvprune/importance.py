@@ -9,6 +9,11 @@ Conv2d/Linear edges (in and out):
     \kappa(v) = \frac{1}{|E(v)|} \sum_{e \in E(v)} \kappa(e)
     \quad(\text{or } \min_{e \in E(v)} \kappa(e) \text{ with } \texttt{reduction="min"}),
 
+or, with ``reduction="weighted"``, the mean weighted by each edge's weight norm
+:math:`\lVert W_e \rVert_2 = 1/d(e)`,
+:math:`\kappa(v) = \sum_{e \in E(v)} \lVert W_e \rVert \kappa(e)
+/ \sum_{e \in E(v)} \lVert W_e \rVert`
+(:meth:`CurvatureResult.node_kappa <curvprune.result.CurvatureResult.node_kappa>`),
 where :math:`\kappa(e)` is the edge's minimum over the calibration examples (dead edges count 1).
 Negative curvature marks a bottleneck, so a channel's importance is :math:`2 - \kappa(v)`:
 positive (live curvature is below 2, see ``docs/method.md``), larger for more negative
@@ -30,8 +35,9 @@ current model.
 Certified bounds. Scored at a tolerance, every channel edge's curvature is known up to an
 interval (:attr:`CurvatureResult.edge_kappa_lo <curvprune.result.CurvatureResult.edge_kappa_lo>`
 / ``edge_kappa_hi``). :meth:`CurvatureImportance.score_bounds` turns edge intervals into bounds
-on the group importance it returns: every step above (the mean or min over a node's edges,
-:math:`2 - \kappa`, the float32 cast, the mean over the nodes feeding an input channel,
+on the group importance it returns: every step above (the mean, min or weighted mean over a
+node's edges, the weights being fixed positive norms, :math:`2 - \kappa`, the float32 cast,
+the mean over the nodes feeding an input channel,
 Torch-Pruning's ``"mean"``, ``"sum"``, ``"max"``, ``"first"`` or ``"gate"`` group reduction) is
 nondecreasing in each input (or nonincreasing, for :math:`2 - \kappa`), and a correctly rounded
 floating-point operation is monotone in each operand, so the same operations, in the same order,
@@ -74,7 +80,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             ``DataLoader``), as for :func:`~curvprune.neural_curvature`.
         alpha: idleness of the measures (``kappa`` does not depend on it for
             :math:`\alpha \ge 1/2`).
-        reduction: how a channel combines its incident edges' curvature: ``"mean"`` or ``"min"``.
+        reduction: how a channel combines its incident edges' curvature: ``"mean"`` (default),
+            ``"min"``, or ``"weighted"`` (the mean weighted by each edge's weight norm).
         group_reduction: Torch-Pruning's reduction over the coupled layers of a group
             (``"mean"``, ``"sum"``, ``"max"``, ``"prod"``, ``"first"``...).
         normalizer: Torch-Pruning's normaliser of a group's scores (``"mean"``, ``"max"``,

@@ -206,9 +206,17 @@ class CurvatureResult:
     def node_kappa(self, reduction: str = "mean") -> torch.Tensor:
         r"""Curvature of each channel node: its incident layer edges' kappa combined.
 
-        :math:`\kappa(v) = \operatorname{mean}_{e \ni v} \kappa(e)` (or ``min``) over the
-        Conv2d/Linear edges into and out of ``v``; ``nan`` for a node with none. Channel
-        granularity only.
+        Over the Conv2d/Linear edges :math:`E(v)` into and out of ``v`` (merge edges excluded):
+
+        * ``"mean"``: :math:`\kappa(v) = \frac{1}{|E(v)|} \sum_{e \in E(v)} \kappa(e)`;
+        * ``"min"``: :math:`\kappa(v) = \min_{e \in E(v)} \kappa(e)`;
+        * ``"weighted"``: the mean weighted by each edge's weight norm
+          :math:`\lVert W_e \rVert_2 = 1 / d(e)` (the inverse of its length),
+          :math:`\kappa(v) = \sum_{e} \lVert W_e \rVert \kappa(e) / \sum_{e} \lVert W_e \rVert`,
+          so strong connections count more than weak ones (every edge has a positive norm:
+          an all-zero block is no edge).
+
+        ``nan`` for a node with no such edge. Channel granularity only.
         """
         if self.channel_graph is None or self.edge_kappa is None:
             raise ValueError("node_kappa needs a result of granularity='channel'.")
@@ -218,11 +226,17 @@ class CurvatureResult:
         ends = torch.cat([graph.src[layer], graph.dst[layer]])
         values = self.edge_kappa[layer].repeat(2)
         n = graph.num_nodes
-        if reduction == "mean":
+        if reduction in ("mean", "weighted"):
+            if reduction == "weighted":
+                weight = (1.0 / graph.length[layer].to(values)).repeat(2)
+                values = values * weight
+            else:
+                weight = torch.ones_like(values)
             total = torch.zeros(n, dtype=torch.float64, device=values.device)
             total.index_add_(0, ends, values)
-            count = torch.bincount(ends, minlength=n).to(torch.float64)
-            return torch.where(count > 0, total / count.clamp(min=1), math.nan)
+            count = torch.zeros(n, dtype=torch.float64, device=values.device)
+            count.index_add_(0, ends, weight.to(torch.float64))
+            return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), math.nan)
         out = torch.full((n,), math.inf, dtype=torch.float64, device=values.device)
         out.scatter_reduce_(0, ends, values, reduce="amin")
         return torch.where(torch.isinf(out), math.nan, out)

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import curvprune
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "unstructured.py"
@@ -113,8 +116,9 @@ def test_structured_quick(tmp_path):
     data = json.loads(out.read_text())
     (model,) = data["models"].values()
     (entry,) = model["seeds"].values()
-    assert set(entry["results"]) == {"curvature", "magnitude", "taylor", "random", "activation",
-                                     "hessian"}
+    assert set(entry["results"]) == {"curvature", "curvature_min", "curvature_weighted",
+                                     "magnitude", "taylor", "random", "activation", "hessian"}
+    assert entry["curvature_seconds"] > 0  # one scoring for the three reductions
     for rows in entry["results"].values():
         row = rows["0.3"]
         assert row["params"] < row["params_before"] and row["macs"] < row["macs_before"]
@@ -123,7 +127,111 @@ def test_structured_quick(tmp_path):
     # every criterion removes the same channels count per group: same parameter count
     assert len({rows["0.3"]["params"] for rows in entry["results"].values()}) == 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.with_suffix(".md").exists()
+    text = out.with_suffix(".md").read_text()
+    assert "After 10 fine-tuning steps" in text and "| timm/resnet18 | curvature_min |" in text
+
+
+def _structured_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import structured
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return structured
+
+
+@pytest.mark.slow  # four channel scorings of a zoo model: about a minute of CPU
+def test_structured_curvature_reductions_use_one_scoring(monkeypatch):
+    """The three curvature criteria pruned from one scoring remove the channels that a fresh
+    ``CurvatureImportance(calibration, reduction=...)`` removes; the reductions differ."""
+    structured = _structured_module()
+    from curvprune.models import zoo
+
+    name = "timm/vit_tiny_patch16_224"  # the cheapest zoo model to score
+    torch.manual_seed(0)
+    model = zoo.create(name)
+    state = model.state_dict()
+    calib = torch.randn(2, 3, 32, 32)
+    result = curvprune.neural_curvature(model, calib, granularity="channel")
+    removed = {}
+    original = curvprune.prune_channels
+
+    def recording(model, *args, **kwargs):
+        report = original(model, *args, **kwargs)
+        removed[key] = report.removed
+        return report
+
+    monkeypatch.setattr(structured.curvprune, "prune_channels", recording)
+    test = torch.utils.data.TensorDataset(calib, torch.zeros(2, dtype=torch.long))
+    for criterion in structured.CURVATURE:
+        for curvature in (None, result):
+            key = (criterion, curvature is None)
+            structured.prune_and_evaluate(name, state, criterion, 0.3, calib, None, test, 0,
+                                          curvature=curvature)
+        assert removed[(criterion, True)] == removed[(criterion, False)]
+    assert removed[("curvature", True)] != removed[("curvature_min", True)]
+    assert removed[("curvature", True)] != removed[("curvature_weighted", True)]
+
+
+def test_structured_options_are_checked(capsys):
+    structured = _structured_module()
+    with pytest.raises(SystemExit):
+        structured.main(["--ratios", "0.1", "--finetune-ratios", "0.2"])
+    assert "not among --ratios" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        structured.main(["--criteria", "curvature_median"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def _fake_run(structured, seed: int, criteria, acc: dict) -> dict:
+    """A (model, seed) entry as the structured benchmark writes it, with accuracies ``acc``
+    (per criterion) at ratio 0.1."""
+    row = {"params": 80, "params_before": 100, "macs": 70.0, "macs_before": 100.0,
+           "seconds": 0.1, "fallback": False, "latency_ms": 1.0}
+    return {"dense_accuracy": 0.9, "dense_latency_ms": 1.0, "curvature_seconds": 2.0 + seed,
+            "results": {c: {"0.1": row | {"accuracy": acc[c], "accuracy_finetuned": 0.85}}
+                        for c in criteria}}
+
+
+def test_structured_merge_combines_seeds(tmp_path, capsys):
+    """``--merge`` puts the seeds of several files side by side (mean and min-max), refuses
+    a (model, seed) found twice and files of other settings; a seed that lacks a criterion
+    (an interrupted run) is named in that criterion's cells."""
+    structured = _structured_module()
+    common = ["--ratios", "0.1", "--finetune-steps", "100"]
+    model = "timm/convnext_atto"
+    acc = [{"curvature": 0.5, "magnitude": 0.4, "taylor": 0.7},
+           {"curvature": 0.7, "magnitude": 0.6, "taylor": 0.6}]
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path / f"seed{seed}.json"
+        args = structured.parse([*common, "--seeds", str(seed), "--out", str(path)])
+        criteria = ["curvature", "magnitude", "taylor"] if seed == 0 else ["curvature",
+                                                                           "magnitude"]
+        path.write_text(json.dumps({
+            "command": f"seed {seed}", "settings": structured._settings(args),
+            "models": {model: {"seeds": {str(seed): _fake_run(structured, seed, criteria,
+                                                             acc[seed])}}}}))
+        paths.append(path)
+    out, png = tmp_path / "all.json", tmp_path / "all.png"
+    structured.main(["--merge", *map(str, paths), "--out", str(out), "--plot", str(png),
+                     *common])
+    data = json.loads(out.read_text())
+    assert list(data["models"][model]["seeds"]) == ["0", "1"]
+    assert data["merged_from"] == {str(paths[0]): "seed 0", str(paths[1]): "seed 1"}
+    text = out.with_suffix(".md").read_text()
+    # curvature 50 / 70, magnitude 40 / 60, taylor only seed 0 (70)
+    assert "| 0.1 | 80% | 70% | 60.0 (50.0-70.0) | 50.0 (40.0-60.0) | 70.0 [seed 0] |" in text
+    assert "After 100 fine-tuning steps" in text
+    # lead over magnitude on both seeds (+10), over Taylor on seed 0 only (-20)
+    assert f"| {model} | curvature | +10.0 / -20.0 |" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="in two of the files"):
+        structured.main(["--merge", str(paths[0]), str(paths[0]), "--out", str(out),
+                         "--plot", str(png), *common])
+    with pytest.raises(SystemExit, match="other settings"):
+        structured.main(["--merge", *map(str, paths), "--out", str(out), "--plot", str(png),
+                         "--ratios", "0.1", "--finetune-steps", "50"])
 
 
 @pytest.mark.slow

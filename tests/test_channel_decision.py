@@ -102,13 +102,13 @@ def _pruner(model, x, importance, **kwargs):
 
 
 @settings(max_examples=8, **_SETTINGS)
-@given(spec=nets, reduction=st.sampled_from(["mean", "min"]),
+@given(spec=nets, reduction=st.sampled_from(["mean", "min", "weighted"]),
        normalizer=st.sampled_from(["mean", None, "max", "standarization"]),
        group_reduction=st.sampled_from(["mean", "max", "prod"]),
        global_pruning=st.booleans())
 def test_certified_step_with_other_importance_settings(spec, reduction, normalizer,
                                                        group_reduction, global_pruning):
-    """``certified_step`` on a user's MetaPruner: both channel reductions, monotone and
+    """``certified_step`` on a user's MetaPruner: the three channel reductions, monotone and
     non-monotone group reductions and normalisers (these are refined until exact)."""
     removed = []
     for tolerance in (0.0, 0.5):
@@ -125,7 +125,7 @@ def test_certified_step_with_other_importance_settings(spec, reduction, normaliz
 
 
 @settings(max_examples=8, **_SETTINGS)
-@given(spec=nets, reduction=st.sampled_from(["mean", "min"]),
+@given(spec=nets, reduction=st.sampled_from(["mean", "min", "weighted"]),
        normalizer=st.sampled_from(["mean", None, "sum", "max"]),
        tolerance=st.sampled_from([0.05, 0.5, 2.0]))
 def test_score_bounds_contain_the_exact_scores(spec, reduction, normalizer, tolerance):

@@ -53,6 +53,43 @@ def test_importance_is_two_minus_node_kappa_normalised():
     assert (scores > 0).all()
 
 
+def test_node_reductions_against_the_weights():
+    """Each reduction of ``node_kappa`` recomputed by hand for the hidden channels of a conv
+    chain: the edges of node ``(conv k, channel o)`` are ``u -> o`` with weight
+    ``W_k[o, u]`` and ``o -> o'`` with weight ``W_{k+1}[o', o]`` (the norm over the kernel);
+    ``weighted`` weighs each edge's curvature by that norm, computed from the weights here,
+    not from the graph's lengths."""
+    model = _chain()
+    x = _inputs((3, 8, 8))
+    result = curvprune.neural_curvature(model, x, granularity="channel")
+    graph = result.channel_graph
+    kappa = {(int(a), int(b)): float(k) for a, b, k, m in zip(
+        graph.src, graph.dst, result.edge_kappa, graph.module) if m >= 0}
+    out0, out1 = graph.module_outputs[0], graph.module_outputs[1]
+    inputs = [int(i) for i in torch.nonzero(graph.inputs).flatten()]
+    w0, w1 = model[0].weight.detach().double(), model[2].weight.detach().double()
+    got = {r: result.node_kappa(r) for r in ("mean", "min", "weighted")}
+    differs = False
+    for o in range(8):
+        v = out0 + o
+        edges = [((u, v), w0[o, c].norm()) for c, u in enumerate(inputs)]
+        edges += [((v, out1 + p), w1[p, o].norm()) for p in range(8)]
+        ks = torch.tensor([kappa[e] for e, _ in edges], dtype=torch.float64)
+        ws = torch.stack([w for _, w in edges])
+        assert got["mean"][v].item() == pytest.approx(ks.mean().item(), abs=1e-12)
+        assert got["min"][v].item() == ks.min().item()
+        want = (ws * ks).sum() / ws.sum()
+        assert got["weighted"][v].item() == pytest.approx(want.item(), abs=1e-12)
+        differs |= abs(got["weighted"][v].item() - got["mean"][v].item()) > 1e-6
+    assert differs  # the weights matter on this model
+    scores = curvprune.CurvatureImportance(None, result=result, reduction="weighted",
+                                           normalizer=None)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    group = dg.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=list(range(8)))
+    expected = (2.0 - got["weighted"][out0:out0 + 8]).float()
+    assert torch.allclose(scores(group), expected, atol=1e-6)
+
+
 def test_recomputed_at_every_iterative_step():
     model = MODELS["residual"][0]()
     x = _inputs((3, 8, 8))
@@ -105,7 +142,7 @@ def test_fallback_to_magnitude_with_a_warning():
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ValueError, match="reduction.*weighted"):
         curvprune.CurvatureImportance(torch.zeros(1, 3, 8, 8), reduction="median")
     with pytest.raises(ValueError, match="fallback"):
         curvprune.CurvatureImportance(torch.zeros(1, 3, 8, 8), fallback="ignore")
