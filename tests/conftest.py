@@ -147,6 +147,20 @@ class NetSpec:
     extra: dict = field(default_factory=dict, compare=False)
 
 
+def benchmark_module(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` imported as a module (for its helpers)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
 def conv_out_size(size: int, kernel: int, stride: int, padding, dilation: int) -> int:
     if padding == "same":
         return size

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 import curvprune
 
@@ -132,12 +133,7 @@ def test_structured_quick(tmp_path):
 
 
 def _structured_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import structured
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return structured
+    return benchmark_module("structured")
 
 
 @pytest.mark.slow  # four channel scorings of a zoo model: about a minute of CPU
@@ -292,12 +288,7 @@ STUDY = ROOT / "benchmarks" / "study.py"
 
 
 def _study_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import study
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return study
+    return benchmark_module("study")
 
 
 def test_study_min_of_single_examples_is_the_batch_curvature():

@@ -5,25 +5,17 @@ empirical Fisher in ``.grad``) gives the channel scores computed here by explici
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def structured():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import structured as module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    return benchmark_module("structured")
 
 
 def small_model() -> nn.Module:
