@@ -437,6 +437,10 @@ def main() -> None:
     old = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     rows = {row["model"]: row for row in old["rows"]}
     study = old.get("tolerance_study")
+    if args.vgg_run and "vgg9" not in rows:  # checked before minutes of work, not after
+        parser.error(f"--vgg-run adds its run to the vgg9 row of --out, and {args.out} has "
+                     "none: use the default --out, or write the row there first with "
+                     "--models vgg9 --out ...")
     if args.render_only:
         pass
     elif args.vgg_run:
