@@ -1301,9 +1301,9 @@ def test_replay_measured_a_few_examples_at_a_time_is_bitwise_the_same(chunk, mon
 def test_channel_measures_without_padded_length_tables_are_bitwise_the_same(name):
     """ChannelProblems keeps each edge's slot instead of padded length tables; its measures
     (support, masses, reach) are bitwise those of node_measures on the padded lengths, on
-    examples with dead channels too."""
-    from curvprune.graphs.channel import _node_measures, _padded_slots
+    examples with dead channels too; the slots and tables are those of a per-node loop."""
     from curvprune.transport import node_measures, padded_neighbours
+    from curvprune.transport.measures import _padded_slots
 
     build, shape = MODELS[name]
     x = _inputs(shape, batch=3, seed=3)
@@ -1312,12 +1312,17 @@ def test_channel_measures_without_padded_length_tables_are_bitwise_the_same(name
     n = graph.num_nodes
     for keys, others in ((graph.dst, graph.src), (graph.src, graph.dst)):
         table = padded_neighbours(keys, others, n)
-        slot = _padded_slots(keys, n)
-        assert torch.equal(table.view(-1)[slot], others)
+        slot, width = _padded_slots(keys, n)
+        assert width == table.shape[1] == int(torch.bincount(keys, minlength=n).max())
+        for v in range(n):  # row v: v's values in their order, then padding
+            mine = torch.nonzero(keys == v).squeeze(1)
+            assert torch.equal(slot[mine], v * width + torch.arange(mine.numel()))
+            assert torch.equal(table[v, :mine.numel()], others[mine])
+            assert bool((table[v, mine.numel():] == -1).all())
         lengths = padded_neighbours(keys, graph.length, n, fill=0.0)
         for activity in graph.activity:
             want = node_measures(table, activity, lengths)
-            got = _node_measures(table, slot, graph.length, activity)
+            got = node_measures(table, activity, graph.length, slot=slot)
             for field in ("table", "mass", "has", "reach"):
                 assert torch.equal(getattr(got, field), getattr(want, field)), field
 

@@ -57,8 +57,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UntraceableModel
-from ..transport import Distances, padded_neighbours
-from ..transport.measures import _Measure, _support_first, neighbour_measures
+from ..transport import Distances, node_measures, padded_neighbours
+from ..transport.measures import _padded_slots
 from .base import EdgeProblem
 
 __all__ = ["ChannelDistances", "ChannelGraph", "ChannelProblems", "NodeSet", "UntraceableModel",
@@ -462,8 +462,8 @@ class ChannelProblems:
         self.out_table = padded_neighbours(graph.src, graph.dst, n)
         # Where each edge sits in the two tables (its lengths are graph.length): no padded
         # length tables, which would take as much memory as the neighbour tables again.
-        self.in_slot = _padded_slots(graph.dst, n)
-        self.out_slot = _padded_slots(graph.src, n)
+        self.in_slot = _padded_slots(graph.dst, n)[0]
+        self.out_slot = _padded_slots(graph.src, n)[0]
 
     @property
     def num_groups(self) -> int:
@@ -479,8 +479,8 @@ class ChannelProblems:
         graph, src, dst = self.graph, self.src, self.dst
         dead = ((~graph.inputs[src]) & (activity[src] == 0)) | ((~graph.outputs[dst])
                                                                 & (activity[dst] == 0))
-        mu = _node_measures(self.in_table, self.in_slot, graph.length, activity)
-        nu = _node_measures(self.out_table, self.out_slot, graph.length, activity)
+        mu = node_measures(self.in_table, activity, graph.length, slot=self.in_slot)
+        nu = node_measures(self.out_table, activity, graph.length, slot=self.out_slot)
         mu.has &= ~graph.inputs  # an input node's measure is its point mass
         nu.has &= ~graph.outputs  # so is an output node's
         # Every path k -> i -> j -> m is at most reach + D(i, j) + reach long (edge lengths
@@ -495,32 +495,3 @@ class ChannelProblems:
         out[self.scored] = values
         return out
 
-
-def _padded_slots(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """Where :func:`~curvprune.transport.padded_neighbours` puts each value grouped by
-    ``keys``: ``slot[e] = keys[e] * width + position`` in the flattened ``[n, width]`` table
-    (``padded_neighbours(keys, values, n).view(-1)[slot] == values``)."""
-    if keys.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=keys.device)
-    order = torch.argsort(keys, stable=True)
-    k = keys[order]
-    counts = torch.bincount(k, minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(k)
-    slot[order] = k * int(counts.max()) + torch.arange(k.numel(), device=k.device) - starts[k]
-    return slot
-
-
-def _node_measures(table: torch.Tensor, slot: torch.Tensor, length: torch.Tensor,
-                   activity: torch.Tensor) -> _Measure:
-    """:func:`~curvprune.transport.node_measures` ``(table, activity, lengths)`` with the
-    padded ``lengths`` table given as the edges' ``length`` and their ``slot`` in ``table``
-    (:func:`_padded_slots`): the same measures, bitwise (``reach`` is a maximum, exact in any
-    order; padding and massless slots count 0 in both)."""
-    mass, has = neighbour_measures(table, activity)
-    reach = torch.zeros(has.shape, dtype=mass.dtype, device=mass.device)
-    if slot.numel() and mass.shape[1]:
-        on = mass.reshape(-1)[slot] > 0
-        reach.scatter_reduce_(0, torch.div(slot, mass.shape[1], rounding_mode="floor"),
-                              torch.where(on, length, 0.0), reduce="amax")
-    return _support_first(table, mass, has, reach)

@@ -36,14 +36,26 @@ def padded_neighbours(keys: torch.Tensor, values: torch.Tensor, n: int,
     line up slot by slot (neighbours and the lengths of the edges to them)."""
     if keys.numel() == 0:
         return torch.full((n, 0), fill, dtype=values.dtype, device=keys.device)
+    slot, width = _padded_slots(keys, n)
+    table = torch.full((n, width), fill, dtype=values.dtype, device=keys.device)
+    table.view(-1)[slot] = values
+    return table
+
+
+def _padded_slots(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Where :func:`padded_neighbours` puts each value grouped by ``keys``: ``slot[e] =
+    keys[e] * width + position`` in the flattened ``[n, width]`` table, and ``width`` (the
+    largest count of a key; 0 without keys)."""
+    if keys.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=keys.device), 0
     order = torch.argsort(keys, stable=True)
-    k, v = keys[order], values[order]
+    k = keys[order]
     counts = torch.bincount(k, minlength=n)
     starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(k.numel(), device=k.device) - starts[k]
-    table = torch.full((n, int(counts.max())), fill, dtype=values.dtype, device=keys.device)
-    table[k, position] = v
-    return table
+    width = int(counts.max())
+    slot = torch.empty_like(k)
+    slot[order] = k * width + torch.arange(k.numel(), device=k.device) - starts[k]
+    return slot, width
 
 
 def neighbour_measures(
@@ -92,14 +104,25 @@ class _Measure:
 
 
 def node_measures(table: torch.Tensor, activity: torch.Tensor,
-                  lengths: torch.Tensor | None = None) -> _Measure:
+                  lengths: torch.Tensor | None = None, *,
+                  slot: torch.Tensor | None = None) -> _Measure:
     """Measures of a layer with each node's support moved to the front and empty slots cut.
 
-    ``lengths`` (the edge lengths to the neighbours, slot by slot) give ``reach``; without
-    them ``reach`` is ``+inf`` (and :func:`cut_measures` cuts nothing)."""
+    ``lengths`` (the edge lengths to the neighbours) give ``reach``, the longest edge to a
+    neighbour with mass; without them ``reach`` is ``+inf`` (and :func:`cut_measures` cuts
+    nothing). ``lengths`` is a table lined up with ``table`` slot by slot (padding 0), or,
+    with ``slot``, one length per edge and where the edge sits in the flattened ``table``
+    (:func:`_padded_slots`), which saves a padded table of the lengths: the same ``reach``,
+    bitwise (a maximum, exact in any order; padding and massless slots count 0 in both)."""
     mass, has = neighbour_measures(table, activity)
     if lengths is None:
         reach = torch.full_like(has, math.inf, dtype=mass.dtype)
+    elif slot is not None:
+        reach = torch.zeros(has.shape, dtype=mass.dtype, device=mass.device)
+        if slot.numel() and mass.shape[1]:
+            on = mass.reshape(-1)[slot] > 0
+            reach.scatter_reduce_(0, torch.div(slot, mass.shape[1], rounding_mode="floor"),
+                                  torch.where(on, lengths, 0.0), reduce="amax")
     else:
         reach = torch.where(mass > 0, lengths, 0.0).amax(1) if mass.shape[1] else \
             torch.zeros_like(has, dtype=mass.dtype)
