@@ -22,7 +22,12 @@ from test_intervals import _graph_and_acts
 from curvprune.graphs.channel import ChannelProblems, channel_distances
 from curvprune.graphs.neuron import score_example
 from curvprune.transport.base import EngineStats, _gather_rows, _weighted_sum
-from curvprune.transport.bounds import _factored_bounds, _shared_problems, bound_edges
+from curvprune.transport.bounds import (
+    _factored_bounds,
+    _measure_keys,
+    _shared_problems,
+    bound_edges,
+)
 
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -65,7 +70,8 @@ def check_against_per_edge(problem, alpha, blocks=(1 << 22, 7)) -> int:
     if general.numel() == 0:
         return 0
     src, dst, de = problem.src[general], problem.dst[general], problem.length[general]
-    shared = _shared_problems(problem.distances, src, dst, problem.mu, problem.nu, 1 << 22,
+    shared = _shared_problems(problem.distances, src, dst, problem.mu, problem.nu,
+                              _measure_keys(problem.mu), _measure_keys(problem.nu), 1 << 22,
                               EngineStats())
     want_lo, want_hi = per_edge_bounds(problem, general, shared, alpha)
     for block in blocks:

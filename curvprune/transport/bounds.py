@@ -79,32 +79,33 @@ def bound_edges(
     live = ~dead
     both = live & mu_point & nu_point
     kappa[both] = 0.0
-    # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d; the sum depends on (i, q_j) only.
     sel = torch.nonzero(live & mu_point & ~nu_point).squeeze(1)
+    sel2 = torch.nonzero(live & ~mu_point & nu_point).squeeze(1)
+    general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
+    # Per node, a key equal for equal neighbour parts: computed once, for the sides in use.
+    p_key = _measure_keys(mu) if sel2.numel() or general.numel() else None
+    q_key = _measure_keys(nu) if sel.numel() or general.numel() else None
+    # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d; the sum depends on (i, q_j) only.
     if sel.numel():
         i, j = src[sel], dst[sel]
-        q_key = _measure_keys(nu)
-        total = _keyed(i * (int(q_key.max()) + 1) + q_key[j], block, nu.mass.shape[1],
+        total = _keyed(i, q_key[j], block, nu.mass.shape[1],
                        lambda e: _weighted_sum(nu.mass[j[e]],
                                                _gather_rows(tables.d_im, i[e], nu.table[j[e]])))
         kappa[sel] = 1.0 - total / d[sel]
     # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d; the sum depends on (p_i, j) only.
-    sel2 = torch.nonzero(live & ~mu_point & nu_point).squeeze(1)
     if sel2.numel():
         i, j = src[sel2], dst[sel2]
-        p_key = _measure_keys(mu)
-        total = _keyed(p_key[i] * (int(j.max()) + 1) + j, block, mu.mass.shape[1],
+        total = _keyed(p_key[i], j, block, mu.mass.shape[1],
                        lambda e: _weighted_sum(mu.mass[i[e]],
                                                tables.d_kj[mu.table[i[e]].clamp(min=0),
                                                            j[e][:, None]]))
         kappa[sel2] = 1.0 - total / d[sel2]
     stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
     upper = kappa.clone()
-    general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
     if general.numel():
         kappa[general], upper[general] = _shared_bounds(
-            tables, src[general], dst[general], d[general], mu, nu, alpha, certify_tol, block,
-            stats, settle)
+            tables, src[general], dst[general], d[general], mu, nu, p_key, q_key, alpha,
+            certify_tol, block, stats, settle)
     if not settle:
         if error is not None:
             kappa, upper = kappa - error, upper + error
@@ -113,16 +114,16 @@ def bound_edges(
 
 
 def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
-                   mu: _Measure, nu: _Measure, alpha: float, certify_tol: float, block: int,
-                   stats: EngineStats, settle: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   mu: _Measure, nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor,
+                   alpha: float, certify_tol: float, block: int, stats: EngineStats,
+                   settle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(lo, hi)`` of :func:`bound_edges` for edges with two neighbour parts.
 
     Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (:func:`_shared_problems`),
     then evaluates every edge's bounds by :func:`_factored_bounds`, in
     :math:`O(\log d_k + \log d_m)` per edge.
     """
-    shared = _shared_problems(tables, src, dst, mu, nu, block, stats)
+    shared = _shared_problems(tables, src, dst, mu, nu, p_key, q_key, block, stats)
     lower, upper = _factored_bounds(tables, src, dst, d, mu, nu, shared, alpha, block)
     lo, hi = 1.0 - upper / d, 1.0 - lower / d
     if settle:
@@ -149,23 +150,22 @@ class _Shared:
 
 
 def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu: _Measure,
-                     nu: _Measure, block: int, stats: EngineStats) -> _Shared:
-    """Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (bounded memory: the shared
-    problems' cost blocks are built a chunk at a time)."""
+                     nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor, block: int,
+                     stats: EngineStats) -> _Shared:
+    """Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (``p_key`` / ``q_key``:
+    :func:`_measure_keys`; bounded memory: the shared problems' cost blocks are built a chunk
+    at a time)."""
     device = src.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
     dk, dm = k_tab.shape[1], m_tab.shape[1]
-    p_key, q_key = _measure_keys(mu), _measure_keys(nu)
-    pair = p_key[src] * (int(q_key.max()) + 1) + q_key[dst]
-    pairs, pair_of_edge = torch.unique(pair, return_inverse=True)
-    first = _first_edges(pair_of_edge, pairs.numel())
+    pair_of_edge, pairs, first = _groups(p_key[src], q_key[dst])
     rep_i, rep_j = src[first], dst[first]
-    stats.shared_problems += pairs.numel()
-    x0 = np.empty(pairs.numel())
-    f_pad = np.zeros((pairs.numel(), dk))
-    g_pad = np.zeros((pairs.numel(), dm))
-    slack = np.empty(pairs.numel())
-    for part in _chunks(torch.arange(pairs.numel(), device=device), block, dk * dm):
+    stats.shared_problems += pairs
+    x0 = np.empty(pairs)
+    f_pad = np.zeros((pairs, dk))
+    g_pad = np.zeros((pairs, dm))
+    slack = np.empty(pairs)
+    for part in _chunks(torch.arange(pairs, device=device), block, dk * dm):
         ri, rj = rep_i[part], rep_j[part]
         pm, qm = p_mass[ri], q_mass[rj]
         support = (pm > 0)[:, :, None] & (qm > 0)[:, None, :]
@@ -230,13 +230,8 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
     dk, dm = k_tab.shape[1], m_tab.shape[1]
     inf = torch.tensor(math.inf, dtype=dtype, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
-    row_of_edge = torch.unique(shared.p_key[src] * (int(dst.max()) + 1) + dst,
-                               return_inverse=True)[1]
-    col_of_edge = torch.unique(src * (int(shared.q_key.max()) + 1) + shared.q_key[dst],
-                               return_inverse=True)[1]
-    n_rows, n_cols = int(row_of_edge.max()) + 1, int(col_of_edge.max()) + 1
-    row_rep = _first_edges(row_of_edge, n_rows)
-    col_rep = _first_edges(col_of_edge, n_cols)
+    row_of_edge, n_rows, row_rep = _groups(shared.p_key[src], dst)
+    col_of_edge, n_cols, col_rep = _groups(src, shared.q_key[dst])
 
     def row_terms(keys: torch.Tensor):
         e = row_rep[keys]
@@ -311,24 +306,26 @@ def _measure_keys(measure: _Measure) -> torch.Tensor:
                         return_inverse=True)[1]
 
 
-def _keyed(key_of_edge: torch.Tensor, block: int, width: int, compute) -> torch.Tensor:
+def _keyed(a: torch.Tensor, b: torch.Tensor, block: int, width: int, compute) -> torch.Tensor:
     """``compute(edges)`` (a value per edge, ``width`` entries of work each) evaluated once per
-    distinct key, on each key's first edge, and read back for every edge."""
-    keys, inverse = torch.unique(key_of_edge, return_inverse=True)
-    first = _first_edges(inverse, keys.numel())
-    out = torch.empty(keys.numel(), dtype=torch.float64, device=key_of_edge.device)
-    for chunk in _chunks(torch.arange(keys.numel(), device=key_of_edge.device), block, width):
+    distinct key ``(a[e], b[e])``, on each key's first edge, and read back for every edge."""
+    inverse, count, first = _groups(a, b)
+    out = torch.empty(count, dtype=torch.float64, device=a.device)
+    for chunk in _chunks(torch.arange(count, device=a.device), block, width):
         out[chunk] = compute(first[chunk])
     return out[inverse]
 
 
-def _first_edges(key_of_edge: torch.Tensor, count: int) -> torch.Tensor:
-    """The first edge of each of ``count`` keys."""
-    first = torch.full((count,), key_of_edge.numel(), dtype=torch.long,
-                       device=key_of_edge.device)
-    return first.scatter_reduce_(0, key_of_edge, torch.arange(key_of_edge.numel(),
-                                                              device=key_of_edge.device),
-                                 reduce="amin")
+def _groups(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The edges grouped by the key ``(a[e], b[e])`` (non-negative integers, at least one
+    edge): per edge its group (groups in the key's lexicographic order), the number of groups,
+    and each group's first edge."""
+    groups, of_edge = torch.unique(a * (int(b.max()) + 1) + b, return_inverse=True)
+    count = groups.numel()
+    first = torch.full((count,), of_edge.numel(), dtype=torch.long, device=of_edge.device)
+    first.scatter_reduce_(0, of_edge, torch.arange(of_edge.numel(), device=of_edge.device),
+                          reduce="amin")
+    return of_edge, count, first
 
 
 def _key_chunks(key_of_edge: torch.Tensor, count: int, block: int, width: int
