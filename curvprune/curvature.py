@@ -183,7 +183,7 @@ def neural_curvature(
             after), so that the two do not compete for the cores.
         memory_budget: bytes the distance tables may take (default :data:`MEMORY_BUDGET`,
             4 GiB): the neuron graph's hop tables; at channel granularity the needed
-            distances plus the edge problems' neighbour tables and one example's measures
+            distances plus the edge problems' index tables and the largest layer's measures
             (:func:`~curvprune.graphs.channel.channel_problem_bytes`). A larger graph is
             refused with a ``ValueError`` saying how much it needs, right after the channel
             structure is traced (on two examples) and before any distance is computed.
@@ -435,8 +435,8 @@ def channel_edge_bounds(
         problems, list(graph.activity), alpha, tolerance,
         stats=stats if stats is not None else EngineStats(),
         options=options if options is not None else EngineOptions(), threads=threads)
-    return (problems.on_edges(upper[0]), problems.on_edges(lower[0]),
-            problems.on_edges(live[0].to(torch.float64)) == 1.0)
+    return (problems.on_edges(upper), problems.on_edges(lower),
+            problems.on_edges([x.to(torch.float64) for x in live]) == 1.0)
 
 
 @contextlib.contextmanager
@@ -638,8 +638,8 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     # The result keeps the structure and every example's activities (no replay record).
     first = dataclasses.replace(first, replay=None, activity=torch.stack(activities))
     problems.graph = first
-    edge_hi, edge_lo = problems.on_edges(upper[0]), problems.on_edges(lower[0])
-    edge_live = problems.on_edges(live[0].to(torch.float64)) == 1.0
+    edge_hi, edge_lo = problems.on_edges(upper), problems.on_edges(lower)
+    edge_live = problems.on_edges([x.to(torch.float64) for x in live]) == 1.0
     kappa, kappa_lo, kappa_hi, live_w, modules, edges, magnitude = {}, {}, {}, {}, {}, {}, {}
     zeros = {}
 
@@ -678,10 +678,9 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                 widx, eidx = first.weight_edges[k]
                 need[eidx[masks[name].reshape(-1).to(engine_device)[widx]]] = True
         counts = EngineStats()
-        subset = torch.nonzero(need[problems.scored]).squeeze(1)
         upper, _, _ = _search(problems, activities, alpha, 0.0, stats=counts, options=options,
-                              threads=threads, subsets=[subset])
-        exact = problems.on_edges(upper[0])
+                              threads=threads, subsets=problems.subsets(need[problems.scored]))
+        exact = problems.on_edges(upper)
         for values in (result.edge_kappa, result.edge_kappa_lo, result.edge_kappa_hi):
             values[need] = exact[need]
         out = {name: to_weight(k, exact) for k, (name, _) in enumerate(first.modules)

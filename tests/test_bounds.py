@@ -130,7 +130,8 @@ def test_channel_bounds_equal_per_edge(data):
     graph = _trace(model, _inputs((3, 4, 4), seed=spec["seed"]))
     problems = ChannelProblems(graph, channel_distances(graph))
     for activity in graph.activity:
-        check_against_per_edge(problems.edge_problem(0, activity, 0.0), alpha)
+        for g in range(problems.num_groups):  # one group per layer
+            check_against_per_edge(problems.edge_problem(g, activity, 0.0), alpha)
 
 
 @pytest.mark.parametrize("name", ["timm/efficientnet_b0", "torchvision/shufflenet_v2",
@@ -142,8 +143,9 @@ def test_zoo_channel_bounds_equal_per_edge(name):
     model = zoo.create(name).eval()
     graph = _trace(model, zoo.example_input(name, batch=1))
     problems = ChannelProblems(graph, channel_distances(graph))
-    assert check_against_per_edge(problems.edge_problem(0, graph.activity[0], 0.0), 0.9,
-                                  blocks=(1 << 22,)) > 0
+    assert sum(check_against_per_edge(problems.edge_problem(g, graph.activity[0], 0.0), 0.9,
+                                      blocks=(1 << 22,))
+               for g in range(problems.num_groups)) > 0
 
 
 @settings(max_examples=30, **_SETTINGS)
@@ -162,3 +164,59 @@ def test_bounds_bracket_the_exact_value(spec, alpha):
         slack = 1e-9 * (1 + value.abs())
         assert (lo <= value + slack).all(), (lo - value).max()
         assert (value <= hi + slack).all(), (value - hi).max()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_single_atom_shared_problems_equal_the_simplex(seed):
+    """Shared problems one of whose sides is a single atom are solved in closed form
+    (``_single_atom_problems``): their ``X0`` equals POT's network simplex
+    (``solver._solve_one``, itself equal to ``ot.emd2``) to 1e-12 relative, their potentials
+    are feasible with a residual of exactly 0 and reach ``X0``; and the pairs with wider
+    sides still go to the simplex, with its potentials."""
+    from curvprune.transport import Distances
+    from curvprune.transport.measures import _Measure
+    from curvprune.transport.solver import _solve_one
+
+    g = torch.Generator().manual_seed(seed)
+    nodes, width = 12, 4
+    cost = torch.rand(nodes, nodes, generator=g, dtype=torch.float64) * 3 + 0.1
+    cost[0, 1] = 0.0  # a zero ground distance too
+    tables = Distances(None, None, cost)
+
+    def measure(rows: int) -> _Measure:
+        count = torch.randint(1, width + 1, (rows,), generator=g)
+        count[: rows // 2] = 1  # half the nodes: one neighbour
+        table = torch.stack([torch.randperm(nodes, generator=g)[:width] for _ in range(rows)])
+        on = torch.arange(width)[None, :] < count[:, None]
+        mass = torch.where(on, torch.rand(rows, width, generator=g, dtype=torch.float64)
+                           + 1e-3, 0.0)
+        mass[torch.arange(rows) == rows - 1, 1:] = 0.0
+        mass = mass / mass.sum(1, keepdim=True)
+        return _Measure(torch.where(on, table, -1), mass, torch.ones(rows, dtype=torch.bool),
+                        torch.ones(rows, dtype=torch.float64))
+
+    mu, nu = measure(9), measure(7)
+    src, dst = torch.cartesian_prod(torch.arange(9), torch.arange(7)).T
+    stats = EngineStats()
+    shared = _shared_problems(tables, src, dst, mu, nu, _measure_keys(mu), _measure_keys(nu),
+                              1 << 10, stats)
+    checked = [0, 0]
+    for e in range(src.numel()):
+        pair = int(shared.pair[e])
+        i, j = int(src[e]), int(dst[e])
+        p, q = mu.mass[i], nu.mass[j]
+        k, m = mu.table[i].clamp(min=0), nu.table[j].clamp(min=0)
+        block = cost[k[:, None], m[None, :]]
+        want = _solve_one(p.numpy(), q.numpy(), torch.where((p[:, None] > 0) & (q[None, :] > 0),
+                                                            block, 0.0).numpy())[0]
+        assert float(shared.x0[pair]) == pytest.approx(want, rel=1e-12, abs=1e-15)
+        f, gg = shared.f[pair], shared.g[pair]
+        on = (p[:, None] > 0) & (q[None, :] > 0)
+        single = int((p > 0).sum()) == 1 or int((q > 0).sum()) == 1
+        if single:
+            assert float(shared.slack[pair]) == 0.0
+            assert bool(((f[:, None] + gg[None, :] - block)[on] <= 0).all())
+            assert float((p * f).sum() + (q * gg).sum()) == pytest.approx(want, rel=1e-12,
+                                                                           abs=1e-15)
+        checked[single] += 1
+    assert checked[0] > 0 and checked[1] > 0

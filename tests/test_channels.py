@@ -1341,15 +1341,32 @@ def test_channel_graph_over_budget_is_refused_before_distances(monkeypatch):
     graph = _trace(model, x[:2])
     reserve = channel_problem_bytes(graph)
     pairs = needed_distance_bytes(graph)
-    n = graph.num_nodes
-    d_in = int(torch.bincount(graph.dst, minlength=n).max())
-    d_out = int(torch.bincount(graph.src, minlength=n).max())
-    assert reserve == 24 * n * (d_in + d_out) + 16 * graph.src.numel()
-    # ChannelProblems really holds the tables counted (8 n (D_in + D_out) + 16 E bytes).
+    # ChannelProblems really holds the index tables and distance blocks counted, and one
+    # layer's padded neighbour tables (a neighbour, a mass and a position per slot: 24 bytes)
+    # are the largest counted; the layer sets are checked against a per-node loop.
     problems = ChannelProblems(graph, needed_distances(graph))
-    held = sum(t.numel() * t.element_size() for t in (problems.in_table, problems.out_table,
-                                                      problems.in_slot, problems.out_slot))
-    assert held == 8 * n * (d_in + d_out) + 16 * graph.src.numel()
+    sets = problems.sets
+    held = sum(t.numel() * t.element_size() for t in (
+        problems.scored, problems.length, *sets.src, *sets.dst, *sets.sources, *sets.targets,
+        *sets.near, *sets.far, sets.in_lists.order, sets.in_lists.degree, sets.in_lists.start,
+        sets.out_lists.order, sets.out_lists.degree, sets.out_lists.start,
+        *[t for block in problems.blocks for t in (block.d_kj, block.d_im, block.d_km)]))
+    widest = 0
+    for g, k in enumerate(problems.layers):
+        mine = graph.module == k
+        sources = sorted(set(graph.src[mine].tolist()))
+        targets = sorted(set(graph.dst[mine].tolist()))
+        near = sorted({u for v in sources for u in graph.src[graph.dst == v].tolist()})
+        far = sorted({u for v in targets for u in graph.dst[graph.src == v].tolist()})
+        assert sets.sources[g].tolist() == sources and sets.targets[g].tolist() == targets
+        assert sets.near[g].tolist() == near and sets.far[g].tolist() == far
+        slots = (len(sources) * max(int((graph.dst == v).sum()) for v in sources)
+                 + len(targets) * max(int((graph.src == v).sum()) for v in targets))
+        built = (sets.in_lists.table(sets.sources[g], graph.src)[0].numel()
+                 + sets.out_lists.table(sets.targets[g], graph.dst)[0].numel())
+        assert built == slots
+        widest = max(widest, 24 * slots)
+    assert reserve == held + widest
     calls = []
     monkeypatch.setattr(channel_module, "_needed_structure",
                         lambda g, real=channel_module._needed_structure: calls.append(1)
@@ -1361,10 +1378,94 @@ def test_channel_graph_over_budget_is_refused_before_distances(monkeypatch):
                        r"smaller input or a tolerance would not help.*") as info:
         curvprune.neural_curvature(model, x, granularity="channel", memory_budget=budget)
     assert calls == [1] and f"memory_budget={reserve + pairs} (bytes)" in str(info.value)
-    with pytest.raises(ValueError, match=r"neighbour tables and one example's measures") as info:
+    with pytest.raises(ValueError, match=r"index tables and one layer's measures") as info:
         curvprune.neural_curvature(model, x, granularity="channel", memory_budget=reserve - 1)
     assert "node pairs" not in str(info.value) and calls == [1]  # refused before counting
     monkeypatch.undo()
     fits = curvprune.neural_curvature(model, x, granularity="channel",
                                       memory_budget=reserve + pairs, tolerance=0.0)
     assert fits.num_examples == 6
+
+
+@pytest.mark.parametrize("name", ["residual", "mobile", "vit_fused"])
+def test_layer_problems_are_the_whole_graph_tables_renumbered(name):
+    """A layer's edge problem gathers the neighbour tables of its own source and target
+    channels: each row is that node's row of the all-node padded table, cut to the widest of
+    the layer's nodes, each slot holds the other end of the edge it names; the layer's
+    distance blocks are the all-pairs distances of its node sets, and its measures, read
+    back through the sets' numbering, are bitwise the all-node measures of its nodes."""
+    from curvprune.transport import node_measures, padded_neighbours
+
+    build, shape = MODELS[name]
+    x = _inputs(shape, batch=2, seed=5)
+    x[1] = 0.0
+    graph = _trace(build(), x)
+    n = graph.num_nodes
+    dense = channel_distances(graph)
+    problems = ChannelProblems(graph, dense)
+    sets = problems.sets
+    assert problems.num_groups == len(set(graph.module[graph.module >= 0].tolist())) > 1
+    for lists, nodes, keys, others, support in (
+            (sets.in_lists, sets.sources, graph.dst, graph.src, sets.near),
+            (sets.out_lists, sets.targets, graph.src, graph.dst, sets.far)):
+        whole = padded_neighbours(keys, others, n)
+        lengths = padded_neighbours(keys, graph.length, n, fill=0.0)
+        for g in range(problems.num_groups):
+            table, slot, edge = lists.table(nodes[g], others)
+            width = table.shape[1]
+            assert width == int(torch.bincount(keys, minlength=n)[nodes[g]].max())
+            assert torch.equal(table, whole[nodes[g], :width])
+            assert bool((whole[nodes[g], width:] == -1).all())
+            assert torch.equal(table.view(-1)[slot], others[edge])
+            assert torch.equal(nodes[g][torch.div(slot, width, rounding_mode="floor")],
+                               keys[edge])
+            for activity in graph.activity:
+                problem = problems.edge_problem(g, activity, 0.0)
+                got = problem.mu if nodes is sets.sources else problem.nu
+                want = node_measures(whole, activity, lengths)
+                rows = nodes[g]
+                assert torch.equal(got.mass, want.mass[rows, :got.mass.shape[1]])
+                assert bool((want.mass[rows, got.mass.shape[1]:] == 0).all())
+                assert torch.equal(support[g][got.table.clamp(min=0)][got.mass > 0],
+                                   want.table[rows, :got.mass.shape[1]][got.mass > 0])
+                assert torch.equal(got.reach, want.reach[rows])
+    for g in range(problems.num_groups):
+        block = problems.blocks[g]
+        assert torch.equal(block.d_kj, dense[sets.near[g][:, None], sets.targets[g]])
+        assert torch.equal(block.d_im, dense[sets.sources[g][:, None], sets.far[g]])
+        assert torch.equal(block.d_km, dense[sets.near[g][:, None], sets.far[g]])
+    # The groups cover the scored edges once each, layer by layer.
+    assert torch.equal(torch.sort(problems.scored).values,
+                       torch.nonzero(graph.module >= 0).squeeze(1))
+    for g, k in enumerate(problems.layers):
+        part = problems.scored[problems.offsets[g]:problems.offsets[g + 1]]
+        assert bool((graph.module[part] == k).all())
+        assert torch.equal(sets.sources[g][sets.src[g]], graph.src[part])
+        assert torch.equal(sets.targets[g][sets.dst[g]], graph.dst[part])
+        assert torch.equal(problems.length[problems.offsets[g]:problems.offsets[g + 1]],
+                           dense[graph.src[part], graph.dst[part]])
+
+
+def test_needed_distance_lookups_in_any_order_are_the_same(monkeypatch):
+    """ChannelDistances sorts large lookups before searching them (faster from cache): the
+    values, +inf for pairs not stored included, are those of an unsorted search, in the
+    lookup's own order and shape."""
+    import curvprune.graphs.channel as channel_module
+
+    build, shape = MODELS["residual"]
+    graph = _trace(build(), _inputs(shape, batch=2, seed=2))
+    needed = needed_distances(graph)
+    n = graph.num_nodes
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, n, (40, 300), generator=generator)
+    cols = torch.randint(0, n, (40, 300), generator=generator)
+    stored = needed.keys[torch.randint(0, needed.num_pairs, (3000,), generator=generator)]
+    rows[:10] = (stored // n).view(10, 300)
+    cols[:10] = (stored % n).view(10, 300)
+    monkeypatch.setattr(channel_module, "_SORT_LOOKUPS", 1 << 40)
+    plain = needed[rows, cols]
+    monkeypatch.setattr(channel_module, "_SORT_LOOKUPS", 0)
+    assert torch.equal(needed[rows, cols], plain)
+    assert bool(torch.isfinite(plain[:10]).all()) and bool(torch.isinf(plain[10:]).any())
+    dense = channel_distances(graph)
+    assert torch.equal(plain[:10], dense[rows[:10], cols[:10]])

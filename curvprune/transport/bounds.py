@@ -152,20 +152,31 @@ class _Shared:
 def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu: _Measure,
                      nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor, block: int,
                      stats: EngineStats) -> _Shared:
-    """Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (``p_key`` / ``q_key``:
+    r"""Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (``p_key`` / ``q_key``:
     :func:`_measure_keys`; bounded memory: the shared problems' cost blocks are built a chunk
-    at a time)."""
+    at a time).
+
+    A pair one of whose sides is a single atom is solved in closed form, all such pairs at
+    once (:func:`_single_atom_problems`); the others by POT's network simplex, one by one
+    (:func:`~curvprune.transport.solver._solve_one`)."""
     device = src.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
     dk, dm = k_tab.shape[1], m_tab.shape[1]
     pair_of_edge, pairs, first = _groups(p_key[src], q_key[dst])
     rep_i, rep_j = src[first], dst[first]
     stats.shared_problems += pairs
-    x0 = np.empty(pairs)
-    f_pad = np.zeros((pairs, dk))
-    g_pad = np.zeros((pairs, dm))
-    slack = np.empty(pairs)
-    for part in _chunks(torch.arange(pairs, device=device), block, dk * dm):
+    x0 = torch.empty(pairs, dtype=torch.float64, device=device)
+    f_pad = torch.zeros((pairs, dk), dtype=torch.float64, device=device)
+    g_pad = torch.zeros((pairs, dm), dtype=torch.float64, device=device)
+    slack = torch.zeros(pairs, dtype=torch.float64, device=device)
+    single = ((p_mass[rep_i] > 0).sum(1) == 1) | ((q_mass[rep_j] > 0).sum(1) == 1)
+    for part in _chunks(torch.nonzero(single).squeeze(1), block, dk + dm):
+        x0[part], f_pad[part], g_pad[part] = _single_atom_problems(
+            tables, k_tab[rep_i[part]], p_mass[rep_i[part]], m_tab[rep_j[part]],
+            q_mass[rep_j[part]])
+    rest = torch.nonzero(~single).squeeze(1)
+    x0_np, f_np, g_np, slack_np = (t.cpu().numpy() for t in (x0, f_pad, g_pad, slack))
+    for part in _chunks(rest, block, dk * dm):
         ri, rj = rep_i[part], rep_j[part]
         pm, qm = p_mass[ri], q_mass[rj]
         support = (pm > 0)[:, :, None] & (qm > 0)[:, None, :]
@@ -173,15 +184,42 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
                                                 m_tab[rj].clamp(min=0)[:, None, :]], 0.0)
         pm_np, qm_np, cost_np = pm.cpu().numpy(), qm.cpu().numpy(), cost.cpu().numpy()
         for s, t in enumerate(part.tolist()):
-            x0[t], f, g = _solve_one(pm_np[s], qm_np[s], cost_np[s])
+            x0_np[t], f, g = _solve_one(pm_np[s], qm_np[s], cost_np[s])
             rows, cols = pm_np[s] > 0, qm_np[s] > 0
-            f_pad[t, rows], g_pad[t, cols] = f[rows], g[cols]
+            f_np[t, rows], g_np[t, cols] = f[rows], g[cols]
             # (f, g) may miss feasibility by rounding; the lower bound pays for that residual.
-            slack[t] = max(0.0, float((f[rows, None] + g[None, cols]
-                                       - cost_np[s][np.ix_(rows, cols)]).max()))
-    return _Shared(pair_of_edge, p_key, q_key, torch.from_numpy(x0).to(device),
-                   torch.from_numpy(f_pad).to(device), torch.from_numpy(g_pad).to(device),
-                   torch.from_numpy(slack).to(device))
+            slack_np[t] = max(0.0, float((f[rows, None] + g[None, cols]
+                                          - cost_np[s][np.ix_(rows, cols)]).max()))
+    if device.type != "cpu":
+        x0, f_pad, g_pad, slack = (torch.from_numpy(t).to(device)
+                                   for t in (x0_np, f_np, g_np, slack_np))
+    return _Shared(pair_of_edge, p_key, q_key, x0, f_pad, g_pad, slack)
+
+
+def _single_atom_problems(tables: Distances, k_tab: torch.Tensor, p: torch.Tensor,
+                          m_tab: torch.Tensor, q: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``(X0, f, g)`` of shared problems ``OT(p, q; C)`` one of whose sides is a single atom
+    (measures support first: the atom is slot 0), in closed form.
+
+    With ``p`` the atom ``k`` (mass :math:`a`), the only plan sends every target's mass from
+    ``k``: :math:`X_0 = \sum_m q'_m C(k, m)` with :math:`q' = q\, a / \sum q` (the solver's
+    normalisation of the target masses), and :math:`f_k = 0`, :math:`g_m = C(k, m)` are optimal
+    potentials (feasible with equality on every arc, and of value :math:`X_0`; every optimal
+    pair is this one shifted by a constant, which the bounds' maximisation over ``t`` absorbs).
+    With ``q`` the atom ``m``: :math:`X_0 = \sum_k p_k C(k, m)`, :math:`f_k = C(k, m)`,
+    :math:`g_m = 0`. Their feasibility residual is exactly 0 (``f + g`` is ``C`` itself)."""
+    p_on, q_on = p > 0, q > 0
+    p_atom = p_on.sum(1) == 1
+    # Row k = slot 0 of p against every m, or every k against slot 0 of q.
+    to_m = tables.d_km[k_tab[:, :1].clamp(min=0), m_tab.clamp(min=0)]  # [B, dm]: C(k0, m)
+    from_k = tables.d_km[k_tab.clamp(min=0), m_tab[:, :1].clamp(min=0)]  # [B, dk]: C(k, m0)
+    q_scaled = q * (p.sum(1, keepdim=True) / q.sum(1, keepdim=True))
+    x0 = torch.where(p_atom, _weighted_sum(q_scaled, to_m), _weighted_sum(p, from_k))
+    zero = torch.zeros((), dtype=torch.float64, device=p.device)
+    f = torch.where(p_atom[:, None] | ~p_on, zero, from_k)
+    g = torch.where(p_atom[:, None] & q_on, to_m, zero)
+    return x0, f, g
 
 
 def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
