@@ -1,4 +1,4 @@
-"""Peak memory of each phase of channel scoring up to the bounds, on a full-width timm model.
+"""Peak memory of each phase of channel scoring, on a full-width timm model.
 
     python benchmarks/channel_memory.py --model resnet50 --images 4
     python benchmarks/channel_memory.py --model resnet50 --images 16 --upto replay
@@ -7,14 +7,13 @@ Runs the phases of ``neural_curvature(granularity="channel")`` one after the oth
 process, as ``curvprune.curvature._channel_curvature`` runs them, on a timm model (random init,
 seeded; memory does not depend on the values) and ``--images`` seeded noise images at
 ``--size``: the trace of the first ``TRACE_EXAMPLES`` (2) examples, the replay of the whole
-batch (every example's activities), the needed distances, and the edge problems' tables
-(``ChannelProblems``). Before each phase the kernel's peak-RSS mark is reset
-(``/proc/self/clear_refs``, Linux), so each phase's peak is its own: the resident memory of
-everything held so far plus the phase's temporaries. The bounds (one edge problem per example)
-are not run: on resnet50 one example's edge problem alone goes past the memory of the machine
-this was written on (see docs/benchmarks.md). ``--upto replay`` stops after the replay (the
-later phases do not depend on the number of images). Results:
-``benchmarks/results/channel_memory_<model>_<images>.json``.
+batch (every example's activities), the needed distances, the edge problems' index tables and
+distance blocks (``ChannelProblems``), and the first example's edge problems, one per layer,
+each built and bounded (``EdgeProblem.bounds``, at ``--tolerance``) and dropped. Before each
+phase the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``, Linux), so each phase's
+peak is its own: the resident memory of everything held so far plus the phase's temporaries.
+``--upto replay`` stops after the replay (the later phases do not depend on the number of
+images). Results: ``benchmarks/results/channel_memory_<model>_<images>.json``.
 """
 
 from __future__ import annotations
@@ -60,6 +59,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--upto", default="problems", choices=["replay", "problems"])
+    parser.add_argument("--tolerance", type=float, default=1e-2,
+                        help="of the first example's bounds (default 1e-2)")
     args = parser.parse_args()
 
     import timm
@@ -74,6 +75,7 @@ def main() -> None:
         needed_distances,
         trace_channels,
     )
+    from curvprune.transport import EngineOptions, EngineStats
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -82,6 +84,7 @@ def main() -> None:
                     generator=torch.Generator().manual_seed(1))
     record = {"command": "python " + " ".join(sys.argv), "model": MODELS[args.model],
               "images": args.images, "size": args.size, "threads": args.threads,
+              "tolerance": args.tolerance,
               "torch": torch.__version__, "machine": platform.platform(),
               "load_before": os.getloadavg(), "phases": []}
     path = RESULTS / f"channel_memory_{args.model}_{args.images}.json"
@@ -116,8 +119,21 @@ def main() -> None:
             record.update(pairs=distances.num_pairs, distances_gib=distances.nbytes / GIB)
             problems = phase("problems", lambda: ChannelProblems(graph, distances))
             record["problem_tables_gib"] = sum(
-                t.numel() * t.element_size() for t in (problems.in_table, problems.out_table,
-                                                       problems.in_slot, problems.out_slot)) / GIB
+                t.numel() * t.element_size() for block in problems.blocks
+                for t in (block.d_kj, block.d_im, block.d_km)) / GIB
+            record["layers"] = problems.num_groups
+            del distances  # as the scoring loop does: the blocks hold what the layers read
+
+            def first_example():
+                stats, options, largest = EngineStats(), EngineOptions(), 0
+                for g in range(problems.num_groups):
+                    problem = problems.edge_problem(g, activity[0], args.tolerance / 2)
+                    largest = max(largest, problem.nbytes)
+                    problem.bounds(0.9, args.tolerance, stats=stats, options=options)
+                record["first_example"] = {"engine": stats.as_dict(),
+                                           "largest_problem_mib": largest / 2**20}
+
+            phase("first example's problems and bounds", first_example)
     record["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")

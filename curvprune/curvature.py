@@ -16,6 +16,7 @@ calibration examples. See ``docs/method.md`` for the full definitions.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -23,6 +24,7 @@ import numbers
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -351,20 +353,36 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
             cache.put((g, x), found)
         return found
 
+    def bound(g: int, x: int, found: EdgeProblem | None
+              ) -> tuple[EdgeProblem, torch.Tensor, torch.Tensor, EngineStats, torch.Tensor]:
+        """One group's problem on one example (``found``: the cached one) and its bounds,
+        with counts of its own (this runs on pool threads)."""
+        built = found if found is not None else graph.edge_problem(g, activities[x], cut_tol)
+        part = built if subsets is None else built.take(subsets[g])
+        counts = EngineStats()
+        lo, hi = part.bounds(alpha, tolerance, stats=counts, options=options)
+        return built, lo, hi, counts, ~part.dead
+
     _restart_clock(bar)  # the ETA is per example: the forward passes and build are not in it
+    todo = [g for g in groups if subsets is None or subsets[g].numel()]
     for x in range(len(activities)):
         # Only the engine runs single-threaded: the model's forward pass keeps the user's
-        # setting (float32 kernels round differently with other counts).
+        # setting (float32 kernels round differently with other counts). With several
+        # threads the groups of an example are built and bounded on a pool, one group a
+        # thread (each computation is the same as on its own: the results do not depend on
+        # the thread count), and recorded here in group order.
         with _torch_threads(1 if threads > 1 else None):
-            for g in groups:
-                if subsets is not None and subsets[g].numel() == 0:
-                    continue
-                part = problem(g, x)
-                if subsets is not None:
-                    part = part.take(subsets[g])
-                lo, hi = part.bounds(alpha, tolerance, stats=stats, options=options)
+            jobs = [(g, x, cache.get((g, x))) for g in todo]
+            done = (map(lambda job: bound(*job), jobs) if threads <= 1 or len(jobs) < 2 else
+                    _in_order(threads, lambda job: bound(*job), jobs))
+            for (g, _, found), (built, lo, hi, counts, alive) in zip(jobs, done):
+                if found is None:
+                    cache.put((g, x), built)
                 search.add(g, x, lo, hi)
-                live[g].scatter_reduce_(0, slots[g], ~part.dead, reduce="amax")
+                live[g].scatter_reduce_(0, slots[g], alive, reduce="amax")
+                for name, value in counts.as_dict().items():
+                    setattr(stats, name, getattr(stats, name) + value)
+                del built
         if bar is not None:
             bar.update(1)
 
@@ -380,6 +398,25 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         upper = search.resolve(solve, on_progress=minima)
     stats.ruled_out += search.opened - search.solved
     return upper, search.lower(), live
+
+
+_GROUP_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _in_order(threads: int, func, jobs: list):
+    """``func`` of each job on a pool of ``threads`` threads, yielded in the jobs' order, with
+    at most ``2 * threads`` jobs started ahead of the one yielded (so that only a few groups'
+    problems are alive at once)."""
+    if threads not in _GROUP_POOLS:
+        _GROUP_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="curvprune-bounds")
+    pool = _GROUP_POOLS[threads]
+    pending = collections.deque()
+    for job in jobs:
+        pending.append(pool.submit(func, job))
+        if len(pending) > 2 * threads:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 class _ProblemCache:

@@ -423,3 +423,27 @@ def test_near_ties_of_scored_values_are_refined():
                              granularity="neuron", num_examples=1, edges_per_example={"w": 3},
                              seconds=0.0)
     assert not straddling(result, "positive_first", pruned, group, none)["w"].any()
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "channel"])
+@pytest.mark.parametrize("tolerance", [0.0, 1e-2])
+def test_scores_do_not_depend_on_the_thread_count(granularity, tolerance):
+    """With several threads the groups of an example are bounded on a pool and the exact
+    solves run on pool threads: every kappa, bound, live flag and count is bitwise the
+    single-threaded one."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 7), nn.ReLU(),
+                          nn.Linear(7, 3)).eval()
+    with torch.no_grad():
+        model[2].weight[:2, :3] = 0.0  # zero weights and a dead channel
+        model[2].bias[4] = -10.0
+    x = torch.randn(4, 2, 6, 6)
+    one = neural_curvature(model, x, granularity=granularity, tolerance=tolerance, threads=1)
+    for threads in (2, 3):
+        many = neural_curvature(model, x, granularity=granularity, tolerance=tolerance,
+                                threads=threads)
+        assert many.engine == one.engine
+        for name in one.kappa:
+            for field in ("kappa", "kappa_lo", "kappa_hi", "live"):
+                assert torch.equal(getattr(many, field)[name], getattr(one, field)[name]), field
