@@ -218,12 +218,16 @@ class _Tracer:
 
     def measure(self, t: torch.Tensor, label: torch.Tensor) -> None:
         """Record mean |h| per (node, example) for the nodes present in ``t``."""
-        valid = label >= 0
-        if not bool(valid.any()):
+        if label.numel() == 0 or int(label.max()) < 0:
             return
         self._note_replay(t, label)
-        keys = label[valid]
-        values = t.detach()[valid].abs().to(torch.float64)
+        if int(label.min()) >= 0:  # every element is a channel's: no mask to apply
+            keys = label.reshape(-1)
+            values = t.detach().abs().to(torch.float64).reshape(-1)
+        else:
+            valid = label >= 0
+            keys = label[valid]
+            values = t.detach()[valid].abs().to(torch.float64)
         # Sums per key by counting over the (small) range of keys present: no sort.
         low = int(keys.min())
         shifted = keys - low
