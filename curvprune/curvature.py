@@ -24,7 +24,6 @@ import numbers
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -46,6 +45,7 @@ from .graphs.channel import ChannelDistances, ChannelGraph, ChannelProblems
 from .graphs.neuron import NeuronGraph, chain_structure, hop_table_bytes, layer_edges, trace_chain
 from .result import CurvatureResult
 from .transport import CERTIFY_TOL, EngineOptions, EngineStats, MinimumSearch
+from .transport.solver import _pool
 
 __all__ = ["neural_curvature", "EngineOptions", "channel_edge_bounds"]
 
@@ -373,15 +373,14 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         # the thread count), and recorded here in group order.
         with _torch_threads(1 if threads > 1 else None):
             jobs = [(g, x, cache.get((g, x))) for g in todo]
-            done = (map(lambda job: bound(*job), jobs) if threads <= 1 or len(jobs) < 2 else
-                    _in_order(threads, lambda job: bound(*job), jobs))
+            done = (bound(*job) for job in jobs) if threads <= 1 or len(jobs) < 2 else \
+                _in_order(threads, bound, jobs)
             for (g, _, found), (built, lo, hi, counts, alive) in zip(jobs, done):
                 if found is None:
                     cache.put((g, x), built)
                 search.add(g, x, lo, hi)
                 live[g].scatter_reduce_(0, slots[g], alive, reduce="amax")
-                for name, value in counts.as_dict().items():
-                    setattr(stats, name, getattr(stats, name) + value)
+                stats.add(counts)
                 del built
         if bar is not None:
             bar.update(1)
@@ -400,19 +399,14 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     return upper, search.lower(), live
 
 
-_GROUP_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _in_order(threads: int, func, jobs: list):
-    """``func`` of each job on a pool of ``threads`` threads, yielded in the jobs' order, with
-    at most ``2 * threads`` jobs started ahead of the one yielded (so that only a few groups'
-    problems are alive at once)."""
-    if threads not in _GROUP_POOLS:
-        _GROUP_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="curvprune-bounds")
-    pool = _GROUP_POOLS[threads]
+def _in_order(threads: int, func, jobs: list[tuple]):
+    """``func(*job)`` of each job on a pool of ``threads`` threads, yielded in the jobs' order,
+    with at most ``2 * threads`` jobs started ahead of the one yielded (so that only a few
+    groups' problems are alive at once)."""
+    pool = _pool(threads, "bounds")
     pending = collections.deque()
     for job in jobs:
-        pending.append(pool.submit(func, job))
+        pending.append(pool.submit(func, *job))
         if len(pending) > 2 * threads:
             yield pending.popleft().result()
     while pending:
@@ -646,12 +640,7 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
     first dimension and carries the same channels on both examples, which the replay of the
     other examples relies on (a model where either fails is traced in full, batch by batch).
     """
-    from .graphs.channel import (
-        channel_activity,
-        channel_problem_bytes,
-        needed_distances,
-        trace_channels,
-    )
+    from .graphs.channel import _LayerSets, channel_activity, needed_distances, trace_channels
 
     stats = EngineStats()
     first = None
@@ -664,10 +653,13 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                 first = trace_channels(model, inputs[:TRACE_EXAMPLES], device=engine_device)
                 input_shape = tuple(inputs.shape[1:])
                 # Only the pairs the measures touch; the distances and the problems' tables
-                # are refused over memory_budget before they are built.
+                # are refused over memory_budget before they are built (the layer sets that
+                # count the tables are those the problems then use:
+                # channel_problem_bytes's count).
+                sets = _LayerSets(first)
                 distances = needed_distances(first, memory_budget=memory_budget,
-                                             reserve=channel_problem_bytes(first))
-                problems = ChannelProblems(first, distances)
+                                             reserve=sets.nbytes())
+                problems = ChannelProblems(first, distances, sets=sets)
                 del distances
             activities.extend(channel_activity(model, inputs, first, engine_device))
         upper, lower, live = _search(problems, activities, alpha, tolerance, stats=stats,

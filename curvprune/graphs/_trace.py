@@ -218,20 +218,23 @@ class _Tracer:
 
     def measure(self, t: torch.Tensor, label: torch.Tensor) -> None:
         """Record mean |h| per (node, example) for the nodes present in ``t``."""
-        if label.numel() == 0 or int(label.max()) < 0:
+        if label.numel() == 0:
+            return
+        low, high = int(label.min()), int(label.max())
+        if high < 0:
             return
         self._note_replay(t, label)
-        if int(label.min()) >= 0:  # every element is a channel's: no mask to apply
+        if low >= 0:  # every element is a channel's: no mask to apply
             keys = label.reshape(-1)
             values = t.detach().abs().to(torch.float64).reshape(-1)
         else:
             valid = label >= 0
             keys = label[valid]
             values = t.detach()[valid].abs().to(torch.float64)
+            low = int(keys.min())
         # Sums per key by counting over the (small) range of keys present: no sort.
-        low = int(keys.min())
         shifted = keys - low
-        width = int(shifted.max()) + 1
+        width = high - low + 1
         sums = torch.bincount(shifted, weights=values, minlength=width)
         counts = torch.bincount(shifted, minlength=width)
         present = torch.nonzero(counts).squeeze(1)

@@ -231,22 +231,19 @@ class ChannelDistances:
         rows, cols = torch.broadcast_tensors(torch.as_tensor(rows, device=self.keys.device),
                                              torch.as_tensor(cols, device=self.keys.device))
         key = (rows.to(torch.long) * self.num_nodes + cols.to(torch.long)).reshape(-1)
-        out = torch.full(key.shape, math.inf, dtype=torch.float64, device=self.keys.device)
-        if self.keys.numel() and key.numel():
-            # Many lookups are searched in key order: consecutive binary searches then walk
-            # the same paths through the (large) key array, from cache; about 25 times
-            # faster than in random order on a full-width resnet50's 87M pairs.
-            order = None
-            if key.numel() > _SORT_LOOKUPS and not bool((key[1:] >= key[:-1]).all()):
-                order = torch.argsort(key)
-                key = key[order]
-            pos = torch.searchsorted(self.keys, key).clamp_(max=self.keys.numel() - 1)
-            found = self.keys[pos] == key
-            values = torch.where(found, self.values[pos], math.inf)
-            if order is None:
-                out = values
-            else:
-                out[order] = values
+        if not (self.keys.numel() and key.numel()):
+            return torch.full(rows.shape, math.inf, dtype=torch.float64, device=self.keys.device)
+        # Many lookups are searched in key order: consecutive binary searches then walk the
+        # same paths through the (large) key array, from cache; about 25 times faster than in
+        # random order on a full-width resnet50's 87M pairs.
+        order = None
+        if key.numel() > _SORT_LOOKUPS and not bool((key[1:] >= key[:-1]).all()):
+            order = torch.argsort(key)
+            key = key[order]
+        pos = torch.searchsorted(self.keys, key).clamp_(max=self.keys.numel() - 1)
+        out = torch.where(self.keys[pos] == key, self.values[pos], math.inf)
+        if order is not None:
+            out = torch.empty_like(out).index_copy_(0, order, out)
         return out.view(rows.shape)
 
 
@@ -331,8 +328,6 @@ def channel_problem_bytes(graph: ChannelGraph) -> int:
     more such tables while a layer's measures are computed), and so do the edge problems
     the scoring loop caches between its rounds (:attr:`EngineOptions.problem_cache_bytes
     <curvprune.transport.EngineOptions.problem_cache_bytes>`)."""
-    if graph.src.numel() == 0:
-        return 0
     return _LayerSets(graph).nbytes()
 
 
@@ -344,6 +339,7 @@ class _LayerSets:
 
     def __init__(self, graph: ChannelGraph, edges: torch.Tensor | None = None) -> None:
         n = graph.num_nodes
+        self.edgeless = graph.src.numel() == 0
         chosen = graph.module >= 0
         if edges is not None:
             chosen &= edges.to(chosen.device)
@@ -381,7 +377,9 @@ class _LayerSets:
 
     def nbytes(self) -> int:
         """What :class:`ChannelProblems` holds with these sets, and one layer's measures (see
-        :func:`channel_problem_bytes`)."""
+        :func:`channel_problem_bytes`); 0 for a graph without edges."""
+        if self.edgeless:
+            return 0
         held = 32 * self.scored.numel() + 8 * (self.in_lists.order.numel()
                                                 + self.out_lists.order.numel())
         held += 16 * (self.in_lists.degree.numel() + self.out_lists.degree.numel())
@@ -531,13 +529,14 @@ class ChannelProblems:
     channels) hold ``+inf`` with :class:`ChannelDistances` and are never read where a result
     depends on them. ``distances`` is the dense table of :func:`channel_distances` or the
     needed pairs of :func:`needed_distances`; it is not kept. ``edges``: a bool mask over all
-    edges; only those layer edges are scored.
+    edges; only those layer edges are scored. ``sets``: the layer sets of ``graph`` and
+    ``edges`` if they were already built (by the memory check), else built here.
     """
 
     def __init__(self, graph: ChannelGraph, distances: torch.Tensor | ChannelDistances,
-                 edges: torch.Tensor | None = None) -> None:
+                 edges: torch.Tensor | None = None, *, sets: _LayerSets | None = None) -> None:
         self.graph = graph
-        sets = _LayerSets(graph, edges)
+        sets = _LayerSets(graph, edges) if sets is None else sets
         self.sets = sets
         self.scored, self.offsets, self.layers = sets.scored, sets.offsets, sets.layers
         self.length = distances[graph.src[self.scored], graph.dst[self.scored]]

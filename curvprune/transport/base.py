@@ -55,6 +55,11 @@ class EngineStats:
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
+    def add(self, other: EngineStats) -> None:
+        """Add ``other``'s counts to these (the counts of work done apart, on a pool)."""
+        for name, value in other.as_dict().items():
+            setattr(self, name, getattr(self, name) + value)
+
 
 @dataclass(frozen=True)
 class EngineOptions:

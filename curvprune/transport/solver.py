@@ -102,13 +102,16 @@ def _submit_batch(a: np.ndarray, b: np.ndarray, cost: np.ndarray,
     return lambda: np.concatenate([f.result() for f in futures])
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool per thread count (threads are reused across calls)."""
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="curvprune-ot")
-    return _POOLS[threads]
+def _pool(threads: int, name: str = "ot") -> ThreadPoolExecutor:
+    """A process-wide pool per use (``name``) and thread count (threads are reused across
+    calls). Separate uses get separate pools, so that a job of one pool may wait on jobs of
+    another without starving it."""
+    if (name, threads) not in _POOLS:
+        _POOLS[name, threads] = ThreadPoolExecutor(threads,
+                                                   thread_name_prefix=f"curvprune-{name}")
+    return _POOLS[name, threads]
 
 
