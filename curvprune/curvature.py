@@ -353,14 +353,16 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
             cache.put((g, x), found)
         return found
 
-    def bound(g: int, x: int, found: EdgeProblem | None
+    def bound(g: int, x: int, found: EdgeProblem | None, ceiling: torch.Tensor | None
               ) -> tuple[EdgeProblem, torch.Tensor, torch.Tensor, EngineStats, torch.Tensor]:
         """One group's problem on one example (``found``: the cached one) and its bounds,
-        with counts of its own (this runs on pool threads)."""
+        with counts of its own (this runs on pool threads). ``ceiling``: per edge, the
+        weight's best upper bound over the earlier examples less the tolerance (edges whose
+        cheap bound reaches it are screened, :func:`~curvprune.transport.bound_edges`)."""
         built = found if found is not None else graph.edge_problem(g, activities[x], cut_tol)
         part = built if subsets is None else built.take(subsets[g])
         counts = EngineStats()
-        lo, hi = part.bounds(alpha, tolerance, stats=counts, options=options)
+        lo, hi = part.bounds(alpha, tolerance, stats=counts, options=options, ceiling=ceiling)
         return built, lo, hi, counts, ~part.dead
 
     _restart_clock(bar)  # the ETA is per example: the forward passes and build are not in it
@@ -372,10 +374,11 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         # thread (each computation is the same as on its own: the results do not depend on
         # the thread count), and recorded here in group order.
         with _torch_threads(1 if threads > 1 else None):
-            jobs = [(g, x, cache.get((g, x))) for g in todo]
+            jobs = [(g, x, cache.get((g, x)), search.ceiling(g) if x else None)
+                    for g in todo]
             done = (bound(*job) for job in jobs) if threads <= 1 or len(jobs) < 2 else \
                 _in_order(threads, bound, jobs)
-            for (g, _, found), (built, lo, hi, counts, alive) in zip(jobs, done):
+            for (g, _, found, _), (built, lo, hi, counts, alive) in zip(jobs, done):
                 if found is None:
                     cache.put((g, x), built)
                 search.add(g, x, lo, hi)

@@ -21,7 +21,7 @@ from test_intervals import _graph_and_acts
 
 from curvprune.graphs.channel import ChannelProblems, channel_distances
 from curvprune.graphs.neuron import score_example
-from curvprune.transport.base import EngineStats, _gather_rows, _weighted_sum
+from curvprune.transport.base import EngineOptions, EngineStats, _gather_rows, _weighted_sum
 from curvprune.transport.bounds import (
     _factored_bounds,
     _measure_keys,
@@ -164,6 +164,37 @@ def test_bounds_bracket_the_exact_value(spec, alpha):
         slack = 1e-9 * (1 + value.abs())
         assert (lo <= value + slack).all(), (lo - value).max()
         assert (value <= hi + slack).all(), (value - hi).max()
+
+
+@settings(max_examples=30, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1),
+       alpha=alphas, cut_tol=st.sampled_from([0.0, 1e-2]))
+def test_screened_edges_keep_a_lower_bound_and_the_others_are_unchanged(spec, alpha, cut_tol):
+    """Screening (``ceiling``): an edge whose swap-plan bound reaches its ceiling gets that
+    bound as ``lo`` (at most the exact value, and at least the ceiling) and ``hi = +inf``;
+    every other edge's bounds are bitwise those without a ceiling; below alpha 1/2 (no swap
+    plan) nothing is screened."""
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    exact, _ = score_example(graph, examples[0], alpha, certify_tol=0.0)
+    for g, value in enumerate(exact):
+        p = graph.edge_problem(g, examples[0], cut_tol)
+        options = EngineOptions()
+        plain = p.bounds(alpha, cut_tol, stats=EngineStats(), options=options)
+        for ceiling in (torch.full_like(value, -math.inf), value.clone(),
+                        torch.full_like(value, math.inf)):
+            stats = EngineStats()
+            lo, hi = p.bounds(alpha, cut_tol, stats=stats, options=options, ceiling=ceiling)
+            out = torch.isposinf(hi) & ~torch.isposinf(plain[1])
+            assert stats.screened == int(out.sum())
+            if alpha < 0.5 or torch.isposinf(ceiling).all():
+                assert stats.screened == 0
+            elif torch.isneginf(ceiling).all():  # every edge with two neighbour parts
+                assert stats.screened == general_edges(p).numel()
+            assert torch.equal(lo[~out], plain[0][~out]) and torch.equal(hi[~out], plain[1][~out])
+            slack = 1e-9 * (1 + value.abs())
+            assert (lo[out] <= value[out] + slack[out]).all(), (lo - value)[out].max()
+            assert (lo[out] >= ceiling[out]).all()
 
 
 @pytest.mark.parametrize("seed", range(6))

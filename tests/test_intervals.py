@@ -447,3 +447,20 @@ def test_scores_do_not_depend_on_the_thread_count(granularity, tolerance):
         for name in one.kappa:
             for field in ("kappa", "kappa_lo", "kappa_hi", "live"):
                 assert torch.equal(getattr(many, field)[name], getattr(one, field)[name]), field
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1e-2])
+def test_later_examples_are_screened_and_stay_correct(tolerance):
+    """From the second example on, edges whose swap-plan bound shows they cannot lower their
+    weight's minimum (``EngineStats.screened``) are not bounded further; the intervals still
+    contain the per-edge reference (``ot.emd2``), within the tolerance."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(6, 6)
+    result = neural_curvature(model, x, alpha=0.9, tolerance=tolerance)
+    assert result.engine["screened"] > 0
+    expected = reference_curvature(model, x, alpha=0.9)
+    assert_contains(result.kappa_lo, result.kappa_hi, result.kappa, expected, tolerance)
+    # alpha below 1/2 has no swap plan: nothing is screened.
+    assert neural_curvature(model, x, alpha=0.3, tolerance=tolerance).engine["screened"] == 0

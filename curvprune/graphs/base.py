@@ -76,12 +76,14 @@ class EdgeProblem:
                        slot=self.slot[edges], error=self.error[edges])
 
     def bounds(self, alpha: float, tolerance: float, *, stats: EngineStats,
-               options: EngineOptions) -> tuple[torch.Tensor, torch.Tensor]:
+               options: EngineOptions, ceiling: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Certified ``(lo, hi)`` on every edge's curvature under the uncut measures
-        (:func:`~curvprune.transport.bound_edges` in interval mode, widened by ``error``)."""
+        (:func:`~curvprune.transport.bound_edges` in interval mode, widened by ``error``;
+        edges whose cheap lower bound reaches ``ceiling`` are screened: ``hi = +inf``)."""
         return bound_edges(self.src, self.dst, self.length, self.dead, self.mu, self.nu,
                            self.distances, alpha, certify_tol=tolerance, block=options.block,
-                           stats=stats, settle=False, error=self.error)
+                           stats=stats, settle=False, error=self.error, ceiling=ceiling)
 
     def solve(self, edges: torch.Tensor, alpha: float, *, stats: EngineStats,
               options: EngineOptions, threads: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,9 @@ class EngineStats:
     values showed it cannot be its weight's minimum (:mod:`curvprune.transport.minimum`; the
     old name ``bounded`` still reads it, with a ``DeprecationWarning``). ``shared_problems``:
     the ``(p, q)`` problems solved for the bounds (one per distinct pair of neighbour
-    measures).
+    measures). ``screened``: left open, but shown by the swap plan's cheap bound to be no
+    lower than its weight's minimum over the earlier examples (less the tolerance), so never
+    bounded further (:func:`~curvprune.transport.bound_edges`).
     """
 
     dead: int = 0
@@ -43,6 +45,7 @@ class EngineStats:
     solved: int = 0
     ruled_out: int = 0
     shared_problems: int = 0
+    screened: int = 0
 
     @property
     def bounded(self) -> int:

@@ -35,6 +35,7 @@ def bound_edges(
     stats: EngineStats | None = None,
     settle: bool = True,
     error: torch.Tensor | None = None,
+    ceiling: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Bounds ``lo <= kappa <= hi`` (float64 ``[E]``) on the curvatures of edges ``src -> dst``
     of distance ``d`` on one example; ``lo == hi`` where the value is settled.
@@ -70,6 +71,17 @@ def bound_edges(
     clipped and the two sides meet at :math:`X_0` (the certificate of the module docstring).
     Bounds at most ``certify_tol / 2`` apart settle the edge at ``lo``, the cost of a plan.
     The evaluation is factored by row and column keys (:func:`_factored_bounds`).
+
+    **Screening** (``ceiling``, a value per edge; interval mode only). When
+    :math:`\alpha \ge 1/2` the swap plan alone gives :math:`X \le p \cdot A + q \cdot B`,
+    i.e. :math:`\kappa \ge 1 - (p \cdot A + q \cdot B)/d`, in :math:`O(d_k + d_m)` per
+    row and column key and without any shared problem. An edge whose this lower bound (less
+    ``error``) is at least its ``ceiling`` gets it as ``lo`` and ``hi = +inf`` (unknown), and
+    its shared problem is never built. The minimum search passes ``U_w - tolerance`` (the
+    best upper bound of the edge's weight over the earlier examples, less the tolerance) as
+    the ceiling: such an edge cannot move its weight's interval
+    (:mod:`curvprune.transport.minimum`), so it needs no tighter bound. Counted as
+    ``screened``.
     """
     stats = stats if stats is not None else EngineStats()
     kappa = torch.ones_like(d)
@@ -102,6 +114,14 @@ def bound_edges(
         kappa[sel2] = 1.0 - total / d[sel2]
     stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
     upper = kappa.clone()
+    if general.numel() and ceiling is not None and not settle and alpha >= 0.5:
+        low = _swap_lower(tables, src[general], dst[general], d[general], mu, nu, p_key, q_key,
+                          block)
+        out = (low - error[general] if error is not None else low) >= ceiling[general]
+        screened = general[out]
+        kappa[screened], upper[screened] = low[out], math.inf  # widened by error below
+        stats.screened += screened.numel()
+        general = general[~out]
     if general.numel():
         kappa[general], upper[general] = _shared_bounds(
             tables, src[general], dst[general], d[general], mu, nu, p_key, q_key, alpha,
@@ -111,6 +131,25 @@ def bound_edges(
             kappa, upper = kappa - error, upper + error
         stats.certified += int((upper[general] - kappa[general] <= certify_tol).sum())
     return kappa, upper
+
+
+def _swap_lower(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
+                mu: _Measure, nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor,
+                block: int) -> torch.Tensor:
+    r""":math:`1 - (p \cdot A + q \cdot B) / d`, the lower bound on kappa of the swap plan
+    (every unit of ``p`` to ``j``, ``i`` to every unit of ``q``; a plan when
+    :math:`\alpha \ge 1/2`), for edges with two neighbour parts. :math:`p \cdot A` depends
+    on the row key ``(p_i, j)`` and :math:`\sum_m q_m D(i, m)` on the column key
+    ``(i, q_j)``: each is summed once per key."""
+    p_a = _keyed(p_key[src], dst, block, mu.mass.shape[1],
+                 lambda e: _weighted_sum(mu.mass[src[e]],
+                                         tables.d_kj[mu.table[src[e]].clamp(min=0),
+                                                     dst[e][:, None]]))
+    q_d = _keyed(src, q_key[dst], block, nu.mass.shape[1],
+                 lambda e: _weighted_sum(nu.mass[dst[e]],
+                                         _gather_rows(tables.d_im, src[e], nu.table[dst[e]])))
+    q_total = torch.where(nu.mass > 0, nu.mass, 0.0).sum(1)[dst]
+    return 1.0 - (p_a + q_d - d * q_total) / d
 
 
 def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
@@ -183,13 +222,17 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
         cost = torch.where(support, tables.d_km[k_tab[ri].clamp(min=0)[:, :, None],
                                                 m_tab[rj].clamp(min=0)[:, None, :]], 0.0)
         pm_np, qm_np, cost_np = pm.cpu().numpy(), qm.cpu().numpy(), cost.cpu().numpy()
-        for s, t in enumerate(part.tolist()):
-            x0_np[t], f, g = _solve_one(pm_np[s], qm_np[s], cost_np[s])
-            rows, cols = pm_np[s] > 0, qm_np[s] > 0
-            f_np[t, rows], g_np[t, cols] = f[rows], g[cols]
-            # (f, g) may miss feasibility by rounding; the lower bound pays for that residual.
-            slack_np[t] = max(0.0, float((f[rows, None] + g[None, cols]
-                                          - cost_np[s][np.ix_(rows, cols)]).max()))
+        solved = [_solve_one(pm_np[s], qm_np[s], cost_np[s]) for s in range(len(part))]
+        at = part.cpu().numpy()
+        rows, cols = pm_np > 0, qm_np > 0
+        f = np.where(rows, np.stack([f for _, f, _ in solved]), 0.0)
+        g = np.where(cols, np.stack([g for _, _, g in solved]), 0.0)
+        x0_np[at] = [value for value, _, _ in solved]
+        f_np[at], g_np[at] = f, g
+        # (f, g) may miss feasibility by rounding; the lower bound pays for that residual.
+        excess = np.where(rows[:, :, None] & cols[:, None, :],
+                          f[:, :, None] + g[:, None, :] - cost_np, -np.inf)
+        slack_np[at] = np.maximum(excess.max(axis=(1, 2)), 0.0)
     if device.type != "cpu":
         x0, f_pad, g_pad, slack = (torch.from_numpy(t).to(device)
                                    for t in (x0_np, f_np, g_np, slack_np))

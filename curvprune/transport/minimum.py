@@ -72,16 +72,24 @@ class MinimumSearch:
         if edges.numel():
             self.floor[group].scatter_reduce_(0, self.widx[group][edges], lo, reduce="amin")
 
+    def ceiling(self, group: int) -> torch.Tensor:
+        """Per edge of ``group``, ``U_w - tolerance`` of its weight now: an edge whose lower
+        bound on a later example is at least this cannot move its weight's interval (it is
+        folded by :meth:`add` whatever its upper bound), so it needs no tighter bound."""
+        return self.best[group][self.widx[group]] - self.tolerance
+
     def add(self, group: int, example: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Record one example's bounds ``lo <= value <= hi`` for every edge of ``group``
-        (``lo == hi`` where the value is known)."""
+        (``lo == hi`` where the value is known; ``hi = +inf`` where only ``lo`` is, for an
+        edge screened by :meth:`ceiling`)."""
         widx = self.widx[group]
         best = self.best[group]
         tol = self.tolerance
         best.scatter_reduce_(0, widx, hi, reduce="amin")
         unsettled = hi - lo > tol
-        self.opened += int(unsettled.sum())
         held = unsettled & (lo < best[widx] - tol)
+        # A screened edge (hi = +inf, lo at least its ceiling) is never held: not counted open.
+        self.opened += int((unsettled & (held | (hi < torch.inf))).sum())
         edges = torch.nonzero(held).squeeze(1)
         rest = torch.nonzero(~held).squeeze(1)
         self._fold(group, rest, lo[rest])
