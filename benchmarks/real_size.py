@@ -16,8 +16,10 @@ then ``step()``:
 * ``curvature``: ``curvprune.CurvatureImportance(images, tolerance=...)``.
 
 For curvature the phases are timed as they happen (trace, needed distances and their pair
-count, bounds per batch, the exact minima's progress) and written to the results file while the
-run goes, so a run stopped by ``--limit`` (seconds, per criterion) still reports how far it got.
+count; in the bounds phase, when the replay of the images ended, ``examples_start_s``, and the
+examples bounded so far, ``examples_done`` at ``examples_s``; the exact minima's progress)
+and written to the results file while the run goes, so a run stopped by ``--limit`` (seconds,
+per criterion) still reports how far it got.
 ``tv_resnet18`` (torchvision's ``resnet18``) is the unstructured task instead: 50 % of all
 conv and linear weights (classifier included) removed by one
 ``prune.global_unstructured`` call, with scores from
@@ -71,6 +73,24 @@ def _setup(model_name: str, images: int):
     return model, x
 
 
+class _Examples:
+    """Stands in for the scoring loop's progress bar: records, per calibration example
+    bounded, the examples done and the seconds since the phase began (``examples_done``,
+    ``examples_s``), so that a run stopped by ``--limit`` says how far its bounds got."""
+
+    def __init__(self, phase: dict, save, t0: float) -> None:
+        self.phase, self.save, self.t0, self.n = phase, save, t0, 0
+
+    def reset(self) -> None:
+        self.phase["examples_start_s"] = time.perf_counter() - self.t0
+
+    def update(self, count: int) -> None:
+        self.n += count
+        self.phase["examples_done"] = self.n
+        self.phase["examples_s"] = time.perf_counter() - self.t0
+        self.save()
+
+
 def run_one(args) -> None:
     """One criterion in this process; its record is written to ``args.out`` as it goes."""
     import torch
@@ -120,6 +140,8 @@ def run_one(args) -> None:
                             last[0] = now
                             save()
                     k["on_progress"] = progress
+                if name == "bounds" and k.get("bar") is None:
+                    k["bar"] = _Examples(phase, save, t0)
                 value = func(*a, **k)
                 phase["s"] = time.perf_counter() - t0
                 if name == "trace":
