@@ -24,8 +24,10 @@ from curvprune.graphs.neuron import score_example
 from curvprune.transport.base import EngineOptions, EngineStats, _gather_rows, _weighted_sum
 from curvprune.transport.bounds import (
     _factored_bounds,
+    _groups,
     _measure_keys,
     _shared_problems,
+    _subgroups,
     bound_edges,
 )
 
@@ -251,3 +253,22 @@ def test_single_atom_shared_problems_equal_the_simplex(seed):
                                                                            abs=1e-15)
         checked[single] += 1
     assert checked[0] > 0 and checked[1] > 0
+
+
+@settings(max_examples=60, **_SETTINGS)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4), st.booleans()), min_size=1,
+                max_size=40))
+def test_subgroups_equal_grouping_the_kept_edges_again(edges):
+    """The screen groups every general edge by its row and column keys once; the edges left
+    open reuse those groups (``_subgroups``), which must be exactly what grouping them anew
+    gives: the same group per edge, count and first edge."""
+    a = torch.tensor([e[0] for e in edges])
+    b = torch.tensor([e[1] for e in edges])
+    keep = torch.tensor([e[2] for e in edges])
+    if not keep.any():
+        keep[len(edges) // 2] = True
+    of_edge, count, first = _subgroups(_groups(a, b), keep)
+    want_of_edge, want_count, want_first = _groups(a[keep], b[keep])
+    assert count == want_count
+    assert torch.equal(of_edge, want_of_edge)
+    assert torch.equal(first, want_first)

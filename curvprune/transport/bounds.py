@@ -100,32 +100,29 @@ def bound_edges(
     # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d; the sum depends on (i, q_j) only.
     if sel.numel():
         i, j = src[sel], dst[sel]
-        total = _keyed(i, q_key[j], block, nu.mass.shape[1],
-                       lambda e: _weighted_sum(nu.mass[j[e]],
-                                               _gather_rows(tables.d_im, i[e], nu.table[j[e]])))
-        kappa[sel] = 1.0 - total / d[sel]
+        kappa[sel] = 1.0 - _col_sums(tables, i, j, nu, _groups(i, q_key[j]), block) / d[sel]
     # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d; the sum depends on (p_i, j) only.
     if sel2.numel():
         i, j = src[sel2], dst[sel2]
-        total = _keyed(p_key[i], j, block, mu.mass.shape[1],
-                       lambda e: _weighted_sum(mu.mass[i[e]],
-                                               tables.d_kj[mu.table[i[e]].clamp(min=0),
-                                                           j[e][:, None]]))
-        kappa[sel2] = 1.0 - total / d[sel2]
+        kappa[sel2] = 1.0 - _row_sums(tables, i, j, mu, _groups(p_key[i], j), block) / d[sel2]
     stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
     upper = kappa.clone()
+    keys = None  # the general edges' row and column keys, when the screen has them
     if general.numel() and ceiling is not None and not settle and alpha >= 0.5:
-        low = _swap_lower(tables, src[general], dst[general], d[general], mu, nu, p_key, q_key,
-                          block)
+        i, j = src[general], dst[general]
+        rows, cols = _groups(p_key[i], j), _groups(i, q_key[j])
+        low = _swap_lower(tables, i, j, d[general], mu, nu, rows, cols, block)
         out = (low - error[general] if error is not None else low) >= ceiling[general]
         screened = general[out]
         kappa[screened], upper[screened] = low[out], math.inf  # widened by error below
         stats.screened += screened.numel()
         general = general[~out]
+        if general.numel():
+            keys = _subgroups(rows, ~out), _subgroups(cols, ~out)
     if general.numel():
         kappa[general], upper[general] = _shared_bounds(
             tables, src[general], dst[general], d[general], mu, nu, p_key, q_key, alpha,
-            certify_tol, block, stats, settle)
+            certify_tol, block, stats, settle, keys)
     if not settle:
         if error is not None:
             kappa, upper = kappa - error, upper + error
@@ -134,36 +131,52 @@ def bound_edges(
 
 
 def _swap_lower(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
-                mu: _Measure, nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor,
-                block: int) -> torch.Tensor:
+                mu: _Measure, nu: _Measure, rows: _Keys, cols: _Keys, block: int
+                ) -> torch.Tensor:
     r""":math:`1 - (p \cdot A + q \cdot B) / d`, the lower bound on kappa of the swap plan
     (every unit of ``p`` to ``j``, ``i`` to every unit of ``q``; a plan when
     :math:`\alpha \ge 1/2`), for edges with two neighbour parts. :math:`p \cdot A` depends
     on the row key ``(p_i, j)`` and :math:`\sum_m q_m D(i, m)` on the column key
-    ``(i, q_j)``: each is summed once per key."""
-    p_a = _keyed(p_key[src], dst, block, mu.mass.shape[1],
-                 lambda e: _weighted_sum(mu.mass[src[e]],
-                                         tables.d_kj[mu.table[src[e]].clamp(min=0),
-                                                     dst[e][:, None]]))
-    q_d = _keyed(src, q_key[dst], block, nu.mass.shape[1],
-                 lambda e: _weighted_sum(nu.mass[dst[e]],
-                                         _gather_rows(tables.d_im, src[e], nu.table[dst[e]])))
+    ``(i, q_j)`` (``rows`` and ``cols``, :func:`_groups`): each is summed once per key."""
+    p_a = _row_sums(tables, src, dst, mu, rows, block)
+    q_d = _col_sums(tables, src, dst, nu, cols, block)
     q_total = torch.where(nu.mass > 0, nu.mass, 0.0).sum(1)[dst]
     return 1.0 - (p_a + q_d - d * q_total) / d
+
+
+def _row_sums(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu: _Measure,
+              rows: _Keys, block: int) -> torch.Tensor:
+    r""":math:`p \cdot A = \sum_k p_k D(k, j)` per edge ``i -> j`` (``p = p_i``), summed once
+    per row key ``(p_i, j)`` (``rows``: :func:`_groups` of those keys)."""
+    return _keyed(rows, block, mu.mass.shape[1],
+                  lambda e: _weighted_sum(mu.mass[src[e]],
+                                          tables.d_kj[mu.table[src[e]].clamp(min=0),
+                                                      dst[e][:, None]]))
+
+
+def _col_sums(tables: Distances, src: torch.Tensor, dst: torch.Tensor, nu: _Measure,
+              cols: _Keys, block: int) -> torch.Tensor:
+    r""":math:`\sum_m q_m D(i, m)` per edge ``i -> j`` (``q = q_j``), summed once per column
+    key ``(i, q_j)`` (``cols``: :func:`_groups` of those keys)."""
+    return _keyed(cols, block, nu.mass.shape[1],
+                  lambda e: _weighted_sum(nu.mass[dst[e]],
+                                          _gather_rows(tables.d_im, src[e], nu.table[dst[e]])))
 
 
 def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
                    mu: _Measure, nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor,
                    alpha: float, certify_tol: float, block: int, stats: EngineStats,
-                   settle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   settle: bool = True, keys: tuple[_Keys, _Keys] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(lo, hi)`` of :func:`bound_edges` for edges with two neighbour parts.
 
     Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (:func:`_shared_problems`),
     then evaluates every edge's bounds by :func:`_factored_bounds`, in
-    :math:`O(\log d_k + \log d_m)` per edge.
+    :math:`O(\log d_k + \log d_m)` per edge (``keys``: the edges' row and column keys, if
+    already grouped).
     """
     shared = _shared_problems(tables, src, dst, mu, nu, p_key, q_key, block, stats)
-    lower, upper = _factored_bounds(tables, src, dst, d, mu, nu, shared, alpha, block)
+    lower, upper = _factored_bounds(tables, src, dst, d, mu, nu, shared, alpha, block, keys)
     lo, hi = 1.0 - upper / d, 1.0 - lower / d
     if settle:
         settled = hi - lo <= certify_tol / 2
@@ -266,7 +279,8 @@ def _single_atom_problems(tables: Distances, k_tab: torch.Tensor, p: torch.Tenso
 
 
 def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
-                     mu: _Measure, nu: _Measure, shared: _Shared, alpha: float, block: int
+                     mu: _Measure, nu: _Measure, shared: _Shared, alpha: float, block: int,
+                     keys: tuple[_Keys, _Keys] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Bounds ``lower <= X <= upper`` of :func:`bound_edges` (before ``1 - X / d``), factored by
     row and column keys.
@@ -311,8 +325,9 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
     dk, dm = k_tab.shape[1], m_tab.shape[1]
     inf = torch.tensor(math.inf, dtype=dtype, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
-    row_of_edge, n_rows, row_rep = _groups(shared.p_key[src], dst)
-    col_of_edge, n_cols, col_rep = _groups(src, shared.q_key[dst])
+    if keys is None:
+        keys = _groups(shared.p_key[src], dst), _groups(src, shared.q_key[dst])
+    (row_of_edge, n_rows, row_rep), (col_of_edge, n_cols, col_rep) = keys
 
     def row_terms(keys: torch.Tensor):
         e = row_rep[keys]
@@ -387,17 +402,23 @@ def _measure_keys(measure: _Measure) -> torch.Tensor:
                         return_inverse=True)[1]
 
 
-def _keyed(a: torch.Tensor, b: torch.Tensor, block: int, width: int, compute) -> torch.Tensor:
+def _keyed(groups: _Keys, block: int, width: int, compute) -> torch.Tensor:
     """``compute(edges)`` (a value per edge, ``width`` entries of work each) evaluated once per
-    distinct key ``(a[e], b[e])``, on each key's first edge, and read back for every edge."""
-    inverse, count, first = _groups(a, b)
-    out = torch.empty(count, dtype=torch.float64, device=a.device)
-    for chunk in _chunks(torch.arange(count, device=a.device), block, width):
+    group of ``groups`` (:func:`_groups`), on each group's first edge, and read back for every
+    edge."""
+    inverse, count, first = groups
+    out = torch.empty(count, dtype=torch.float64, device=inverse.device)
+    for chunk in _chunks(torch.arange(count, device=inverse.device), block, width):
         out[chunk] = compute(first[chunk])
     return out[inverse]
 
 
-def _groups(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+#: Edges grouped by a key (:func:`_groups`): per edge its group, the number of groups, and each
+#: group's first edge.
+_Keys = tuple[torch.Tensor, int, torch.Tensor]
+
+
+def _groups(a: torch.Tensor, b: torch.Tensor) -> _Keys:
     """The edges grouped by the key ``(a[e], b[e])`` (non-negative integers, at least one
     edge): per edge its group (groups in the key's lexicographic order), the number of groups,
     and each group's first edge."""
@@ -407,6 +428,23 @@ def _groups(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int, torch.
     first.scatter_reduce_(0, of_edge, torch.arange(of_edge.numel(), device=of_edge.device),
                           reduce="amin")
     return of_edge, count, first
+
+
+def _subgroups(groups: _Keys, keep: torch.Tensor) -> _Keys:
+    """``groups`` (:func:`_groups` of keys ``(a, b)``) restricted to the edges ``keep`` (a mask,
+    at least one edge): equal to ``_groups(a[keep], b[keep])``, without sorting again (the
+    groups left keep their order)."""
+    of_edge, count, _ = groups
+    kept = of_edge[keep]
+    used = torch.zeros(count, dtype=torch.bool, device=kept.device)
+    used[kept] = True
+    new_id = torch.cumsum(used, 0) - 1
+    of_kept = new_id[kept]
+    n = int(used.sum())
+    first = torch.full((n,), kept.numel(), dtype=torch.long, device=kept.device)
+    first.scatter_reduce_(0, of_kept, torch.arange(kept.numel(), device=kept.device),
+                          reduce="amin")
+    return of_kept, n, first
 
 
 def _key_chunks(key_of_edge: torch.Tensor, count: int, block: int, width: int
