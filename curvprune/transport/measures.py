@@ -77,7 +77,10 @@ def neighbour_measures(
                                                                           device=activity.device))
     active = a > 0
     weight = torch.where(active, torch.exp(-1.0 / torch.where(active, a, 1.0) ** 2), 0.0)
-    total = weight.sum(dim=1, keepdim=True)
+    # Summed left to right (a running sum), so trailing padding never changes the rounding: a
+    # table cut to fewer slots gives bitwise the same masses (a vectorised sum's order
+    # depends on the row's width and on the CPU's vector width).
+    total = weight.cumsum(dim=1)[:, -1:] if weight.shape[1] else weight.sum(dim=1, keepdim=True)
     count = active.sum(dim=1, keepdim=True)
     uniform = active.to(activity.dtype) / count.clamp(min=1).to(activity.dtype)
     proportional = weight / torch.where(total >= _TINY, total, 1.0)
