@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, trained_model  # noqa: E402
+from common import CACHE, EXACT, RESULTS, trained_model  # noqa: E402
 
 from curvprune import neural_curvature  # noqa: E402
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
@@ -199,7 +199,7 @@ def lenet_row(args, stored: dict | None = None) -> dict:
     print(f"lenet5 test accuracy {accuracy:.4f}; {len(calib)} calibration examples")
     load_before = os.getloadavg()
     start, cpu = time.perf_counter(), time.process_time()
-    result = neural_curvature(model, calib, alpha=args.alpha, progress=True)
+    result = neural_curvature(model, calib, alpha=args.alpha, progress=True, tolerance=EXACT)
     engine_s, engine_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     print(f"engine: {engine_s:.1f} s, CPU {engine_cpu_s:.1f} s ({result.engine})")
     row = {

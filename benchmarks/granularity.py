@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, evaluate, trained_model  # noqa: E402
+from common import EXACT, RESULTS, evaluate, trained_model  # noqa: E402
 from unstructured import prune_with, write_json  # noqa: E402
 
 from curvprune import make_permanent, neural_curvature  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         scores, seconds = {}, {}
         for granularity in ("neuron", "channel"):
             start = time.perf_counter()
-            result = neural_curvature(model, calib, granularity=granularity,
+            result = neural_curvature(model, calib, granularity=granularity, tolerance=EXACT,
                                       threads=os.cpu_count() or 1)
             seconds[granularity] = round(time.perf_counter() - start, 2)
             scores[granularity] = result.importance_scores("positive_first")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["accuracy"][criterion][f"{amount:g}"] = evaluate(model, test)
                 make_permanent(model)
                 model.load_state_dict(state)
-        scored = neural_curvature(model, calib, granularity="channel")
+        scored = neural_curvature(model, calib, granularity="channel", tolerance=EXACT)
         prune_with(model, "curv_pos", scored.importance_scores("positive_first"), 0.5)
         names = {id(m): n for n, m in model.named_modules()}
         row["channel_global_layer_sparsity_at_0.5"] = {

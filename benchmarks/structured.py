@@ -82,7 +82,7 @@ import torch_pruning as tp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, evaluate, resumable, trained_model  # noqa: E402
+from common import EXACT, RESULTS, evaluate, resumable, trained_model  # noqa: E402
 from unstructured import write_json  # noqa: E402
 
 import curvprune  # noqa: E402
@@ -145,7 +145,8 @@ def prune_and_evaluate(name: str, state: dict, criterion: str, ratio: float, cal
     model.load_state_dict(state)
     if criterion in CURVATURE:
         if curvature is None:
-            importance = curvprune.CurvatureImportance(calib, reduction=CURVATURE[criterion])
+            importance = curvprune.CurvatureImportance(calib, reduction=CURVATURE[criterion],
+                                                       tolerance=EXACT)
         else:
             importance = curvprune.CurvatureImportance(None, result=curvature,
                                                        reduction=CURVATURE[criterion])
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             if any(c in CURVATURE for c in todo):  # one scoring for the three reductions
                 start = time.perf_counter()
                 curvature = curvprune.neural_curvature(dense_model, calib,
-                                                       granularity="channel")
+                                                       granularity="channel", tolerance=EXACT)
                 entry["curvature_seconds"] = round(time.perf_counter() - start, 2)
                 print(name, f"seed {seed}: curvature scored in "
                       f"{entry['curvature_seconds']} s", flush=True)

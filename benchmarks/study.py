@@ -65,7 +65,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, evaluate, trained_model  # noqa: E402
+from common import CACHE, EXACT, RESULTS, evaluate, trained_model  # noqa: E402
 from unstructured import write_json  # noqa: E402
 
 from curvprune import CurvaturePruning, neural_curvature  # noqa: E402
@@ -174,7 +174,8 @@ def per_example_curvature(model: nn.Module, x: torch.Tensor, cache: Path | None,
     saved = time.perf_counter()
     for i in range(len(stored["kappa"]), len(x)):
         start = time.perf_counter()
-        result = neural_curvature(model, x[i:i + 1], alpha=alpha, threads=os.cpu_count() or 1)
+        result = neural_curvature(model, x[i:i + 1], alpha=alpha, tolerance=EXACT,
+                                  threads=os.cpu_count() or 1)
         stored["seconds"].append(time.perf_counter() - start)
         stored["kappa"].append({n: k.cpu() for n, k in result.kappa.items()})
         stored["live"].append({n: v.cpu() for n, v in result.live.items()})

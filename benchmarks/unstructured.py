@@ -61,7 +61,7 @@ import torch.nn.utils.prune as prune
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, RESULTS, evaluate, resumable, trained_model  # noqa: E402
+from common import CACHE, EXACT, RESULTS, evaluate, resumable, trained_model  # noqa: E402
 from plots import plot_results  # noqa: E402
 
 from curvprune import (  # noqa: E402
@@ -129,7 +129,7 @@ def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *,
                  "curv_pos_wanda_alloc"}:
         start = time.perf_counter()
         result = neural_curvature(model, calib, alpha=alpha, progress=progress,
-                                  granularity=granularity,
+                                  granularity=granularity, tolerance=EXACT,
                                   threads=os.cpu_count() or 1)
         info["curvature_seconds"] = round(time.perf_counter() - start, 2)
         info["granularity"] = result.granularity

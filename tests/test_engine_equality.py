@@ -29,17 +29,22 @@ from curvprune.calibration import (
 from curvprune.graphs.neuron import trace_chain
 from curvprune.reference import reference_curvature
 from curvprune.transport import EngineOptions
+from curvprune.transport.base import CERTIFY_TOL
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 ATOL = 1e-6
+#: The tolerance these tests score at: intervals a few ulps wide, exact in practice (the
+#: library's default tolerance is wider; tolerance 0 has tests of its own).
+EXACT = CERTIFY_TOL
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def check_against_reference(model: nn.Module, calibration, alpha: float, context: str = "",
                             options: EngineOptions | None = None):
     """Score with both and compare every weight; return the engine's result."""
-    result = neural_curvature(model, calibration, alpha=alpha, options=options)
+    result = neural_curvature(model, calibration, alpha=alpha, options=options,
+                              tolerance=EXACT)
     expected = reference_curvature(model, calibration, alpha=alpha)
     if currently_in_test_context():
         note(f"engine stats: {result.engine}")
@@ -105,7 +110,8 @@ def test_kappa_does_not_depend_on_alpha_above_half(spec):
     """method.md "Observed": for alpha >= 0.5 kappa is the same for every alpha, in the engine and
     in the reference (which solves the full transport problem with its two alpha atoms)."""
     model, x = build(spec)
-    engine = {a: neural_curvature(model, x, alpha=a).kappa for a in (0.5, 0.7, 0.9)}
+    engine = {a: neural_curvature(model, x, alpha=a, tolerance=EXACT).kappa
+              for a in (0.5, 0.7, 0.9)}
     reference = {a: reference_curvature(model, x, alpha=a) for a in (0.5, 0.7, 0.9)}
     for a in (0.7, 0.9):
         assert_kappa_equal(engine[a], engine[0.5], atol=1e-9, context=f"engine {a} vs 0.5")
@@ -417,10 +423,10 @@ def test_cuda_engine_matches_reference(spec, alpha, model_on_gpu):
 def test_threads_do_not_change_kappa():
     model = _mlp(6, 8, 8, 8, 3, act=nn.Tanh, seed=13)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(13))
-    one = neural_curvature(model, x, alpha=0.3, threads=1)
+    one = neural_curvature(model, x, alpha=0.3, threads=1, tolerance=EXACT)
     assert one.engine.get("solved", 1) > 0  # the exact solver really runs
     for threads in (2, 5):
-        other = neural_curvature(model, x, alpha=0.3, threads=threads)
+        other = neural_curvature(model, x, alpha=0.3, threads=threads, tolerance=EXACT)
         assert_kappa_equal(other.kappa, one.kappa, atol=0.0, context=f"threads={threads}")
     assert_kappa_equal(one.kappa, reference_curvature(model, x, alpha=0.3), atol=ATOL)
 

@@ -36,7 +36,7 @@ from test_channels import RandomNet, _inputs, _perturb, _trace, random_nets
 
 from curvprune import neural_curvature, prune_model
 from curvprune.calibration import capture_activations, normalise_activity, scoring_mode
-from curvprune.curvature import channel_edge_bounds
+from curvprune.curvature import TOLERANCE, channel_edge_bounds
 from curvprune.decision import straddling
 from curvprune.graphs.channel import channel_distances
 from curvprune.graphs.neuron import NeuronGraph, bound_example, chain_structure, score_example
@@ -193,10 +193,15 @@ def test_tolerance_zero_is_exact_and_has_no_width():
         assert torch.equal(result.kappa_lo[name], k) and torch.equal(result.kappa_hi[name], k)
         assert result.exact()[name].all()
     assert_kappa_equal(result.kappa, reference_curvature(model, x, alpha=0.3), atol=1e-9)
-    # The default (1e-14) is exact in practice: within a few ulps of tolerance 0.
+    # 1e-14 is exact in practice: within a few ulps of tolerance 0.
+    tight = neural_curvature(model, x, alpha=0.3, tolerance=1e-14)
+    assert tight.tolerance == 1e-14 and tight.max_width <= 1e-14
+    assert_kappa_equal(tight.kappa, result.kappa, atol=1e-13)
+    # The default is TOLERANCE (0.01): its intervals are at most that wide and hold the value.
     default = neural_curvature(model, x, alpha=0.3)
-    assert default.tolerance == 1e-14 and default.max_width <= 1e-14
-    assert_kappa_equal(default.kappa, result.kappa, atol=1e-13)
+    assert default.tolerance == TOLERANCE == 1e-2 and default.max_width <= TOLERANCE
+    assert_contains(default.kappa_lo, default.kappa_hi, default.kappa, result.kappa, TOLERANCE,
+                    "default tolerance")
 
 
 def test_refine_solves_chosen_weights_exactly():

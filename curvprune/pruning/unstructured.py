@@ -338,7 +338,7 @@ def prune_model(
             ``allocation="wanda"`` the calibration is still needed, for Wanda's input norms,
             and is only used for them.
         tolerance: the curvature tolerance (see :func:`~curvprune.curvature.neural_curvature`;
-            default 1e-14; not with ``result``, which was scored already). The pruning is
+            default 0.01; not with ``result``, which was scored already). The pruning is
             **decision-exact** at any tolerance: the weights are scored with certified
             intervals, and those whose interval straddles the pruning boundary are solved
             exactly until none does, so the pruned set is exactly the one ``tolerance=0``
