@@ -523,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--amount is then the channel ratio of every group (--scope global "
                             "ranks all groups together)")
     prune.add_argument("--tolerance", type=_tolerance, default=None,
-                       help="width of the certified curvature intervals (default 0.01; 1e-14 is "
-                            "exact in practice, 0 exact); the pruned set is always the exact one: weights "
+                       help="width of the certified curvature intervals (default 0.01; 1e-14 "
+                            "is exact in practice, 0 exact); the pruned set is always the exact "
+                            "one: weights "
                             "(with --structured: channel edges) whose interval straddles the "
                             "threshold are solved exactly (report.json: refined_weights)")
     prune.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")

@@ -209,7 +209,8 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
     at a time).
 
     A pair one of whose sides is a single atom is solved in closed form, all such pairs at
-    once (:func:`_single_atom_problems`); the others by POT's network simplex, one by one
+    once (:func:`_single_atom_problems`), and so is a pair with a side of two atoms
+    (:func:`_two_atom_problems`, a sort); the others by POT's network simplex, one by one
     (:func:`~curvprune.transport.solver._solve_one`)."""
     device = src.device
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
@@ -221,12 +222,18 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
     f_pad = torch.zeros((pairs, dk), dtype=torch.float64, device=device)
     g_pad = torch.zeros((pairs, dm), dtype=torch.float64, device=device)
     slack = torch.zeros(pairs, dtype=torch.float64, device=device)
-    single = ((p_mass[rep_i] > 0).sum(1) == 1) | ((q_mass[rep_j] > 0).sum(1) == 1)
+    p_atoms, q_atoms = (p_mass[rep_i] > 0).sum(1), (q_mass[rep_j] > 0).sum(1)
+    single = (p_atoms == 1) | (q_atoms == 1)
     for part in _chunks(torch.nonzero(single).squeeze(1), block, dk + dm):
         x0[part], f_pad[part], g_pad[part] = _single_atom_problems(
             tables, k_tab[rep_i[part]], p_mass[rep_i[part]], m_tab[rep_j[part]],
             q_mass[rep_j[part]])
-    rest = torch.nonzero(~single).squeeze(1)
+    two = ~single & ((p_atoms == 2) | (q_atoms == 2))
+    for part in _chunks(torch.nonzero(two).squeeze(1), block, 8 * (dk + dm)):
+        x0[part], f_pad[part], g_pad[part], slack[part] = _two_atom_problems(
+            tables, k_tab[rep_i[part]], p_mass[rep_i[part]], m_tab[rep_j[part]],
+            q_mass[rep_j[part]])
+    rest = torch.nonzero(~single & ~two).squeeze(1)
     x0_np, f_np, g_np, slack_np = (t.cpu().numpy() for t in (x0, f_pad, g_pad, slack))
     for part in _chunks(rest, block, dk * dm):
         ri, rj = rep_i[part], rep_j[part]
@@ -276,6 +283,72 @@ def _single_atom_problems(tables: Distances, k_tab: torch.Tensor, p: torch.Tenso
     f = torch.where(p_atom[:, None] | ~p_on, zero, from_k)
     g = torch.where(p_atom[:, None] & q_on, to_m, zero)
     return x0, f, g
+
+
+def _two_atom_problems(tables: Distances, k_tab: torch.Tensor, p: torch.Tensor,
+                       m_tab: torch.Tensor, q: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``(X0, f, g, slack)`` of shared problems ``OT(p, q; C)`` with no single-atom side and
+    a side of exactly two atoms (measures support first: the atoms are slots 0 and 1), by a
+    sort instead of the simplex.
+
+    With ``p`` the two atoms :math:`k_1, k_2` (masses :math:`a_1, a_2`) and
+    :math:`q' = q\, \sum p / \sum q` (the solver's normalisation of the target masses), every
+    plan sends :math:`x_m \in [0, q'_m]` from :math:`k_1` and the rest from :math:`k_2`, with
+    :math:`\sum_m x_m = a_1`: its cost is :math:`\sum_m q'_m C(k_2, m) + \sum_m x_m \delta_m`,
+    :math:`\delta_m = C(k_1, m) - C(k_2, m)`, a fractional knapsack, minimised by filling
+    :math:`x` in increasing :math:`\delta` until :math:`a_1` is reached at some
+    :math:`m_s`. The potentials :math:`f_{k_1} = \delta_{m_s}`, :math:`f_{k_2} = 0`,
+    :math:`g_m = \min(C(k_1, m) - \delta_{m_s}, C(k_2, m))` are feasible, tight on every arc
+    the plan uses (:math:`\delta_m \le \delta_{m_s}` for the arcs from :math:`k_1`, :math:`\ge`
+    for those from :math:`k_2`), so optimal, of value :math:`X_0`. With ``q`` the two atoms the
+    roles swap (``g`` on the atoms, the sources filled in increasing
+    :math:`C(k, m_1) - C(k, m_2)`). ``X0`` is the plan's cost, summed arc by arc (no
+    cancellation); ``slack`` is the potentials' measured feasibility residual (rounding only),
+    which the lower bound pays as it does for the simplex's potentials."""
+    p_on, q_on = p > 0, q > 0
+    p_two = p_on.sum(1) == 2
+    scale = p.sum(1, keepdim=True) / q.sum(1, keepdim=True)
+    # Per problem: the two-atom side (masses w, costs c1/c2 from its atoms to the other side)
+    # and the other side (masses r, normalised as the solver does: q scaled to sum(p)).
+    c_p = tables.d_km[k_tab[:, :2].clamp(min=0)[:, :, None], m_tab.clamp(min=0)[:, None, :]]
+    c_q = tables.d_km[k_tab.clamp(min=0)[:, None, :], m_tab[:, :2].clamp(min=0)[:, :, None]]
+    pick = p_two[:, None, None]
+    width = max(p.shape[1], q.shape[1])
+    c_p = torch.nn.functional.pad(c_p, (0, width - c_p.shape[2]))
+    c_q = torch.nn.functional.pad(c_q, (0, width - c_q.shape[2]))
+    c = torch.where(pick, c_p, c_q)  # [B, 2, width]
+    w = torch.where(p_two[:, None], p[:, :2], (q * scale)[:, :2])
+    r_p = torch.nn.functional.pad(q * scale, (0, width - q.shape[1]))
+    r_q = torch.nn.functional.pad(p, (0, width - p.shape[1]))
+    r = torch.where(p_two[:, None], r_p, r_q)
+    on = r > 0
+    # Padding slots read node 0, whose distance may be +inf: zeroed (inf * 0 would be NaN).
+    c1, c2 = torch.where(on, c[:, 0], 0.0), torch.where(on, c[:, 1], 0.0)
+    delta = c1 - c2
+    order = torch.argsort(torch.where(on, delta, math.inf), dim=1, stable=True)
+    r_s, c1_s, c2_s, d_s = (t.gather(1, order) for t in (r, c1, c2, delta))
+    before = _prefix(r_s)[:, :-1]  # mass of the earlier slots
+    last = on.sum(1, keepdim=True) - 1
+    split = torch.minimum((_prefix(r_s)[:, 1:] < w[:, :1]).sum(1, keepdim=True), last)
+    slot = torch.arange(width, device=p.device)[None, :]
+    from_1 = torch.where(slot < split, r_s,
+                         torch.where(slot == split, (w[:, :1] - before).clamp(min=0.0), 0.0))
+    from_1 = torch.minimum(from_1, r_s)
+    x0 = (from_1 * c1_s).sum(1) + ((r_s - from_1) * c2_s).sum(1)
+    level = d_s.gather(1, split).squeeze(1)
+    u = torch.stack([level, torch.zeros_like(level)], 1)  # the two atoms' potentials
+    v = torch.where(on, torch.minimum(c1 - level[:, None], c2), 0.0)
+    excess = torch.where(on, torch.maximum(level[:, None] + v - c1, v - c2), -math.inf)
+    slack = excess.amax(1).clamp(min=0.0)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    dk, dm = p.shape[1], q.shape[1]
+    f = torch.where(p_two[:, None], torch.nn.functional.pad(u, (0, dk - 2)) if dk >= 2
+                    else u[:, :dk], v[:, :dk])
+    g = torch.where(p_two[:, None], v[:, :dm],
+                    torch.nn.functional.pad(u, (0, dm - 2)) if dm >= 2 else u[:, :dm])
+    f, g = torch.where(p_on, f, zero), torch.where(q_on, g, zero)
+    return x0, f, g, slack
 
 
 def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
