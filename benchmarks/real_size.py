@@ -96,6 +96,8 @@ def run_one(args) -> None:
     import torch
     import torch_pruning as tp
 
+    from curvprune.pruning.structured import attention_heads, refresh_after_pruning
+
     torch.set_num_threads(args.threads)
     record: dict = {"criterion": args.criterion, "phases": []}
     out = Path(args.out)
@@ -167,10 +169,14 @@ def run_one(args) -> None:
         model.zero_grad()
         for chunk in x.split(16):
             model(chunk).logsumexp(1).mean().backward()
+    # Attention: q/k/v pruned head-consistently, head sizes refreshed after (as prune_channels
+    # does, and Torch-Pruning's ViT example); a no-op for models without attention.
     pruner = tp.pruner.MetaPruner(model, x[:1], importance=imp, pruning_ratio=0.3,
-                                  ignored_layers=[classifier])
+                                  ignored_layers=[classifier],
+                                  num_heads=attention_heads(model))
     before = sum(p.numel() for p in model.parameters())
     pruner.step()
+    refresh_after_pruning(model, pruner)
     record["prune_s"] = time.perf_counter() - t0
     record["params_before"] = before
     record["params_after"] = sum(p.numel() for p in model.parameters())
