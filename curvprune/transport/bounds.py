@@ -307,48 +307,48 @@ def _two_atom_problems(tables: Distances, k_tab: torch.Tensor, p: torch.Tensor,
     cancellation); ``slack`` is the potentials' measured feasibility residual (rounding only),
     which the lower bound pays as it does for the simplex's potentials."""
     p_on, q_on = p > 0, q > 0
-    p_two = p_on.sum(1) == 2
-    scale = p.sum(1, keepdim=True) / q.sum(1, keepdim=True)
-    # Per problem: the two-atom side (masses w, costs c1/c2 from its atoms to the other side)
-    # and the other side (masses r, normalised as the solver does: q scaled to sum(p)).
-    c_p = tables.d_km[k_tab[:, :2].clamp(min=0)[:, :, None], m_tab.clamp(min=0)[:, None, :]]
-    c_q = tables.d_km[k_tab.clamp(min=0)[:, None, :], m_tab[:, :2].clamp(min=0)[:, :, None]]
-    pick = p_two[:, None, None]
-    width = max(p.shape[1], q.shape[1])
-    c_p = torch.nn.functional.pad(c_p, (0, width - c_p.shape[2]))
-    c_q = torch.nn.functional.pad(c_q, (0, width - c_q.shape[2]))
-    c = torch.where(pick, c_p, c_q)  # [B, 2, width]
-    w = torch.where(p_two[:, None], p[:, :2], (q * scale)[:, :2])
-    r_p = torch.nn.functional.pad(q * scale, (0, width - q.shape[1]))
-    r_q = torch.nn.functional.pad(p, (0, width - p.shape[1]))
-    r = torch.where(p_two[:, None], r_p, r_q)
+    q = q * (p.sum(1, keepdim=True) / q.sum(1, keepdim=True))  # the solver's normalisation
+    k_tab, m_tab = k_tab.clamp(min=0), m_tab.clamp(min=0)
+    x0, slack = torch.empty_like(p[:, 0]), torch.empty_like(p[:, 0])
+    f, g = torch.zeros_like(p), torch.zeros_like(q)
+    on_p = torch.nonzero(p_on.sum(1) == 2).squeeze(1)  # p is the two atoms
+    if on_p.numel():
+        cost = tables.d_km[k_tab[on_p, :2, None], m_tab[on_p, None, :]]  # [B, 2, dm]
+        x0[on_p], f[on_p, :2], g[on_p], slack[on_p] = _knapsack(p[on_p, :2], q[on_p], cost)
+    on_q = torch.nonzero(p_on.sum(1) != 2).squeeze(1)  # q is
+    if on_q.numel():
+        cost = tables.d_km[k_tab[on_q, None, :], m_tab[on_q, :2, None]]  # [B, 2, dk]
+        x0[on_q], g[on_q, :2], f[on_q], slack[on_q] = _knapsack(q[on_q, :2], p[on_q], cost)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    return x0, torch.where(p_on, f, zero), torch.where(q_on, g, zero), slack
+
+
+def _knapsack(w: torch.Tensor, r: torch.Tensor, cost: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(X0, u, v, slack)`` of transport problems from two atoms (masses ``w`` ``[B, 2]``) to
+    the masses ``r`` ``[B, n]`` (0: padding) at costs ``cost`` ``[B, 2, n]``: the fractional
+    knapsack of :func:`_two_atom_problems`, with the atoms' potentials ``u`` and the other
+    side's ``v``."""
     on = r > 0
     # Padding slots read node 0, whose distance may be +inf: zeroed (inf * 0 would be NaN).
-    c1, c2 = torch.where(on, c[:, 0], 0.0), torch.where(on, c[:, 1], 0.0)
+    c1, c2 = torch.where(on, cost[:, 0], 0.0), torch.where(on, cost[:, 1], 0.0)
     delta = c1 - c2
     order = torch.argsort(torch.where(on, delta, math.inf), dim=1, stable=True)
     r_s, c1_s, c2_s, d_s = (t.gather(1, order) for t in (r, c1, c2, delta))
-    before = _prefix(r_s)[:, :-1]  # mass of the earlier slots
+    cumulative = _prefix(r_s)  # [B, n + 1]: mass of the slots before each
     last = on.sum(1, keepdim=True) - 1
-    split = torch.minimum((_prefix(r_s)[:, 1:] < w[:, :1]).sum(1, keepdim=True), last)
-    slot = torch.arange(width, device=p.device)[None, :]
+    split = torch.minimum((cumulative[:, 1:] < w[:, :1]).sum(1, keepdim=True), last)
+    slot = torch.arange(r.shape[1], device=r.device)[None, :]
     from_1 = torch.where(slot < split, r_s,
-                         torch.where(slot == split, (w[:, :1] - before).clamp(min=0.0), 0.0))
+                         torch.where(slot == split,
+                                     (w[:, :1] - cumulative[:, :-1]).clamp(min=0.0), 0.0))
     from_1 = torch.minimum(from_1, r_s)
     x0 = (from_1 * c1_s).sum(1) + ((r_s - from_1) * c2_s).sum(1)
     level = d_s.gather(1, split).squeeze(1)
-    u = torch.stack([level, torch.zeros_like(level)], 1)  # the two atoms' potentials
+    u = torch.stack([level, torch.zeros_like(level)], 1)
     v = torch.where(on, torch.minimum(c1 - level[:, None], c2), 0.0)
     excess = torch.where(on, torch.maximum(level[:, None] + v - c1, v - c2), -math.inf)
-    slack = excess.amax(1).clamp(min=0.0)
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    dk, dm = p.shape[1], q.shape[1]
-    f = torch.where(p_two[:, None], torch.nn.functional.pad(u, (0, dk - 2)) if dk >= 2
-                    else u[:, :dk], v[:, :dk])
-    g = torch.where(p_two[:, None], v[:, :dm],
-                    torch.nn.functional.pad(u, (0, dm - 2)) if dm >= 2 else u[:, :dm])
-    f, g = torch.where(p_on, f, zero), torch.where(q_on, g, zero)
-    return x0, f, g, slack
+    return x0, u, v, excess.amax(1).clamp(min=0.0)
 
 
 def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
