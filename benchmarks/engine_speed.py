@@ -26,7 +26,8 @@ engine's counts under the vgg9 row's ``engine_runs``; ``--render-only`` rewrites
 JSON. ``benchmarks/vgg_tables.py`` times the hop tables one by one.
 
 Curvature intervals (``--tolerance-study 1e-6 1e-3 1e-2``, engine only): LeNet-5 is scored at
-the default tolerance (1e-14), at ``tolerance=0`` (the exact baseline) and at each tolerance;
+the default tolerance (``curvprune.curvature.TOLERANCE``, recorded; 1e-14 in runs stored
+before it became 0.01), at ``tolerance=0`` (the exact baseline) and at each tolerance;
 each row has the scoring time, the largest interval width, whether the midpoints prune the same
 set as exact curvature at ``--amounts`` (global, order "positive_first"; else the fraction of
 the exact pruned set shared), and the decision-exact refinement
@@ -143,7 +144,8 @@ def tolerance_study(args, stored: dict | None) -> dict:
     print(f"default {default_s:.1f} s, exact {exact_s:.1f} s")
     study = {
         "model": "lenet5", "examples": len(calib), "alpha": args.alpha,
-        "test_accuracy": accuracy, "default_s": default_s, "default_stats": default.engine,
+        "test_accuracy": accuracy, "default_tolerance": default.tolerance,
+        "default_s": default_s, "default_stats": default.engine,
         "default_max_width": default.max_width, "exact_s": exact_s,
         "exact_stats": exact.engine, "amounts": args.amounts,
         "rows": tolerance_rows(model, calib, args, exact),
@@ -312,7 +314,7 @@ def vgg_engine_run(args) -> dict:
                               memory_budget=16 << 30, progress=True, **kwargs)
     total = time.perf_counter() - start
     run = {"init": f"random (torch.manual_seed({args.vgg_seed}))", "examples": len(calib),
-           "tolerance": args.vgg_tolerance, "engine_s": total, **phases,
+           "tolerance": result.tolerance, "engine_s": total, **phases,
            "other_s": total - sum(phases.values()),
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
            "hop_table_bytes": tables["windowed_hop_table_bytes"],
@@ -364,6 +366,7 @@ def vgg_runs_table(row: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         counts = ", ".join(f"{k} {v:,}" for k, v in r["engine_stats"].items() if v)
+        # Runs stored before the tolerance was recorded ran at the then default, 1e-14.
         tol = "default (1e-14)" if r["tolerance"] is None else f"{r['tolerance']:g}"
         lines.append(
             f"| {r['examples']} | {tol} | {r['engine_s']:.0f} | {r['graph_build_s']:.0f} | "
@@ -382,7 +385,8 @@ def tolerance_table(study: dict) -> list[str]:
     reference = study.get("reference_s_stored")
     lines = [f"Curvature intervals: `{study['command'].strip()}`. LeNet-5 (test accuracy "
              f"{study['test_accuracy']:.4f}), {study['examples']} examples, in one run: "
-             f"default tolerance (1e-14) {study['default_s']:.1f} s, tolerance 0 (exact) "
+             f"default tolerance ({study.get('default_tolerance', 1e-14):g}) "
+             f"{study['default_s']:.1f} s, tolerance 0 (exact) "
              f"{study['exact_s']:.1f} s; load average {load} (before/after) on "
              f"{os.cpu_count()} cores"
              + (f"; the reference is not rerun (stored: {reference:.0f} s, another run)"
