@@ -28,7 +28,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ._checks import GRANULARITIES, check_choice, check_module, check_threads
+from ._checks import GRANULARITIES, REDUCTIONS, check_choice, check_module, check_threads
 from ._checks import check_alpha as _check_alpha
 from ._checks import model_device as _model_device
 from .calibration import (
@@ -44,7 +44,7 @@ from .graphs.base import EdgeGraph, EdgeProblem
 from .graphs.channel import ChannelDistances, ChannelGraph, ChannelProblems
 from .graphs.neuron import NeuronGraph, chain_structure, hop_table_bytes, layer_edges, trace_chain
 from .result import CurvatureResult
-from .transport import CERTIFY_TOL, EngineOptions, EngineStats, MinimumSearch
+from .transport import CERTIFY_TOL, EngineOptions, EngineStats, MinimumSearch, NodeMeans
 from .transport.solver import _pool
 
 __all__ = ["neural_curvature", "EngineOptions", "channel_edge_bounds"]
@@ -139,6 +139,7 @@ def neural_curvature(
     memory_budget: int | None = None,
     certify_tol: float | None = None,
     options: EngineOptions | None = None,
+    node_reduction: str | None = None,
 ) -> CurvatureResult:
     r"""Neural Ollivier-Ricci curvature of every Linear/Conv2d weight of ``model``.
 
@@ -198,6 +199,17 @@ def neural_curvature(
             structure is traced (on two examples) and before any distance is computed.
         options: the engine's tuning knobs (chunk sizes, hop-table windows, the edge-problem
             cache; :class:`~curvprune.transport.EngineOptions`); none changes a score.
+        node_reduction: at channel granularity, spend the tolerance on each channel's
+            curvature :meth:`result.node_kappa(node_reduction)
+            <curvprune.result.CurvatureResult.node_kappa>` instead of on each weight:
+            with ``"mean"`` or ``"weighted"`` the search stops solving a channel's edges once
+            the interval of that mean (the same mean of its edges' bounds) is at most
+            ``tolerance`` wide, so a single edge's interval, and ``result.max_width``, may be
+            wider (``docs/method.md``, "A tolerance on channels"); with ``"min"`` every edge is
+            certified within ``tolerance``, which already certifies the channel's minimum.
+            :class:`~curvprune.CurvatureImportance` passes its ``reduction``. ``None``
+            (default): every weight within ``tolerance``. Not allowed with
+            ``granularity="neuron"``.
 
     Both granularities run one loop: build the graph once (the neuron graph and its hop
     tables, or the traced channel graph and its needed distances), capture every example's
@@ -231,6 +243,11 @@ def neural_curvature(
     tolerance = _resolve_tolerance(tolerance, certify_tol)
     calibration = prepare_calibration(model, calibration)
     check_choice(granularity, "granularity", GRANULARITIES)
+    if node_reduction is not None:
+        check_choice(node_reduction, "node_reduction", REDUCTIONS)
+        if granularity == "neuron":
+            raise ValueError("node_reduction applies to channel curvature: pass "
+                             "granularity='channel' (or 'auto'), or drop node_reduction.")
     threads = check_threads(threads) or max(1, torch.get_num_threads())
     if memory_budget is None:
         memory_budget = MEMORY_BUDGET
@@ -247,7 +264,8 @@ def neural_curvature(
         return _channel_curvature(model, calibration, alpha=alpha, model_device=model_device,
                                   engine_device=engine_device, progress=progress,
                                   tolerance=tolerance, threads=threads,
-                                  memory_budget=memory_budget, start=start, options=options)
+                                  memory_budget=memory_budget, start=start, options=options,
+                                  node_reduction=node_reduction)
     layers = trace_chain(model)
     modules = [layer.module for layer in layers]
     names = [layer.name for layer in layers]
@@ -329,7 +347,7 @@ def neural_curvature(
 
 def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, *,
             stats: EngineStats, options: EngineOptions, threads: int,
-            subsets: list[torch.Tensor] | None = None, bar=None
+            subsets: list[torch.Tensor] | None = None, bar=None, nodes: NodeMeans | None = None
             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """The one scoring loop, for either graph: per group of ``graph``, ``(upper, lower,
     live)`` over its search slots: certified bounds on each slot's minimum curvature over the
@@ -341,14 +359,15 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     the edges that can still move a slot's interval (:meth:`EdgeProblem.solve`). Each problem
     is built once per (group, example) and kept for the solve rounds while the problems kept
     fit ``options.problem_cache_bytes``. ``subsets``: per group, the edges to score (the
-    others' slots stay ``+inf``)."""
+    others' slots stay ``+inf``). ``nodes``: spend the tolerance on these nodes' means
+    instead of on each slot (:class:`~curvprune.transport.NodeMeans`)."""
     groups = range(graph.num_groups)
     slots, sizes = [], []
     for g in groups:
         slot, size = graph.slots(g)
         slots.append(slot if subsets is None else slot[subsets[g]])
         sizes.append(size)
-    search = MinimumSearch(slots, sizes, tolerance=tolerance)
+    search = MinimumSearch(slots, sizes, tolerance=tolerance, nodes=nodes)
     live = [torch.zeros(n, dtype=torch.bool, device=s.device) for s, n in zip(slots, sizes)]
     cut_tol = tolerance / 2  # each edge within tolerance / 4 (transport.cut_measures)
     cache = _ProblemCache(options.problem_cache_bytes)
@@ -639,7 +658,8 @@ def _choose_granularity(model: nn.Module, calibration, model_device: torch.devic
 
 
 def _channel_curvature(model, calibration, *, alpha, model_device, engine_device, progress,
-                       tolerance, threads, memory_budget, start, options) -> CurvatureResult:
+                       tolerance, threads, memory_budget, start, options,
+                       node_reduction=None) -> CurvatureResult:
     """``neural_curvature`` at channel granularity (see :mod:`curvprune.graphs.channel`).
 
     The structure is traced on the first two examples only (:data:`TRACE_EXAMPLES`), so the
@@ -672,8 +692,11 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
                 problems = ChannelProblems(first, distances, sets=sets)
                 del distances
             activities.extend(channel_activity(model, inputs, first, engine_device))
+        nodes = None
+        if node_reduction in ("mean", "weighted") and tolerance > 0:
+            nodes = problems.node_means(weighted=node_reduction == "weighted")
         upper, lower, live = _search(problems, activities, alpha, tolerance, stats=stats,
-                                     options=options, threads=threads, bar=bar)
+                                     options=options, threads=threads, bar=bar, nodes=nodes)
     # The result keeps the structure and every example's activities (no replay record).
     first = dataclasses.replace(first, replay=None, activity=torch.stack(activities))
     problems.graph = first
@@ -732,5 +755,5 @@ def _channel_curvature(model, calibration, *, alpha, model_device, engine_device
         seconds=time.perf_counter() - start, engine=stats.as_dict(), magnitude=magnitude,
         channel_graph=first, edge_kappa=0.5 * (edge_lo + edge_hi), input_shape=input_shape,
         kappa_lo=kappa_lo, kappa_hi=kappa_hi, tolerance=tolerance, refiner=refine,
-        edge_kappa_lo=edge_lo, edge_kappa_hi=edge_hi,
+        edge_kappa_lo=edge_lo, edge_kappa_hi=edge_hi, node_reduction=node_reduction,
     )

@@ -86,8 +86,13 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             (``"mean"``, ``"sum"``, ``"max"``, ``"prod"``, ``"first"``...).
         normalizer: Torch-Pruning's normaliser of a group's scores (``"mean"``, ``"max"``,
             ``"sum"``, ``"standarization"``, ``None``...).
-        device, progress, threads, memory_budget, tolerance: passed unchanged to
+        device, progress, threads, memory_budget: passed unchanged to
             :func:`~curvprune.neural_curvature`.
+        tolerance: the largest width of each channel's curvature interval :math:`\kappa(v)`
+            (default 0.01): passed to :func:`~curvprune.neural_curvature` with
+            ``node_reduction=reduction``, so the engine stops solving a channel's edges once
+            the mean (or weighted mean) of their intervals is that narrow; single edges may be
+            wider. ``0`` is exact.
         fallback: ``"magnitude"`` (default): a model the channel tracer cannot follow is scored
             by the group L2 magnitude (Torch-Pruning's ``GroupMagnitudeImportance(p=2)``) and a
             warning names it and the functions that stopped the tracer; ``"error"`` raises
@@ -173,7 +178,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             result = neural_curvature(model, self.calibration, alpha=self.alpha,
                                       granularity="channel", device=self.device,
                                       progress=self.progress, tolerance=self.tolerance,
-                                      threads=self.threads, memory_budget=self.memory_budget)
+                                      threads=self.threads, memory_budget=self.memory_budget,
+                                      node_reduction=self.reduction)
         except UntraceableModel as exc:
             if self.fallback == "error":
                 raise

@@ -18,6 +18,7 @@ flattened index), so the ranking is a total order that does not depend on the de
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -94,6 +95,11 @@ class CurvatureResult:
         tolerance: the ``tolerance`` the scores were computed with.
         edge_kappa_lo, edge_kappa_hi: at channel granularity, the same bounds per channel edge
             (``edge_kappa`` is their midpoint).
+        node_reduction: ``"mean"`` or ``"weighted"`` when the tolerance was spent on each
+            channel's :meth:`node_kappa` with that reduction instead of on each weight
+            (``neural_curvature(node_reduction=...)``): then the channels' intervals
+            (:meth:`node_kappa_bounds`) are at most ``tolerance`` wide, and single weights may
+            be wider; ``None`` otherwise.
         refined: weights solved exactly by :meth:`refine` since scoring.
         refiner: the engine's hook behind :meth:`refine` (``None``: cannot refine).
 
@@ -119,6 +125,7 @@ class CurvatureResult:
     tolerance: float = 0.0
     edge_kappa_lo: torch.Tensor | None = None
     edge_kappa_hi: torch.Tensor | None = None
+    node_reduction: str | None = None
     refined: int = 0
     refiner: Any = field(default=None, repr=False, compare=False)
 
@@ -240,6 +247,18 @@ class CurvatureResult:
         out = torch.full((n,), math.inf, dtype=torch.float64, device=values.device)
         out.scatter_reduce_(0, ends, values, reduce="amin")
         return torch.where(torch.isinf(out), math.nan, out)
+
+    def node_kappa_bounds(self, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """Certified bounds ``(lo, hi)`` on :meth:`node_kappa` (the same reduction of the
+        edges' lower and upper bounds: each reduction is nondecreasing in every edge's value).
+        Channel granularity only."""
+        if self.edge_kappa_lo is None or self.edge_kappa_hi is None:
+            raise ValueError("node_kappa_bounds needs a result of granularity='channel'.")
+        shadow = copy.copy(self)
+        shadow.edge_kappa = self.edge_kappa_lo
+        lo = shadow.node_kappa(reduction)
+        shadow.edge_kappa = self.edge_kappa_hi
+        return lo, shadow.node_kappa(reduction)
 
     def rank_values(self) -> dict[str, torch.Tensor]:
         """The ranking value of each weight: ``+inf`` (no edge), ``2`` (dead) or kappa."""
@@ -374,13 +393,21 @@ class CurvatureResult:
             ))
         return rows
 
+    def _tolerance_scope(self) -> str:
+        if self.node_reduction in ("mean", "weighted") and self.tolerance > 0:
+            lo, hi = self.node_kappa_bounds(self.node_reduction)
+            width = float((hi - lo).nan_to_num(nan=0.0).max()) if lo.numel() else 0.0
+            return (f" on each channel's {self.node_reduction} curvature: largest channel "
+                    f"width {width:.2g}")
+        return ""
+
     def summary(self) -> str:
         """A plain-text table of :meth:`layer_summaries` with the totals."""
         lines = [
             f"neural curvature ({self.granularity}, alpha={self.alpha}) on {self.num_examples} "
             f"examples, {sum(self.edges_per_example.values())} edges per example, "
             f"{self.seconds:.2f} s, largest interval width {self.max_width:.2g} "
-            f"(tolerance {self.tolerance:g})",
+            f"(tolerance {self.tolerance:g}{self._tolerance_scope()})",
             f"{'weight':<28}{'weights':>9}{'zero':>8}{'dead':>8}{'live':>8}"
             f"{'k min':>9}{'k med':>9}{'k max':>9}{'neg %':>7}",
         ]

@@ -124,6 +124,44 @@ def test_channel_intervals_contain_the_exact_result(spec, alpha, tolerance):
     assert (exact.edge_kappa[layer] <= hi[layer] + _slack(exact.edge_kappa[layer])).all()
 
 
+@settings(max_examples=40, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=4, min_layers=3, max_examples=2,
+                      shifts=(0.0, 0.0, -0.3), activations=("relu", "tanh", "leaky_relu")),
+       alpha=alphas, tolerance=st.sampled_from([1e-3, 1e-2, 0.1, 0.5]),
+       reduction=st.sampled_from(["mean", "weighted", "min"]))
+def test_channel_node_intervals_contain_the_exact_result(spec, alpha, tolerance, reduction):
+    """``node_reduction``: the tolerance bounds each channel's curvature interval (the same
+    reduction of its edges' bounds), which contains the exact channel curvature; every edge's
+    interval still contains its exact value."""
+    model, x = build(spec)
+    exact = neural_curvature(model, x, alpha=alpha, granularity="channel", tolerance=0.0)
+    result = neural_curvature(model, x, alpha=alpha, granularity="channel", tolerance=tolerance,
+                              node_reduction=reduction)
+    assert result.node_reduction == reduction
+    layer = result.channel_graph.module >= 0
+    want = exact.edge_kappa[layer]
+    assert (result.edge_kappa_lo[layer] <= want + _slack(want)).all()
+    assert (want <= result.edge_kappa_hi[layer] + _slack(want)).all()
+    lo, hi = result.node_kappa_bounds(reduction)
+    node = exact.node_kappa(reduction)
+    has = ~torch.isnan(node)
+    assert torch.equal(has, ~torch.isnan(lo)) and torch.equal(has, ~torch.isnan(hi))
+    node, lo, hi = node[has], lo[has], hi[has]
+    assert (lo <= node + _slack(node)).all() and (node <= hi + _slack(node)).all()
+    assert (hi - lo <= tolerance * (1 + 1e-12) + 1e-15).all(), (hi - lo).max()
+    mid = result.node_kappa(reduction)[has]
+    assert ((lo <= mid) & (mid <= hi)).all()
+
+
+def test_node_reduction_is_checked():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="node_reduction must be one of"):
+        neural_curvature(model, x, granularity="channel", node_reduction="median")
+    with pytest.raises(ValueError, match="granularity='channel'"):
+        neural_curvature(model, x, granularity="neuron", node_reduction="mean")
+
+
 @settings(max_examples=30, **_SETTINGS)
 @given(tolerance=tolerances, data=st.data())
 def test_channel_edge_intervals_contain_the_reference(tolerance, data):

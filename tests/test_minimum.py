@@ -25,7 +25,14 @@ from curvprune.graphs.neuron import (
     trace_chain,
 )
 from curvprune.reference import reference_curvature
-from curvprune.transport import EngineStats, MinimumSearch, cut_measures, node_measures, score_edges
+from curvprune.transport import (
+    EngineStats,
+    MinimumSearch,
+    NodeMeans,
+    cut_measures,
+    node_measures,
+    score_edges,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
@@ -108,6 +115,101 @@ def test_initial_upper_bounds_rule_out_edges():
         (e.numel(),), 2.0, dtype=torch.float64))
     assert asked == [1]
     assert minima[0].tolist() == [0.0, 2.0]
+
+
+@st.composite
+def node_searches(draw):
+    """Groups of edges (one slot each) between random nodes, with weights, exact values on a
+    few examples and bounds around them (some wide), and a tolerance."""
+    num_nodes = draw(st.integers(2, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for _ in range(draw(st.integers(1, 3))):
+        num_edges = draw(st.integers(1, 12))
+        examples = draw(st.integers(1, 4))
+        ends = torch.randint(0, num_nodes, (2, num_edges), generator=gen)
+        weight = torch.randint(1, 4, (num_edges,), generator=gen).double()
+        value = torch.randint(-3, 4, (examples, num_edges), generator=gen).double() / 2
+        below = torch.randint(0, 4, (examples, num_edges), generator=gen).double() / 2
+        above = torch.randint(0, 4, (examples, num_edges), generator=gen).double() / 2
+        groups.append((ends, weight, value, value - below, value + above))
+    total = torch.zeros(num_nodes, dtype=torch.float64)
+    for ends, weight, *_ in groups:
+        total.index_add_(0, ends[0], weight).index_add_(0, ends[1], weight)
+    tolerance = draw(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0]))
+    return groups, NodeMeans([g[0] for g in groups], [g[1] for g in groups], total), tolerance
+
+
+@settings(max_examples=profile_examples(300), **_SETTINGS)
+@given(case=node_searches())
+def test_node_tolerance_bounds_every_node_mean(case):
+    """With a tolerance on node means, every slot's interval still contains its exact minimum
+    and every node's mean interval is at most the tolerance wide (single slots may be wider);
+    an edge-example is solved at most once; with tolerance 0 the minima are exact."""
+    groups, nodes, tolerance = case
+    widx = [torch.arange(g[0].shape[1]) for g in groups]
+    search = MinimumSearch(widx, [w.numel() for w in widx], tolerance=tolerance, nodes=nodes)
+    plain = MinimumSearch(widx, [w.numel() for w in widx], tolerance=tolerance)
+    for k, (_, _, value, lo, hi) in enumerate(groups):
+        for x in range(value.shape[0]):
+            search.add(k, x, lo[x], hi[x])
+            plain.add(k, x, lo[x], hi[x])
+    calls = []
+
+    def solve(group, example, edges):
+        calls.extend((group, example, e) for e in edges.tolist())
+        return groups[group][2][example, edges]
+
+    upper = search.resolve(solve)
+    lower = search.lower()
+    assert len(calls) == len(set(calls))
+    spread = torch.zeros_like(nodes.total)
+    for k, (ends, weight, value, _, _) in enumerate(groups):
+        exact = value.min(0).values
+        assert (lower[k] <= exact).all() and (exact <= upper[k]).all()
+        if tolerance == 0:
+            assert torch.equal(lower[k], exact) and torch.equal(upper[k], exact)
+        width = weight * (upper[k] - lower[k])
+        spread.index_add_(0, ends[0], width).index_add_(0, ends[1], width)
+    has = nodes.total > 0
+    mean = spread[has] / nodes.total[has]
+    assert (mean <= tolerance * (1 + 1e-12) + 1e-15).all(), (mean.max(), tolerance)
+    # Never more solves than certifying every slot on its own.
+    plain.resolve(lambda g, x, e: groups[g][2][x, e])
+    assert search.solved <= plain.solved
+
+
+def test_node_tolerance_solves_only_the_wide_node():
+    """Two nodes joined to a hub: node 1 is wide and needs only its widest edge solved; node 2
+    is narrow although its edge 2 alone is wider than the tolerance, so edge 2 is left."""
+    ends = torch.tensor([[0, 0, 0, 0], [1, 1, 2, 2]])
+    weight = torch.ones(4, dtype=torch.float64)
+    total = torch.tensor([4.0, 2.0, 2.0], dtype=torch.float64)
+    nodes = NodeMeans([ends], [weight], total)
+    search = MinimumSearch([torch.arange(4)], [4], tolerance=0.5, nodes=nodes)
+    lo = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    hi = torch.tensor([2.0, 0.9, 0.8, 1.0], dtype=torch.float64)
+    search.add(0, 0, lo, hi)
+    asked = []
+
+    def solve(group, example, edges):
+        asked.extend(edges.tolist())
+        return hi[edges]
+
+    upper = search.resolve(solve)
+    # Node 1 has width (2 + 0.9) / 2 = 1.45: its widest edge (0) alone brings it to 0.45;
+    # node 2 has (0.8 + 0) / 2 = 0.4, and node 0 (2 + 0.9 + 0.8) / 4 = 0.925 -> 0.425.
+    assert asked == [0]
+    assert upper[0].tolist() == hi.tolist()
+    assert search.lower()[0].tolist() == [2.0, 0.0, 0.0, 1.0]
+    assert search.solved == 1 and search.opened == 3
+
+
+def test_node_means_must_cover_every_slot():
+    nodes = NodeMeans([torch.zeros(2, 3, dtype=torch.long)], [torch.ones(3)], torch.ones(1))
+    with pytest.raises(ValueError, match="two ends of every slot"):
+        MinimumSearch([torch.arange(4)], [4], nodes=nodes)
 
 
 def _graph_and_acts(model, x):

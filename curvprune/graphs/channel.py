@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UntraceableModel
-from ..transport import Distances, node_measures
+from ..transport import Distances, NodeMeans, node_measures
 from .base import EdgeProblem
 
 __all__ = ["ChannelDistances", "ChannelGraph", "ChannelProblems", "NodeSet", "UntraceableModel",
@@ -587,6 +587,24 @@ class ChannelProblems:
         holds: the ``subsets`` of the scoring loop."""
         return [torch.nonzero(mask[a:b]).squeeze(1)
                 for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def node_means(self, weighted: bool = False) -> NodeMeans:
+        """Each channel's curvature as a mean over its layer edges (the search slots), for a
+        tolerance on channels (:class:`~curvprune.transport.NodeMeans`): every edge counts
+        once (``reduction="mean"`` of :meth:`CurvatureResult.node_kappa
+        <curvprune.result.CurvatureResult.node_kappa>`) or by its weight norm ``1 / d(e)``
+        (``weighted``)."""
+        graph = self.graph
+        layer = graph.module >= 0
+        coeff = torch.ones(graph.src.numel(), dtype=torch.float64, device=graph.src.device)
+        if weighted:
+            coeff = 1.0 / graph.length.to(torch.float64)
+        total = torch.zeros(graph.num_nodes, dtype=torch.float64, device=graph.src.device)
+        total.index_add_(0, graph.src[layer], coeff[layer])
+        total.index_add_(0, graph.dst[layer], coeff[layer])
+        parts = [self.scored[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        return NodeMeans(ends=[torch.stack([graph.src[e], graph.dst[e]]) for e in parts],
+                         weight=[coeff[e] for e in parts], total=total)
 
     def on_edges(self, values: list[torch.Tensor]) -> torch.Tensor:
         """Per-group, per-slot ``values`` laid out over all edges of the graph (``+inf`` on the

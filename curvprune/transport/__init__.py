@@ -55,8 +55,8 @@ from .base import CERTIFY_TOL, Distances, EngineOptions, EngineStats
 from .bounds import bound_edges
 from .exact import score_edges, solve_edges
 from .measures import cut_error, cut_measures, neighbour_measures, node_measures, padded_neighbours
-from .minimum import MinimumSearch
+from .minimum import MinimumSearch, NodeMeans
 
 __all__ = ["CERTIFY_TOL", "Distances", "EngineOptions", "EngineStats", "MinimumSearch",
-           "bound_edges", "cut_error", "cut_measures", "neighbour_measures", "node_measures",
-           "padded_neighbours", "score_edges", "solve_edges"]
+           "NodeMeans", "bound_edges", "cut_error", "cut_measures", "neighbour_measures",
+           "node_measures", "padded_neighbours", "score_edges", "solve_edges"]

@@ -24,15 +24,55 @@ one of its terms). With a ``tolerance`` :math:`\tau`, an edge is only kept for s
 :math:`lo_e \ge U_w - \tau`; when nothing is left to solve every edge has
 :math:`lo_e \ge U_w - \tau`, hence :math:`U_w - L_w \le \tau`. With :math:`\tau = 0` this
 is the exact search above.
+
+**A tolerance on node means.** A channel's curvature is a mean of its edges' minima,
+:math:`\kappa(v) = \sum_{e \ni v} c_e m_e / C_v` with :math:`C_v = \sum_{e \ni v} c_e`
+(:meth:`CurvatureResult.node_kappa <curvprune.result.CurvatureResult.node_kappa>`: ``c_e = 1``
+for ``"mean"``, the weight norm for ``"weighted"``), so
+:math:`\sum_e c_e L_e / C_v \le \kappa(v) \le \sum_e c_e U_e / C_v`, an interval of width
+:math:`W_v = \sum_{e \ni v} c_e (U_e - L_e) / C_v`. Given the nodes (:class:`NodeMeans`), the
+search spends the tolerance on :math:`W_v` instead of on each edge: an open edge-example is
+also dropped (folded into :math:`L_e`) once both ends of its edge have :math:`W_v \le \tau`,
+and each round solves, at each node still wider than :math:`\tau`, its widest edges (by
+:math:`c_e (U_e - L_e)`) until their widths cover the excess. Here :math:`L_e` counts the
+held edge-examples' ``lo`` too, so neither a drop nor a fold changes it, and solving only
+raises :math:`L_e` and lowers :math:`U_e`: :math:`W_v` never grows. At the end every edge
+either has :math:`U_e - L_e \le \tau` (nothing of it held: the rule above) or was dropped
+when both its ends had :math:`W_v \le \tau`; a node with no dropped edge is a mean of widths
+at most :math:`\tau`; so every node has :math:`W_v \le \tau`, while single edges may be
+wider.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MinimumSearch"]
+__all__ = ["MinimumSearch", "NodeMeans"]
+
+#: Relative margin under the tolerance at which a node counts as narrow, so that the node
+#: widths recomputed from the final bounds (other float sums) stay within the tolerance.
+_NODE_MARGIN = 1e-12
+
+
+@dataclass
+class NodeMeans:
+    """The nodes whose curvature is a weighted mean of slot minima (module docstring), for a
+    tolerance on those means instead of on each slot; one slot per edge.
+
+    Attributes:
+        ends: per group, ``[2, num_slots]`` (long): the two nodes of each slot's edge.
+        weight: per group, ``[num_slots]`` (float64, positive): each slot's coefficient
+            :math:`c_e` in the means of both its ends.
+        total: ``[num_nodes]`` (float64): :math:`C_v`, the sum of :math:`c_e` over every edge
+            of the node in every group (a node without edges: 0, never wide).
+    """
+
+    ends: list[torch.Tensor]
+    weight: list[torch.Tensor]
+    total: torch.Tensor
 
 
 class MinimumSearch:
@@ -50,13 +90,20 @@ class MinimumSearch:
             batches); ``+inf`` when omitted.
         tolerance: stop solving a weight's edges once ``U_w - L_w <= tolerance`` (module
             docstring); ``0`` finds every minimum exactly.
+        nodes: spend the tolerance on these nodes' means of slot minima instead (module
+            docstring, "A tolerance on node means"); slots may then be wider.
     """
 
     def __init__(self, widx: list[torch.Tensor], num_weights: list[int],
-                 initial: list[torch.Tensor] | None = None, tolerance: float = 0.0) -> None:
+                 initial: list[torch.Tensor] | None = None, tolerance: float = 0.0,
+                 nodes: NodeMeans | None = None) -> None:
         if len(widx) != len(num_weights):
             raise ValueError("widx and num_weights need one entry per group.")
+        if nodes is not None and (len(nodes.ends) != len(widx) or any(
+                e.shape != (2, n) for e, n in zip(nodes.ends, num_weights))):
+            raise ValueError("nodes needs, per group, the two ends of every slot.")
         self.widx = widx
+        self.nodes = nodes
         self.tolerance = float(tolerance)
         if initial is None:
             initial = [torch.full((n,), torch.inf, dtype=torch.float64, device=w.device)
@@ -132,6 +179,10 @@ class MinimumSearch:
         """
         total = self.pending
         settled = 0
+        nodes = self.nodes
+        if nodes is not None:  # every group's share of each node's width, held edges counted
+            sums = sum(self._node_share(g, *self._held(g)) for g in range(len(self._open)))
+            narrow = self.tolerance * (1 - _NODE_MARGIN) * nodes.total
         for group, parts in enumerate(self._open):
             if not parts:
                 continue
@@ -140,15 +191,24 @@ class MinimumSearch:
             lo = torch.cat([v for _, _, v in parts])
             self._open[group] = []
             widx, best = self.widx[group], self.best[group]
+            if nodes is not None:
+                others = sums - self._node_share(group, edges, lo)
             take, round_ = 1, 0
             while True:
                 keep = lo < best[widx[edges]] - self.tolerance
+                pick = None
+                if nodes is not None:
+                    share = self._node_share(group, edges, lo)
+                    excess = others + share - narrow
+                    keep &= self._at_wide(group, edges, excess)
                 settled += int(edges.numel()) - int(keep.sum())
                 self._fold(group, edges[~keep], lo[~keep])
                 example, edges, lo = example[keep], edges[keep], lo[keep]
                 if not edges.numel():
                     break
                 weight = widx[edges]
+                if nodes is not None:
+                    pick = self._widest(group, edges, lo, excess)
                 order = torch.argsort(lo, stable=True)
                 order = order[torch.argsort(weight[order], stable=True)]
                 sorted_w = weight[order]
@@ -156,11 +216,15 @@ class MinimumSearch:
                 rank = torch.arange(order.numel(), device=order.device) - start
                 chosen = torch.zeros(edges.numel(), dtype=torch.bool, device=edges.device)
                 chosen[order[rank < take]] = True
+                if pick is not None:
+                    chosen &= pick[weight]
                 for x in torch.unique(example[chosen]).tolist():
                     now = torch.nonzero(chosen & (example == x)).squeeze(1)
                     value = solve(group, x, edges[now])
                     if isinstance(value, tuple):
-                        self._fold(group, edges[now], value[0])
+                        # Both are lower bounds of the same edge-example: keep the larger, so
+                        # that a solve never widens an interval.
+                        self._fold(group, edges[now], torch.maximum(value[0], lo[now]))
                         value = value[1]
                     best.scatter_reduce_(0, widx[edges[now]], value, reduce="amin")
                     self.solved += now.numel()
@@ -173,4 +237,61 @@ class MinimumSearch:
                 round_ += 1
                 if round_ >= 4:
                     take *= 2
+            if nodes is not None:
+                sums = others + self._node_share(group, edges, lo)
         return self.best
+
+    # -- a tolerance on node means ------------------------------------------------------------
+
+    def _held(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's open edge-examples before :meth:`resolve`: ``(edges, lo)``."""
+        parts = self._open[group]
+        empty = self.widx[group][:0]
+        if not parts:
+            return empty, empty.to(torch.float64)
+        return torch.cat([e for _, e, _ in parts]), torch.cat([v for _, _, v in parts])
+
+    def _slot_widths(self, group: int, edges: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        """:math:`c_e (U_e - L_e)` per slot, :math:`L_e` counting the held ``lo`` (``edges``)
+        too; finite (an unbounded width is clamped far above any tolerance), 0 for a slot
+        with no bound at all."""
+        lower = torch.minimum(self.floor[group], self.best[group])
+        lower = lower.scatter_reduce(0, self.widx[group][edges], lo, reduce="amin")
+        width = (self.best[group] - lower).nan_to_num(nan=0.0).clamp(max=1e30)
+        return width * self.nodes.weight[group]
+
+    def _node_share(self, group: int, edges: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        r"""The group's part of :math:`\sum_e c_e (U_e - L_e)` at every node."""
+        width = self._slot_widths(group, edges, lo)
+        ends = self.nodes.ends[group]
+        out = torch.zeros_like(self.nodes.total)
+        return out.index_add_(0, ends[0], width).index_add_(0, ends[1], width)
+
+    def _at_wide(self, group: int, edges: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
+        """Whether each held edge-example's edge has an end still wider than the tolerance."""
+        slot = self.widx[group][edges]
+        ends = self.nodes.ends[group]
+        return (excess[ends[0][slot]] > 0) | (excess[ends[1][slot]] > 0)
+
+    def _widest(self, group: int, edges: torch.Tensor, lo: torch.Tensor,
+                excess: torch.Tensor) -> torch.Tensor:
+        """Per slot, whether to solve it this round: at each node wider than the tolerance, its
+        held slots (those of ``edges``) by decreasing width per held example (the solves
+        that may remove it) until their widths cover the node's excess (at least one)."""
+        slots, count = torch.unique(self.widx[group][edges], return_counts=True)
+        width = self._slot_widths(group, edges, lo)[slots]
+        value = width / count
+        pick = torch.zeros(self.best[group].numel(), dtype=torch.bool, device=edges.device)
+        for end in self.nodes.ends[group]:
+            node = end[slots]
+            wide = torch.nonzero(excess[node] > 0).squeeze(1)
+            if not wide.numel():
+                continue
+            order = torch.argsort(-value[wide], stable=True)
+            order = wide[order[torch.argsort(node[wide][order], stable=True)]]
+            ranked, covered = node[order], width[order]
+            total = torch.cumsum(covered, 0)
+            first = torch.searchsorted(ranked, ranked, right=False)
+            before = total - covered - (total[first] - covered[first])
+            pick[slots[order[before < excess[ranked]]]] = True
+        return pick
