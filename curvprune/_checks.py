@@ -42,6 +42,18 @@ def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
     return value
 
 
+def check_node_reduction(node_reduction: Any, granularity: str) -> str | None:
+    """``node_reduction`` (``None`` or one of :data:`REDUCTIONS`) for a run at
+    ``granularity``; a ``ValueError`` for an unknown one, or for any with ``"neuron"``."""
+    if node_reduction is None:
+        return None
+    check_choice(node_reduction, "node_reduction", REDUCTIONS)
+    if granularity == "neuron":
+        raise ValueError("node_reduction applies to channel curvature: pass "
+                         "granularity='channel' (or 'auto'), or drop node_reduction.")
+    return node_reduction
+
+
 def check_order(order: Any, stacklevel: int = 3) -> str:
     """``order`` as one of :data:`ORDERS`: the one place the old spellings ``"pos"``/``"neg"``
     map to ``"positive_first"``/``"negative_first"`` (with a ``DeprecationWarning`` naming the

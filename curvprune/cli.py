@@ -445,7 +445,9 @@ def _cmd_estimate(args) -> dict:
 
     try:
         result = estimate(model, calibration, granularity=granularity, alpha=args.alpha,
-                          measure=not args.no_measure)
+                          device=args.device, tolerance=args.tolerance, threads=args.threads,
+                          measure=not args.no_measure,
+                          node_reduction="mean" if args.structured else None)
     except UntraceableModel as exc:  # prune falls back to magnitude: nothing to score
         data = {"fallback": f"magnitude: {exc}"}
         print(json.dumps(data, indent=2) if args.json else
@@ -559,6 +561,9 @@ def _add_estimate(subs) -> None:
     estimate.add_argument("--json", action="store_true", help="print the numbers as JSON")
     estimate.add_argument("--no-measure", action="store_true",
                           help="skip the timing (graph size and memory only)")
+    estimate.add_argument("--tolerance", type=_tolerance, default=None,
+                          help="the tolerance prune would use (default 0.01); the timed "
+                               "example is scored at it")
     for flag, kwargs in [("--amount", {}), ("--scope", {}), ("--order", {}),
                          ("--allocation", {}), ("--criterion", {}), ("--eval-limit", {}),
                          ("--no-eval", {"action": "store_true"})]:

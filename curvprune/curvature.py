@@ -28,7 +28,13 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ._checks import GRANULARITIES, REDUCTIONS, check_choice, check_module, check_threads
+from ._checks import (
+    GRANULARITIES,
+    check_choice,
+    check_module,
+    check_node_reduction,
+    check_threads,
+)
 from ._checks import check_alpha as _check_alpha
 from ._checks import model_device as _model_device
 from .calibration import (
@@ -40,7 +46,7 @@ from .calibration import (
     prepare_calibration,
     scoring_mode,
 )
-from .graphs.base import EdgeGraph, EdgeProblem
+from .graphs.base import EdgeGraph, EdgeProblem, SolveSet
 from .graphs.channel import ChannelDistances, ChannelGraph, ChannelProblems
 from .graphs.neuron import NeuronGraph, chain_structure, hop_table_bytes, layer_edges, trace_chain
 from .result import CurvatureResult
@@ -209,7 +215,8 @@ def neural_curvature(
             certified within ``tolerance``, which already certifies the channel's minimum.
             :class:`~curvprune.CurvatureImportance` passes its ``reduction``. ``None``
             (default): every weight within ``tolerance``. Not allowed with
-            ``granularity="neuron"``.
+            ``granularity="neuron"``; when ``"auto"`` picks the neuron graph it has no
+            effect there (every weight is certified within ``tolerance``, as with ``None``).
 
     Both granularities run one loop: build the graph once (the neuron graph and its hop
     tables, or the traced channel graph and its needed distances), capture every example's
@@ -243,11 +250,7 @@ def neural_curvature(
     tolerance = _resolve_tolerance(tolerance, certify_tol)
     calibration = prepare_calibration(model, calibration)
     check_choice(granularity, "granularity", GRANULARITIES)
-    if node_reduction is not None:
-        check_choice(node_reduction, "node_reduction", REDUCTIONS)
-        if granularity == "neuron":
-            raise ValueError("node_reduction applies to channel curvature: pass "
-                             "granularity='channel' (or 'auto'), or drop node_reduction.")
+    node_reduction = check_node_reduction(node_reduction, granularity)
     threads = check_threads(threads) or max(1, torch.get_num_threads())
     if memory_budget is None:
         memory_budget = MEMORY_BUDGET
@@ -356,11 +359,13 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
 
     Every edge problem is bounded (:meth:`EdgeProblem.bounds`), the bounds feed the minimum
     search (:class:`~curvprune.transport.MinimumSearch`), and the search solves exactly only
-    the edges that can still move a slot's interval (:meth:`EdgeProblem.solve`). Each problem
-    is built once per (group, example) and kept for the solve rounds while the problems kept
-    fit ``options.problem_cache_bytes``. ``subsets``: per group, the edges to score (the
-    others' slots stay ``+inf``). ``nodes``: spend the tolerance on these nodes' means
-    instead of on each slot (:class:`~curvprune.transport.NodeMeans`)."""
+    the edges that can still move a slot's interval (:meth:`SolveSet.solve`). Each problem
+    is built once per (group, example) and bounded; the edges the search holds open on it
+    are kept as a :class:`SolveSet` (:meth:`EdgeProblem.keep`: those edges and their ends'
+    measure rows) while the sets kept fit ``options.problem_cache_bytes``; a set not kept is
+    rebuilt once, when the search reaches its group. ``subsets``: per group, the edges to
+    score (the others' slots stay ``+inf``). ``nodes``: spend the tolerance on these nodes'
+    means instead of on each slot (:class:`~curvprune.transport.NodeMeans`)."""
     groups = range(graph.num_groups)
     slots, sizes = [], []
     for g in groups:
@@ -370,22 +375,19 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     search = MinimumSearch(slots, sizes, tolerance=tolerance, nodes=nodes)
     live = [torch.zeros(n, dtype=torch.bool, device=s.device) for s, n in zip(slots, sizes)]
     cut_tol = tolerance / 2  # each edge within tolerance / 4 (transport.cut_measures)
-    cache = _ProblemCache(options.problem_cache_bytes)
+    cache = _SolveCache(options.problem_cache_bytes)
 
-    def problem(g: int, x: int) -> EdgeProblem:
-        found = cache.get((g, x))
-        if found is None:
-            found = graph.edge_problem(g, activities[x], cut_tol)
-            cache.put((g, x), found)
-        return found
+    def in_problem(g: int, edges: torch.Tensor) -> torch.Tensor:
+        """The search's edge indices of group ``g`` as indices into its edge problem."""
+        return edges if subsets is None else subsets[g][edges]
 
-    def bound(g: int, x: int, found: EdgeProblem | None, ceiling: torch.Tensor | None
+    def bound(g: int, x: int, ceiling: torch.Tensor | None
               ) -> tuple[EdgeProblem, torch.Tensor, torch.Tensor, EngineStats, torch.Tensor]:
-        """One group's problem on one example (``found``: the cached one) and its bounds,
-        with counts of its own (this runs on pool threads). ``ceiling``: per edge, the
-        weight's best upper bound over the earlier examples less the tolerance (edges whose
-        cheap bound reaches it are screened, :func:`~curvprune.transport.bound_edges`)."""
-        built = found if found is not None else graph.edge_problem(g, activities[x], cut_tol)
+        """One group's problem on one example and its bounds, with counts of its own (this
+        runs on pool threads). ``ceiling``: per edge, the weight's best upper bound over the
+        earlier examples less the tolerance (edges whose cheap bound reaches it are
+        screened, :func:`~curvprune.transport.bound_edges`)."""
+        built = graph.edge_problem(g, activities[x], cut_tol)
         part = built if subsets is None else built.take(subsets[g])
         counts = EngineStats()
         lo, hi = part.bounds(alpha, tolerance, stats=counts, options=options, ceiling=ceiling)
@@ -400,26 +402,31 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         # thread (each computation is the same as on its own: the results do not depend on
         # the thread count), and recorded here in group order.
         with _torch_threads(1 if threads > 1 else None):
-            jobs = [(g, x, cache.get((g, x)), search.ceiling(g) if x else None)
-                    for g in todo]
+            jobs = [(g, x, search.ceiling(g) if x else None) for g in todo]
             done = (bound(*job) for job in jobs) if threads <= 1 or len(jobs) < 2 else \
                 _in_order(threads, bound, jobs)
-            for (g, _, found, _), (built, lo, hi, counts, alive) in zip(jobs, done):
-                if found is None:
-                    cache.put((g, x), built)
+            for (g, _, _), (built, lo, hi, counts, alive) in zip(jobs, done):
                 search.add(g, x, lo, hi)
+                held = search.held(g, x)
+                if held.numel():
+                    cache.put((g, x), built.keep(in_problem(g, held)))
                 live[g].scatter_reduce_(0, slots[g], alive, reduce="amax")
                 stats.add(counts)
                 del built
         if bar is not None:
             bar.update(1)
 
+    # What the search holds open when it starts: each solve set not kept is rebuilt from it.
+    held = [{x: search.held(g, x) for x in range(len(activities))} for g in groups]
+
     def solve(g: int, x: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache.drop_before(g)  # the search resolves groups in order: earlier ones are done
-        if subsets is not None:
-            edges = subsets[g][edges]
-        return problem(g, x).solve(edges, alpha, stats=stats, options=options,
-                                   threads=threads)
+        kept = cache.get((g, x))
+        if kept is None:
+            kept = graph.edge_problem(g, activities[x], cut_tol).keep(in_problem(g, held[g][x]))
+            cache.put((g, x), kept, evict_later=True)
+        return kept.solve(in_problem(g, edges), alpha, stats=stats, options=options,
+                          threads=threads)
 
     # Only the edges that can still matter to a slot's interval are solved.
     with _torch_threads(1 if threads > 1 else None), _MinimaBar(bar is not None) as minima:
@@ -442,21 +449,30 @@ def _in_order(threads: int, func, jobs: list[tuple]):
         yield pending.popleft().result()
 
 
-class _ProblemCache:
-    """Edge problems by ``(group, example)``, kept while their bytes fit ``budget``."""
+class _SolveCache:
+    """Solve sets (:class:`SolveSet`) by ``(group, example)``, kept while their bytes fit
+    ``budget``."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.items: dict[tuple[int, int], EdgeProblem] = {}
+        self.items: dict[tuple[int, int], SolveSet] = {}
         self.bytes = 0
 
-    def get(self, key: tuple[int, int]) -> EdgeProblem | None:
+    def get(self, key: tuple[int, int]) -> SolveSet | None:
         return self.items.get(key)
 
-    def put(self, key: tuple[int, int], problem: EdgeProblem) -> None:
-        size = problem.nbytes
+    def put(self, key: tuple[int, int], kept: SolveSet, *, evict_later: bool = False) -> None:
+        """Keep ``kept`` if it fits; with ``evict_later``, first drop sets of later groups
+        (the last first) to make room: the group being resolved needs its sets in every
+        round, a later group's are rebuilt once when its turn comes."""
+        size = kept.nbytes
+        if evict_later:
+            for k in sorted((k for k in self.items if k[0] > key[0]), reverse=True):
+                if self.bytes + size <= self.budget:
+                    break
+                self.bytes -= self.items.pop(k).nbytes
         if self.bytes + size <= self.budget:
-            self.items[key] = problem
+            self.items[key] = kept
             self.bytes += size
 
     def drop_before(self, group: int) -> None:

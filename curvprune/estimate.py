@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from ._checks import GRANULARITIES, check_alpha, check_choice, check_module, check_threads
+from ._checks import (
+    GRANULARITIES,
+    check_alpha,
+    check_choice,
+    check_module,
+    check_node_reduction,
+    check_threads,
+)
 from ._checks import model_device as _model_device
 from .calibration import iter_calibration_inputs, scoring_mode
 from .curvature import (
@@ -132,6 +139,7 @@ def estimate(
     threads: int | None = None,
     memory_budget: int | None = None,
     measure: bool = True,
+    node_reduction: str | None = None,
 ) -> ScoringEstimate:
     r"""What :func:`~curvprune.curvature.neural_curvature` will cost on ``calibration``.
 
@@ -159,9 +167,12 @@ def estimate(
     fields are then ``None``). Nothing is measured when the tables exceed ``memory_budget``.
 
     Args:
-        model, calibration, granularity, alpha, device, tolerance, threads, memory_budget: as
-            for :func:`~curvprune.curvature.neural_curvature` (``granularity`` defaults to
-            ``"auto"`` here, as in the CLI).
+        model, calibration, granularity, alpha, device, tolerance, threads, memory_budget,
+            node_reduction: as for :func:`~curvprune.curvature.neural_curvature`
+            (``granularity`` defaults to ``"auto"`` here, as in the CLI). Pass the
+            ``node_reduction`` the run will use (:class:`~curvprune.CurvatureImportance`
+            and :func:`~curvprune.prune_channels` use their ``reduction``, ``"mean"`` by
+            default): it changes how much of the exact solving one example needs.
         measure: time the build and one example (see above).
 
     Returns:
@@ -176,6 +187,7 @@ def estimate(
     alpha = check_alpha(alpha)
     check_choice(granularity, "granularity", GRANULARITIES)
     check_threads(threads)
+    node_reduction = check_node_reduction(node_reduction, granularity)
     budget = MEMORY_BUDGET if memory_budget is None else memory_budget
     model_device = _model_device(model)
     engine_device = resolve_device(device, model)
@@ -221,7 +233,8 @@ def estimate(
     elif measure:
         start = time.perf_counter()
         neural_curvature(model, example, alpha=alpha, granularity=granularity, device=device,
-                         tolerance=tolerance, threads=threads, memory_budget=budget)
+                         tolerance=tolerance, threads=threads, memory_budget=budget,
+                         node_reduction=node_reduction if granularity == "channel" else None)
         one = time.perf_counter() - start
         per_example = max(one - build, 0.0)
         seconds = build + count * per_example

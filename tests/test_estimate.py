@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -105,6 +106,38 @@ def test_estimate_over_budget_and_bad_input():
     with pytest.raises(UntraceableModel):
         estimate(zoo.create("timm/mixer_s16_224"), zoo.example_input("timm/mixer_s16_224"),
                  measure=False)
+    # node_reduction is checked as neural_curvature checks it, before anything is built
+    with pytest.raises(ValueError, match="node_reduction must be one of"):
+        estimate(model, x, granularity="channel", node_reduction="median")
+    with pytest.raises(ValueError, match="granularity='channel'"):
+        estimate(model, x, granularity="neuron", node_reduction="mean")
+
+
+@pytest.mark.parametrize("granularity, node_reduction, passed", [
+    ("channel", "weighted", "weighted"),
+    ("channel", None, None),
+    ("auto", "mean", None),  # auto picks the neuron graph here: no channel means to certify
+])
+def test_estimate_times_the_run_it_is_asked_about(granularity, node_reduction, passed,
+                                                  monkeypatch):
+    # The timed example is scored with the caller's tolerance, threads and node_reduction, so
+    # the estimate is of the run that will happen (the node tolerance solves far less).
+    estimate_module = sys.modules["curvprune.estimate"]  # the attribute is the function
+    calls = []
+    real = estimate_module.neural_curvature
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimate_module, "neural_curvature", spy)
+    model = small_lenet()
+    x = torch.randn(2, 1, 11, 11, generator=torch.Generator().manual_seed(3))
+    e = estimate(model, x, granularity=granularity, tolerance=0.05, threads=1,
+                 node_reduction=node_reduction)
+    assert e.seconds is not None and len(calls) == 1
+    assert calls[0]["tolerance"] == 0.05 and calls[0]["threads"] == 1
+    assert calls[0]["node_reduction"] == passed
 
 
 def test_minimum_search_progress_settles_every_open_edge():
@@ -148,13 +181,29 @@ def test_estimate_command(model, granularity, capsys, tmp_path):
 
 
 @needs_fmnist
-def test_estimate_command_measures_and_falls_back(capsys):
+def test_estimate_command_measures_and_falls_back(capsys, monkeypatch):
     assert main(["estimate", "--model", "zoo:timm/resnet18", "--calibration", "random",
                  "--json", "--structured"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["granularity"] == "channel" and data["seconds"] > 0
     assert data["seconds"] == pytest.approx(data["build_seconds"]
                                             + 10 * data["example_seconds"])
+    # prune's --tolerance and --threads are the estimate's too, and --structured times the
+    # channel-mean tolerance that prune --structured uses
+    estimate_module = sys.modules["curvprune.estimate"]  # the attribute is the function
+    calls = []
+    real = estimate_module.neural_curvature
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimate_module, "neural_curvature", spy)
+    assert main(["estimate", "--model", "zoo:timm/resnet18", "--calibration", "random",
+                 "--json", "--structured", "--tolerance", "0.05", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert [(c["tolerance"], c["threads"], c["node_reduction"]) for c in calls] == [
+        (0.05, 1, "mean")]
     # an untraceable model: prune falls back to magnitude, so there is nothing to estimate
     assert main(["estimate", "--model", "zoo:timm/mixer_s16_224", "--calibration",
                  "random"]) == 0

@@ -6,8 +6,9 @@ layer of the neuron graph, or the layer edges of the channel graph) needs on one
 edges ``src -> dst`` with their lengths :math:`d = 1/|w|`, which are dead, the neighbour
 measures of both sides (cut by :func:`~curvprune.transport.cut_measures`), the ground-distance
 tables, the search slot (weight) of each edge and the bound on how far the cut moved each
-kappa. It is built once per (group, example) and then bounded and solved as often as the
-minimum search asks.
+kappa. It is built once per (group, example) and bounded; the edges the minimum search may
+still need solved are then kept as a :class:`SolveSet` (those edges and the measure rows of
+their ends only), which is solved as often as the search asks.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..transport import (
 )
 from ..transport.measures import _Measure
 
-__all__ = ["EdgeProblem", "EdgeGraph"]
+__all__ = ["EdgeProblem", "SolveSet", "EdgeGraph"]
 
 
 @dataclass
@@ -75,6 +76,17 @@ class EdgeProblem:
                        length=self.length[edges], dead=self.dead[edges],
                        slot=self.slot[edges], error=self.error[edges])
 
+    def keep(self, edges: torch.Tensor) -> SolveSet:
+        """What exact solves of ``edges`` (indices) read, and nothing more: those edges, and
+        the rows of the measures at their sources and targets (full width, so each solve is
+        bitwise the one :meth:`solve` gives)."""
+        edges = torch.unique(edges)
+        src, dst = self.src[edges], self.dst[edges]
+        mu, src_row = _rows(self.mu, src)
+        nu, dst_row = _rows(self.nu, dst)
+        return SolveSet(edges, src, dst, self.length[edges], self.error[edges], mu, nu,
+                        src_row, dst_row, self.distances)
+
     def bounds(self, alpha: float, tolerance: float, *, stats: EngineStats,
                options: EngineOptions, ceiling: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,12 +101,10 @@ class EdgeProblem:
               options: EngineOptions, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(value - error, value + error)`` for the live edges ``edges`` (indices), ``value``
         their exact curvature under the cut measures
-        (:func:`~curvprune.transport.solve_edges`): bounds on the uncut curvature."""
-        value = solve_edges(self.src[edges], self.dst[edges], self.length[edges], self.mu,
-                            self.nu, self.distances, alpha, block=options.block, stats=stats,
-                            threads=threads)
-        error = self.error[edges]
-        return value - error, value + error
+        (:func:`~curvprune.transport.solve_edges`): bounds on the uncut curvature. The same
+        as ``self.keep(edges).solve(edges, ...)``."""
+        return self.keep(edges).solve(edges, alpha, stats=stats, options=options,
+                                      threads=threads)
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +117,65 @@ class EdgeProblem:
                 for t in (measure.table, measure.mass, measure.has, measure.reach, measure.cut):
                     if t is not None:
                         total += t.numel() * t.element_size()
+        return total
+
+
+def _rows(measure: _Measure | None, nodes: torch.Tensor
+          ) -> tuple[_Measure | None, torch.Tensor]:
+    """``measure``'s rows at ``nodes`` only, and each node's row in them."""
+    if measure is None:
+        return None, nodes
+    unique, row = torch.unique(nodes, return_inverse=True)
+    return _Measure(measure.table[unique], measure.mass[unique], measure.has[unique],
+                    measure.reach[unique]), row
+
+
+@dataclass
+class SolveSet:
+    """Some edges of an :class:`EdgeProblem` (``edges``, sorted indices into its edges),
+    ready for exact solves: their ends, lengths and cut errors, and the measures' rows at
+    their ends only (``src_row`` / ``dst_row``: each edge's row; the node ids ``src`` /
+    ``dst`` still index the distance tables). Made by :meth:`EdgeProblem.keep`; it holds
+    far less than the problem when few edges are kept, which is what lets the scoring loop
+    keep one per (group, example) between the minimum search's rounds."""
+
+    edges: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    length: torch.Tensor
+    error: torch.Tensor
+    mu: _Measure | None
+    nu: _Measure | None
+    src_row: torch.Tensor
+    dst_row: torch.Tensor
+    distances: Distances
+
+    def solve(self, edges: torch.Tensor, alpha: float, *, stats: EngineStats,
+              options: EngineOptions, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`EdgeProblem.solve` of ``edges`` (indices into the problem's edges, each one
+        of the kept ``edges``), bitwise."""
+        at = torch.searchsorted(self.edges, edges)
+        if at.numel() and (int(at.max()) >= self.edges.numel()
+                           or not torch.equal(self.edges[at], edges)):
+            raise ValueError("SolveSet.solve: an edge was not kept (EdgeProblem.keep).")
+        value = solve_edges(self.src[at], self.dst[at], self.length[at], self.mu, self.nu,
+                            self.distances, alpha, block=options.block, stats=stats,
+                            threads=threads, src_row=self.src_row[at],
+                            dst_row=self.dst_row[at])
+        error = self.error[at]
+        return value - error, value + error
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it holds (the distance tables are the graph's)."""
+        total = 0
+        for t in (self.edges, self.src, self.dst, self.length, self.error, self.src_row,
+                  self.dst_row):
+            total += t.numel() * t.element_size()
+        for measure in (self.mu, self.nu):
+            if measure is not None:
+                for t in (measure.table, measure.mass, measure.has, measure.reach):
+                    total += t.numel() * t.element_size()
         return total
 
 

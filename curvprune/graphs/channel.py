@@ -325,8 +325,8 @@ def channel_problem_bytes(graph: ChannelGraph) -> int:
     over its sources and targets only: ``S D_in + T D_out`` slots for the largest in-/
     out-degrees among them, a neighbour, a float64 mass and the slot's position each (24
     bytes); the largest layer's count is added. The engine's temporaries come on top (a few
-    more such tables while a layer's measures are computed), and so do the edge problems
-    the scoring loop caches between its rounds (:attr:`EngineOptions.problem_cache_bytes
+    more such tables while a layer's measures are computed), and so do the solve sets
+    the scoring loop keeps between its rounds (:attr:`EngineOptions.problem_cache_bytes
     <curvprune.transport.EngineOptions.problem_cache_bytes>`)."""
     return _LayerSets(graph).nbytes()
 

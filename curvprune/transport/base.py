@@ -78,9 +78,11 @@ class EngineOptions:
         window_fraction: a conv hop table is stored windowed when its window covers at most
             this fraction of the target layer's positions, else dense
             (:class:`curvprune.graphs.neuron.HopTable`); ``0`` stores every table dense.
-        problem_cache_bytes: bytes of edge problems (the measures of one layer or group on one
-            example) kept between the bounding pass and the exact solve rounds, so each is
-            built once; past it, a problem is rebuilt when a round needs it again.
+        problem_cache_bytes: bytes of solve sets (the edges of one layer or group on one
+            example that the minimum search holds open, with their ends' measure rows:
+            :class:`curvprune.graphs.base.SolveSet`) kept between the bounding pass and the
+            exact solve rounds; past it, a set is rebuilt (its edge problem built again) when
+            the search reaches its group, and kept for that group's rounds if it fits.
     """
 
     block: int = 1 << 22

@@ -16,11 +16,19 @@ __all__ = ["solve_edges", "score_edges"]
 
 def solve_edges(src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor, mu: _Measure,
                 nu: _Measure, tables: Distances, alpha: float, *, block: int = 1 << 22,
-                stats: EngineStats | None = None, threads: int = 1) -> torch.Tensor:
+                stats: EngineStats | None = None, threads: int = 1,
+                src_row: torch.Tensor | None = None, dst_row: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Exact curvatures of live edges whose two measures both have neighbour parts (see the
-    module docstring: full swaps in closed form, the rest by network simplex)."""
+    module docstring: full swaps in closed form, the rest by network simplex).
+
+    ``src_row`` / ``dst_row``: the row of ``mu`` / ``nu`` of each edge's source / target when
+    the measures hold some nodes' rows only (default: the node ids ``src`` / ``dst``, which
+    always index the distance tables); the values are the same, bitwise, when the rows are."""
     stats = stats if stats is not None else EngineStats()
     device = d.device
+    src_row = src if src_row is None else src_row
+    dst_row = dst if dst_row is None else dst_row
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
     d_kj, d_im, d_km = tables.d_kj, tables.d_im, tables.d_km
     dk, dm = k_tab.shape[1], m_tab.shape[1]
@@ -28,13 +36,14 @@ def solve_edges(src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor, mu: _Meas
     zero = torch.zeros((), dtype=d.dtype, device=device)
     p_count, q_count = (p_mass > 0).sum(1), (q_mass > 0).sum(1)
     # Similar support sizes in one chunk, so each chunk is cut to its own widths.
-    pending = torch.argsort(p_count[src] * (dm + 1) + q_count[dst])
+    pending = torch.argsort(p_count[src_row] * (dm + 1) + q_count[dst_row])
     in_flight: list[tuple] = []
     for chunk in _chunks(pending, block, 4 * (dk + 1) * (dm + 1)):
         i, j, de = src[chunk], dst[chunk], d[chunk]
-        r, c = int(p_count[i].max()), int(q_count[j].max())
-        k_idx, m_idx = k_tab[i, :r].clamp(min=0), m_tab[j, :c].clamp(min=0)
-        pm, qm = p_mass[i, :r], q_mass[j, :c]
+        ri, rj = src_row[chunk], dst_row[chunk]
+        r, c = int(p_count[ri].max()), int(q_count[rj].max())
+        k_idx, m_idx = k_tab[ri, :r].clamp(min=0), m_tab[rj, :c].clamp(min=0)
+        pm, qm = p_mass[ri, :r], q_mass[rj, :c]
         rows, cols = pm > 0, qm > 0
         a_k = torch.where(rows, d_kj[k_idx, j[:, None]], zero)  # D(k, j)
         d_i_m = torch.where(cols, d_im[i[:, None], m_idx], zero)  # D(i, m)

@@ -152,6 +152,13 @@ class MinimumSearch:
             parts.append((example, edges, lo[edges]))
         self._open[group] = parts
 
+    def held(self, group: int, example: int) -> torch.Tensor:
+        """The group's open edges on ``example`` (indices; empty when none): :meth:`resolve`
+        solves only among these, and later :meth:`add` calls only drop some, so the scoring
+        loop keeps just their problems (:meth:`~curvprune.graphs.base.EdgeProblem.keep`)."""
+        parts = [e for x, e, _ in self._open[group] if x == example]
+        return torch.cat(parts) if parts else self.widx[group][:0]
+
     @property
     def pending(self) -> int:
         """Open edge-examples: those :meth:`resolve` will solve or rule out."""
