@@ -113,6 +113,20 @@ def test_estimate_over_budget_and_bad_input():
         estimate(model, x, granularity="neuron", node_reduction="mean")
 
 
+def _record_scoring_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``neural_curvature`` call that ``estimate`` times."""
+    estimate_module = sys.modules["curvprune.estimate"]  # the attribute is the function
+    calls: list[dict] = []
+    real = estimate_module.neural_curvature
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimate_module, "neural_curvature", spy)
+    return calls
+
+
 @pytest.mark.parametrize("granularity, node_reduction, passed", [
     ("channel", "weighted", "weighted"),
     ("channel", None, None),
@@ -122,15 +136,7 @@ def test_estimate_times_the_run_it_is_asked_about(granularity, node_reduction, p
                                                   monkeypatch):
     # The timed example is scored with the caller's tolerance, threads and node_reduction, so
     # the estimate is of the run that will happen (the node tolerance solves far less).
-    estimate_module = sys.modules["curvprune.estimate"]  # the attribute is the function
-    calls = []
-    real = estimate_module.neural_curvature
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(estimate_module, "neural_curvature", spy)
+    calls = _record_scoring_calls(monkeypatch)
     model = small_lenet()
     x = torch.randn(2, 1, 11, 11, generator=torch.Generator().manual_seed(3))
     e = estimate(model, x, granularity=granularity, tolerance=0.05, threads=1,
@@ -190,15 +196,7 @@ def test_estimate_command_measures_and_falls_back(capsys, monkeypatch):
                                             + 10 * data["example_seconds"])
     # prune's --tolerance and --threads are the estimate's too, and --structured times the
     # channel-mean tolerance that prune --structured uses
-    estimate_module = sys.modules["curvprune.estimate"]  # the attribute is the function
-    calls = []
-    real = estimate_module.neural_curvature
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(estimate_module, "neural_curvature", spy)
+    calls = _record_scoring_calls(monkeypatch)
     assert main(["estimate", "--model", "zoo:timm/resnet18", "--calibration", "random",
                  "--json", "--structured", "--tolerance", "0.05", "--threads", "1"]) == 0
     capsys.readouterr()
