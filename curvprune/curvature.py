@@ -203,8 +203,9 @@ def neural_curvature(
             (:func:`~curvprune.graphs.channel.channel_problem_bytes`). A larger graph is
             refused with a ``ValueError`` saying how much it needs, right after the channel
             structure is traced (on two examples) and before any distance is computed.
-        options: the engine's tuning knobs (chunk sizes, hop-table windows, the edge-problem
-            cache; :class:`~curvprune.transport.EngineOptions`); none changes a score.
+        options: the engine's tuning knobs (chunk sizes, hop-table windows, the bytes of
+            solve sets kept between the search's rounds;
+            :class:`~curvprune.transport.EngineOptions`); none changes a score.
         node_reduction: at channel granularity, spend the tolerance on each channel's
             curvature :meth:`result.node_kappa(node_reduction)
             <curvprune.result.CurvatureResult.node_kappa>` instead of on each weight:
