@@ -18,7 +18,6 @@ flattened index), so the ranking is a total order that does not depend on the de
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -227,18 +226,30 @@ class CurvatureResult:
         """
         if self.channel_graph is None or self.edge_kappa is None:
             raise ValueError("node_kappa needs a result of granularity='channel'.")
+        return self._reduce_to_nodes(self.edge_kappa, reduction)
+
+    def node_kappa_bounds(self, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """Certified bounds ``(lo, hi)`` on :meth:`node_kappa` (the same reduction of the
+        edges' lower and upper bounds: each reduction is nondecreasing in every edge's value).
+        Channel granularity only."""
+        if (self.channel_graph is None or self.edge_kappa_lo is None
+                or self.edge_kappa_hi is None):
+            raise ValueError("node_kappa_bounds needs a result of granularity='channel'.")
+        return (self._reduce_to_nodes(self.edge_kappa_lo, reduction),
+                self._reduce_to_nodes(self.edge_kappa_hi, reduction))
+
+    def _reduce_to_nodes(self, edge_values: torch.Tensor, reduction: str) -> torch.Tensor:
+        """``edge_values`` (one per channel edge) combined per node as :meth:`node_kappa`."""
         check_choice(reduction, "reduction", REDUCTIONS)
         graph = self.channel_graph
         layer = graph.module >= 0
         ends = torch.cat([graph.src[layer], graph.dst[layer]])
-        values = self.edge_kappa[layer].repeat(2)
+        values = edge_values[layer].repeat(2)
         n = graph.num_nodes
         if reduction in ("mean", "weighted"):
+            weight = graph.mean_weights(reduction == "weighted")[layer].repeat(2)
             if reduction == "weighted":
-                weight = (1.0 / graph.length[layer].to(values)).repeat(2)
                 values = values * weight
-            else:
-                weight = torch.ones_like(values)
             total = torch.zeros(n, dtype=torch.float64, device=values.device)
             total.index_add_(0, ends, values)
             count = torch.zeros(n, dtype=torch.float64, device=values.device)
@@ -247,18 +258,6 @@ class CurvatureResult:
         out = torch.full((n,), math.inf, dtype=torch.float64, device=values.device)
         out.scatter_reduce_(0, ends, values, reduce="amin")
         return torch.where(torch.isinf(out), math.nan, out)
-
-    def node_kappa_bounds(self, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-        """Certified bounds ``(lo, hi)`` on :meth:`node_kappa` (the same reduction of the
-        edges' lower and upper bounds: each reduction is nondecreasing in every edge's value).
-        Channel granularity only."""
-        if self.edge_kappa_lo is None or self.edge_kappa_hi is None:
-            raise ValueError("node_kappa_bounds needs a result of granularity='channel'.")
-        shadow = copy.copy(self)
-        shadow.edge_kappa = self.edge_kappa_lo
-        lo = shadow.node_kappa(reduction)
-        shadow.edge_kappa = self.edge_kappa_hi
-        return lo, shadow.node_kappa(reduction)
 
     def rank_values(self) -> dict[str, torch.Tensor]:
         """The ranking value of each weight: ``+inf`` (no edge), ``2`` (dead) or kappa."""

@@ -153,6 +153,40 @@ def test_channel_node_intervals_contain_the_exact_result(spec, alpha, tolerance,
     assert ((lo <= mid) & (mid <= hi)).all()
 
 
+def test_node_mean_weights_and_bounds_by_hand():
+    """Each edge's coefficient in its channels' means is 1 or its weight norm 1/d; the
+    node bounds are those means of the edges' bounds, summed here node by node."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(),
+                          nn.Linear(3, 2))
+    x = torch.randn(3, 3)
+    result = neural_curvature(model, x, granularity="channel", tolerance=0.1)
+    graph = result.channel_graph
+    assert torch.equal(graph.mean_weights(False), torch.ones(graph.src.numel(),
+                                                             dtype=torch.float64))
+    assert torch.equal(graph.mean_weights(True), 1.0 / graph.length.to(torch.float64))
+    layer = torch.nonzero(graph.module >= 0).squeeze(1).tolist()
+    for reduction in ("mean", "weighted", "min"):
+        lo, hi = result.node_kappa_bounds(reduction)
+        for v in range(graph.num_nodes):
+            edges = [e for e in layer if v in (int(graph.src[e]), int(graph.dst[e]))]
+            if not edges:
+                assert torch.isnan(lo[v]) and torch.isnan(hi[v])
+                continue
+            for got, values in ((lo[v], result.edge_kappa_lo), (hi[v], result.edge_kappa_hi)):
+                vals = torch.stack([values[e] for e in edges])
+                if reduction == "min":
+                    want = vals.min()
+                else:
+                    c = torch.stack([graph.mean_weights(reduction == "weighted")[e]
+                                     for e in edges])
+                    want = (c * vals).sum() / c.sum()
+                assert torch.isclose(got, want, rtol=1e-12, atol=1e-15), (reduction, v)
+    neuron = neural_curvature(model, x, granularity="neuron")
+    with pytest.raises(ValueError, match="granularity='channel'"):
+        neuron.node_kappa_bounds("mean")
+
+
 def test_node_reduction_is_checked():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(2, 3)

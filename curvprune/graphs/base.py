@@ -110,14 +110,19 @@ class EdgeProblem:
     def nbytes(self) -> int:
         """Bytes this problem holds of its own (the measures and per-edge flags; the edges and
         distance tables are the graph's)."""
-        total = self.dead.numel() * self.dead.element_size()
-        total += self.error.numel() * self.error.element_size()
-        for measure in (self.mu, self.nu):
-            if measure is not None:
-                for t in (measure.table, measure.mass, measure.has, measure.reach, measure.cut):
-                    if t is not None:
-                        total += t.numel() * t.element_size()
-        return total
+        return _tensor_bytes(self.dead, self.error, *_measure_tensors(self.mu),
+                             *_measure_tensors(self.nu))
+
+
+def _measure_tensors(measure: _Measure | None) -> tuple[torch.Tensor | None, ...]:
+    if measure is None:
+        return ()
+    return measure.table, measure.mass, measure.has, measure.reach, measure.cut
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of ``tensors`` (``None`` counts 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _rows(measure: _Measure | None, nodes: torch.Tensor
@@ -168,15 +173,9 @@ class SolveSet:
     @property
     def nbytes(self) -> int:
         """Bytes it holds (the distance tables are the graph's)."""
-        total = 0
-        for t in (self.edges, self.src, self.dst, self.length, self.error, self.src_row,
-                  self.dst_row):
-            total += t.numel() * t.element_size()
-        for measure in (self.mu, self.nu):
-            if measure is not None:
-                for t in (measure.table, measure.mass, measure.has, measure.reach):
-                    total += t.numel() * t.element_size()
-        return total
+        return _tensor_bytes(self.edges, self.src, self.dst, self.length, self.error,
+                             self.src_row, self.dst_row, *_measure_tensors(self.mu),
+                             *_measure_tensors(self.nu))
 
 
 class EdgeGraph(Protocol):

@@ -129,6 +129,15 @@ class ChannelGraph:
             and torch.equal(self.src, other.src) and torch.equal(self.dst, other.dst)
         )
 
+    def mean_weights(self, weighted: bool) -> torch.Tensor:
+        """Each edge's coefficient in its channels' mean curvature (float64 ``[E]``): 1, or
+        with ``weighted`` its weight norm :math:`1 / d(e)` (``reduction="mean"`` and
+        ``"weighted"`` of :meth:`CurvatureResult.node_kappa
+        <curvprune.result.CurvatureResult.node_kappa>`)."""
+        if weighted:
+            return 1.0 / self.length.to(torch.float64)
+        return torch.ones(self.src.numel(), dtype=torch.float64, device=self.src.device)
+
 
 # --------------------------------------------------------------------------------------------
 
@@ -596,9 +605,7 @@ class ChannelProblems:
         (``weighted``)."""
         graph = self.graph
         layer = graph.module >= 0
-        coeff = torch.ones(graph.src.numel(), dtype=torch.float64, device=graph.src.device)
-        if weighted:
-            coeff = 1.0 / graph.length.to(torch.float64)
+        coeff = graph.mean_weights(weighted)
         total = torch.zeros(graph.num_nodes, dtype=torch.float64, device=graph.src.device)
         total.index_add_(0, graph.src[layer], coeff[layer])
         total.index_add_(0, graph.dst[layer], coeff[layer])
