@@ -11,7 +11,9 @@ wider than the tolerance: each needs an exact solve unless another example rules
 mean support sizes of their two neighbour measures and the median width. For the layer with
 the most open edges it solves a sample of them exactly (``--sample``; the network simplex,
 timed) and reports how far each side of the interval is from the exact value, and what two
-tighter bounds would give on that sample (computed here, not used by the engine):
+tighter bounds would give on that sample (computed here; the engine now re-costs the shared
+plan of every open edge itself, so a run today reports its ``lo`` with the second bound in,
+and the stored results, which predate that, without):
 
 * ``lower side``, on ``kappa``'s upper bound: the dual bound maximised over every breakpoint
   ``t`` instead of the three the engine evaluates;

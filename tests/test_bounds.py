@@ -23,6 +23,11 @@ from curvprune.graphs.channel import ChannelProblems, channel_distances
 from curvprune.graphs.neuron import score_example
 from curvprune.transport.base import EngineOptions, EngineStats, _gather_rows, _weighted_sum
 from curvprune.transport.bounds import (
+    SIMPLEX,
+    SINGLE,
+    TWO,
+    _dual_breakpoints,
+    _edge_plans,
     _factored_bounds,
     _groups,
     _measure_keys,
@@ -278,3 +283,158 @@ def test_subgroups_equal_grouping_the_kept_edges_again(edges):
     assert count == want_count
     assert torch.equal(of_edge, want_of_edge)
     assert torch.equal(first, want_first)
+
+
+def _shared_of(problem):
+    general = general_edges(problem)
+    src, dst = problem.src[general], problem.dst[general]
+    if not general.numel():
+        return general, src, dst, None
+    shared = _shared_problems(problem.distances, src, dst, problem.mu, problem.nu,
+                              _measure_keys(problem.mu), _measure_keys(problem.nu), 1 << 22,
+                              EngineStats())
+    return general, src, dst, shared
+
+
+def check_plans(problem) -> set[int]:
+    """Every edge's shared plan (:func:`_edge_plans`, each kind) is a coupling of its two
+    measures (``q`` normalised to the mass of ``p``) whose cost is ``X0``: an optimal plan of
+    the shared problem. Returns the kinds seen."""
+    general, src, dst, shared = _shared_of(problem)
+    if not general.numel():
+        return set()
+    mu, nu, tables = problem.mu, problem.nu, problem.distances
+    n = 1 + int(max(mu.table.max(), nu.table.max()))
+    kinds = set()
+    for which in (SINGLE, TWO, SIMPLEX):
+        edges = torch.nonzero(shared.kind[shared.pair] == which).squeeze(1)
+        if not edges.numel():
+            continue
+        kinds.add(which)
+        k, m, mass = _edge_plans(tables, src[edges], dst[edges], mu, nu, shared, edges, which)
+        assert (mass >= 0).all()
+        for row, e in enumerate(edges.tolist()):
+            i, j = int(src[e]), int(dst[e])
+            p_on, q_on = mu.mass[i] > 0, nu.mass[j] > 0
+            p, q = mu.mass[i][p_on], nu.mass[j][q_on]
+            q = q * (p.sum() / q.sum())
+            used = mass[row] > 0
+            rows = torch.zeros(n, dtype=torch.float64).index_add_(0, k[row][used],
+                                                                  mass[row][used])
+            cols = torch.zeros(n, dtype=torch.float64).index_add_(0, m[row][used],
+                                                                  mass[row][used])
+            want_rows = torch.zeros(n, dtype=torch.float64).index_add_(0, mu.table[i][p_on], p)
+            want_cols = torch.zeros(n, dtype=torch.float64).index_add_(0, nu.table[j][q_on], q)
+            assert torch.allclose(rows, want_rows, rtol=1e-9, atol=1e-12), (which, e)
+            assert torch.allclose(cols, want_cols, rtol=1e-9, atol=1e-12), (which, e)
+            cost = (mass[row][used] * tables.d_km[k[row][used], m[row][used]]).sum()
+            x0 = shared.x0[shared.pair[e]]
+            assert abs(float(cost - x0)) <= 1e-9 * (1 + abs(float(x0))), (which, e, cost, x0)
+    return kinds
+
+
+@settings(max_examples=30, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1),
+       cut_tol=st.sampled_from([0.0, 1e-2]))
+def test_shared_plans_are_optimal_couplings(spec, cut_tol):
+    model, x = build(spec)
+    for problem in neuron_problems(model, x, cut_tol):
+        check_plans(problem)
+
+
+def test_shared_plans_of_every_kind():
+    """A conv net and a zoo model's channel graph have pairs of all three kinds; each kind's
+    plans are optimal couplings (:func:`check_plans`)."""
+    from curvprune import zoo
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU()).eval()
+    kinds = set()
+    for problem in neuron_problems(model, torch.rand(1, 2, 9, 9)):
+        kinds |= check_plans(problem)
+    name = "torchvision/shufflenet_v2"
+    zoo_model = zoo.create(name).eval()
+    graph = _trace(zoo_model, zoo.example_input(name, batch=1))
+    problems = ChannelProblems(graph, channel_distances(graph))
+    for g in range(problems.num_groups):
+        kinds |= check_plans(problems.edge_problem(g, graph.activity[0], 0.0))
+    assert kinds == {SINGLE, TWO, SIMPLEX}
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.9])
+def test_open_edges_get_tighter_bounds(alpha):
+    """The re-costed plans and the dual at every breakpoint never loosen an edge's bounds
+    (those of :func:`per_edge_bounds` without them) and tighten both sides on some open
+    edges. Without the re-cost no ``lo`` rises, without the breakpoints no ``hi`` falls: this
+    fails."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU()).eval()
+    raised = lowered = 0
+    for problem in neuron_problems(model, torch.rand(1, 2, 9, 9)):
+        general, src, dst, shared = _shared_of(problem)
+        if not general.numel():
+            continue
+        lower, upper = per_edge_bounds(problem, general, shared, alpha)
+        de = problem.length[general]
+        lo, hi = bound_edges(problem.src, problem.dst, problem.length, problem.dead,
+                             problem.mu, problem.nu, problem.distances, alpha,
+                             certify_tol=0.0, settle=False)
+        old_lo, old_hi = 1.0 - upper / de, 1.0 - lower / de
+        scale = 1e-12 * (1 + old_lo.abs())
+        assert (lo[general] >= old_lo - scale).all()
+        assert (hi[general] <= old_hi + 1e-12 * (1 + old_hi.abs())).all()
+        raised += int((lo[general] > old_lo + 1e-9).sum())
+        lowered += int((hi[general] < old_hi - 1e-9).sum())
+    assert raised > 0 and lowered > 0
+
+
+def dual_at_every_breakpoint(problem, general, shared):
+    """The oracle of :func:`_dual_breakpoints`: per edge, ``F(t) + G(t) - s`` summed term by
+    term at each of its breakpoints, the largest."""
+    mu, nu, tables = problem.mu, problem.nu, problem.distances
+    out = []
+    for e in range(general.numel()):
+        i, j, de = int(problem.src[general[e]]), int(problem.dst[general[e]]), \
+            float(problem.length[general[e]])
+        rows, cols = mu.mass[i] > 0, nu.mass[j] > 0
+        p, q = mu.mass[i][rows], nu.mass[j][cols]
+        a = tables.d_kj[mu.table[i][rows], torch.tensor(j)]
+        b = tables.d_im[torch.tensor(i), nu.table[j][cols]] - de
+        f = shared.f[shared.pair[e]][rows]
+        g = shared.g[shared.pair[e]][cols]
+        ts = torch.cat([a - f, g - b])
+        values = [(p * torch.minimum(f + t, a)).sum() + (q * torch.minimum(g - t, b)).sum()
+                  for t in ts]
+        out.append(max(float(v) for v in values) - float(shared.slack[shared.pair[e]]))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@settings(max_examples=25, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1),
+       alpha=alphas, cut_tol=st.sampled_from([0.0, 1e-2]))
+def test_dual_at_every_breakpoint_equals_the_oracle(spec, alpha, cut_tol):
+    """:func:`_dual_breakpoints` equals the term-by-term maximum over the breakpoints (1e-12
+    relative), is at least the three-point bound, and stays below the exact value."""
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    exact, _ = score_example(graph, examples[0], alpha, certify_tol=0.0)
+    for g, value in enumerate(exact):
+        problem = graph.edge_problem(g, examples[0], cut_tol)
+        general, src, dst, shared = _shared_of(problem)
+        if not general.numel():
+            continue
+        de = problem.length[general]
+        got = _dual_breakpoints(problem.distances, src, dst, de, problem.mu, problem.nu,
+                                shared, torch.arange(general.numel()), 7)
+        want = dual_at_every_breakpoint(problem, general, shared)
+        scale = 1e-12 * (want.abs() + de + 1)
+        assert ((got - want).abs() <= scale).all(), (got - want).abs().max()
+        three, _ = per_edge_bounds(problem, general, shared, alpha)
+        assert (got >= three - scale).all()
+        if cut_tol == 0.0:  # the bound of the exact (uncut) problem
+            hi = 1.0 - got / de
+            assert (value[general] <= hi + 1e-9 * (1 + hi.abs())).all()

@@ -70,7 +70,12 @@ def bound_edges(
     clips no column, and their midpoint; when the first is not below the second, no term is
     clipped and the two sides meet at :math:`X_0` (the certificate of the module docstring).
     Bounds at most ``certify_tol / 2`` apart settle the edge at ``lo``, the cost of a plan.
-    The evaluation is factored by row and column keys (:func:`_factored_bounds`).
+    The evaluation is factored by row and column keys (:func:`_factored_bounds`). An edge
+    still open after that gets both sides tightened, edge by edge: the left side maximised
+    over every breakpoint ``t`` (:func:`_dual_breakpoints`), and the right side with the
+    shared problem's optimal plan re-costed under its own costs,
+    :math:`\lambda R + (1 - \lambda) X_0` with
+    :math:`R = \sum_{km} \pi_{km} \min(C_{km}, A_k + B_m)` (:func:`_recost_plans`).
 
     **Screening** (``ceiling``, a value per edge; interval mode only). When
     :math:`\alpha \ge 1/2` the swap plan alone gives :math:`X \le p \cdot A + q \cdot B`,
@@ -120,9 +125,11 @@ def bound_edges(
         if general.numel():
             keys = _subgroups(rows, ~out), _subgroups(cols, ~out)
     if general.numel():
+        # Open after the shared bounds: wider than the tolerance once widened by the cut error.
+        width = certify_tol - 2 * error[general] if error is not None else certify_tol
         kappa[general], upper[general] = _shared_bounds(
             tables, src[general], dst[general], d[general], mu, nu, p_key, q_key, alpha,
-            certify_tol, block, stats, settle, keys)
+            certify_tol, block, stats, settle, keys, width)
     if not settle:
         if error is not None:
             kappa, upper = kappa - error, upper + error
@@ -166,17 +173,31 @@ def _col_sums(tables: Distances, src: torch.Tensor, dst: torch.Tensor, nu: _Meas
 def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
                    mu: _Measure, nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor,
                    alpha: float, certify_tol: float, block: int, stats: EngineStats,
-                   settle: bool = True, keys: tuple[_Keys, _Keys] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   settle: bool = True, keys: tuple[_Keys, _Keys] | None = None,
+                   width: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(lo, hi)`` of :func:`bound_edges` for edges with two neighbour parts.
 
     Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (:func:`_shared_problems`),
     then evaluates every edge's bounds by :func:`_factored_bounds`, in
     :math:`O(\log d_k + \log d_m)` per edge (``keys``: the edges' row and column keys, if
-    already grouped).
+    already grouped). The edges still open after that (interval wider than ``width``, or
+    than ``certify_tol / 2`` when settling) get both sides tightened edge by edge
+    (:func:`_dual_breakpoints`, :func:`_recost_plans`).
     """
     shared = _shared_problems(tables, src, dst, mu, nu, p_key, q_key, block, stats)
     lower, upper = _factored_bounds(tables, src, dst, d, mu, nu, shared, alpha, block, keys)
+    # Edges the bounds leave open: their dual bound at every breakpoint, and (when the atoms
+    # can swap) their shared plan re-costed, edge by edge.
+    wide = (lower - upper) / d < -(certify_tol / 2 if settle else width)
+    edges = torch.nonzero(wide).squeeze(1)
+    if edges.numel():
+        lower[edges] = torch.maximum(
+            lower[edges], _dual_breakpoints(tables, src, dst, d, mu, nu, shared, edges, block))
+        lam = min(1.0, alpha / (1.0 - alpha))
+        if lam > 0:
+            recost = _recost_plans(tables, src, dst, d, mu, nu, shared, edges, block)
+            upper[edges] = torch.minimum(
+                upper[edges], lam * recost + (1.0 - lam) * shared.x0[shared.pair[edges]])
     lo, hi = 1.0 - upper / d, 1.0 - lower / d
     if settle:
         settled = hi - lo <= certify_tol / 2
@@ -190,7 +211,10 @@ class _Shared:
     """The shared problems of an edge set: per edge its pair (``pair``, into the other fields),
     ``p_key`` / ``q_key`` per node (equal keys: equal neighbour parts, table and masses), and
     per pair ``X0``, the optimal potentials ``f`` / ``g`` (0 past the supports) and their
-    feasibility residual ``slack``."""
+    feasibility residual ``slack``; how it was solved (``kind``: ``SINGLE``, ``TWO`` atoms, or
+    by the ``SIMPLEX``), and the simplex's optimal plans, entry by entry (``plan``: per pair
+    the range ``start[s]:start[s + 1]`` of the node ids ``k`` / ``m`` and masses; the closed
+    forms' plans are recomputed where needed, :func:`_edge_plans`)."""
 
     pair: torch.Tensor
     p_key: torch.Tensor
@@ -199,6 +223,12 @@ class _Shared:
     f: torch.Tensor
     g: torch.Tensor
     slack: torch.Tensor
+    kind: torch.Tensor | None = None
+    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+#: :attr:`_Shared.kind` of a pair: a single-atom side, a two-atom side, the network simplex.
+SINGLE, TWO, SIMPLEX = 0, 1, 2
 
 
 def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu: _Measure,
@@ -234,7 +264,10 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
             tables, k_tab[rep_i[part]], p_mass[rep_i[part]], m_tab[rep_j[part]],
             q_mass[rep_j[part]])
     rest = torch.nonzero(~single & ~two).squeeze(1)
+    kind = torch.full((pairs,), SIMPLEX, dtype=torch.int8, device=device)
+    kind[single], kind[two] = SINGLE, TWO
     x0_np, f_np, g_np, slack_np = (t.cpu().numpy() for t in (x0, f_pad, g_pad, slack))
+    plan_parts: list[tuple[np.ndarray, ...]] = []
     for part in _chunks(rest, block, dk * dm):
         ri, rj = rep_i[part], rep_j[part]
         pm, qm = p_mass[ri], q_mass[rj]
@@ -242,13 +275,20 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
         cost = torch.where(support, tables.d_km[k_tab[ri].clamp(min=0)[:, :, None],
                                                 m_tab[rj].clamp(min=0)[:, None, :]], 0.0)
         pm_np, qm_np, cost_np = pm.cpu().numpy(), qm.cpu().numpy(), cost.cpu().numpy()
-        solved = [_solve_one(pm_np[s], qm_np[s], cost_np[s]) for s in range(len(part))]
+        solved = [_solve_one(pm_np[s], qm_np[s], cost_np[s], plan=True)
+                  for s in range(len(part))]
         at = part.cpu().numpy()
         rows, cols = pm_np > 0, qm_np > 0
-        f = np.where(rows, np.stack([f for _, f, _ in solved]), 0.0)
-        g = np.where(cols, np.stack([g for _, _, g in solved]), 0.0)
-        x0_np[at] = [value for value, _, _ in solved]
+        f = np.where(rows, np.stack([f for _, f, _, _ in solved]), 0.0)
+        g = np.where(cols, np.stack([g for _, _, g, _ in solved]), 0.0)
+        x0_np[at] = [value for value, _, _, _ in solved]
         f_np[at], g_np[at] = f, g
+        # The plans' nonzero entries, as node ids (at most dk + dm - 1 per pair).
+        moved = np.stack([plan for _, _, _, plan in solved])
+        s_, k_, m_ = np.nonzero(moved > 0)
+        plan_parts.append((at[s_], k_tab[ri].cpu().numpy()[s_, k_].astype(np.int32),
+                           m_tab[rj].cpu().numpy()[s_, m_].astype(np.int32),
+                           moved[s_, k_, m_]))
         # (f, g) may miss feasibility by rounding; the lower bound pays for that residual.
         excess = np.where(rows[:, :, None] & cols[:, None, :],
                           f[:, :, None] + g[:, None, :] - cost_np, -np.inf)
@@ -256,7 +296,16 @@ def _shared_problems(tables: Distances, src: torch.Tensor, dst: torch.Tensor, mu
     if device.type != "cpu":
         x0, f_pad, g_pad, slack = (torch.from_numpy(t).to(device)
                                    for t in (x0_np, f_np, g_np, slack_np))
-    return _Shared(pair_of_edge, p_key, q_key, x0, f_pad, g_pad, slack)
+    # 16 bytes an entry (int32 node ids): at most twice the potentials' own memory.
+    owner, k_node, m_node, mass = (
+        torch.from_numpy(np.concatenate(column)).to(device) for column in zip(*plan_parts)
+    ) if plan_parts else (torch.zeros(0, dtype=torch.long, device=device),) + (
+        torch.zeros(0, dtype=torch.int32, device=device),) * 2 + (
+        torch.zeros(0, dtype=torch.float64, device=device),)
+    # Entries come pair by pair in increasing pair order (the chunks of ``rest``).
+    start = torch.searchsorted(owner, torch.arange(pairs + 1, device=device))
+    return _Shared(pair_of_edge, p_key, q_key, x0, f_pad, g_pad, slack, kind,
+                   (start, k_node, m_node, mass))
 
 
 def _single_atom_problems(tables: Distances, k_tab: torch.Tensor, p: torch.Tensor,
@@ -333,8 +382,25 @@ def _knapsack(w: torch.Tensor, r: torch.Tensor, cost: torch.Tensor
     # Padding slots read node 0, whose distance may be +inf: zeroed (inf * 0 would be NaN).
     c1, c2 = torch.where(on, cost[:, 0], 0.0), torch.where(on, cost[:, 1], 0.0)
     delta = c1 - c2
-    order = torch.argsort(torch.where(on, delta, math.inf), dim=1, stable=True)
+    order, from_1, split = _knapsack_fill(w, r, delta)
     r_s, c1_s, c2_s, d_s = (t.gather(1, order) for t in (r, c1, c2, delta))
+    x0 = (from_1 * c1_s).sum(1) + ((r_s - from_1) * c2_s).sum(1)
+    level = d_s.gather(1, split).squeeze(1)
+    u = torch.stack([level, torch.zeros_like(level)], 1)
+    v = torch.where(on, torch.minimum(c1 - level[:, None], c2), 0.0)
+    excess = torch.where(on, torch.maximum(level[:, None] + v - c1, v - c2), -math.inf)
+    return x0, u, v, excess.amax(1).clamp(min=0.0)
+
+
+def _knapsack_fill(w: torch.Tensor, r: torch.Tensor, delta: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimal plan of :func:`_knapsack`: the slots in increasing ``delta`` (``order``,
+    padding last), the mass each sorted slot takes from the first atom (``from_1``; the rest
+    of ``r`` comes from the second) and the sorted slot where the first atom runs out
+    (``split``, ``[B, 1]``)."""
+    on = r > 0
+    order = torch.argsort(torch.where(on, delta, math.inf), dim=1, stable=True)
+    r_s = r.gather(1, order)
     cumulative = _prefix(r_s)  # [B, n + 1]: mass of the slots before each
     last = on.sum(1, keepdim=True) - 1
     split = torch.minimum((cumulative[:, 1:] < w[:, :1]).sum(1, keepdim=True), last)
@@ -342,13 +408,7 @@ def _knapsack(w: torch.Tensor, r: torch.Tensor, cost: torch.Tensor
     from_1 = torch.where(slot < split, r_s,
                          torch.where(slot == split,
                                      (w[:, :1] - cumulative[:, :-1]).clamp(min=0.0), 0.0))
-    from_1 = torch.minimum(from_1, r_s)
-    x0 = (from_1 * c1_s).sum(1) + ((r_s - from_1) * c2_s).sum(1)
-    level = d_s.gather(1, split).squeeze(1)
-    u = torch.stack([level, torch.zeros_like(level)], 1)
-    v = torch.where(on, torch.minimum(c1 - level[:, None], c2), 0.0)
-    excess = torch.where(on, torch.maximum(level[:, None] + v - c1, v - c2), -math.inf)
-    return x0, u, v, excess.amax(1).clamp(min=0.0)
+    return order, torch.minimum(from_1, r_s), split
 
 
 def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
@@ -467,6 +527,141 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
     if lam > 0:
         upper = torch.minimum(upper, lam * swap + (1.0 - lam) * upper)
     return lower, upper
+
+
+def _dual_breakpoints(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
+                      mu: _Measure, nu: _Measure, shared: _Shared, edges: torch.Tensor,
+                      block: int) -> torch.Tensor:
+    r"""Per edge of ``edges``, the left side of :func:`bound_edges` maximised over every
+    ``t``: :math:`\max_t F(t) + G(t) - s` (:func:`_factored_bounds`' ``F`` and ``G``).
+
+    ``F + G`` is concave and piecewise linear with breakpoints :math:`c_k = A_k - f_k` and
+    :math:`e_m + d = g_m - D(i, m) + d`; it is linear (increasing, then decreasing) beyond the
+    outermost ones, so its maximum is its largest value at a breakpoint. Each edge's
+    breakpoints are sorted, with the same prefix and suffix sums as the factored evaluation,
+    and ``F + G`` is read at every one of them: :math:`O((d_k + d_m) \log(d_k + d_m))` per
+    edge. Every ``t`` gives a dual-feasible point, so this is a valid lower bound on ``X``, and
+    at least the value at the three ``t`` of :func:`_factored_bounds`."""
+    out = torch.empty(edges.numel(), dtype=torch.float64, device=d.device)
+    dk, dm = mu.table.shape[1], nu.table.shape[1]
+    zero = torch.zeros((), dtype=torch.float64, device=d.device)
+    for chunk in _chunks(torch.arange(edges.numel(), device=d.device), block,
+                         16 * (dk + dm + 1)):
+        e = edges[chunk]
+        i, j, de = src[e], dst[e], d[e][:, None]
+        pm, qm = mu.mass[i], nu.mass[j]
+        rows, cols = pm > 0, qm > 0
+        a = torch.where(rows, tables.d_kj[mu.table[i].clamp(min=0), j[:, None]], zero)
+        dist = torch.where(cols, _gather_rows(tables.d_im, i, nu.table[j]), zero)
+        f, g = shared.f[shared.pair[e]], shared.g[shared.pair[e]]
+        c, order = torch.where(rows, a - f, math.inf).sort(1)
+        pm = torch.where(rows, pm, zero).gather(1, order)
+        prefix_a = _prefix(pm * a.gather(1, order))
+        suffix_f, suffix_p = _suffix(pm * f.gather(1, order)), _suffix(pm)
+        brk, order = torch.where(cols, g - dist, -math.inf).sort(1)
+        qm = torch.where(cols, qm, zero).gather(1, order)
+        prefix_g, prefix_q = _prefix(qm * g.gather(1, order)), _prefix(qm)
+        suffix_d, suffix_q = _suffix(qm * dist.gather(1, order)), _suffix(qm)
+        t = torch.cat([c, brk + de], 1)
+        real = torch.isfinite(t)
+        t = torch.where(real, t, c[:, :1])  # padding reads a real breakpoint, then is dropped
+        at = torch.searchsorted(c, t.contiguous())  # rows clipped at t: c_k < t
+        value = prefix_a.gather(1, at) + suffix_f.gather(1, at) + t * suffix_p.gather(1, at)
+        at = torch.searchsorted(brk, (t - de).contiguous(), right=True)  # e_m <= t - d
+        value += (prefix_g.gather(1, at) - t * prefix_q.gather(1, at)
+                  + (suffix_d.gather(1, at) - de * suffix_q.gather(1, at)))
+        out[chunk] = torch.where(real, value, -math.inf).amax(1)
+    return out - shared.slack[shared.pair[edges]]
+
+
+def _recost_plans(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
+                  mu: _Measure, nu: _Measure, shared: _Shared, edges: torch.Tensor,
+                  block: int) -> torch.Tensor:
+    r"""Per edge of ``edges``, :math:`R = \sum_{k,m} \pi_{km} \min(C_{km}, A_k + B_m)`:
+    the optimal plan :math:`\pi` of the edge's shared problem, each unit sent directly or
+    through the swap (``k -> j`` and ``i -> m``), whichever is cheaper for the edge.
+
+    :math:`\pi` has the marginals ``p`` and ``q`` of the edge (``q`` normalised to
+    :math:`\sum p`, as for ``X0``), so for :math:`\alpha \ge 1/2` it is a plan of the edge's
+    problem :math:`X = OT(p, q; \min(C, A + B))` and :math:`X \le R`; for smaller alpha the
+    atoms take a share :math:`\lambda` of every unit, and :math:`X \le \lambda R +
+    (1 - \lambda) X_0` (method.md, "Curvature intervals"). :math:`R \le X_0` and
+    :math:`R \le p \cdot A + q \cdot B` term by term, so this never loosens the
+    bound of :func:`_factored_bounds`. The plans of the closed forms are recomputed here, the
+    simplex's read from :attr:`_Shared.plan`; each edge costs :math:`O(d_k + d_m)`."""
+    out = torch.empty(edges.numel(), dtype=torch.float64, device=d.device)
+    kind = shared.kind[shared.pair[edges]]
+    for which in (SINGLE, TWO, SIMPLEX):
+        part = torch.nonzero(kind == which).squeeze(1)
+        width = 2 * (mu.table.shape[1] + nu.table.shape[1])
+        for chunk in _chunks(part, block, 4 * width):
+            e = edges[chunk]
+            k, m, mass = _edge_plans(tables, src[e], dst[e], mu, nu, shared, e, which)
+            i, j, de = src[e][:, None], dst[e][:, None], d[e][:, None]
+            used = mass > 0
+            k, m = torch.where(used, k, 0), torch.where(used, m, 0)
+            cost = torch.minimum(tables.d_km[k, m], tables.d_kj[k, j] + tables.d_im[i, m] - de)
+            out[chunk] = torch.where(used, mass * cost, 0.0).sum(1)
+    return out
+
+
+def _edge_plans(tables: Distances, i: torch.Tensor, j: torch.Tensor, mu: _Measure,
+                nu: _Measure, shared: _Shared, edges: torch.Tensor, which: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimal plans of the shared problems of edges ``i -> j`` (``edges``: their
+    indices, all of one :attr:`_Shared.kind`), padded per edge: node ids ``k`` and ``m`` and
+    the mass moved (0: padding)."""
+    k_tab, m_tab, p, q = mu.table[i], nu.table[j], mu.mass[i], nu.mass[j]
+    q = q * (p.sum(1, keepdim=True) / q.sum(1, keepdim=True))  # the solver's normalisation
+    p_on = p > 0
+    if which == SIMPLEX:
+        start, k_node, m_node, mass = shared.plan
+        pair = shared.pair[edges]
+        first, count = start[pair], start[pair + 1] - start[pair]
+        slot = torch.arange(int(count.max()), device=i.device)[None, :]
+        used = slot < count[:, None]
+        at = torch.where(used, first[:, None] + slot, 0)
+        return k_node[at].long(), m_node[at].long(), torch.where(used, mass[at], 0.0)
+    if which == SINGLE:  # the atom's row (or column) carries everything
+        p_atom = (p_on.sum(1) == 1)[:, None]
+        width = max(p.shape[1], q.shape[1])
+        k = torch.where(p_atom, _pad(k_tab[:, :1].expand_as(m_tab), width), _pad(k_tab, width))
+        m = torch.where(p_atom, _pad(m_tab, width), _pad(m_tab[:, :1].expand_as(k_tab), width))
+        mass = torch.where(p_atom, _pad(q, width), _pad(p, width))
+        return k, m, mass
+    # Two atoms: the fractional knapsack's fill (_knapsack_fill), on whichever side has them.
+    on_p = (p_on.sum(1) == 2)[:, None]
+    width = 2 * max(p.shape[1], q.shape[1])
+    k, m = torch.zeros((i.numel(), width), dtype=torch.long, device=i.device), None
+    m = torch.zeros_like(k)
+    mass = torch.zeros((i.numel(), width), dtype=torch.float64, device=i.device)
+    for atoms_p in (True, False):
+        rows = torch.nonzero(on_p.squeeze(1) == atoms_p).squeeze(1)
+        if not rows.numel():
+            continue
+        if atoms_p:  # from p's atoms k1, k2 to every m
+            atoms, other, w, r = k_tab[rows, :2], m_tab[rows], p[rows, :2], q[rows]
+            cost = tables.d_km[atoms.clamp(min=0)[:, :, None], other.clamp(min=0)[:, None, :]]
+        else:  # from every k to q's atoms m1, m2
+            atoms, other, w, r = m_tab[rows, :2], k_tab[rows], q[rows, :2], p[rows]
+            cost = tables.d_km[other.clamp(min=0)[:, None, :], atoms.clamp(min=0)[:, :, None]]
+        on = r > 0
+        c1, c2 = torch.where(on, cost[:, 0], 0.0), torch.where(on, cost[:, 1], 0.0)
+        order, from_1, _ = _knapsack_fill(w, r, c1 - c2)
+        r_s, other_s = r.gather(1, order), other.gather(1, order)
+        n = r.shape[1]
+        sides = (torch.cat([atoms[:, :1].expand(-1, n), atoms[:, 1:2].expand(-1, n)], 1),
+                 torch.cat([other_s, other_s], 1))
+        moved = torch.cat([from_1, r_s - from_1], 1)
+        a_side, o_side = (sides[0], sides[1])
+        k_rows, m_rows = (a_side, o_side) if atoms_p else (o_side, a_side)
+        k[rows, :2 * n], m[rows, :2 * n], mass[rows, :2 * n] = k_rows, m_rows, moved
+    return k, m, mass
+
+
+def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` padded with zeros to ``width`` columns."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def _measure_keys(measure: _Measure) -> torch.Tensor:

@@ -32,12 +32,14 @@ _MAX_ITER = 1_000_000
 _OPTIMAL = 1  # POT's result code for an optimal solution
 
 
-def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, np.ndarray,
-                                                                         np.ndarray]:
+def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray, *, plan: bool = False
+               ) -> tuple:
     """Exact OT by POT's network simplex (the solver behind ``ot.emd2``).
 
     Zero-mass rows and columns are dropped by the solver itself, so padded problems are fine.
-    Returns ``(cost, source potentials, target potentials)``.
+    Returns ``(cost, source potentials, target potentials)``, and with ``plan`` the optimal
+    plan too (``[len(a), len(b)]``, a basic solution: at most ``len(a) + len(b) - 1``
+    nonzero entries).
 
     POT only *warns* when the simplex stops before optimality; here that never passes silently.
     With masses spanning hundreds of orders of magnitude (a measure can put 1e-199 on a far
@@ -53,21 +55,22 @@ def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> tuple[float, n
     # no dearer than the real ones); a constant shift changes every plan's cost by the same
     # ``shift * sum(a)`` and the potentials by ``shift``, so such problems are solved shifted.
     shift = float(cost.min()) if cost.size else 0.0
-    if shift < 0:
-        value, f, g = _solve_one(a, b, cost - shift)
-        return value + shift * float(a.sum()), f + shift, g
+    if shift < 0:  # the same plans
+        value, f, g, *moved = _solve_one(a, b, cost - shift, plan=plan)
+        return (value + shift * float(a.sum()), f + shift, g, *moved)
     code = None
     for attempt, budget in enumerate((_MAX_ITER, _MAX_ITER, _MAX_ITER, 100 * _MAX_ITER)):
         if attempt == 1:  # transposed: W(a, b; C) = W(b, a; C^T), potentials swap
-            _, value, g, f, code = emd_c(b, a, np.ascontiguousarray(cost.T), budget, 1)
+            moved, value, g, f, code = emd_c(b, a, np.ascontiguousarray(cost.T), budget, 1)
+            moved = moved.T
         elif attempt == 2:  # rows in reverse order
-            _, value, f, g, code = emd_c(a[::-1].copy(), b, np.ascontiguousarray(cost[::-1]),
-                                         budget, 1)
-            f = f[::-1]
+            moved, value, f, g, code = emd_c(a[::-1].copy(), b,
+                                             np.ascontiguousarray(cost[::-1]), budget, 1)
+            f, moved = f[::-1], moved[::-1]
         else:
-            _, value, f, g, code = emd_c(a, b, cost, budget, 1)
+            moved, value, f, g, code = emd_c(a, b, cost, budget, 1)
         if code == _OPTIMAL:
-            return float(value), f, g
+            return (float(value), f, g, moved) if plan else (float(value), f, g)
     raise RuntimeError(
         f"the exact transport solver stopped before optimality (POT result code {code}) on a "
         f"{int((a > 0).sum())}x{int((b > 0).sum())} problem, in three row/column orders and "
