@@ -17,6 +17,7 @@ from pathlib import Path
 STYLE = {
     "curv_pos": ("curvature positive first (paper)", "tab:blue", "-"),
     "curv_neg": ("curvature negative first (control)", "tab:red", "-"),
+    "curv_wanda": ("curvature x Wanda (curvature_wanda)", "tab:cyan", "-"),
     "magnitude": ("magnitude", "tab:green", "-"),
     "random": ("random", "tab:gray", "--"),
     "lamp": ("LAMP", "tab:brown", "-"),
@@ -30,14 +31,23 @@ STYLE = {
     "magnitude_wanda_alloc": ("magnitude, Wanda's layer amounts", "tab:green", "--"),
 }
 GROUPS = {
-    "global": ["curv_pos", "curv_neg", "magnitude", "random", "lamp", "wanda_row",
+    "global": ["curv_pos", "curv_neg", "curv_wanda", "magnitude", "random", "lamp", "wanda_row",
                "wanda_global", "snip"],
     "layer": ["curv_pos_layer", "curv_neg_layer", "magnitude_layer", "random"],
     "allocation": ["curv_pos", "magnitude", "lamp", "wanda_global", "curv_pos_wanda_alloc",
                    "magnitude_wanda_alloc"],
 }
-OPTIONAL = {"lamp"}  # drawn where the results have it (runs made before it existed do not)
-MODEL_TITLES = {"lenet5": "LeNet-5", "mlp": "MLP", "vgg9": "VGG-9 (channel curvature)"}
+OPTIONAL = {"lamp", "curv_wanda"}  # drawn where the results have them (older runs do not)
+MODEL_TITLES = {"lenet5": "LeNet-5", "mlp": "MLP", "vgg9": "VGG-9"}
+
+
+def model_title(name: str, entry: dict) -> str:
+    """The model's display name; VGG-9's says which curvature graph its seeds were scored on."""
+    title = MODEL_TITLES.get(name, name)
+    graphs = {s.get("granularity") for s in entry["seeds"].values()} - {None}
+    if name == "vgg9" and len(graphs) == 1:
+        title += f" ({graphs.pop()} curvature)"
+    return title
 
 
 def curves(model_entry: dict, criterion: str) -> tuple[list[float], list[float], list[float],
@@ -95,7 +105,7 @@ def plot_results(data: dict, folder: Path, stem: str = "unstructured") -> list[P
                 if nseeds > 1:
                     ax.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
             ax.axhline(0.1, color="black", linewidth=0.6, linestyle=":")
-            ax.set_title(f"{MODEL_TITLES.get(name, name)} (dense {100 * min(base):.1f}-"
+            ax.set_title(f"{model_title(name, entry)} (dense {100 * min(base):.1f}-"
                          f"{100 * max(base):.1f}%; {nseeds} seed{'s' if nseeds > 1 else ''})")
             ax.set_xlabel("weights removed (%)" + (" in every layer" if group == "layer" else ""))
             ax.set_xlim(50 if group == "allocation" else 0, 100)
@@ -128,7 +138,7 @@ def markdown_tables(data: dict, amounts: list[str] | None = None) -> str:
         base = [s["test_accuracy"] for s in seeds.values()]
         criteria = list(next(iter(seeds.values()))["accuracy"])
         keys = amounts or sorted(next(iter(seeds.values()))["accuracy"][criteria[0]], key=float)
-        lines.append(f"**{MODEL_TITLES.get(name, name)}**, {len(seeds)} seed(s); dense test "
+        lines.append(f"**{model_title(name, entry)}**, {len(seeds)} seed(s); dense test "
                      f"accuracy {', '.join(f'{100 * b:.2f}%' for b in base)}; "
                      "mean accuracy % (min-max over seeds)\n")
         lines.append("| criterion | " + " | ".join(f"{100 * float(k):g}%" for k in keys) + " |")

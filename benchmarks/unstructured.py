@@ -6,6 +6,8 @@
     python benchmarks/unstructured.py --models vgg9 --seeds 0 1 2 --name unstructured_vgg9
     python benchmarks/unstructured.py --resume              # add new criteria to kept seeds
     python benchmarks/unstructured.py --criteria magnitude lamp --name unstructured_lamp
+    python benchmarks/unstructured.py --models vgg9 --granularity neuron --tolerance 1e-2 \
+        --amounts 0 0.5 0.7 0.8 0.9 0.95 --name unstructured_vgg9_neuron
 
 For each model and seed the model is trained (seeded, cached under ``benchmarks/.cache``), a
 calibration set of ``--per-class`` correctly classified *training* examples per class is drawn
@@ -15,8 +17,13 @@ on the Fashion-MNIST test set. Criteria:
 
 * ``curv_pos`` / ``curv_neg``: neural curvature, ``importance_scores("positive_first"`` /
   ``"negative_first")``, global (the labels keep their short names: stored results use them);
-  neuron granularity for LeNet-5 and the MLP, channel granularity for VGG-9 (its neuron graph,
-  43M edges per example, is out of the engine's reach: ``granularity="auto"`` picks channel).
+  neuron granularity for LeNet-5 and the MLP; for VGG-9 ``granularity="auto"`` (channel: its
+  neuron graph has 43M edges per example) unless ``--granularity neuron`` is given. The curvature
+  is exact (``tolerance=1e-14``) unless ``--tolerance`` says otherwise; with a tolerance the
+  ranking uses each weight's interval midpoint (``importance_scores``' default point).
+* ``curv_wanda``: the ``"curvature_wanda"`` criterion of ``prune_model`` (issue 13's study),
+  ``(2 - kappa) |w| ||X_j||_2`` ranked globally, from the same curvature and Wanda's input norms
+  on the same calibration set (:func:`curvprune.pruning.criteria.curvature_wanda_ranks`).
 * ``magnitude``: global |w|.  ``random``: seeded uniform scores, global.
 * ``lamp``: LAMP (Lee et al., 2021), w_u^2 / sum_{v >= u} w_v^2 within each layer sorted by
   magnitude, ranked globally (:func:`curvprune.baselines.lamp_scores`).
@@ -80,10 +87,11 @@ from curvprune.baselines import (  # noqa: E402
 )
 from curvprune.data import class_balanced_calibration, fashion_mnist  # noqa: E402
 from curvprune.models import create_model  # noqa: E402
+from curvprune.pruning.criteria import curvature_wanda_ranks  # noqa: E402
 from curvprune.training import train_classifier  # noqa: E402
 
-GLOBAL = ["curv_pos", "curv_neg", "magnitude", "random", "lamp", "wanda_row", "wanda_global",
-          "snip", "curv_pos_wanda_alloc", "magnitude_wanda_alloc"]
+GLOBAL = ["curv_pos", "curv_neg", "curv_wanda", "magnitude", "random", "lamp", "wanda_row",
+          "wanda_global", "snip", "curv_pos_wanda_alloc", "magnitude_wanda_alloc"]
 LAYER = ["curv_pos_layer", "curv_neg_layer", "magnitude_layer"]
 CRITERIA = GLOBAL + LAYER
 AMOUNTS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
@@ -119,20 +127,24 @@ def train_generic(name: str, kwargs: dict, *, epochs: float, seed: int, lr: floa
 
 def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *, alpha: float,
                  seed: int, progress: bool, granularity: str = "neuron",
-                 criteria: list[str] | None = None) -> tuple[dict, dict]:
+                 criteria: list[str] | None = None, tolerance: float = EXACT
+                 ) -> tuple[dict, dict]:
     """Every criterion's importance scores (computed once), plus timing and curvature facts;
     only those of ``criteria`` when given (the curvature only if one of them needs it)."""
     wanted = set(CRITERIA if criteria is None else criteria)
     info: dict = {}
     scores: dict = {}
-    if wanted & {"curv_pos", "curv_neg", "curv_pos_layer", "curv_neg_layer",
+    if wanted & {"curv_pos", "curv_neg", "curv_wanda", "curv_pos_layer", "curv_neg_layer",
                  "curv_pos_wanda_alloc"}:
         start = time.perf_counter()
         result = neural_curvature(model, calib, alpha=alpha, progress=progress,
-                                  granularity=granularity, tolerance=EXACT,
+                                  granularity=granularity, tolerance=tolerance,
                                   threads=os.cpu_count() or 1)
         info["curvature_seconds"] = round(time.perf_counter() - start, 2)
         info["granularity"] = result.granularity
+        if tolerance != EXACT:
+            info["tolerance"] = tolerance
+            info["max_width"] = result.max_width
         live = {n: float(v.float().mean()) for n, v in result.live.items()} \
             if isinstance(result.live, dict) else None
         info["live_fraction"] = live
@@ -143,12 +155,16 @@ def build_scores(model: nn.Module, calib: torch.Tensor, labels: torch.Tensor, *,
     mag = magnitude_scores(model)
     scores.update({"magnitude": mag, "magnitude_layer": mag, "lamp": lamp_scores(model),
                    "random": random_scores(model, seed=seed)})
-    if wanted & {"wanda_row", "wanda_global", "curv_pos_wanda_alloc", "magnitude_wanda_alloc"}:
+    if wanted & {"wanda_row", "wanda_global", "curv_wanda", "curv_pos_wanda_alloc",
+                 "magnitude_wanda_alloc"}:
         wanda = wanda_scores(model, calib)
         scores.update({"wanda_row": wanda, "wanda_global": wanda,
                        "magnitude_wanda_alloc": allocate_like(mag, wanda)})
         if "curv_pos" in scores:
             scores["curv_pos_wanda_alloc"] = allocate_like(scores["curv_pos"], wanda)
+            by_name = {n: wanda[(result.modules[n], "weight")].detach().to(torch.float64)
+                       for n in result.kappa}
+            scores["curv_wanda"] = curvature_wanda_ranks(result, by_name)
     if "snip" in wanted:
         scores["snip"] = snip_scores(model, (calib, labels))
     return {c: scores[c] for c in CRITERIA if c in wanted}, info
@@ -228,6 +244,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch intra-op threads for training and evaluation (default 1: "
                              "on a shared 2-core machine 2 threads ran 8x slower; the curvature "
                              "engine's solver threads are separate)")
+    parser.add_argument("--granularity", choices=["neuron", "channel"],
+                        help="curvature graph for every model (default: neuron for LeNet-5 and "
+                             "the MLP, 'auto' for VGG-9, which picks channel)")
+    parser.add_argument("--tolerance", type=float, default=EXACT,
+                        help=f"curvature interval width (default {EXACT}: exact); the ranking "
+                             "uses the interval midpoints")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--criteria", nargs="+", choices=CRITERIA, default=CRITERIA,
                         help="run only these criteria (default all; the curvature is computed "
@@ -267,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         "status": "running",
         "models": {},
     }
+    if args.granularity is not None:  # only when given: older files keep resuming
+        data["settings"]["granularity"] = args.granularity
+    if args.tolerance != EXACT:
+        data["settings"]["tolerance"] = args.tolerance
     done: dict = {}
     if args.resume:
         done = resumable(out_json, data["settings"], ignore={"seeds", "models", "criteria"})
@@ -309,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
                 accuracy = evaluate(model, m_test)
             calib, labels = class_balanced_calibration(model, m_train, args.per_class,
                                                        num_classes=10, seed=seed)
-            granularity = "auto" if name == "vgg9" else "neuron"
+            granularity = args.granularity or ("auto" if name == "vgg9" else "neuron")
             if kept is not None:  # add the missing criteria to the kept seed
                 print(f"{name} seed {seed}: kept from {out_json} (--resume); adding "
                       f"{', '.join(missing)}", flush=True)
@@ -321,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
                 check = "magnitude" in kept["accuracy"]  # rerun it: the same accuracies?
                 scores, _ = build_scores(model, calib, labels, alpha=args.alpha, seed=seed,
                                          progress=progress, granularity=granularity,
-                                         criteria=missing + ["magnitude"] * check)
+                                         criteria=missing + ["magnitude"] * check,
+                                         tolerance=args.tolerance)
                 acc, sparsity, layers = run_seed(model, m_test, scores, args.amounts,
                                                  progress=progress)
                 if check and acc["magnitude"] != kept["accuracy"]["magnitude"]:
@@ -337,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(calib)} calibration examples", flush=True)
             scores, info = build_scores(model, calib, labels, alpha=args.alpha, seed=seed,
                                         progress=progress, granularity=granularity,
-                                        criteria=data["settings"]["criteria"])
+                                        criteria=data["settings"]["criteria"],
+                                        tolerance=args.tolerance)
             if "curvature_seconds" in info:
                 print(f"  curvature scoring {info['curvature_seconds']} s", flush=True)
             acc, sparsity, layers = run_seed(model, m_test, scores, args.amounts,

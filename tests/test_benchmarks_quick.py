@@ -6,12 +6,14 @@ marker (CI runs them; ``pytest -m "not slow"`` skips them)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from conftest import benchmark_module
 
 import curvprune
@@ -418,3 +420,32 @@ def test_every_benchmark_script_starts():
                           timeout=300, cwd=ROOT)
     assert len(_SCRIPTS) >= 8
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_unstructured_curv_wanda_is_the_library_criterion():
+    """The benchmark's ``curv_wanda`` row ranks exactly as ``curvature_wanda_scores`` (the
+    ``prune_model(criterion="curvature_wanda")`` scores) on the same curvature options, and a
+    run at a tolerance records it with the widest interval it got."""
+    unstructured = benchmark_module("unstructured")
+    from curvprune.pruning.criteria import curvature_wanda_scores
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(),
+                          nn.Linear(5, 3))
+    calib, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    for tolerance in (unstructured.EXACT, 0.05):
+        scores, info = unstructured.build_scores(
+            model, calib, labels, alpha=0.9, seed=0, progress=False,
+            criteria=["curv_wanda", "curv_pos"], tolerance=tolerance)
+        want = curvature_wanda_scores(model, calib, alpha=0.9, tolerance=tolerance,
+                                      threads=os.cpu_count() or 1)
+        assert set(scores) == {"curv_pos", "curv_wanda"}
+        assert set(scores["curv_wanda"]) == set(want)
+        for key, value in want.items():
+            assert torch.equal(scores["curv_wanda"][key], value)
+        assert not all(torch.equal(scores["curv_wanda"][k], scores["curv_pos"][k])
+                       for k in want)  # Wanda's factor changes the order
+        if tolerance == unstructured.EXACT:
+            assert "tolerance" not in info
+        else:
+            assert info["tolerance"] == tolerance and 0 <= info["max_width"] <= tolerance
