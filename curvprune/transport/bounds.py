@@ -72,7 +72,8 @@ def bound_edges(
     Bounds at most ``certify_tol / 2`` apart settle the edge at ``lo``, the cost of a plan.
     The evaluation is factored by row and column keys (:func:`_factored_bounds`). An edge
     still open after that gets both sides tightened, edge by edge: the left side maximised
-    over every breakpoint ``t`` (:func:`_dual_breakpoints`), and the right side with the
+    over every breakpoint ``t`` (:func:`_dual_breakpoints`; when ``certify_tol`` is at least
+    1e-9, below which it certifies nothing), and the right side with the
     shared problem's optimal plan re-costed under its own costs,
     :math:`\lambda R + (1 - \lambda) X_0` with
     :math:`R = \sum_{km} \pi_{km} \min(C_{km}, A_k + B_m)` (:func:`_recost_plans`).
@@ -191,8 +192,9 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
     wide = (lower - upper) / d < -(certify_tol / 2 if settle else width)
     edges = torch.nonzero(wide).squeeze(1)
     if edges.numel():
-        lower[edges] = torch.maximum(
-            lower[edges], _dual_breakpoints(tables, src, dst, d, mu, nu, shared, edges, block))
+        if certify_tol >= _BREAKPOINTS_FROM:
+            lower[edges] = torch.maximum(lower[edges], _dual_breakpoints(
+                tables, src, dst, d, mu, nu, shared, edges, block))
         lam = min(1.0, alpha / (1.0 - alpha))
         if lam > 0:
             recost = _recost_plans(tables, src, dst, d, mu, nu, shared, edges, block)
@@ -204,6 +206,13 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
         hi[settled] = lo[settled]
         stats.certified += int(settled.sum())
     return lo, hi
+
+
+#: The dual bound at every breakpoint (:func:`_dual_breakpoints`) is used from this tolerance
+#: on. Below it no edge can be certified by it and it lowers few minima: on the trained
+#: LeNet-5 (10 images, tolerance 1e-14) it saved 2 of 20,864 exact solves for 0.9 s of its
+#: own, while at 0.01 it saved 2,014 of 15,581 for 0.5 s.
+_BREAKPOINTS_FROM = 1e-9
 
 
 @dataclass
