@@ -367,8 +367,8 @@ def test_shared_plans_of_every_kind():
 def test_open_edges_get_tighter_bounds(alpha):
     """The re-costed plans and the dual at every breakpoint never loosen an edge's bounds
     (those of :func:`per_edge_bounds` without them) and tighten both sides on some open
-    edges (the breakpoints only at a tolerance of 1e-9 or more). Without the re-cost no ``lo`` rises, without the breakpoints no ``hi`` falls: this
-    fails."""
+    edges (the breakpoints only at a tolerance of 1e-9 or more). Without the re-cost no ``lo``
+    rises, without the breakpoints no ``hi`` falls: this fails."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
                                 torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(),
