@@ -232,8 +232,8 @@ class _Shared:
     f: torch.Tensor
     g: torch.Tensor
     slack: torch.Tensor
-    kind: torch.Tensor | None = None
-    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    kind: torch.Tensor
+    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 #: :attr:`_Shared.kind` of a pair: a single-atom side, a two-atom side, the network simplex.
@@ -600,9 +600,9 @@ def _recost_plans(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: to
     simplex's read from :attr:`_Shared.plan`; each edge costs :math:`O(d_k + d_m)`."""
     out = torch.empty(edges.numel(), dtype=torch.float64, device=d.device)
     kind = shared.kind[shared.pair[edges]]
+    width = 2 * (mu.table.shape[1] + nu.table.shape[1])  # of any kind's padded plans
     for which in (SINGLE, TWO, SIMPLEX):
         part = torch.nonzero(kind == which).squeeze(1)
-        width = 2 * (mu.table.shape[1] + nu.table.shape[1])
         for chunk in _chunks(part, block, 4 * width):
             e = edges[chunk]
             k, m, mass = _edge_plans(tables, src[e], dst[e], mu, nu, shared, e, which)
@@ -641,7 +641,7 @@ def _edge_plans(tables: Distances, i: torch.Tensor, j: torch.Tensor, mu: _Measur
     # Two atoms: the fractional knapsack's fill (_knapsack_fill), on whichever side has them.
     on_p = (p_on.sum(1) == 2)[:, None]
     width = 2 * max(p.shape[1], q.shape[1])
-    k, m = torch.zeros((i.numel(), width), dtype=torch.long, device=i.device), None
+    k = torch.zeros((i.numel(), width), dtype=torch.long, device=i.device)
     m = torch.zeros_like(k)
     mass = torch.zeros((i.numel(), width), dtype=torch.float64, device=i.device)
     for atoms_p in (True, False):
@@ -659,10 +659,9 @@ def _edge_plans(tables: Distances, i: torch.Tensor, j: torch.Tensor, mu: _Measur
         order, from_1, _ = _knapsack_fill(w, r, c1 - c2)
         r_s, other_s = r.gather(1, order), other.gather(1, order)
         n = r.shape[1]
-        sides = (torch.cat([atoms[:, :1].expand(-1, n), atoms[:, 1:2].expand(-1, n)], 1),
-                 torch.cat([other_s, other_s], 1))
+        a_side = torch.cat([atoms[:, :1].expand(-1, n), atoms[:, 1:2].expand(-1, n)], 1)
+        o_side = torch.cat([other_s, other_s], 1)
         moved = torch.cat([from_1, r_s - from_1], 1)
-        a_side, o_side = (sides[0], sides[1])
         k_rows, m_rows = (a_side, o_side) if atoms_p else (o_side, a_side)
         k[rows, :2 * n], m[rows, :2 * n], mass[rows, :2 * n] = k_rows, m_rows, moved
     return k, m, mass
