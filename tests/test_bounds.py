@@ -369,24 +369,30 @@ def test_shared_plans_of_every_kind():
     assert kinds == {SINGLE, TWO, SIMPLEX}
 
 
+
+def conv_shared_bounds(alpha):
+    """Per layer problem of a seeded three-conv net (one example) with edges of two neighbour
+    parts: ``(problem, general edges, lo, hi)``, the bounds on kappa of
+    :func:`per_edge_bounds` (no edge-by-edge tightening)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU()).eval()
+    for problem in neuron_problems(model, torch.rand(1, 2, 9, 9)):
+        general, _, _, shared = _shared_of(problem)
+        if general.numel():
+            lower, upper = per_edge_bounds(problem, general, shared, alpha)
+            de = problem.length[general]
+            yield problem, general, 1.0 - upper / de, 1.0 - lower / de
+
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.9])
 def test_open_edges_get_tighter_bounds(alpha):
     """The re-costed plans and the dual at every breakpoint never loosen an edge's bounds
     (those of :func:`per_edge_bounds` without them) and tighten both sides on some open
     edges (the breakpoints only at a tolerance of 1e-9 or more). Without the re-cost no ``lo``
     rises, without the breakpoints no ``hi`` falls: this fails."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
-                                torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(),
-                                torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU()).eval()
     raised = lowered = 0
-    for problem in neuron_problems(model, torch.rand(1, 2, 9, 9)):
-        general, src, dst, shared = _shared_of(problem)
-        if not general.numel():
-            continue
-        lower, upper = per_edge_bounds(problem, general, shared, alpha)
-        de = problem.length[general]
-        old_lo, old_hi = 1.0 - upper / de, 1.0 - lower / de
+    for problem, general, old_lo, old_hi in conv_shared_bounds(alpha):
         scale = 1e-12 * (1 + old_lo.abs())
         for tol in (0.0, 1e-3):  # the breakpoints only from a tolerance of 1e-9 on
             lo, hi = bound_edges(problem.src, problem.dst, problem.length, problem.dead,
@@ -411,18 +417,8 @@ def test_edges_at_their_ceiling_are_not_tightened(alpha):
     ``hi`` too unless that ``lo`` reaches the ceiling (then the breakpoints are skipped and
     ``hi`` is the shared one). Some edges of each kind must occur, and some skipped ones must
     be edges that tightening changes, so a ceiling that is ignored fails this."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3), torch.nn.ReLU(),
-                                torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(),
-                                torch.nn.Conv2d(8, 4, 3), torch.nn.ReLU()).eval()
     kept = tightened = changed = 0
-    for problem in neuron_problems(model, torch.rand(1, 2, 9, 9)):
-        general, src, dst, shared = _shared_of(problem)
-        if not general.numel():
-            continue
-        lower, upper = per_edge_bounds(problem, general, shared, alpha)
-        de = problem.length[general]
-        old_lo, old_hi = 1.0 - upper / de, 1.0 - lower / de
+    for problem, general, old_lo, old_hi in conv_shared_bounds(alpha):
         args = (problem.src, problem.dst, problem.length, problem.dead, problem.mu,
                 problem.nu, problem.distances, alpha)
         full_lo, full_hi = bound_edges(*args, certify_tol=1e-3, settle=False)
