@@ -574,8 +574,9 @@ def _dual_breakpoints(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d
     out = torch.empty(edges.numel(), dtype=torch.float64, device=d.device)
     dk, dm = mu.table.shape[1], nu.table.shape[1]
     zero = torch.zeros((), dtype=torch.float64, device=d.device)
+    # About 16 float64 values per support entry alive at once (the three t's terms included).
     for chunk in _chunks(torch.arange(edges.numel(), device=d.device), block,
-                         8 * (dk + dm + 1)):
+                         16 * (dk + dm + 1)):
         e = edges[chunk]
         i, j, de = src[e], dst[e], d[e][:, None]
         rows, cols = mu.mass[i] > 0, nu.mass[j] > 0
