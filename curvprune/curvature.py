@@ -22,6 +22,7 @@ import dataclasses
 import math
 import numbers
 import sys
+import threading
 import time
 import warnings
 
@@ -358,15 +359,18 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     examples (``activities``, one per example), at most ``tolerance`` apart
     (``docs/method.md``), and whether the slot has a live edge.
 
-    Every edge problem is bounded (:meth:`EdgeProblem.bounds`), the bounds feed the minimum
-    search (:class:`~curvprune.transport.MinimumSearch`), and the search solves exactly only
-    the edges that can still move a slot's interval (:meth:`SolveSet.solve`). Each problem
+    Every edge problem is bounded (:meth:`EdgeProblem.bounds`, without the edge-by-edge
+    tightening), the bounds feed the minimum search
+    (:class:`~curvprune.transport.MinimumSearch`), and the search first tightens
+    (:meth:`SolveSet.bounds`), then solves exactly (:meth:`SolveSet.solve`), only the edges
+    that can still move a slot's interval. Each problem
     is built once per (group, example) and bounded; the edges the search holds open on it
     are kept as a :class:`SolveSet` (:meth:`EdgeProblem.keep`: those edges and their ends'
     measure rows) while the sets kept fit ``options.problem_cache_bytes``; a set not kept is
-    rebuilt once, when the search reaches its group. ``subsets``: per group, the edges to
-    score (the others' slots stay ``+inf``). ``nodes``: spend the tolerance on these nodes'
-    means instead of on each slot (:class:`~curvprune.transport.NodeMeans`)."""
+    rebuilt once, when the search reaches its group (twice under a tolerance on node means,
+    whose tightening visits every group before the solves start). ``subsets``: per group,
+    the edges to score (the others' slots stay ``+inf``). ``nodes``: spend the tolerance on
+    these nodes' means instead of on each slot (:class:`~curvprune.transport.NodeMeans`)."""
     groups = range(graph.num_groups)
     slots, sizes = [], []
     for g in groups:
@@ -391,7 +395,8 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         built = graph.edge_problem(g, activities[x], cut_tol)
         part = built if subsets is None else built.take(subsets[g])
         counts = EngineStats()
-        lo, hi = part.bounds(alpha, tolerance, stats=counts, options=options, ceiling=ceiling)
+        lo, hi = part.bounds(alpha, tolerance, stats=counts, options=options, ceiling=ceiling,
+                             tighten=False)
         return built, lo, hi, counts, ~part.dead
 
     _restart_clock(bar)  # the ETA is per example: the forward passes and build are not in it
@@ -420,18 +425,40 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     # What the search holds open when it starts: each solve set not kept is rebuilt from it.
     held = [{x: search.held(g, x) for x in range(len(activities))} for g in groups]
 
-    def solve(g: int, x: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cache.drop_before(g)  # the search resolves groups in order: earlier ones are done
-        kept = cache.get((g, x))
-        if kept is None:
-            kept = graph.edge_problem(g, activities[x], cut_tol).keep(in_problem(g, held[g][x]))
-            cache.put((g, x), kept, evict_later=True)
-        return kept.solve(in_problem(g, edges), alpha, stats=stats, options=options,
-                          threads=threads)
+    lock = threading.Lock()  # the tightening runs on pool threads
 
-    # Only the edges that can still matter to a slot's interval are solved.
+    def kept(g: int, x: int) -> SolveSet:
+        with lock:
+            found = cache.get((g, x))
+        if found is None:
+            found = graph.edge_problem(g, activities[x], cut_tol).keep(in_problem(g, held[g][x]))
+            with lock:
+                cache.put((g, x), found, evict_later=True)
+        return found
+
+    def solve(g: int, x: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache.drop_before(g)  # the search solves groups in order: earlier ones are done
+        return kept(g, x).solve(in_problem(g, edges), alpha, stats=stats, options=options,
+                                threads=threads)
+
+    def tighten_one(g: int, x: int, edges: torch.Tensor, ceiling: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kept(g, x).bounds(in_problem(g, edges), alpha, tolerance, stats=EngineStats(),
+                                 options=options, ceiling=ceiling)
+
+    def tighten(g: int, jobs: list[tuple[int, torch.Tensor, torch.Tensor]]):
+        """Each job's bounds, in order; with several threads, the examples on a pool."""
+        if nodes is None:  # the search tightens a group just before solving it
+            cache.drop_before(g)
+        stats.tightened += sum(edges.numel() for _, edges, _ in jobs)
+        jobs = [(g, *job) for job in jobs]
+        if threads <= 1 or len(jobs) < 2:
+            return (tighten_one(*job) for job in jobs)
+        return _in_order(threads, tighten_one, jobs)
+
+    # Only the edges that can still matter to a slot's interval are tightened, then solved.
     with _torch_threads(1 if threads > 1 else None), _MinimaBar(bar is not None) as minima:
-        upper = search.resolve(solve, on_progress=minima)
+        upper = search.resolve(solve, on_progress=minima, tighten=tighten)
     stats.ruled_out += search.opened - search.solved
     return upper, search.lower(), live
 

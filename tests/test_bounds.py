@@ -210,6 +210,40 @@ def test_screened_edges_keep_a_lower_bound_and_the_others_are_unchanged(spec, al
             assert (lo[out] >= ceiling[out]).all()
 
 
+
+@settings(max_examples=30, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1),
+       alpha=alphas, tolerance=st.sampled_from([1e-3, 1e-2, 0.1]), pick=st.randoms())
+def test_solve_set_bounds_equal_the_problems(spec, alpha, tolerance, pick):
+    """:meth:`SolveSet.bounds` (the kept measure rows only, the tables read through the rows'
+    renaming; what the search uses to tighten the edges it picks under a tolerance on node
+    means) gives the bounds of the whole problem's :meth:`EdgeProblem.bounds` on the same
+    edges, to rounding, and they bracket the exact curvature; ``tighten=False`` gives bounds
+    no tighter. A renaming that read the wrong node fails this."""
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    exact, _ = score_example(graph, examples[0], alpha, certify_tol=0.0)
+    options = EngineOptions()
+    for g, value in enumerate(exact):
+        p = graph.edge_problem(g, examples[0], tolerance / 2)
+        general = general_edges(p)
+        if not general.numel():
+            continue
+        keep = torch.tensor(sorted(pick.sample(general.tolist(),
+                                               max(1, general.numel() // 2))))
+        lo, hi = p.keep(keep).bounds(keep, alpha, tolerance, stats=EngineStats(),
+                                     options=options)
+        want_lo, want_hi = p.take(keep).bounds(alpha, tolerance, stats=EngineStats(),
+                                               options=options)
+        loose_lo, loose_hi = p.take(keep).bounds(alpha, tolerance, stats=EngineStats(),
+                                                 options=options, tighten=False)
+        close = lambda a, b: ((a - b).abs() <= 1e-12 * (1 + b.abs())).all()  # noqa: E731
+        assert close(lo, want_lo) and close(hi, want_hi)
+        assert (want_lo >= loose_lo).all() and (want_hi <= loose_hi).all()
+        v, slack = value[keep], 1e-9 * (1 + value[keep].abs())
+        assert (lo <= v + slack).all() and (v <= hi + slack).all()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_single_and_two_atom_shared_problems_equal_the_simplex(seed):
     """Shared problems one of whose sides is a single atom are solved in closed form

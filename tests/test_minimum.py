@@ -180,6 +180,78 @@ def test_node_tolerance_bounds_every_node_mean(case):
     assert search.solved <= plain.solved
 
 
+@settings(max_examples=profile_examples(300), **_SETTINGS)
+@given(case=node_searches(), on_nodes=st.booleans(), share=st.sampled_from([0.0, 0.5, 1.0]))
+def test_tightening_before_the_solves_keeps_every_guarantee(case, on_nodes, share):
+    """``resolve(tighten=...)``: held edge-examples get tighter bounds (here ``share`` of the
+    way to the exact value) before any solve, each at most once and only while held (with a
+    tolerance on node means, only with an end wider than the tolerance); the intervals still
+    contain the exact minima, within the tolerance per slot (or per node mean), and no
+    edge-example is solved twice. ``share=1`` tightens to the exact value: nothing is left to
+    solve."""
+    groups, nodes, tolerance = case
+    widx = [torch.arange(g[0].shape[1]) for g in groups]
+    search = MinimumSearch(widx, [w.numel() for w in widx], tolerance=tolerance,
+                           nodes=nodes if on_nodes else None)
+    for k, (_, _, value, lo, hi) in enumerate(groups):
+        for x in range(value.shape[0]):
+            search.add(k, x, lo[x], hi[x])
+    held = {(k, x, int(e)) for k in range(len(groups)) for x in range(groups[k][2].shape[0])
+            for e in search.held(k, x)}
+    tightened, solved = [], []
+
+    def tighten(group, jobs):
+        for example, edges, ceiling in jobs:
+            tightened.extend((group, example, e) for e in edges.tolist())
+            value, lo, hi = (t[example, edges] for t in groups[group][2:])
+            assert (lo < ceiling).all()  # held: below U_w - tolerance
+            yield lo + share * (value - lo), hi - share * (hi - value)
+
+    def solve(group, example, edges):
+        solved.extend((group, example, e) for e in edges.tolist())
+        return groups[group][2][example, edges]
+
+    upper = search.resolve(solve, tighten=tighten)
+    lower = search.lower()
+    assert len(tightened) == len(set(tightened)) and set(tightened) <= held
+    assert len(solved) == len(set(solved)) and set(solved) <= held
+    if share == 1.0:
+        assert not solved
+    spread = torch.zeros_like(nodes.total)
+    for k, (ends, weight, value, _, _) in enumerate(groups):
+        exact = value.min(0).values
+        assert (lower[k] <= exact).all() and (exact <= upper[k]).all()
+        if not on_nodes:
+            assert (upper[k] - lower[k] <= tolerance).all()
+        width = weight * (upper[k] - lower[k])
+        spread.index_add_(0, ends[0], width).index_add_(0, ends[1], width)
+    has = nodes.total > 0
+    assert (spread[has] / nodes.total[has] <= tolerance * (1 + 1e-12) + 1e-15).all()
+
+
+def test_tightening_skips_edges_at_narrow_nodes():
+    """Under a tolerance on node means a node's widest edges are tightened until they cover
+    its excess, not every held edge: here (the nodes of the test below) edge 0 alone, which
+    then leaves every node within the tolerance, so edges 1 and 2 are neither tightened nor
+    solved."""
+    ends = torch.tensor([[0, 0, 0, 0], [1, 1, 2, 2]])
+    nodes = NodeMeans([ends], [torch.ones(4, dtype=torch.float64)],
+                      torch.tensor([4.0, 2.0, 2.0], dtype=torch.float64))
+    search = MinimumSearch([torch.arange(4)], [4], tolerance=0.5, nodes=nodes)
+    lo = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    hi = torch.tensor([2.0, 0.9, 0.8, 1.0], dtype=torch.float64)
+    search.add(0, 0, lo, hi)
+    asked = []
+
+    def tighten(group, jobs):
+        asked.extend(e for _, edges, _ in jobs for e in edges.tolist())
+        return [(hi[edges], hi[edges]) for _, edges, _ in jobs]
+
+    search.resolve(lambda g, x, e: pytest.fail("nothing is left to solve"), tighten=tighten)
+    # Node 1 (width 1.45) needs its widest edge 0 only; node 0 is then 0.425 wide.
+    assert asked == [0]
+
+
 def test_node_tolerance_solves_only_the_wide_node():
     """Two nodes joined to a hub: node 1 is wide and needs only its widest edge solved; node 2
     is narrow although its edge 2 alone is wider than the tolerance, so edge 2 is left."""

@@ -88,14 +88,16 @@ class EdgeProblem:
                         src_row, dst_row, self.distances)
 
     def bounds(self, alpha: float, tolerance: float, *, stats: EngineStats,
-               options: EngineOptions, ceiling: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               options: EngineOptions, ceiling: torch.Tensor | None = None,
+               tighten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Certified ``(lo, hi)`` on every edge's curvature under the uncut measures
         (:func:`~curvprune.transport.bound_edges` in interval mode, widened by ``error``;
-        edges whose cheap lower bound reaches ``ceiling`` are screened: ``hi = +inf``)."""
+        edges whose cheap lower bound reaches ``ceiling`` are screened: ``hi = +inf``;
+        ``tighten=False``: the open edges are not tightened edge by edge)."""
         return bound_edges(self.src, self.dst, self.length, self.dead, self.mu, self.nu,
                            self.distances, alpha, certify_tol=tolerance, block=options.block,
-                           stats=stats, settle=False, error=self.error, ceiling=ceiling)
+                           stats=stats, settle=False, error=self.error, ceiling=ceiling,
+                           tighten=tighten)
 
     def solve(self, edges: torch.Tensor, alpha: float, *, stats: EngineStats,
               options: EngineOptions, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,14 +157,38 @@ class SolveSet:
     dst_row: torch.Tensor
     distances: Distances
 
+    def _at(self, edges: torch.Tensor, caller: str) -> torch.Tensor:
+        """Positions of ``edges`` (indices into the problem's edges) among the kept ones."""
+        at = torch.searchsorted(self.edges, edges)
+        if at.numel() and (int(at.max()) >= self.edges.numel()
+                           or not torch.equal(self.edges[at], edges)):
+            raise ValueError(f"SolveSet.{caller}: an edge was not kept (EdgeProblem.keep).")
+        return at
+
+    def bounds(self, edges: torch.Tensor, alpha: float, tolerance: float, *,
+               stats: EngineStats, options: EngineOptions,
+               ceiling: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`EdgeProblem.bounds` of ``edges`` (kept ones; ``ceiling`` per edge of
+        ``edges``), with the edge-by-edge tightening, from the kept measure rows alone: the
+        edges are renamed to their rows (``src_row`` / ``dst_row``) and the tables that read
+        an end (``d_kj`` by its target, ``d_im`` by its source) are read through the same
+        renaming, so every value is the one the problem's own nodes give."""
+        at = self._at(edges, "bounds")
+        src_node = _node_of_row(self.src_row, self.src)
+        dst_node = _node_of_row(self.dst_row, self.dst)
+        tables = Distances(_Renamed(self.distances.d_kj, cols=dst_node),
+                           _Renamed(self.distances.d_im, rows=src_node), self.distances.d_km)
+        return bound_edges(self.src_row[at], self.dst_row[at], self.length[at],
+                           torch.zeros(at.numel(), dtype=torch.bool, device=at.device),
+                           self.mu, self.nu, tables, alpha, certify_tol=tolerance,
+                           block=options.block, stats=stats, settle=False,
+                           error=self.error[at], ceiling=ceiling)
+
     def solve(self, edges: torch.Tensor, alpha: float, *, stats: EngineStats,
               options: EngineOptions, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`EdgeProblem.solve` of ``edges`` (indices into the problem's edges, each one
         of the kept ``edges``), bitwise."""
-        at = torch.searchsorted(self.edges, edges)
-        if at.numel() and (int(at.max()) >= self.edges.numel()
-                           or not torch.equal(self.edges[at], edges)):
-            raise ValueError("SolveSet.solve: an edge was not kept (EdgeProblem.keep).")
+        at = self._at(edges, "solve")
         value = solve_edges(self.src[at], self.dst[at], self.length[at], self.mu, self.nu,
                             self.distances, alpha, block=options.block, stats=stats,
                             threads=threads, src_row=self.src_row[at],
@@ -176,6 +202,27 @@ class SolveSet:
         return _tensor_bytes(self.edges, self.src, self.dst, self.length, self.error,
                              self.src_row, self.dst_row, *_measure_tensors(self.mu),
                              *_measure_tensors(self.nu))
+
+
+def _node_of_row(row: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+    """The node id of each measure row (``row[e]`` is the row of node ``node[e]``)."""
+    out = torch.zeros(int(row.max()) + 1 if row.numel() else 0, dtype=node.dtype,
+                      device=node.device)
+    return out.scatter_(0, row, node)
+
+
+class _Renamed:
+    """A distance table read with renamed rows or columns:
+    ``self[r, c] = table[rows[r], cols[c]]`` (``None``: not renamed)."""
+
+    def __init__(self, table: Any, *, rows: torch.Tensor | None = None,
+                 cols: torch.Tensor | None = None) -> None:
+        self.table, self.rows, self.cols = table, rows, cols
+
+    def __getitem__(self, key: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        r, c = key
+        return self.table[self.rows[r] if self.rows is not None else r,
+                          self.cols[c] if self.cols is not None else c]
 
 
 class EdgeGraph(Protocol):

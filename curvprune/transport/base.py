@@ -35,7 +35,11 @@ class EngineStats:
     the ``(p, q)`` problems solved for the bounds (one per distinct pair of neighbour
     measures). ``screened``: left open, but shown by the swap plan's cheap bound to be no
     lower than its weight's minimum over the earlier examples (less the tolerance), so never
-    bounded further (:func:`~curvprune.transport.bound_edges`).
+    bounded further (:func:`~curvprune.transport.bound_edges`). ``tightened``: held open by
+    the minimum search after every example's bounds, then bounded again edge by edge (the
+    re-costed plan and the dual at every breakpoint) before any exact solve
+    (:meth:`~curvprune.transport.MinimumSearch.resolve`); it is then also counted as solved or
+    ruled out.
     """
 
     dead: int = 0
@@ -46,6 +50,7 @@ class EngineStats:
     ruled_out: int = 0
     shared_problems: int = 0
     screened: int = 0
+    tightened: int = 0
 
     @property
     def bounded(self) -> int:

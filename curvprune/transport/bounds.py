@@ -36,6 +36,7 @@ def bound_edges(
     settle: bool = True,
     error: torch.Tensor | None = None,
     ceiling: torch.Tensor | None = None,
+    tighten: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Bounds ``lo <= kappa <= hi`` (float64 ``[E]``) on the curvatures of edges ``src -> dst``
     of distance ``d`` on one example; ``lo == hi`` where the value is settled.
@@ -89,6 +90,11 @@ def bound_edges(
     (:mod:`curvprune.transport.minimum`), so it needs no tighter bound. Counted as
     ``screened``. For the same reason an open edge whose shared-problem lower bound (less
     ``error``) reaches its ceiling is not tightened edge by edge (for every alpha).
+
+    ``tighten=False`` skips the edge-by-edge tightening: the scoring loop bounds every
+    example that way, and the minimum search tightens only the edges it still holds once
+    every example is bounded (:meth:`curvprune.transport.MinimumSearch.resolve`, through
+    :meth:`curvprune.graphs.base.SolveSet.bounds`, with the final ceilings).
     """
     stats = stats if stats is not None else EngineStats()
     kappa = torch.ones_like(d)
@@ -135,7 +141,7 @@ def bound_edges(
             floor = ceiling[general] + error[general] if error is not None else ceiling[general]
         kappa[general], upper[general] = _shared_bounds(
             tables, src[general], dst[general], d[general], mu, nu, p_key, q_key, alpha,
-            certify_tol, block, stats, settle, keys, width, floor)
+            certify_tol, block, stats, settle, keys, width, floor, tighten)
     if not settle:
         if error is not None:
             kappa, upper = kappa - error, upper + error
@@ -180,8 +186,8 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
                    mu: _Measure, nu: _Measure, p_key: torch.Tensor, q_key: torch.Tensor,
                    alpha: float, certify_tol: float, block: int, stats: EngineStats,
                    settle: bool = True, keys: tuple[_Keys, _Keys] | None = None,
-                   width: torch.Tensor | float = 0.0, floor: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   width: torch.Tensor | float = 0.0, floor: torch.Tensor | None = None,
+                   tighten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(lo, hi)`` of :func:`bound_edges` for edges with two neighbour parts.
 
     Solves ``X0 = OT(p, q; C)`` once per distinct ``(p, q)`` pair (:func:`_shared_problems`),
@@ -193,7 +199,8 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
     the dual at every breakpoint (:func:`_dual_breakpoints`); except those whose lower bound
     on kappa is at least their ``floor`` (the minimum search's ceiling plus the cut error:
     such an edge cannot move its weight's interval,
-    :meth:`~curvprune.transport.minimum.MinimumSearch.ceiling`).
+    :meth:`~curvprune.transport.minimum.MinimumSearch.ceiling`), or all of them with
+    ``tighten=False``.
     """
     shared = _shared_problems(tables, src, dst, mu, nu, p_key, q_key, block, stats)
     lower, upper = _factored_bounds(tables, src, dst, d, mu, nu, shared, alpha, block, keys)
@@ -206,7 +213,7 @@ def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: t
         wide = (lower[e] - upper[e]) / d[e] < -limit[e]
         return e[wide & (1.0 - upper[e] / d[e] < floor[e])] if floor is not None else e[wide]
 
-    edges = still_open(torch.arange(d.numel(), device=d.device))
+    edges = still_open(torch.arange(d.numel(), device=d.device)) if tighten else d[:0].long()
     lam = min(1.0, alpha / (1.0 - alpha))
     if edges.numel() and lam > 0:
         recost = _recost_plans(tables, src, dst, d, mu, nu, shared, edges, block)

@@ -41,11 +41,20 @@ either has :math:`U_e - L_e \le \tau` (nothing of it held: the rule above) or wa
 when both its ends had :math:`W_v \le \tau`; a node with no dropped edge is a mean of widths
 at most :math:`\tau`; so every node has :math:`W_v \le \tau`, while single edges may be
 wider.
+
+**Tightening before solving.** Bounds tighter than the bounding pass's but cheaper than a
+solve (the edge-by-edge ones of :func:`curvprune.transport.bound_edges`) are worth their cost
+only on edge-examples that can still move an interval, and which those are is known only once
+every example is bounded. So :meth:`MinimumSearch.resolve` takes them then (``tighten``), for
+the edge-examples it holds, before any solve: a tighter ``lo`` replaces the held one (both are
+lower bounds of the same value, the larger is kept) and a tighter ``hi`` lowers :math:`U_w`,
+so every statement above still holds. With a tolerance on node means, only the wide nodes'
+widest slots are tightened, in rounds (:meth:`MinimumSearch._tighten`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -171,7 +180,10 @@ class MinimumSearch:
 
     def resolve(self, solve: Callable[[int, int, torch.Tensor], torch.Tensor],
                 on_solved: Callable[[int], None] | None = None,
-                on_progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+                on_progress: Callable[[int, int], None] | None = None,
+                tighten: Callable[[int, list[tuple[int, torch.Tensor, torch.Tensor]]],
+                                  Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+                ) -> list[torch.Tensor]:
         """Solve edges until every minimum is within the tolerance; return the upper bounds
         ``U_w`` per group (the exact minima when the tolerance is 0).
 
@@ -183,6 +195,17 @@ class MinimumSearch:
         after each ``solve`` with the number solved so far, and ``on_progress(settled, total)``
         with the open edge-examples settled so far (solved, or ruled out by a solve) out of the
         :attr:`pending` ones at the start (for progress display).
+
+        ``tighten(group, jobs)``, if given, returns tighter bounds ``(lo, hi)`` on open edges,
+        cheaper than a solve, for each ``(example, edges, ceiling)`` of ``jobs`` (in order;
+        the jobs are independent, so they may run in parallel; ``ceiling``: per edge, its
+        weight's :math:`U_w` less the tolerance, at and above which a lower bound rules the
+        edge out, so that it needs no tighter upper bound): before a group's first solve
+        (with a tolerance on node means, before any group's), every
+        edge-example still held is tightened once (with a tolerance on node means, only as
+        many as the wide nodes need: :meth:`_tighten`); it stays held with the larger lower
+        bound, and the smaller upper bound lowers its weight's :math:`U_w`. The rounds then
+        solve among what is still held.
         """
         total = self.pending
         settled = 0
@@ -190,7 +213,17 @@ class MinimumSearch:
         if nodes is not None:  # every group's share of each node's width, held edges counted
             sums = sum(self._node_share(g, *self._held(g)) for g in range(len(self._open)))
             narrow = self.tolerance * (1 - _NODE_MARGIN) * nodes.total
-        for group, parts in enumerate(self._open):
+        if tighten is not None and nodes is not None:
+            # Nodes join groups: every group is tightened before any is solved, so that no
+            # group solves for a width that another group's tightening would have removed.
+            for group in range(len(self._open)):
+                others = sums - self._node_share(group, *self._held(group))
+                self._tighten(group, tighten, others, narrow)
+                sums = others + self._node_share(group, *self._held(group))
+        for group in range(len(self._open)):
+            if tighten is not None and nodes is None:  # the groups are independent
+                self._tighten(group, tighten)
+            parts = self._open[group]
             if not parts:
                 continue
             example = torch.cat([torch.full_like(e, x) for x, e, _ in parts])
@@ -248,6 +281,44 @@ class MinimumSearch:
                 sums = others + self._node_share(group, edges, lo)
         return self.best
 
+    def _tighten(self, group: int, tighten: Callable, others: torch.Tensor | None = None,
+                 narrow: torch.Tensor | None = None) -> None:
+        """:meth:`resolve`'s first pass on one group: its held edge-examples get
+        ``tighten``'s bounds, each at most once. With a tolerance on node means (``others``:
+        the other groups' shares of the node widths, ``narrow``: the tolerance times
+        :math:`C_v`) only edges with an end wider than the tolerance are tightened, in rounds:
+        at each wide node, its widest slots until their widths cover the node's excess
+        (times :math:`2^r` in round ``r``, so that few rounds are needed), every held example
+        of them; then the widths again. (Tightening only each slot's lowest held examples
+        first tightened more in all: 1.82M edge-examples against 1.46M on mobilenetv3_large
+        with 16 images.)"""
+        widx, best, tol = self.widx[group], self.best[group], self.tolerance
+        parts = [(x, e, v.clone()) for x, e, v in self._open[group]]
+        self._open[group] = parts
+        done = [torch.zeros_like(e, dtype=torch.bool) for _, e, _ in parts]
+        round_ = 0
+        while parts:
+            want = [(v < best[widx[e]] - tol) & ~t for (_, e, v), t in zip(parts, done)]
+            if others is not None:
+                edges, lo = self._held(group)
+                excess = others + self._node_share(group, edges, lo) - narrow
+                want = [w & self._at_wide(group, e, excess) for w, (_, e, _) in zip(want, parts)]
+                among = torch.cat(want)
+                if not among.any():
+                    break
+                pick = self._widest(group, edges, lo, excess * 2.0 ** round_, among)
+                want = [w & pick[widx[e]] for w, (_, e, _) in zip(want, parts)]
+            jobs = [(x, e[at], v, at, t) for (x, e, v), w, t in zip(parts, want, done)
+                    for at in [torch.nonzero(w).squeeze(1)] if at.numel()]
+            asked = [(x, e, best[widx[e]] - tol) for x, e, *_ in jobs]
+            for (_, edges, v, at, t), (new_lo, new_hi) in zip(jobs, tighten(group, asked)):
+                v[at] = torch.maximum(v[at], new_lo)
+                best.scatter_reduce_(0, widx[edges], new_hi, reduce="amin")
+                t[at] = True
+            if others is None:
+                break
+            round_ += 1
+
     # -- a tolerance on node means ------------------------------------------------------------
 
     def _held(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,11 +352,15 @@ class MinimumSearch:
         return (excess[ends[0][slot]] > 0) | (excess[ends[1][slot]] > 0)
 
     def _widest(self, group: int, edges: torch.Tensor, lo: torch.Tensor,
-                excess: torch.Tensor) -> torch.Tensor:
+                excess: torch.Tensor, among: torch.Tensor | None = None) -> torch.Tensor:
         """Per slot, whether to solve it this round: at each node wider than the tolerance, its
-        held slots (those of ``edges``) by decreasing width per held example (the solves
-        that may remove it) until their widths cover the node's excess (at least one)."""
-        slots, count = torch.unique(self.widx[group][edges], return_counts=True)
+        held slots (those of ``edges``; of ``edges[among]`` if given) by decreasing width per
+        held example (the solves that may remove it) until their widths cover the node's
+        excess (at least one)."""
+        slot = self.widx[group][edges]
+        count = torch.bincount(slot, minlength=self.best[group].numel())
+        slots = torch.unique(slot if among is None else slot[among])
+        count = count[slots]
         width = self._slot_widths(group, edges, lo)[slots]
         value = width / count
         pick = torch.zeros(self.best[group].numel(), dtype=torch.bool, device=edges.device)
@@ -302,3 +377,4 @@ class MinimumSearch:
             before = total - covered - (total[first] - covered[first])
             pick[slots[order[before < excess[ranked]]]] = True
         return pick
+
