@@ -229,7 +229,7 @@ def test_tightening_before_the_solves_keeps_every_guarantee(case, on_nodes, shar
     assert (spread[has] / nodes.total[has] <= tolerance * (1 + 1e-12) + 1e-15).all()
 
 
-def test_tightening_skips_edges_at_narrow_nodes():
+def test_tightening_stops_once_the_wide_nodes_are_covered():
     """Under a tolerance on node means a node's widest edges are tightened until they cover
     its excess, not every held edge: here (the nodes of the test below) edge 0 alone, which
     then leaves every node within the tolerance, so edges 1 and 2 are neither tightened nor
