@@ -26,11 +26,15 @@ from curvprune.transport.bounds import (
     SIMPLEX,
     SINGLE,
     TWO,
+    _by_product,
+    _col_sums,
     _dual_breakpoints,
     _edge_plans,
     _factored_bounds,
     _groups,
     _measure_keys,
+    _product_sums,
+    _row_sums,
     _shared_problems,
     _subgroups,
     bound_edges,
@@ -305,6 +309,80 @@ def test_single_and_two_atom_shared_problems_equal_the_simplex(seed):
         checked[kind] += 1
     assert min(checked) > 0, checked
 
+
+
+def check_product_sums(problem, unreachable: float, rng: torch.Generator) -> int:
+    """The screen's swap-plan sums by one matrix product over the layer equal the keyed sums,
+    on every general edge of ``problem``, with a fraction ``unreachable`` of the distances
+    made infinite; returns the number of edges checked."""
+    general = general_edges(problem)
+    tables = problem.distances
+    if not general.numel() or not all(isinstance(t, torch.Tensor) and t.dim() == 2
+                                      for t in (tables.d_kj, tables.d_im)):
+        return 0
+    src, dst = problem.src[general], problem.dst[general]
+    mu, nu = problem.mu, problem.nu
+    d_kj, d_im = (torch.where(torch.rand(t.shape, generator=rng, dtype=t.dtype) < unreachable,
+                              math.inf, t) for t in (tables.d_kj, tables.d_im))
+    tables = type(tables)(d_kj, d_im, tables.d_km)
+    rows = _groups(_measure_keys(mu)[src], dst)
+    cols = _groups(src, _measure_keys(nu)[dst])
+    for keyed, product in (
+            (_row_sums(tables, src, dst, mu, rows, 1 << 22),
+             _product_sums(mu, d_kj, src, dst, rows_first=True)),
+            (_col_sums(tables, src, dst, nu, cols, 1 << 22),
+             _product_sums(nu, d_im, dst, src, rows_first=False))):
+        assert torch.equal(torch.isinf(keyed), torch.isinf(product))
+        assert not torch.isnan(product).any()
+        finite = torch.isfinite(keyed)
+        assert torch.allclose(product[finite], keyed[finite], rtol=1e-12, atol=1e-15)
+    return general.numel()
+
+
+@settings(max_examples=30, **_SETTINGS)
+@given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1),
+       unreachable=st.sampled_from([0.0, 0.3]), data=st.data())
+def test_swap_sums_by_product_equal_the_keyed_sums(spec, unreachable, data):
+    """The swap-plan sums of the screen, ``p.A`` and ``sum_m q_m D(i, m)``, computed for the
+    whole layer by one matrix product (``_product_sums``, used where it is cheaper:
+    ``_by_product``) equal the keyed sums per edge to rounding, on the neuron graph's dense
+    tables and the channel graph's (random networks with zero weights and dead units); an
+    infinite distance with mass on it gives ``inf`` in both, and no product gives NaN."""
+    rng = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    for g in range(graph.num_groups):
+        check_product_sums(graph.edge_problem(g, examples[0], 0.0), unreachable, rng)
+    net = dict(data.draw(random_nets()))
+    net.pop("zero"), net.pop("alpha")
+    channels = RandomNet(**net).eval()
+    _perturb(channels, seed=net["seed"], zero_fraction=0.3)
+    traced = _trace(channels, _inputs((3, 4, 4), seed=net["seed"]))
+    problems = ChannelProblems(traced, channel_distances(traced))
+    for g in range(problems.num_groups):
+        check_product_sums(problems.edge_problem(g, traced.activity[0], 0.0), unreachable, rng)
+
+
+def test_the_screen_sums_dense_layers_by_product():
+    """``_by_product`` picks the matrix product for a dense layer with wide supports, and the
+    keyed sums for a table that is not a dense tensor or a product over the ``block``; on
+    that layer the two agree, with and without unreachable pairs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 6, 1)).eval()
+    graph = _trace(model, _inputs((3, 4, 4), seed=0))
+    problems = ChannelProblems(graph, channel_distances(graph))
+    problem = problems.edge_problem(1, graph.activity[0], 0.0)  # the middle conv
+    edges = general_edges(problem).numel()
+    assert edges > 0
+    assert _by_product(problem.mu, problem.distances.d_kj, edges, 1 << 22)
+    assert _by_product(problem.nu, problem.distances.d_im, edges, 1 << 22)
+    assert not _by_product(problem.mu, problem.distances.d_kj, edges, 1)
+    assert not _by_product(problem.mu, object(), edges, 1 << 22)
+    rng = torch.Generator().manual_seed(0)
+    assert check_product_sums(problem, 0.0, rng) == edges
+    assert check_product_sums(problem, 0.3, rng) == edges
 
 @settings(max_examples=60, **_SETTINGS)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4), st.booleans()), min_size=1,
