@@ -310,7 +310,6 @@ def test_single_and_two_atom_shared_problems_equal_the_simplex(seed):
     assert min(checked) > 0, checked
 
 
-
 def check_product_sums(problem, unreachable: float, rng: torch.Generator) -> int:
     """The screen's swap-plan sums by one matrix product over the layer equal the keyed sums,
     on every general edge of ``problem``, with a fraction ``unreachable`` of the distances
@@ -383,6 +382,7 @@ def test_the_screen_sums_dense_layers_by_product():
     rng = torch.Generator().manual_seed(0)
     assert check_product_sums(problem, 0.0, rng) == edges
     assert check_product_sums(problem, 0.3, rng) == edges
+
 
 @settings(max_examples=60, **_SETTINGS)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4), st.booleans()), min_size=1,

@@ -85,10 +85,10 @@ def bound_edges(
     row and column key (or for every pair of the layer by one matrix product, where that is
     cheaper: :func:`_product_sums`) and without any shared problem. An edge whose this
     lower bound (less ``error``) is at least its ``ceiling`` gets it as ``lo`` and
-    ``hi = +inf`` (unknown), and
-    its shared problem is never built. The minimum search passes ``U_w - tolerance`` (the
-    best upper bound of the edge's weight over the earlier examples, less the tolerance) as
-    the ceiling: such an edge cannot move its weight's interval
+    ``hi = +inf`` (unknown), and its shared problem is never built. The minimum search
+    passes ``U_w - tolerance`` (the best upper bound of the edge's weight over the earlier
+    examples, less the tolerance) as the ceiling: such an edge cannot move its weight's
+    interval
     (:mod:`curvprune.transport.minimum`), so it needs no tighter bound. Counted as
     ``screened``. For the same reason an open edge whose shared-problem lower bound (less
     ``error``) reaches its ceiling is not tightened edge by edge (for every alpha).
