@@ -9,6 +9,7 @@ The oracle and the engine share the shared problems (``X0``, potentials, slack) 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -76,7 +77,8 @@ def general_edges(problem) -> torch.Tensor:
 
 
 def check_against_per_edge(problem, alpha, blocks=(1 << 22, 7)) -> int:
-    """The factored bounds equal the oracle's to 1e-12 relative (at any chunk size)."""
+    """The factored bounds equal the oracle's to 1e-12 relative (at any chunk size, each side
+    keyed or evaluated edge by edge)."""
     general = general_edges(problem)
     if general.numel() == 0:
         return 0
@@ -85,9 +87,10 @@ def check_against_per_edge(problem, alpha, blocks=(1 << 22, 7)) -> int:
                               _measure_keys(problem.mu), _measure_keys(problem.nu), 1 << 22,
                               EngineStats())
     want_lo, want_hi = per_edge_bounds(problem, general, shared, alpha)
-    for block in blocks:
+    # Each side keyed (direct=0), the engine's choice (None), each side edge by edge.
+    for block, direct in itertools.product(blocks, (0, None, 1 << 30)):
         lower, upper = _factored_bounds(problem.distances, src, dst, de, problem.mu, problem.nu,
-                                        shared, alpha, block)
+                                        shared, alpha, block, direct=direct)
         scale = 1e-12 * (want_lo.abs() + want_hi.abs() + de)
         assert ((lower - want_lo).abs() <= scale).all(), (lower - want_lo).abs().max()
         assert ((upper - want_hi).abs() <= scale).all(), (upper - want_hi).abs().max()

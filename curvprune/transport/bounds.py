@@ -501,8 +501,8 @@ def _knapsack_fill(w: torch.Tensor, r: torch.Tensor, delta: torch.Tensor
 
 def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
                      mu: _Measure, nu: _Measure, shared: _Shared, alpha: float, block: int,
-                     keys: tuple[_Keys | None, _Keys | None] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     keys: tuple[_Keys | None, _Keys | None] | None = None,
+                     direct: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Bounds ``lower <= X <= upper`` of :func:`bound_edges` (before ``1 - X / d``), factored by
     row and column keys.
 
@@ -539,6 +539,13 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
     certificate; only the order of the float summation changes (each term and sum is rounded
     as in the per-edge sum, within a few ulps of the same magnitudes; tested against the
     per-edge evaluation to 1e-12 relative, and against ``ot.emd2``).
+
+    A side at most ``direct`` support slots wide (default :data:`_DIRECT_WIDTH`) is instead
+    evaluated edge by edge, as defined: :math:`F(t) = \sum_k p_k \min(f_k + t, A_k)` (or
+    :math:`G(t)`) at the three ``t``, in :math:`O(d_k)` per edge, with no keys and no sort.
+    Where a side is that narrow its keys are nearly one per edge (a dense layer's
+    single-neighbour side: ``(p_i, j)`` is new for every edge), so the keyed tables would cost
+    a sort of all the edges to save nothing.
     """
     device, dtype = d.device, d.dtype
     k_tab, m_tab, p_mass, q_mass = mu.table, nu.table, mu.mass, nu.mass
@@ -546,14 +553,19 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
     dk, dm = k_tab.shape[1], m_tab.shape[1]
     inf = torch.tensor(math.inf, dtype=dtype, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
+    every = torch.arange(src.numel(), device=device)
     rows, cols = keys if keys is not None else (None, None)
-    (row_of_edge, n_rows, row_rep) = rows if rows is not None else \
-        _groups(shared.p_key[src], dst)
-    (col_of_edge, n_cols, col_rep) = cols if cols is not None else \
-        _groups(src, shared.q_key[dst])
+    # A side at most `direct` wide is evaluated edge by edge (no keys, no sort).
+    direct = _DIRECT_WIDTH if direct is None else direct
+    row_direct, col_direct = dk <= direct, dm <= direct
+    if not row_direct:
+        (row_of_edge, n_rows, row_rep) = rows if rows is not None else \
+            _groups(shared.p_key[src], dst)
+    if not col_direct:
+        (col_of_edge, n_cols, col_rep) = cols if cols is not None else \
+            _groups(src, shared.q_key[dst])
 
-    def row_terms(keys: torch.Tensor):
-        e = row_rep[keys]
+    def row_terms(e: torch.Tensor):
         i, j = src[e], dst[e]
         pm = p_mass[i]
         valid = pm > 0
@@ -561,8 +573,7 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
         f = shared.f[shared.pair[e]]
         return valid, pm, a, f, torch.where(valid, a - f, inf)
 
-    def col_terms(keys: torch.Tensor):
-        e = col_rep[keys]
+    def col_terms(e: torch.Tensor):
         i, j = src[e], dst[e]
         qm = q_mass[j]
         valid = qm > 0
@@ -570,46 +581,70 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
         g = shared.g[shared.pair[e]]
         return valid, qm, dist, g, torch.where(valid, g - dist, -inf)
 
-    # t_row per row key: the largest t that clips no row.
-    t_row = torch.empty(n_rows, dtype=dtype, device=device)
-    for keys in _chunks(torch.arange(n_rows, device=device), block, 4 * dk):
-        t_row[keys] = row_terms(keys)[4].amin(1)
-    # Columns: per edge the three t and the column part of each value, and q.B.
     t = torch.empty((3, src.numel()), dtype=dtype, device=device)
     value = torch.empty((3, src.numel()), dtype=dtype, device=device)
     swap = torch.empty(src.numel(), dtype=dtype, device=device)
-    for keys, edges in _key_chunks(col_of_edge, n_cols, block, 8 * (dm + 1)):
-        valid, qm, dist, g, brk = col_terms(keys)
-        brk, order = brk.sort(1)
-        qm = torch.where(valid, qm, zero).gather(1, order)
-        prefix_g, prefix_q = _prefix(qm * g.gather(1, order)), _prefix(qm)
-        suffix_d, suffix_q = _suffix(qm * dist.gather(1, order)), _suffix(qm)
-        for part in _chunks(edges, block, 16):
-            key, de = col_of_edge[part] - keys[0], d[part]
-            t[0, part] = t_row[row_of_edge[part]]
-            t[1, part] = brk[key, -1] + de  # the smallest t that clips no column
+    # t_row: the largest t that clips no row, per row key (or per edge).
+    if row_direct:
+        for part in _chunks(every, block, 4 * dk):
+            t[0, part] = row_terms(part)[4].amin(1)
+    else:
+        t_row = torch.empty(n_rows, dtype=dtype, device=device)
+        for keys in _chunks(torch.arange(n_rows, device=device), block, 4 * dk):
+            t_row[keys] = row_terms(row_rep[keys])[4].amin(1)
+        t[0] = t_row[row_of_edge]
+    # Columns: per edge the other two t and the column part of each value, and q.B.
+    if col_direct:
+        for part in _chunks(every, block, 8 * (dm + 1)):
+            valid, qm, dist, g, brk = col_terms(part)
+            de = d[part]
+            t[1, part] = brk.amax(1) + de  # the smallest t that clips no column
             t[2, part] = 0.5 * (t[0, part] + t[1, part])
+            b = dist - de[:, None]
             for s in range(3):
-                ts = t[s, part]
-                at = _count_sorted(brk, key, ts - de, inclusive=True)
-                value[s, part] = (prefix_g[key, at] - ts * prefix_q[key, at]
-                                  + (suffix_d[key, at] - de * suffix_q[key, at]))
-            swap[part] = suffix_d[key, 0] - de * suffix_q[key, 0]
+                value[s, part] = torch.where(
+                    valid, qm * torch.minimum(g - t[s, part, None], b), zero).sum(1)
+            swap[part] = _weighted_sum(qm, dist) - de * torch.where(valid, qm, zero).sum(1)
+    else:
+        for keys, edges in _key_chunks(col_of_edge, n_cols, block, 8 * (dm + 1)):
+            valid, qm, dist, g, brk = col_terms(col_rep[keys])
+            brk, order = brk.sort(1)
+            qm = torch.where(valid, qm, zero).gather(1, order)
+            prefix_g, prefix_q = _prefix(qm * g.gather(1, order)), _prefix(qm)
+            suffix_d, suffix_q = _suffix(qm * dist.gather(1, order)), _suffix(qm)
+            for part in _chunks(edges, block, 16):
+                key, de = col_of_edge[part] - keys[0], d[part]
+                t[1, part] = brk[key, -1] + de  # the smallest t that clips no column
+                t[2, part] = 0.5 * (t[0, part] + t[1, part])
+                for s in range(3):
+                    ts = t[s, part]
+                    at = _count_sorted(brk, key, ts - de, inclusive=True)
+                    value[s, part] = (prefix_g[key, at] - ts * prefix_q[key, at]
+                                      + (suffix_d[key, at] - de * suffix_q[key, at]))
+                swap[part] = suffix_d[key, 0] - de * suffix_q[key, 0]
     # Rows: the row part of each value, and p.A.
-    for keys, edges in _key_chunks(row_of_edge, n_rows, block, 8 * (dk + 1)):
-        valid, pm, a, f, brk = row_terms(keys)
-        brk, order = brk.sort(1)
-        pm = torch.where(valid, pm, zero).gather(1, order)
-        prefix_a = _prefix(pm * a.gather(1, order))
-        suffix_f, suffix_p = _suffix(pm * f.gather(1, order)), _suffix(pm)
-        for part in _chunks(edges, block, 16):
-            key = row_of_edge[part] - keys[0]
+    if row_direct:
+        for part in _chunks(every, block, 8 * (dk + 1)):
+            valid, pm, a, f, _ = row_terms(part)
             for s in range(3):
-                ts = t[s, part]
-                at = _count_sorted(brk, key, ts, inclusive=False)
-                value[s, part] += prefix_a[key, at] + (suffix_f[key, at]
-                                                        + ts * suffix_p[key, at])
-            swap[part] += prefix_a[key, -1]
+                value[s, part] += torch.where(
+                    valid, pm * torch.minimum(f + t[s, part, None], a), zero).sum(1)
+            swap[part] += _weighted_sum(pm, a)
+    else:
+        for keys, edges in _key_chunks(row_of_edge, n_rows, block, 8 * (dk + 1)):
+            valid, pm, a, f, brk = row_terms(row_rep[keys])
+            brk, order = brk.sort(1)
+            pm = torch.where(valid, pm, zero).gather(1, order)
+            prefix_a = _prefix(pm * a.gather(1, order))
+            suffix_f, suffix_p = _suffix(pm * f.gather(1, order)), _suffix(pm)
+            for part in _chunks(edges, block, 16):
+                key = row_of_edge[part] - keys[0]
+                for s in range(3):
+                    ts = t[s, part]
+                    at = _count_sorted(brk, key, ts, inclusive=False)
+                    value[s, part] += prefix_a[key, at] + (suffix_f[key, at]
+                                                            + ts * suffix_p[key, at])
+                swap[part] += prefix_a[key, -1]
     lower = value.amax(0) - shared.slack[shared.pair]
     # Plans: no swap (X0), and a share lam of every unit swapped (all of it for alpha >= 1/2).
     upper = shared.x0[shared.pair]
@@ -617,6 +652,17 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
     if lam > 0:
         upper = torch.minimum(upper, lam * swap + (1.0 - lam) * upper)
     return lower, upper
+
+
+#: A side of :func:`_factored_bounds` at most this wide (support slots) is evaluated edge by
+#: edge, as the per-edge definition reads, instead of by sorted per-key tables: grouping its
+#: keys (a sort of all the edges) costs more than the few terms of each edge. Measured per
+#: call, one thread, every width on the same problems (scratch script): vit_small's second
+#: and third images, whose every layer has a side 1 or 2 wide with one key per edge, 47.3 s
+#: keyed against 41.3 s (40.9-42.8 s at widths 8-128; 206 s all edge by edge);
+#: efficientnet_b0's first two images 87.5 s against 84.9 s (its 2-wide sides 4.4 s against
+#: 2.1 s; wider thresholds 81-87 s, within the run's noise).
+_DIRECT_WIDTH = 2
 
 
 def _dual_breakpoints(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
