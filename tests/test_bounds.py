@@ -29,6 +29,7 @@ from curvprune.transport.bounds import (
     TWO,
     _by_product,
     _col_sums,
+    _count_sorted,
     _dual_breakpoints,
     _edge_plans,
     _factored_bounds,
@@ -603,3 +604,22 @@ def test_dual_at_every_breakpoint_equals_the_oracle(spec, alpha, cut_tol):
         if cut_tol == 0.0:  # the bound of the exact (uncut) problem
             hi = 1.0 - got / de
             assert (value[general] <= hi + 1e-9 * (1 + hi.abs())).all()
+
+
+@settings(max_examples=60, **_SETTINGS)
+@given(width=st.integers(0, 70), rows=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+       inclusive=st.booleans())
+def test_count_sorted_equals_searchsorted(width, rows, seed, inclusive):
+    """The factored bounds' binary search counts what ``torch.searchsorted`` counts on each
+    query's own row (``side="right"`` for ``<=``), with ties, infinities and queries past
+    either end."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randint(-3, 4, (rows, width), generator=gen).to(torch.float64)
+    table[torch.rand(rows, width, generator=gen) < 0.1] = -math.inf
+    table[torch.rand(rows, width, generator=gen) < 0.1] = math.inf
+    table = table.sort(1).values
+    key = torch.randint(0, rows, (200,), generator=gen)
+    value = torch.randint(-5, 6, (200,), generator=gen).to(torch.float64)
+    value[:3] = torch.tensor([-math.inf, math.inf, 0.5], dtype=torch.float64)
+    want = torch.searchsorted(table[key], value[:, None], right=inclusive).squeeze(1)
+    assert torch.equal(_count_sorted(table, key, value, inclusive=inclusive), want)

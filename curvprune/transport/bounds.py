@@ -618,7 +618,9 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
                 t[2, part] = 0.5 * (t[0, part] + t[1, part])
                 for s in range(3):
                     ts = t[s, part]
-                    at = _count_sorted(brk, key, ts - de, inclusive=True)
+                    # At t_col every column is clipped: no search.
+                    at = _count_sorted(brk, key, ts - de, inclusive=True) if s != 1 else \
+                        torch.full_like(key, brk.shape[1])
                     value[s, part] = (prefix_g[key, at] - ts * prefix_q[key, at]
                                       + (suffix_d[key, at] - de * suffix_q[key, at]))
                 swap[part] = suffix_d[key, 0] - de * suffix_q[key, 0]
@@ -641,7 +643,9 @@ def _factored_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d:
                 key = row_of_edge[part] - keys[0]
                 for s in range(3):
                     ts = t[s, part]
-                    at = _count_sorted(brk, key, ts, inclusive=False)
+                    # At t_row (the key's smallest breakpoint) no row is clipped: no search.
+                    at = _count_sorted(brk, key, ts, inclusive=False) if s != 0 else \
+                        torch.zeros_like(key)
                     value[s, part] += prefix_a[key, at] + (suffix_f[key, at]
                                                             + ts * suffix_p[key, at])
                 swap[part] += prefix_a[key, -1]
@@ -878,17 +882,20 @@ def _count_sorted(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                   inclusive: bool) -> torch.Tensor:
     """Per query, how many entries of the sorted row ``rows[key]`` are ``< value``
     (``<= value`` with ``inclusive``): a binary search on all queries at once, reading one
-    entry per query and step instead of gathering whole rows."""
+    entry per query and step instead of gathering whole rows. The count grows by halving
+    steps while the entry it would take in still passes (a count past the row's end is
+    clamped to it, where passing means every entry passes)."""
     width = rows.shape[1]
+    if width == 0:
+        return torch.zeros_like(key)
     flat = rows.reshape(-1)
-    base = key * width
-    lo = torch.zeros_like(key)
-    hi = torch.full_like(key, width)
-    for _ in range(width.bit_length()):
-        mid = (lo + hi) // 2
-        entry = flat[base + mid.clamp(max=width - 1)]
-        below = (entry <= value) if inclusive else (entry < value)
-        active = lo < hi
-        lo = torch.where(active & below, mid + 1, lo)
-        hi = torch.where(active & ~below, mid, hi)
-    return lo
+    before = key * width - 1  # flat[before + c]: the c-th entry of the row (c >= 1)
+    count = torch.zeros_like(key)
+    step = 1 << (width.bit_length() - 1)
+    while step:
+        take = (count + step).clamp_(max=width)
+        entry = flat[before + take]
+        passes = (entry <= value) if inclusive else (entry < value)
+        count = torch.where(passes, take, count)
+        step >>= 1
+    return count
