@@ -2,6 +2,8 @@
 
     python benchmarks/channel_fidelity.py                  # the zoo models below, 4 images
     python benchmarks/channel_fidelity.py --models timm/resnet18 --images 2
+    python benchmarks/channel_fidelity.py --images 2 --node-means --tolerances 1e-3 1e-2 \
+        --out benchmarks/results/channel_fidelity_node_means
 
 For each reduced-width zoo model (:mod:`curvprune.models.zoo`, deterministic random weights;
 seeded standard-normal calibration images, ``zoo.example_input``) at channel granularity:
@@ -10,7 +12,10 @@ seeded standard-normal calibration images, ``zoo.example_input``) at channel gra
   ratio 0.1 .. 0.5, per group and global (``global_pruning=True``), the channels
   ``prune_channels(copy, None, ratio, result=exact)`` removes (Torch-Pruning's pruning
   history, element for element);
-* at each tolerance (1e-3, 1e-2 and the default 1e-14), one scoring, then at every ratio and
+* at each tolerance (``--tolerances``: 1e-3, the default 1e-2, and 1e-14), one scoring (with
+  ``--node-means``: ``node_reduction="mean"``, the tolerance spent on each channel's mean
+  curvature, as ``CurvatureImportance`` and hence ``prune_channels`` score by default; without
+  it, on each weight's interval), then at every ratio and
   scope, on the ``MetaPruner`` that ``prune_channels(copy, None, ratio, result=r)`` builds: the
   *midpoint* ranking (a plain ``pruner.step()``: what ``prune_channels`` did before it was made
   decision-exact) and the *decision-exact* step (``certified_step(pruner)``, what
@@ -49,7 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["timm/resnet18", "timm/mobilenetv3_large_100", "timm/convnext_atto",
           "timm/vit_tiny_patch16_224"]
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5]
-TOLERANCES = [1e-3, 1e-2, TOLERANCE]
+TOLERANCES = list(dict.fromkeys([1e-3, TOLERANCE, 1e-14]))  # TOLERANCE: the default, 1e-2
 SCOPES = {"group": False, "global": True}
 
 
@@ -81,7 +86,8 @@ def pruner_for(name, model, x, result, ratio, global_pruning):
         num_heads=attention_heads(model), prune_num_heads=False, prune_head_dims=True)
 
 
-def run_model(name: str, images: int) -> dict:
+def run_model(name: str, images: int, tolerances: list[float] = TOLERANCES,
+              node_means: bool = False) -> dict:
     base = zoo.create(name)
     x = zoo.example_input(name, batch=images)
     start = time.perf_counter()
@@ -96,11 +102,13 @@ def run_model(name: str, images: int) -> dict:
                                     example_inputs=x[:1],
                                     ignored_layers=zoo.ignored_layers(name, model))
             want[scope, ratio] = history(report.removed)
-    for tolerance in TOLERANCES:
+    for tolerance in tolerances:
         start = time.perf_counter()
-        scores = neural_curvature(base, x, granularity="channel", tolerance=tolerance)
-        entry = {"tolerance": tolerance, "seconds": time.perf_counter() - start,
-                 "max_width": scores.max_width, "runs": []}
+        scores = neural_curvature(base, x, granularity="channel", tolerance=tolerance,
+                                  node_reduction="mean" if node_means else None)
+        entry = {"tolerance": tolerance, "node_reduction": "mean" if node_means else None,
+                 "seconds": time.perf_counter() - start, "max_width": scores.max_width,
+                 "max_node_width": _max_node_width(scores), "runs": []}
         for scope, flag in SCOPES.items():
             for ratio in RATIOS:
                 pruner = pruner_for(name, copy.deepcopy(base), x, scores, ratio, flag)
@@ -129,6 +137,13 @@ def run_model(name: str, images: int) -> dict:
     return row
 
 
+def _max_node_width(result) -> float:
+    """The widest interval of a channel's mean curvature (what ``--node-means`` bounds)."""
+    lo, hi = result.node_kappa_bounds("mean")
+    width = (hi - lo)[torch.isfinite(hi - lo)]
+    return float(width.max()) if width.numel() else 0.0
+
+
 def _same(run: dict, mode: str) -> str:
     return "Y" if run[f"{mode}_identical"] else f"N ({run[f'{mode}_differing']})"
 
@@ -141,8 +156,8 @@ def table(rows: list[dict], command: str) -> str:
                   "0.4 / 0.5: identical to exact (Y/N, or the number of channels that "
                   "differ), channel edges solved exactly, extra time of the decision-exact "
                   "step over the midpoint step (s: dry run, bounds, solves).", "",
-                  "| tolerance | scoring (s) | largest width | scope | midpoints | "
-                  "decision-exact | edges solved | extra (s) |",
+                  "| tolerance | scoring (s) | largest width (edge / channel mean) | scope | "
+                  "midpoints | decision-exact | edges solved | extra (s) |",
                   "|---|---|---|---|---|---|---|---|"]
         for entry in row["tolerances"]:
             for scope in SCOPES:
@@ -152,9 +167,11 @@ def table(rows: list[dict], command: str) -> str:
                 edges = " / ".join(str(r["refined_edges"]) for r in runs)
                 extra = " / ".join(f"{r['decision_step_seconds'] - r['midpoint_step_seconds']:.1f}"
                                    for r in runs)
-                lines.append(f"| {entry['tolerance']:g} | {entry['seconds']:.1f} | "
-                             f"{entry['max_width']:.2g} | {scope} | {mid} | {dec} | {edges} | "
-                             f"{extra} |")
+                node = entry.get("max_node_width")
+                width = f"{entry['max_width']:.2g}" + ("" if node is None else f" / {node:.2g}")
+                mode = " (channel means)" if entry.get("node_reduction") else ""
+                lines.append(f"| {entry['tolerance']:g}{mode} | {entry['seconds']:.1f} | "
+                             f"{width} | {scope} | {mid} | {dec} | {edges} | {extra} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -163,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--tolerances", type=float, nargs="+", default=TOLERANCES)
+    parser.add_argument("--node-means", action="store_true",
+                        help="score as CurvatureImportance does by default: the tolerance on "
+                             "each channel's mean curvature (node_reduction='mean')")
     parser.add_argument("--out", default=str(RESULTS / "channel_fidelity"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -173,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:  # written after every model: a partial run keeps what it did
-        rows.append(run_model(name, args.images))
+        rows.append(run_model(name, args.images, args.tolerances, args.node_means))
         data = {"command": command.strip(), "load_before": load,
                 "load_after": os.getloadavg(), "threads": torch.get_num_threads(),
                 "rows": rows}

@@ -449,3 +449,21 @@ def test_unstructured_curv_wanda_is_the_library_criterion():
             assert "tolerance" not in info
         else:
             assert info["tolerance"] == tolerance and 0 <= info["max_width"] <= tolerance
+
+
+@pytest.mark.slow
+def test_channel_fidelity_node_means_row():
+    """``channel_fidelity.py --node-means``: scored as ``CurvatureImportance`` does by default
+    (the tolerance on each channel's mean), the decision-exact step still removes exactly the
+    channels of exact curvature, at every ratio and both scopes, and every channel mean's
+    interval is within the tolerance (its per-edge intervals need not be)."""
+    fidelity = benchmark_module("channel_fidelity")
+    row = fidelity.run_model("timm/vit_tiny_patch16_224", 1, [1e-2], node_means=True)
+    (entry,) = row["tolerances"]
+    assert entry["node_reduction"] == "mean"
+    assert 0 < entry["max_node_width"] <= 1e-2
+    runs = entry["runs"]
+    assert len(runs) == len(fidelity.RATIOS) * len(fidelity.SCOPES)
+    assert all(r["decision_identical"] and r["decision_differing"] == 0 for r in runs)
+    assert all(r["channels_removed"] > 0 for r in runs)
+    assert "0.01 (channel means)" in fidelity.table([row], "cmd")
