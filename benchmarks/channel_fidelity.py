@@ -108,7 +108,7 @@ def run_model(name: str, images: int, tolerances: list[float] = TOLERANCES,
                                   node_reduction="mean" if node_means else None)
         entry = {"tolerance": tolerance, "node_reduction": "mean" if node_means else None,
                  "seconds": time.perf_counter() - start, "max_width": scores.max_width,
-                 "max_node_width": _max_node_width(scores), "runs": []}
+                 "max_node_width": scores.max_node_width("mean"), "runs": []}
         for scope, flag in SCOPES.items():
             for ratio in RATIOS:
                 pruner = pruner_for(name, copy.deepcopy(base), x, scores, ratio, flag)
@@ -135,13 +135,6 @@ def run_model(name: str, images: int, tolerances: list[float] = TOLERANCES,
         print(f"{name} tolerance {tolerance:g}: scored in {entry['seconds']:.1f} s, decision "
               f"identical {all(r['decision_identical'] for r in entry['runs'])}", flush=True)
     return row
-
-
-def _max_node_width(result) -> float:
-    """The widest interval of a channel's mean curvature (what ``--node-means`` bounds)."""
-    lo, hi = result.node_kappa_bounds("mean")
-    width = (hi - lo)[torch.isfinite(hi - lo)]
-    return float(width.max()) if width.numel() else 0.0
 
 
 def _same(run: dict, mode: str) -> str:

@@ -238,6 +238,15 @@ class CurvatureResult:
         return (self._reduce_to_nodes(self.edge_kappa_lo, reduction),
                 self._reduce_to_nodes(self.edge_kappa_hi, reduction))
 
+    def max_node_width(self, reduction: str = "mean") -> float:
+        """The largest width ``hi - lo`` of :meth:`node_kappa_bounds` over the nodes whose
+        bounds are finite (0 if every node is exact): what a tolerance on node means bounds
+        (``neural_curvature(..., node_reduction=reduction)``), while single edges may be
+        wider (:attr:`max_width`). Channel granularity only."""
+        lo, hi = self.node_kappa_bounds(reduction)
+        width = (hi - lo)[torch.isfinite(lo) & torch.isfinite(hi)]
+        return float(width.max()) if width.numel() else 0.0
+
     def _reduce_to_nodes(self, edge_values: torch.Tensor, reduction: str) -> torch.Tensor:
         """``edge_values`` (one per channel edge) combined per node as :meth:`node_kappa`."""
         check_choice(reduction, "reduction", REDUCTIONS)
@@ -394,8 +403,7 @@ class CurvatureResult:
 
     def _tolerance_scope(self) -> str:
         if self.node_reduction in ("mean", "weighted") and self.tolerance > 0:
-            lo, hi = self.node_kappa_bounds(self.node_reduction)
-            width = float((hi - lo).nan_to_num(nan=0.0).max()) if lo.numel() else 0.0
+            width = self.max_node_width(self.node_reduction)
             return (f" on each channel's {self.node_reduction} curvature: largest channel "
                     f"width {width:.2g}")
         return ""

@@ -6,6 +6,11 @@ matching ``+inf`` exactly. The networks cover conv and linear chains, strides, p
 whole layers), dead units (negative biases, a layer dead on one example), tanh/sigmoid/leaky
 activations, eval-mode BatchNorm with non-trivial running statistics and several alphas. A
 hypothesis failure prints a :class:`conftest.NetSpec`: ``conftest.build(spec)`` reproduces it.
+
+The example counts (1,850 random networks per CI run, fresh ones each run) are sized so
+that the whole CI run stays under 30 minutes on 2 cores on a slow day: the reference solves
+every edge with ``ot.emd2`` and is most of the time here. They were cut from 2,900 on
+2026-12-04, after a CI run took 41 minutes; the tests' strategies are unchanged.
 """
 
 from __future__ import annotations
@@ -65,14 +70,14 @@ def activities(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=profile_examples(600), **_SETTINGS)
+@settings(max_examples=profile_examples(400), **_SETTINGS)
 @given(spec=net_specs(max_examples=3), alpha=alphas)
 def test_random_chains_match_reference(spec, alpha):
     model, x = build(spec)
     check_against_reference(model, x, alpha, repr(spec))
 
 
-@settings(max_examples=profile_examples(250), **_SETTINGS)
+@settings(max_examples=profile_examples(200), **_SETTINGS)
 @given(spec=net_specs(conv=True, max_convs=3, max_linears=1, max_examples=2),
        alpha=st.sampled_from([0.0, 0.5, 0.9]))
 def test_conv_chains_match_reference(spec, alpha):
@@ -81,7 +86,7 @@ def test_conv_chains_match_reference(spec, alpha):
     check_against_reference(model, x, alpha, repr(spec))
 
 
-@settings(max_examples=profile_examples(400), **_SETTINGS)
+@settings(max_examples=profile_examples(250), **_SETTINGS)
 @given(
     spec=net_specs(max_convs=2, max_linears=4, min_layers=3, max_examples=2,
                    shifts=(0.0, 0.0, -0.3), activations=("relu", "tanh", "leaky_relu", "none"),
@@ -122,7 +127,7 @@ def test_kappa_does_not_depend_on_alpha_above_half(spec):
 
 
 @pytest.mark.slow
-@settings(max_examples=profile_examples(800), **_SETTINGS)
+@settings(max_examples=profile_examples(400), **_SETTINGS)
 @given(spec=net_specs(max_nodes=120, max_convs=3, max_linears=4, max_width=16, max_examples=3),
        alpha=alphas)
 def test_bigger_random_chains_match_reference(spec, alpha):
@@ -131,7 +136,7 @@ def test_bigger_random_chains_match_reference(spec, alpha):
 
 
 @pytest.mark.slow
-@settings(max_examples=profile_examples(500), **_SETTINGS)
+@settings(max_examples=profile_examples(300), **_SETTINGS)
 @given(
     spec=net_specs(max_nodes=90, max_convs=3, max_linears=4, max_width=12, min_layers=4,
                    max_examples=3, shifts=(0.0, 0.0, -0.3),
@@ -389,7 +394,7 @@ def test_tied_weights_and_inputs(alpha):
     check_against_reference(model, x, alpha)
 
 
-@settings(max_examples=profile_examples(150), **_SETTINGS)
+@settings(max_examples=profile_examples(100), **_SETTINGS)
 @given(
     spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=2,
                    shifts=(0.0, 0.0, -0.3), zero_modes=("none", "random", "rows", "cols")),

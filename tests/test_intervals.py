@@ -149,6 +149,9 @@ def test_channel_node_intervals_contain_the_exact_result(spec, alpha, tolerance,
     node, lo, hi = node[has], lo[has], hi[has]
     assert (lo <= node + _slack(node)).all() and (node <= hi + _slack(node)).all()
     assert (hi - lo <= tolerance * (1 + 1e-12) + 1e-15).all(), (hi - lo).max()
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    widest = float((hi - lo)[finite].max()) if finite.any() else 0.0
+    assert result.max_node_width(reduction) == widest
     mid = result.node_kappa(reduction)[has]
     assert ((lo <= mid) & (mid <= hi)).all()
 
@@ -182,9 +185,18 @@ def test_node_mean_weights_and_bounds_by_hand():
                                      for e in edges])
                     want = (c * vals).sum() / c.sum()
                 assert torch.isclose(got, want, rtol=1e-12, atol=1e-15), (reduction, v)
+        widths = [float(hi[v] - lo[v]) for v in range(graph.num_nodes) if not torch.isnan(lo[v])]
+        assert result.max_node_width(reduction) == max(widths) > 0
+    assert "largest channel width" not in result.summary()  # no tolerance on node means here
+    means = neural_curvature(model, x, granularity="channel", tolerance=0.1,
+                             node_reduction="mean")
+    assert means.max_node_width("mean") <= 0.1 * (1 + 1e-12)
+    assert f"largest channel width {means.max_node_width('mean'):.2g}" in means.summary()
     neuron = neural_curvature(model, x, granularity="neuron")
     with pytest.raises(ValueError, match="granularity='channel'"):
         neuron.node_kappa_bounds("mean")
+    with pytest.raises(ValueError, match="granularity='channel'"):
+        neuron.max_node_width("mean")
 
 
 def test_node_reduction_is_checked():
