@@ -38,6 +38,7 @@ from ._checks import (
 )
 from ._checks import check_alpha as _check_alpha
 from ._checks import model_device as _model_device
+from ._memory import release_free_memory
 from .calibration import (
     capture_activations,
     half_dtype,
@@ -301,6 +302,8 @@ def neural_curvature(
                     structures, [m.weight.detach().flatten() for m in modules], engine_device,
                     options,
                 )
+                del structures  # the graph keeps the nonzero edges; the rest is not needed
+                release_free_memory()
             acts = [normalise_activity(v).to(engine_device) for v in values]
             for b in range(acts[0].shape[0]):
                 example_acts.append([a[b] for a in acts])
@@ -419,6 +422,7 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
                 live[g].scatter_reduce_(0, slots[g], alive, reduce="amax")
                 stats.add(counts)
                 del built
+                release_free_memory()
         if bar is not None:
             bar.update(1)
 
@@ -460,6 +464,9 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     with _torch_threads(1 if threads > 1 else None), _MinimaBar(bar is not None) as minima:
         upper = search.resolve(solve, on_progress=minima, tighten=tighten)
     stats.ruled_out += search.opened - search.solved
+    cache.drop_before(graph.num_groups)  # every kept problem: the search is done
+    held.clear()
+    release_free_memory()
     return upper, search.lower(), live
 
 
@@ -507,8 +514,11 @@ class _SolveCache:
         """Drop the problems of the groups before ``group`` (the minimum search resolves the
         groups in order, so those are done; the later ones are still to be solved and are
         kept, not rebuilt)."""
-        for key in [k for k in self.items if k[0] < group]:
+        done = [k for k in self.items if k[0] < group]
+        for key in done:
             self.bytes -= self.items.pop(key).nbytes
+        if done:
+            release_free_memory()
 
 
 def channel_edge_bounds(
