@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -411,10 +412,12 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         # thread (each computation is the same as on its own: the results do not depend on
         # the thread count), and recorded here in group order.
         with _torch_threads(1 if threads > 1 else None):
-            jobs = [(g, x, search.ceiling(g) if x else None) for g in todo]
-            done = (bound(*job) for job in jobs) if threads <= 1 or len(jobs) < 2 else \
+            # Each ceiling is made when its job starts, not all of an example's at once
+            # (the same values: only the group's own job changes its minima, after it).
+            jobs = ((g, x, search.ceiling(g) if x else None) for g in todo)
+            done = (bound(*job) for job in jobs) if threads <= 1 or len(todo) < 2 else \
                 _in_order(threads, bound, jobs)
-            for (g, _, _), (built, lo, hi, counts, alive) in zip(jobs, done):
+            for g, (built, lo, hi, counts, alive) in zip(todo, done):
                 search.add(g, x, lo, hi)
                 held = search.held(g, x)
                 if held.numel():
@@ -472,10 +475,11 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     return upper, search.lower(), live
 
 
-def _in_order(threads: int, func, jobs: list[tuple]):
+def _in_order(threads: int, func, jobs: Iterable[tuple]):
     """``func(*job)`` of each job on a pool of ``threads`` threads, yielded in the jobs' order,
     with at most ``2 * threads`` jobs started ahead of the one yielded (so that only a few
-    groups' problems are alive at once)."""
+    groups' problems are alive at once). ``jobs`` is read only as jobs are started, so a
+    generator makes each job's inputs (a ceiling) just in time."""
     pool = _pool(threads, "bounds")
     pending = collections.deque()
     for job in jobs:

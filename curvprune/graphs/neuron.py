@@ -36,10 +36,9 @@ from ..transport import (
     bound_edges,
     cut_measures,
     node_measures,
-    padded_neighbours,
     score_edges,
 )
-from ..transport.measures import _Measure
+from ..transport.measures import _Measure, _padded_slots
 from .base import EdgeProblem
 
 #: Default of :attr:`EngineOptions.window_fraction <curvprune.transport.EngineOptions>`: a hop
@@ -306,6 +305,25 @@ def length_matrix(
     return out
 
 
+def _neighbour_table(keys: torch.Tensor, values: torch.Tensor, n: int, n_values: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` grouped by ``keys`` into an ``[n, max_degree]`` int32 table padded with
+    ``-1`` (:func:`~curvprune.transport.padded_neighbours`; ``values`` are ids below
+    ``n_values``), and each value's slot in the flattened table (int32 ``[E]``). Node ids
+    and slots fit 32 bits for any graph whose hop tables fit in memory; a larger one is
+    refused here rather than wrapped."""
+    slot, width = _padded_slots(keys, n)
+    if max(n * width, n_values) >= 2**31:
+        raise ValueError(
+            f"a node layer of {n} nodes with up to {width} neighbours each (next to a layer "
+            f"of {n_values} nodes) is too large for neuron granularity: over 2**31 table "
+            "slots or node ids. Use granularity='channel' or a smaller input."
+        )
+    table = torch.full((n, width), -1, dtype=torch.int32, device=keys.device)
+    table.view(-1)[slot] = values.to(torch.int32)
+    return table, slot.to(torch.int32)
+
+
 def min_plus(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -348,11 +366,14 @@ class NeuronGraph:
 
     Node layers are ``0..n``; ``layers[l-1]`` holds the nonzero edges of parametrised layer
     ``l`` (between node layers ``l-1`` and ``l``). ``in_nbrs[L]`` (``L >= 1``) and
-    ``out_nbrs[L]`` (``L < n``) are padded neighbour tables and ``in_len``/``out_len`` the
-    lengths of those edges, slot by slot; ``hop2[L]`` is the ``L -> L+2`` distance table and
-    ``hop3[L]`` the ``L -> L+3`` one (:class:`HopTable`: windowed for conv layers, so a conv
-    node keeps only the targets its kernels can reach; dense otherwise). ``num_weights[l-1]``
-    is the number of elements of layer ``l``'s weight.
+    ``out_nbrs[L]`` (``L < n``) are padded neighbour tables (int32, ``-1`` pads: half the
+    memory of int64 node ids; the measures are read from them as int64) and
+    ``in_slot``/``out_slot`` say where each edge of the layer sits in them (int32 ``[E]``,
+    :func:`~curvprune.transport.measures._padded_slots`), so that each node's reach reads the
+    edges' own lengths rather than a padded table of them; ``hop2[L]`` is the ``L -> L+2``
+    distance table and ``hop3[L]`` the ``L -> L+3`` one (:class:`HopTable`: windowed for
+    conv layers, so a conv node keeps only the targets its kernels can reach; dense
+    otherwise). ``num_weights[l-1]`` is the number of elements of layer ``l``'s weight.
 
     It implements the scoring loop's graph interface
     (:class:`~curvprune.graphs.base.EdgeGraph`): one group per parametrised layer, each edge
@@ -363,8 +384,8 @@ class NeuronGraph:
     layers: list[_WeightedEdges]
     in_nbrs: list[torch.Tensor | None] = field(default_factory=list)
     out_nbrs: list[torch.Tensor | None] = field(default_factory=list)
-    in_len: list[torch.Tensor | None] = field(default_factory=list)
-    out_len: list[torch.Tensor | None] = field(default_factory=list)
+    in_slot: list[torch.Tensor | None] = field(default_factory=list)
+    out_slot: list[torch.Tensor | None] = field(default_factory=list)
     hop2: list[HopTable] = field(default_factory=list)
     hop3: list[HopTable] = field(default_factory=list)
     num_weights: list[int] = field(default_factory=list)
@@ -386,21 +407,19 @@ class NeuronGraph:
                                  1.0 / value[keep].abs()))
         n = len(layers)
         graph = cls(sizes, layers, num_weights=[w.numel() for w in weights])
-        graph.in_nbrs = [None] + [
-            padded_neighbours(layers[L - 1].dst, layers[L - 1].src, sizes[L])
-            for L in range(1, n + 1)
-        ]
-        graph.out_nbrs = [
-            padded_neighbours(layers[L].src, layers[L].dst, sizes[L]) for L in range(n)
-        ] + [None]
-        graph.in_len = [None] + [
-            padded_neighbours(layers[L - 1].dst, layers[L - 1].length, sizes[L], fill=0.0)
-            for L in range(1, n + 1)
-        ]
-        graph.out_len = [
-            padded_neighbours(layers[L].src, layers[L].length, sizes[L], fill=0.0)
-            for L in range(n)
-        ] + [None]
+        graph.in_nbrs, graph.in_slot = [None], [None]
+        graph.out_nbrs, graph.out_slot = [], []
+        for L in range(1, n + 1):  # node layer L's in-neighbours, in layer L - 1
+            table, slot = _neighbour_table(layers[L - 1].dst, layers[L - 1].src, sizes[L],
+                                           sizes[L - 1])
+            graph.in_nbrs.append(table)
+            graph.in_slot.append(slot)
+        for L in range(n):  # node layer L's out-neighbours, in layer L + 1
+            table, slot = _neighbour_table(layers[L].src, layers[L].dst, sizes[L], sizes[L + 1])
+            graph.out_nbrs.append(table)
+            graph.out_slot.append(slot)
+        graph.out_nbrs.append(None)
+        graph.out_slot.append(None)
         # hop2[L]: L -> L+2 (through param layers L+1 and L+2); hop3[L]: L -> L+3.
         two, three = _hop_layouts(structures, options.window_fraction)
         shapes = _node_shapes(structures)
@@ -577,6 +596,19 @@ class HopTable:
     def __init__(self, values: torch.Tensor, layout: _Layout):
         self.values = values  # [n_src, C * Wy * Wx]
         self.layout = layout
+        if not layout.full:
+            # Per target column, its row and column in the layer and its slot in a window at
+            # (0, 0); per source, the offset of its window: slot = key[col] - offset[row].
+            c, h, w = layout.target
+            wy, wx = layout.window
+            # int32 (half the memory traffic of the [edges, slots, slots] reads; a window's
+            # slots and a layer's positions are far below 2**31).
+            col = torch.arange(c * h * w, device=layout.y0.device)
+            y, x = (col // w) % h, col % w
+            self._col_y, self._col_x = y.int(), x.int()
+            self._col_key = (((col // (h * w)) * wy + y) * wx + x).int()
+            self._row_y, self._row_x = layout.y0.int(), layout.x0.int()
+            self._row_key = (layout.y0 * wx + layout.x0).int()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -590,27 +622,33 @@ class HopTable:
 
     def __getitem__(self, key: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         rows, cols = key
+        if self.layout.full and max(rows.numel(), cols.numel()) < _FEW_VALUES:
+            return self.values[rows, cols]  # fewer operations for a few values
+        n_src, n_tgt = self.shape
+        # Negative ids count from the end, as in tensor indexing (padding reads, masked later).
+        rows, cols = rows.long(), cols.long()
+        rows = torch.where(rows < 0, rows + n_src, rows)
+        cols = torch.where(cols < 0, cols + n_tgt, cols)
+        values = self.values.reshape(-1)
         if self.layout.full:
-            return self.values[rows, cols]
-        rows, cols = torch.broadcast_tensors(rows, cols)
+            return _take(values, rows * n_tgt + cols)
         slot, inside = self._slot(rows, cols)
-        out = self.values[rows, slot]
-        return out.masked_fill_(~inside, math.inf)
+        return _take(values, rows * self.layout.width + slot).masked_fill_(~inside, math.inf)
 
     def _slot(self, rows: torch.Tensor, cols: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Column of ``values`` holding target ``cols`` for source ``rows``, and whether the
-        target lies in the source's window at all."""
+        """Column of ``values`` holding target ``cols`` for source ``rows`` (0 where the target
+        lies outside the source's window), and whether it lies inside; ids not negative,
+        shapes that broadcast together. Integer divisions are done once per target column
+        in ``__init__``: here, only lookups and subtractions."""
         if self.layout.full:
             return cols, torch.ones_like(cols, dtype=torch.bool)
-        _, h, w = self.layout.target
         wy, wx = self.layout.window
-        pos = cols % (h * w)
-        iy = pos // w - self.layout.y0[rows]
-        ix = pos % w - self.layout.x0[rows]
+        iy = _take(self._col_y, cols) - _take(self._row_y, rows)
+        ix = _take(self._col_x, cols) - _take(self._row_x, rows)
         inside = (iy >= 0) & (iy < wy) & (ix >= 0) & (ix < wx)
-        slot = ((cols // (h * w)) * wy + iy.clamp(0, wy - 1)) * wx + ix.clamp(0, wx - 1)
-        return slot, inside
+        slot = _take(self._col_key, cols) - _take(self._row_key, rows)
+        return torch.where(inside, slot, 0).long(), inside
 
     @property
     def dense_values(self) -> torch.Tensor | None:
@@ -677,6 +715,17 @@ class HopTable:
         return out
 
 
+#: A dense table is read by advanced indexing when both index tensors have fewer entries than
+#: this (fewer operations for a few values), else by ``_take``; the values are the same.
+_FEW_VALUES = 1 << 14
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` of a 1-D ``values``, by ``index_select`` on the flattened index
+    (several times faster than advanced indexing on the CPU; the same values)."""
+    return values.index_select(0, index.reshape(-1)).view(index.shape)
+
+
 def _on(layout: _Layout, device: torch.device) -> _Layout:
     if layout.full or layout.y0.device == device:
         return layout
@@ -695,8 +744,12 @@ def _layer_measures(graph: NeuronGraph, acts: list[torch.Tensor], l: int
     if l < n:
         dead |= acts[l][layer.dst] == 0
     # mu_i over in-neighbours of i (layer l-2); nu_j over out-neighbours of j (layer l+1).
-    mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2], graph.in_len[l - 1]) if l > 1 else None
-    nu = node_measures(graph.out_nbrs[l], acts[l + 1], graph.out_len[l]) if l < n else None
+    # (The in-table of node layer l-1 holds parametrised layer l-1's edges, the out-table of
+    # node layer l those of layer l+1: each edge's slot and length come from its own layer.)
+    mu = node_measures(graph.in_nbrs[l - 1], acts[l - 2], graph.layers[l - 2].length,
+                       slot=graph.in_slot[l - 1]) if l > 1 else None
+    nu = node_measures(graph.out_nbrs[l], acts[l + 1], graph.layers[l].length,
+                       slot=graph.out_slot[l]) if l < n else None
     tables = Distances(d_kj=graph.hop2[l - 2] if l > 1 else None,
                        d_im=graph.hop2[l - 1] if l < n else None,
                        d_km=graph.hop3[l - 2] if 1 < l < n else None)

@@ -72,11 +72,14 @@ def neighbour_measures(
         padding and inactive neighbours; each row with support sums to 1), and ``has_support[v]``
         says whether ``v`` has an active neighbour (else its measure is :math:`\delta_v`).
     """
+    # The weight of a neighbour is its own: computed once per node of its layer, then read
+    # slot by slot (the same floats as slot by slot, with one exponential per node).
+    on = activity > 0
+    node_weight = torch.where(on, torch.exp(-1.0 / torch.where(on, activity, 1.0) ** 2), 0.0)
     valid = neighbours >= 0
-    a = torch.where(valid, activity[neighbours.clamp(min=0)], torch.zeros((), dtype=activity.dtype,
-                                                                          device=activity.device))
-    active = a > 0
-    weight = torch.where(active, torch.exp(-1.0 / torch.where(active, a, 1.0) ** 2), 0.0)
+    index = neighbours.clamp(min=0).reshape(-1)  # index_select: several times faster than [index]
+    active = valid & on.index_select(0, index).view(neighbours.shape)
+    weight = torch.where(valid, node_weight.index_select(0, index).view(neighbours.shape), 0.0)
     # Summed left to right (a running sum), so trailing padding never changes the rounding: a
     # table cut to fewer slots gives bitwise the same masses (a vectorised sum's order
     # depends on the row's width and on the CPU's vector width).
@@ -108,7 +111,7 @@ class _Measure:
 
 def node_measures(table: torch.Tensor, activity: torch.Tensor,
                   lengths: torch.Tensor | None = None, *,
-                  slot: torch.Tensor | None = None) -> _Measure:
+                  slot: torch.Tensor | None = None, block: int = 1 << 20) -> _Measure:
     """Measures of a layer with each node's support moved to the front and empty slots cut.
 
     ``lengths`` (the edge lengths to the neighbours) give ``reach``, the longest edge to a
@@ -116,28 +119,58 @@ def node_measures(table: torch.Tensor, activity: torch.Tensor,
     nothing). ``lengths`` is a table lined up with ``table`` slot by slot (padding 0), or,
     with ``slot``, one length per edge and where the edge sits in the flattened ``table``
     (:func:`_padded_slots`), which saves a padded table of the lengths: the same ``reach``,
-    bitwise (a maximum, exact in any order; padding and massless slots count 0 in both)."""
-    mass, has = neighbour_measures(table, activity)
+    bitwise (a maximum, exact in any order; padding and massless slots count 0 in both).
+    ``table`` and ``slot`` may be int32 (a compact graph's); the measure's table is int64.
+
+    The work runs on about ``block`` table entries at a time (rows of nodes; edges for the
+    reach), so its temporaries stay small beside the table: every row's values are computed
+    from that row alone, the same floats in any chunking."""
+    n, width = table.shape
+    rows = max(1, block // max(width, 1))
+    if n <= rows:
+        mass, has = neighbour_measures(table, activity)
+    else:
+        first, first_has = neighbour_measures(table[:rows], activity)
+        mass = torch.empty((n, width), dtype=first.dtype, device=first.device)
+        has = torch.empty(n, dtype=torch.bool, device=first.device)
+        mass[:rows], has[:rows] = first, first_has
+        for r in range(rows, n, rows):
+            mass[r:r + rows], has[r:r + rows] = neighbour_measures(table[r:r + rows], activity)
     if lengths is None:
         reach = torch.full_like(has, math.inf, dtype=mass.dtype)
     elif slot is not None:
         reach = torch.zeros(has.shape, dtype=mass.dtype, device=mass.device)
-        if slot.numel() and mass.shape[1]:
-            on = mass.reshape(-1)[slot] > 0
-            reach.scatter_reduce_(0, torch.div(slot, mass.shape[1], rounding_mode="floor"),
-                                  torch.where(on, lengths, 0.0), reduce="amax")
+        if slot.numel() and width:
+            flat = mass.view(-1)
+            for e in range(0, slot.numel(), block):
+                part = slot[e:e + block]
+                kept = torch.where(flat.index_select(0, part) > 0, lengths[e:e + block], 0.0)
+                node = torch.div(part, width, rounding_mode="floor").long()
+                reach.scatter_reduce_(0, node, kept, reduce="amax")
+    elif width:
+        reach = torch.cat([torch.where(mass[r:r + rows] > 0, lengths[r:r + rows], 0.0).amax(1)
+                           for r in range(0, n, rows)]) if n else mass.new_zeros(0)
     else:
-        reach = torch.where(mass > 0, lengths, 0.0).amax(1) if mass.shape[1] else \
-            torch.zeros_like(has, dtype=mass.dtype)
-    return _support_first(table, mass, has, reach)
+        reach = torch.zeros_like(has, dtype=mass.dtype)
+    return _support_first(table, mass, has, reach, block=block)
 
 
 def _support_first(table: torch.Tensor, mass: torch.Tensor, has: torch.Tensor,
-                   reach: torch.Tensor, cut: torch.Tensor | None = None) -> _Measure:
-    order = torch.argsort((mass <= 0).to(torch.int8), dim=1, stable=True)
+                   reach: torch.Tensor, cut: torch.Tensor | None = None, *,
+                   block: int = 1 << 20) -> _Measure:
+    """Each row's slots with mass first, in their order (a stable sort), cut to the widest
+    support; ``block`` entries at a time (rows: each row sorted on its own)."""
+    n, slots = mass.shape
     width = int((mass > 0).sum(dim=1).max()) if mass.numel() else 0
-    order = order[:, :width]
-    return _Measure(table.gather(1, order), mass.gather(1, order), has, reach, cut)
+    rows = max(1, block // max(slots, 1))
+    out_table = torch.empty((n, width), dtype=torch.long, device=table.device)
+    out_mass = torch.empty((n, width), dtype=mass.dtype, device=mass.device)
+    for r in range(0, n, rows):
+        part = mass[r:r + rows]
+        order = torch.argsort((part <= 0).to(torch.int8), dim=1, stable=True)[:, :width]
+        out_table[r:r + rows] = table[r:r + rows].gather(1, order)
+        out_mass[r:r + rows] = part.gather(1, order)
+    return _Measure(out_table, out_mass, has, reach, cut)
 
 
 def cut_measures(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor,
