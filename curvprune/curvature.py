@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -390,12 +389,16 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         """The search's edge indices of group ``g`` as indices into its edge problem."""
         return edges if subsets is None else subsets[g][edges]
 
-    def bound(g: int, x: int, ceiling: torch.Tensor | None
+    def bound(g: int, x: int
               ) -> tuple[EdgeProblem, torch.Tensor, torch.Tensor, EngineStats, torch.Tensor]:
         """One group's problem on one example and its bounds, with counts of its own (this
-        runs on pool threads). ``ceiling``: per edge, the weight's best upper bound over the
-        earlier examples less the tolerance (edges whose cheap bound reaches it are
-        screened, :func:`~curvprune.transport.bound_edges`)."""
+        runs on pool threads). From the second example on, edges whose cheap bound reaches
+        their ceiling (the weight's best upper bound over the earlier examples less the
+        tolerance) are screened (:func:`~curvprune.transport.bound_edges`). The ceiling is
+        made here, when the job starts, so that queued jobs hold none: it reads only this
+        group's minima, which no other job changes and which are recorded (``search.add``,
+        on the calling thread) only after this job, so it is the same on any thread."""
+        ceiling = search.ceiling(g) if x else None
         built = graph.edge_problem(g, activities[x], cut_tol)
         part = built if subsets is None else built.take(subsets[g])
         counts = EngineStats()
@@ -412,10 +415,8 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
         # thread (each computation is the same as on its own: the results do not depend on
         # the thread count), and recorded here in group order.
         with _torch_threads(1 if threads > 1 else None):
-            # Each ceiling is made when its job starts, not all of an example's at once
-            # (the same values: only the group's own job changes its minima, after it).
-            jobs = ((g, x, search.ceiling(g) if x else None) for g in todo)
-            done = (bound(*job) for job in jobs) if threads <= 1 or len(todo) < 2 else \
+            jobs = [(g, x) for g in todo]
+            done = (bound(*job) for job in jobs) if threads <= 1 or len(jobs) < 2 else \
                 _in_order(threads, bound, jobs)
             for g, (built, lo, hi, counts, alive) in zip(todo, done):
                 search.add(g, x, lo, hi)
@@ -475,11 +476,10 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     return upper, search.lower(), live
 
 
-def _in_order(threads: int, func, jobs: Iterable[tuple]):
+def _in_order(threads: int, func, jobs: list[tuple]):
     """``func(*job)`` of each job on a pool of ``threads`` threads, yielded in the jobs' order,
     with at most ``2 * threads`` jobs started ahead of the one yielded (so that only a few
-    groups' problems are alive at once). ``jobs`` is read only as jobs are started, so a
-    generator makes each job's inputs (a ceiling) just in time."""
+    groups' problems are alive at once)."""
     pool = _pool(threads, "bounds")
     pending = collections.deque()
     for job in jobs:
