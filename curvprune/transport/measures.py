@@ -209,25 +209,34 @@ def _cut_budget(measure: _Measure, nodes: torch.Tensor, d: torch.Tensor, other: 
     return torch.nan_to_num(budget, nan=0.0)
 
 
-def _cut(measure: _Measure, budget: torch.Tensor) -> _Measure:
-    """Zero each node's smallest masses while their sum stays within its budget; rescale."""
+def _cut(measure: _Measure, budget: torch.Tensor, *, block: int = 1 << 20) -> _Measure:
+    """Zero each node's smallest masses while their sum stays within its budget; rescale.
+    About ``block`` entries (a block of rows) at a time: each row is cut on its own."""
     mass = measure.mass
-    if mass.shape[1] == 0:
+    n, width = mass.shape
+    if width == 0:
         return measure
-    ascending, order = torch.sort(torch.where(mass > 0, mass, math.inf), dim=1)
-    finite = torch.isfinite(ascending)
-    dropped = torch.cumsum(torch.where(finite, ascending, 0.0), dim=1)
-    cut_sorted = finite & (dropped <= budget[:, None])
-    # The largest mass always stays (a budget of 1 or more would otherwise empty the measure).
-    largest = finite.sum(1, keepdim=True) - 1
-    cut_sorted &= torch.arange(mass.shape[1], device=mass.device)[None, :] != largest
-    cut = torch.zeros_like(cut_sorted).scatter_(1, order, cut_sorted)
+    rows = max(1, block // width)
+    cut = torch.empty((n, width), dtype=torch.bool, device=mass.device)
+    position = torch.arange(width, device=mass.device)[None, :]
+    for r in range(0, n, rows):
+        part = mass[r:r + rows]
+        ascending, order = torch.sort(torch.where(part > 0, part, math.inf), dim=1)
+        finite = torch.isfinite(ascending)
+        dropped = torch.cumsum(torch.where(finite, ascending, 0.0), dim=1)
+        cut_sorted = finite & (dropped <= budget[r:r + rows, None])
+        # The largest mass always stays (a budget of 1 or more would otherwise empty it).
+        cut_sorted &= position != finite.sum(1, keepdim=True) - 1
+        cut[r:r + rows] = torch.zeros_like(cut_sorted).scatter_(1, order, cut_sorted)
     if not cut.any():
         return measure
-    kept = torch.where(cut, 0.0, mass)
-    total = kept.sum(1, keepdim=True)
-    kept = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), 0.0)
-    return _support_first(measure.table, kept, measure.has, measure.reach, cut.any(1))
+    kept = torch.empty_like(mass)
+    for r in range(0, n, rows):
+        part = torch.where(cut[r:r + rows], 0.0, mass[r:r + rows])
+        total = part.sum(1, keepdim=True)
+        kept[r:r + rows] = torch.where(total > 0, part / torch.where(total > 0, total, 1.0), 0.0)
+    return _support_first(measure.table, kept, measure.has, measure.reach, cut.any(1),
+                          block=block)
 
 
 def cut_error(mu: _Measure | None, nu: _Measure | None, src: torch.Tensor, dst: torch.Tensor,
