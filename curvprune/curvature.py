@@ -340,7 +340,7 @@ def neural_curvature(
         alpha=alpha,
         granularity=granularity,
         num_examples=num_examples,
-        edges_per_example={n: int(graph.layers[k].src.numel()) for k, n in enumerate(names)},
+        edges_per_example={n: graph.layers[k].num_edges for k, n in enumerate(names)},
         seconds=time.perf_counter() - start,
         engine=stats.as_dict(),
         magnitude={n: modules[k].weight.detach().abs().to(torch.float64).clone()
@@ -369,9 +369,11 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
     that can still move a slot's interval. Each problem
     is built once per (group, example) and bounded; the edges the search holds open on it
     are kept as a :class:`SolveSet` (:meth:`EdgeProblem.keep`: those edges and their ends'
-    measure rows) while the sets kept fit ``options.problem_cache_bytes``; a set not kept is
-    rebuilt once, when the search reaches its group (twice under a tolerance on node means,
-    whose tightening visits every group before the solves start). ``subsets``: per group,
+    measure rows) while the sets kept fit ``options.problem_cache_bytes``, a set of an
+    earlier group displacing those of later groups (the search resolves the groups in order,
+    so the sets it needs first are the ones kept); a set not kept is rebuilt once, when the
+    search reaches its group (twice under a tolerance on node means, whose tightening visits
+    every group before the solves start). ``subsets``: per group,
     the edges to score (the others' slots stay ``+inf``). ``nodes``: spend the tolerance on
     these nodes' means instead of on each slot (:class:`~curvprune.transport.NodeMeans`)."""
     groups = range(graph.num_groups)
@@ -421,8 +423,8 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
             for g, (built, lo, hi, counts, alive) in zip(todo, done):
                 search.add(g, x, lo, hi)
                 held = search.held(g, x)
-                if held.numel():
-                    cache.put((g, x), built.keep(in_problem(g, held)))
+                if held.numel():  # earlier groups first: the search resolves them first
+                    cache.put((g, x), built.keep(in_problem(g, held)), evict_later=True)
                 live[g].scatter_reduce_(0, slots[g], alive, reduce="amax")
                 stats.add(counts)
                 large = built.src.numel() >= _TRIM_EDGES
@@ -512,8 +514,9 @@ class _SolveCache:
 
     def put(self, key: tuple[int, int], kept: SolveSet, *, evict_later: bool = False) -> None:
         """Keep ``kept`` if it fits; with ``evict_later``, first drop sets of later groups
-        (the last first) to make room: the group being resolved needs its sets in every
-        round, a later group's are rebuilt once when its turn comes."""
+        (the last first) to make room: the search resolves the groups in order, and the group
+        being resolved needs its sets in every round, while a later group's are rebuilt once
+        when its turn comes."""
         size = kept.nbytes
         if evict_later:
             for k in sorted((k for k in self.items if k[0] > key[0]), reverse=True):

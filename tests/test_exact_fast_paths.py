@@ -160,6 +160,39 @@ def test_a_small_cache_rebuilds_each_set_once(monkeypatch):
     assert max(built.values()) <= 2 and len(solved_groups) >= 2
 
 
+def test_the_bounding_pass_keeps_the_earliest_groups_sets(monkeypatch):
+    """While the bounding pass fills the cache, a set of an earlier group displaces those of
+    later groups (the search resolves the groups in order): with a budget that holds the first
+    solved group's sets, they are all kept from the bounding pass and never rebuilt, even
+    when later groups' sets of the earlier examples came first."""
+    import curvprune.curvature as curvature
+
+    sizes = []
+    put = curvature._SolveCache.put
+
+    def measuring_put(self, key, kept, **kwargs):
+        sizes.append((key, kept.nbytes))
+        return put(self, key, kept, **kwargs)
+
+    monkeypatch.setattr(curvature._SolveCache, "put", measuring_put)
+    model = _chain(3)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    whole = neural_curvature(model, x, alpha=0.9, threads=1, tolerance=1e-14)
+    first = min(g for (g, _), _ in sizes)
+    budget = sum(size for (g, _), size in sizes if g == first)
+    later_first = [key for key, _ in sizes if key[1] == 0 and key[0] > first]
+    assert later_first  # later groups' sets of example 0 are offered before most of first's
+    monkeypatch.undo()
+    built, solved_groups, _ = _count_builds(monkeypatch)
+    result = neural_curvature(model, x, alpha=0.9, threads=1, tolerance=1e-14,
+                              options=EngineOptions(problem_cache_bytes=budget))
+    assert first in solved_groups
+    assert all(n == 1 for (g, _), n in built.items() if g == first), built
+    assert max(built.values()) == 2  # a later group's set was rebuilt, once
+    for name in whole.kappa:
+        assert torch.equal(result.kappa[name], whole.kappa[name])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kept_edges_solve_bitwise_as_the_whole_problem(seed):
     """SolveSet.solve (the measures' rows at the kept edges' ends only) equals the exact
@@ -198,6 +231,10 @@ def test_kept_edges_solve_bitwise_as_the_whole_problem(seed):
                             stats=EngineStats())
         subset = problem.keep(kept)
         assert subset.mu.mass.shape[0] < problem.mu.mass.shape[0]  # only the ends' rows
+        # Kept as int32 neighbour ids (the same ids), read back as int64 by the kernels.
+        assert subset.mu.table.dtype == subset.nu.table.dtype == torch.int32
+        rows = torch.unique(problem.src[kept])
+        assert torch.equal(subset.mu.table.long(), problem.mu.table[rows])
         lo, hi = subset.solve(asked, 0.9, stats=EngineStats(), options=options, threads=1)
         error = problem.error[asked]
         assert torch.equal(lo, whole - error) and torch.equal(hi, whole + error)
