@@ -56,6 +56,14 @@ def test_windowed_tables_equal_dense(spec, max_block):
         rows = torch.arange(got.shape[0])[:, None, None]
         cols = torch.arange(got.shape[1])[None, None, :]
         assert torch.equal(got[rows, cols], want.values[rows, cols])
+        # A read larger than _READ_BLOCK values goes by pieces of rows: the same values.
+        block = engine_module._READ_BLOCK
+        engine_module._READ_BLOCK = 3
+        try:
+            assert torch.equal(got[rows, cols], want.values[rows, cols])
+            assert torch.equal(got.dense(), want.values)
+        finally:
+            engine_module._READ_BLOCK = block
         # Negative ids count from the end, as in tensor indexing (the engine's padded reads).
         rows, cols = torch.tensor([-1, 0, -1])[:, None], torch.tensor([-1, 0, -2])[None, :]
         if got.shape[1] > 1:

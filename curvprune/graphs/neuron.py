@@ -650,6 +650,18 @@ class HopTable:
         rows, cols = key
         if self.layout.full and max(rows.numel(), cols.numel()) < _FEW_VALUES:
             return self.values[rows, cols]  # fewer operations for a few values
+        shape = None if self.layout.full or rows.numel() * cols.numel() <= _READ_BLOCK else \
+            torch.broadcast_shapes(rows.shape, cols.shape)
+        if shape is not None and len(shape) and shape[0] > 1 and math.prod(shape) > _READ_BLOCK:
+            # A windowed read makes several int64 temporaries per value: large ones go by
+            # pieces along the first dimension, so those stay within _READ_BLOCK values each.
+            rows, cols = rows.expand(shape), cols.expand(shape)
+            out = torch.empty(shape, dtype=self.values.dtype, device=self.values.device)
+            step = max(1, _READ_BLOCK // max(1, math.prod(shape[1:])))
+            for start in range(0, shape[0], step):
+                out[start:start + step] = self[rows[start:start + step],
+                                               cols[start:start + step]]
+            return out
         n_src, n_tgt = self.shape
         # Negative ids count from the end, as in tensor indexing (padding reads, masked later).
         rows, cols = rows.long(), cols.long()
@@ -744,6 +756,12 @@ class HopTable:
 #: A dense table is read by advanced indexing when both index tensors have fewer entries than
 #: this (fewer operations for a few values), else by ``_take``; the values are the same.
 _FEW_VALUES = 1 << 14
+
+#: Values per piece of a large windowed read (:meth:`HopTable.__getitem__`): such a read holds
+#: about six int64 temporaries per value, so a kernel chunk of 4M values made ~150 MiB of them
+#: at once, beside the other bounding job's (VGG-9's peak). A dense table's read makes fewer,
+#: and is not split (the pieces' extra copy cost LeNet-5 time).
+_READ_BLOCK = 1 << 20
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,10 @@ class EngineOptions:
         problem_cache_bytes: bytes of solve sets (the edges of one layer or group on one
             example that the minimum search holds open, with their ends' measure rows:
             :class:`curvprune.graphs.base.SolveSet`) kept between the bounding pass and the
-            exact solve rounds; past it, a set is rebuilt (its edge problem built again) when
-            the search reaches its group, and kept for that group's rounds if it fits.
+            exact solve rounds (a set of an earlier group displaces later groups' sets: the
+            search resolves the groups in order); past it, a set is rebuilt (its edge problem
+            built again) when the search reaches its group, and kept for that group's rounds
+            if it fits.
     """
 
     block: int = 1 << 22
