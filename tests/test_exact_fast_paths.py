@@ -131,10 +131,9 @@ def test_each_edge_problem_is_built_once_and_solved_from_its_kept_edges(monkeypa
             assert torch.equal(result.kappa[name], whole.kappa[name])
 
 
-def test_a_small_cache_rebuilds_each_set_once(monkeypatch):
-    """A budget that holds one layer's kept sets but not every layer's: the sets of later
-    layers are evicted for the layer being resolved and rebuilt once each, never once per
-    round."""
+def _kept_set_sizes(monkeypatch, model, x) -> tuple[list, object]:
+    """``neural_curvature`` on ``model`` (exact, one thread) with the bytes of each solve set
+    offered to the cache, in order: ``([((group, example), nbytes), ...], result)``."""
     import curvprune.curvature as curvature
 
     sizes = []
@@ -145,15 +144,23 @@ def test_a_small_cache_rebuilds_each_set_once(monkeypatch):
         return put(self, key, kept, **kwargs)
 
     monkeypatch.setattr(curvature._SolveCache, "put", measuring_put)
+    result = neural_curvature(model, x, alpha=0.9, threads=1, tolerance=1e-14)
+    monkeypatch.undo()
+    return sizes, result
+
+
+def test_a_small_cache_rebuilds_each_set_once(monkeypatch):
+    """A budget that holds one layer's kept sets but not every layer's: the sets of later
+    layers are evicted for the layer being resolved and rebuilt once each, never once per
+    round."""
     model = _chain(3)
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    neural_curvature(model, x, alpha=0.9, threads=1, tolerance=1e-14)
+    sizes, _ = _kept_set_sizes(monkeypatch, model, x)
     per_group: dict[int, int] = {}
     for (g, _), size in sizes:
         per_group[g] = per_group.get(g, 0) + size
     budget = max(per_group.values())
     assert budget < sum(per_group.values())  # not every layer fits
-    monkeypatch.undo()
     built, solved_groups, _ = _count_builds(monkeypatch)
     neural_curvature(model, x, alpha=0.9, threads=1, tolerance=1e-14,
                      options=EngineOptions(problem_cache_bytes=budget))
@@ -165,24 +172,13 @@ def test_the_bounding_pass_keeps_the_earliest_groups_sets(monkeypatch):
     later groups (the search resolves the groups in order): with a budget that holds the first
     solved group's sets, they are all kept from the bounding pass and never rebuilt, even
     when later groups' sets of the earlier examples came first."""
-    import curvprune.curvature as curvature
-
-    sizes = []
-    put = curvature._SolveCache.put
-
-    def measuring_put(self, key, kept, **kwargs):
-        sizes.append((key, kept.nbytes))
-        return put(self, key, kept, **kwargs)
-
-    monkeypatch.setattr(curvature._SolveCache, "put", measuring_put)
     model = _chain(3)
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    whole = neural_curvature(model, x, alpha=0.9, threads=1, tolerance=1e-14)
+    sizes, whole = _kept_set_sizes(monkeypatch, model, x)
     first = min(g for (g, _), _ in sizes)
     budget = sum(size for (g, _), size in sizes if g == first)
     later_first = [key for key, _ in sizes if key[1] == 0 and key[0] > first]
     assert later_first  # later groups' sets of example 0 are offered before most of first's
-    monkeypatch.undo()
     built, solved_groups, _ = _count_builds(monkeypatch)
     result = neural_curvature(model, x, alpha=0.9, threads=1, tolerance=1e-14,
                               options=EngineOptions(problem_cache_bytes=budget))
