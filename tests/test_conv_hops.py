@@ -145,18 +145,6 @@ def test_border_classes_matter():
     assert not torch.equal(graph.hop2[0].values, want[0].values)
 
 
-def test_min_plus_matches_broadcast():
-    gen = torch.Generator().manual_seed(1)
-    a = torch.rand(7, 5, generator=gen, dtype=torch.float64)
-    a[a < 0.2] = math.inf
-    b = torch.rand(3, 5, 9, generator=gen, dtype=torch.float64)
-    want = (a[None, :, :, None] + b[:, None, :, :]).amin(2)
-    assert torch.equal(_conv_hops.min_plus(a, b), want)
-    batched = torch.rand(3, 7, 5, generator=gen, dtype=torch.float64)
-    want = (batched[:, :, :, None] + b[:, None, :, :]).amin(2)
-    assert torch.equal(_conv_hops.min_plus(batched, b), want)
-
-
 def test_vgg9_reduced_width_tables():
     """VGG-9's geometry (3x3, stride 2 in convs 1/3/5, padding 1, linear head) at reduced width:
     every table from the kernels, bitwise equal."""

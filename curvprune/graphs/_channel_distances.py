@@ -48,9 +48,11 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from ._min_plus import min_plus
+
 # A scattered (expanded) operation costs about this many dense add-and-min operations.
 _SPARSE_COST = 8
-# Elements of one temporary (expansion or broadcast) at a time.
+# Elements of one temporary expansion at a time.
 _CHUNK = 1 << 22
 
 
@@ -70,32 +72,6 @@ def levels(adjacency: scipy.sparse.csr_matrix) -> np.ndarray:
             bounds.append(v)
     bounds.append(n)
     return np.unique(np.asarray(bounds, dtype=np.int64))
-
-
-def _min_plus(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out[r, v] = min_p a[r, p] + b[p, v]`` (float64, each sum one IEEE addition)."""
-    rows, inner = a.shape
-    width = b.shape[1]
-    out = torch.empty(rows, width, dtype=a.dtype, device=a.device)
-    if a.device.type != "cpu":  # few large kernels: a broadcast chunk at a time
-        step = max(1, _CHUNK // max(1, rows * width))
-        out.fill_(math.inf)
-        for p in range(0, inner, step):
-            part = (a[:, p:p + step, None] + b[None, p:p + step, :]).amin(1)
-            torch.minimum(out, part, out=out)
-        return out
-    # CPU: row tiles that stay in cache, one inner index at a time (no large temporary).
-    tile = max(1, min(rows, (1 << 17) // max(1, width)))
-    scratch = torch.empty(tile, width, dtype=a.dtype)
-    for r in range(0, rows, tile):
-        o = out[r:r + tile]
-        o.fill_(math.inf)
-        t = scratch[:o.shape[0]]
-        ar = a[r:r + tile]
-        for p in range(inner):
-            torch.add(ar[:, p:p + 1], b[p], out=t)
-            torch.minimum(o, t, out=o)
-    return out
 
 
 class _Levels:
@@ -188,7 +164,7 @@ def _relax(table: torch.Tensor, first: int, rows: torch.Tensor, src: torch.Tenso
         lengths = torch.full((keep_p.numel(), width), math.inf, dtype=table.dtype,
                              device=device)
         lengths[pos[on], slot[on]] = length[on]
-        new.index_copy_(0, keep_r, _min_plus(a.index_select(1, keep_p), lengths))
+        new.index_copy_(0, keep_r, min_plus(a.index_select(1, keep_p), lengths[None])[0])
     if bool(sparse.any()):
         # Expand each finite (row, pred) of the sparse rows over pred's edges.
         starts = torch.cumsum(degree, 0) - degree

@@ -44,11 +44,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ._min_plus import min_plus
 from .neuron import StructuralEdges as LayerEdges
 from .neuron import layer_edges
-
-#: Elements per block of the min-plus kernel (kept in cache: ``2**15`` float64 = 256 KiB).
-_BLOCK = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -153,33 +151,6 @@ def _kernel_lengths(geometry: _Geometry, widx: torch.Tensor, length: torch.Tenso
     for k in range(g):
         out[k * cg_out:(k + 1) * cg_out, k * cg_in:(k + 1) * cg_in] = \
             grouped[k * cg_out:(k + 1) * cg_out]
-    return out
-
-
-def min_plus(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out[i, m, n] = min_k a[m, k] + b[i, k, n]`` (``a`` may also be ``[i, m, k]``), in
-    cache-sized blocks. Each candidate is one IEEE addition ``a + b``."""
-    batch, k, n = b.shape
-    m = a.shape[-2]
-    shared = a.dim() == 2
-    a_t = a.transpose(-1, -2).contiguous()  # [.., k, m]: column k of a is contiguous
-    out = torch.empty((batch, m, n), dtype=b.dtype, device=b.device)
-    rows = max(1, min(m, _BLOCK // max(1, n)))
-    items = max(1, _BLOCK // max(1, rows * n))
-    tmp = torch.empty((min(items, batch), rows, n), dtype=b.dtype, device=b.device)
-    for i0 in range(0, batch, items):
-        i1 = min(batch, i0 + items)
-        for m0 in range(0, m, rows):
-            m1 = min(m, m0 + rows)
-            acc = out[i0:i1, m0:m1]
-            t = tmp[:i1 - i0, :m1 - m0]
-            for kk in range(k):
-                col = (a_t[kk, m0:m1] if shared else a_t[i0:i1, kk, m0:m1])[..., :, None]
-                if kk == 0:
-                    torch.add(col, b[i0:i1, kk, None, :], out=acc)
-                else:
-                    torch.add(col, b[i0:i1, kk, None, :], out=t)
-                    torch.minimum(acc, t, out=acc)
     return out
 
 
