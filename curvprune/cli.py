@@ -165,8 +165,8 @@ def _common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
                           "(neuron when it fits, else channel)")
     sub.add_argument("--device", default=None)
     sub.add_argument("--threads", type=_threads, default=None,
-                     help="CPU threads for the exact transport solves (default: all of "
-                          "torch's threads)")
+                     help="CPU threads for the curvature engine: bounds, tightening and exact "
+                          "solves (default: all of torch's threads)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--out", required=out_required,
                      help="output folder (created if missing)" if out_required else

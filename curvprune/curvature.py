@@ -196,9 +196,12 @@ def neural_curvature(
             interval is at most ``tolerance`` wide. :meth:`CurvatureResult.refine
             <curvprune.result.CurvatureResult.refine>` later solves chosen weights exactly.
         certify_tol: deprecated name of ``tolerance`` (a ``DeprecationWarning``).
-        threads: CPU threads for the exact transport solves (default: ``torch.get_num_threads()``).
-            With more than one, torch's own ops run on one thread during the call (restored
-            after), so that the two do not compete for the cores.
+        threads: CPU threads for the engine (default: ``torch.get_num_threads()``): an
+            example's groups are bounded on a pool of this many threads, and the minimum
+            search tightens and solves a round's examples on it (a single job spreads its
+            exact solves over the threads). With more than one, torch's own ops run on one
+            thread during the call (restored after), so that the two do not compete for the
+            cores. The scores do not depend on it.
         memory_budget: bytes the distance tables may take (default :data:`MEMORY_BUDGET`,
             4 GiB): the neuron graph's hop tables; at channel granularity the needed
             distances plus the edge problems' index tables and the largest layer's measures
@@ -448,10 +451,26 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
                 cache.put((g, x), found, evict_later=True)
         return found
 
-    def solve(g: int, x: int, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve_one(g: int, x: int, edges: torch.Tensor, threads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, EngineStats]:
+        counts = EngineStats()
+        lo, hi = kept(g, x).solve(in_problem(g, edges), alpha, stats=counts, options=options,
+                                  threads=threads)
+        return lo, hi, counts
+
+    def solve(g: int, jobs: list[tuple[int, torch.Tensor]]):
+        """Each job's values, in order. With several threads and several jobs (examples), the
+        jobs run on a pool, one a thread, each solving its problems on its own thread, so
+        that one job's problems are built while another's are solved; a single job spreads
+        its problems over the threads instead (the values are the same either way)."""
         cache.drop_before(g)  # the search solves groups in order: earlier ones are done
-        return kept(g, x).solve(in_problem(g, edges), alpha, stats=stats, options=options,
-                                threads=threads)
+        if threads <= 1 or len(jobs) < 2:
+            done = (solve_one(g, *job, threads) for job in jobs)
+        else:
+            done = _in_order(threads, solve_one, [(g, *job, 1) for job in jobs])
+        for lo, hi, counts in done:
+            stats.add(counts)
+            yield lo, hi
 
     def tighten_one(g: int, x: int, edges: torch.Tensor, ceiling: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -428,15 +428,40 @@ def test_cuda_engine_matches_reference(spec, alpha, model_on_gpu):
     assert_kappa_equal(result.kappa, expected, atol=ATOL, context=repr(spec))
 
 
-def test_threads_do_not_change_kappa():
+@pytest.mark.parametrize("alpha, tolerance", [(0.3, EXACT), (0.9, EXACT), (0.9, 0.01)])
+def test_threads_do_not_change_kappa(monkeypatch, alpha, tolerance):
+    """Bounds, tightening and the search's solves run on pools with several threads (a round's
+    examples one a thread); every value and count is the single thread's."""
+    import curvprune.curvature as engine
+
+    pooled = []
+    in_order = engine._in_order
+
+    def spy(threads, func, jobs):
+        pooled.append((func.__name__, len(jobs)))
+        return in_order(threads, func, jobs)
+
+    monkeypatch.setattr(engine, "_in_order", spy)
     model = _mlp(6, 8, 8, 8, 3, act=nn.Tanh, seed=13)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(13))
-    one = neural_curvature(model, x, alpha=0.3, threads=1, tolerance=EXACT)
+    one = neural_curvature(model, x, alpha=alpha, threads=1, tolerance=tolerance)
     assert one.engine.get("solved", 1) > 0  # the exact solver really runs
+    assert not pooled
     for threads in (2, 5):
-        other = neural_curvature(model, x, alpha=0.3, threads=threads, tolerance=EXACT)
+        other = neural_curvature(model, x, alpha=alpha, threads=threads, tolerance=tolerance)
         assert_kappa_equal(other.kappa, one.kappa, atol=0.0, context=f"threads={threads}")
-    assert_kappa_equal(one.kappa, reference_curvature(model, x, alpha=0.3), atol=ATOL)
+        assert_kappa_equal(other.kappa_lo, one.kappa_lo, atol=0.0, context=f"threads={threads}")
+        assert_kappa_equal(other.kappa_hi, one.kappa_hi, atol=0.0, context=f"threads={threads}")
+        assert other.engine == one.engine
+    # the solves of several examples at once really ran on the pool
+    assert any(name == "solve_one" and jobs > 1 for name, jobs in pooled)
+    reference = reference_curvature(model, x, alpha=alpha)
+    for name, ref in reference.items():  # exact, or an interval of width <= tolerance
+        lo, hi = one.kappa_lo[name], one.kappa_hi[name]
+        assert torch.all(lo <= ref + ATOL) and torch.all(ref <= hi + ATOL)
+        assert torch.all(hi - lo <= tolerance + ATOL)
+    if tolerance == EXACT:
+        assert_kappa_equal(one.kappa, reference, atol=ATOL)
 
 
 def test_certificate_tolerance_zero_still_exact():

@@ -48,14 +48,27 @@ def test_problems_with_negative_costs_are_solved(offset):
 
 
 def test_solve_batch_matches_one_by_one_with_threads():
+    """A batch's scaling and shift are computed for all its problems at once, and its problems
+    split over the threads (every ``threads``-th to one): the values are ``_solve_one``'s,
+    bit for bit, in order (costs all positive, some negative, all negative; zero-mass
+    padding; batches not a multiple of the thread count, and smaller than it)."""
     rng = np.random.default_rng(1)
-    problems = [random_problem(rng, 6, 9, 2) for _ in range(11)]
+    problems = [random_problem(rng, 6, 9, zeros=k % 3) for k in range(11)]
+    problems = [(a, b * rng.uniform(0.5, 2.0), cost + (0.0, -2.0, -9.0)[k % 3])
+                for k, (a, b, cost) in enumerate(problems)]
     a = np.stack([p[0] for p in problems])
     b = np.stack([p[1] for p in problems])
     cost = np.stack([p[2] for p in problems])
     expected = [engine._solve_one(*p)[0] for p in problems]
-    for threads in (1, 2, 3):
-        assert np.array_equal(engine._solve_batch(a, b, cost, threads), expected)
+    for value, (a_, b_, cost_) in zip(expected, problems):  # POT on the shifted problem
+        shift = min(cost_.min(), 0.0)
+        assert value == pytest.approx(ot.emd2(a_, b_ * (a_.sum() / b_.sum()), cost_ - shift)
+                                      + shift * a_.sum(), abs=1e-12)
+    for threads in (1, 2, 3, 20):
+        for count in (11, 2, 1, 0):
+            assert np.array_equal(
+                engine._solve_batch(a[:count], b[:count], cost[:count], threads),
+                expected[:count])
 
 
 @pytest.mark.parametrize("fails", [1, 2, 3])

@@ -156,7 +156,7 @@ def test_minimum_search_progress_settles_every_open_edge():
         search.add(0, x, lo, hi)
     total = search.pending
     seen = []
-    minima = search.resolve(lambda g, x, edges: values[x][edges],
+    minima = search.resolve(lambda g, jobs: [values[x][edges] for x, edges in jobs],
                             on_progress=lambda s, t: seen.append((s, t)))[0]
     assert seen and all(t == total for _, t in seen) and seen[-1][0] == total
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)

@@ -39,6 +39,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def each(solve_one):
+    """``MinimumSearch.resolve``'s ``solve`` (a round's jobs) from a function of one job."""
+    return lambda group, jobs: [solve_one(group, x, edges) for x, edges in jobs]
+
+
 @st.composite
 def searches(draw):
     """Groups of edges over weights with exact values and bounds around them, some settled."""
@@ -73,7 +78,7 @@ def test_search_finds_every_exact_minimum(groups):
         return groups[group][2][example, edges]
 
     counts = []
-    minima = search.resolve(solve, on_solved=counts.append)
+    minima = search.resolve(each(solve), on_solved=counts.append)
     assert counts == sorted(set(counts)) and counts[-1:] == ([search.solved] if calls else [])
     for k, (num_weights, widx, value, lo, hi) in enumerate(groups):
         expected = torch.full((num_weights,), torch.inf, dtype=torch.float64)
@@ -100,7 +105,7 @@ def test_search_skips_edges_that_cannot_be_the_minimum():
         asked.extend(edges.tolist())
         return torch.full((edges.numel(),), -0.5, dtype=torch.float64)
 
-    assert search.resolve(solve)[0].item() == -0.5
+    assert search.resolve(each(solve))[0].item() == -0.5
     assert asked == [2]  # edge 1 (lo 0.5 >= 0) is never solved
     assert search.opened == 2 and search.solved == 1
 
@@ -111,8 +116,8 @@ def test_initial_upper_bounds_rule_out_edges():
     search.add(0, 0, torch.tensor([1.0, 1.0], dtype=torch.float64),
                torch.tensor([3.0, 3.0], dtype=torch.float64))
     asked = []
-    minima = search.resolve(lambda g, x, e: asked.extend(e.tolist()) or torch.full(
-        (e.numel(),), 2.0, dtype=torch.float64))
+    minima = search.resolve(each(lambda g, x, e: asked.extend(e.tolist()) or torch.full(
+        (e.numel(),), 2.0, dtype=torch.float64)))
     assert asked == [1]
     assert minima[0].tolist() == [0.0, 2.0]
 
@@ -161,7 +166,7 @@ def test_node_tolerance_bounds_every_node_mean(case):
         calls.extend((group, example, e) for e in edges.tolist())
         return groups[group][2][example, edges]
 
-    upper = search.resolve(solve)
+    upper = search.resolve(each(solve))
     lower = search.lower()
     assert len(calls) == len(set(calls))
     spread = torch.zeros_like(nodes.total)
@@ -176,7 +181,7 @@ def test_node_tolerance_bounds_every_node_mean(case):
     mean = spread[has] / nodes.total[has]
     assert (mean <= tolerance * (1 + 1e-12) + 1e-15).all(), (mean.max(), tolerance)
     # Never more solves than certifying every slot on its own.
-    plain.resolve(lambda g, x, e: groups[g][2][x, e])
+    plain.resolve(each(lambda g, x, e: groups[g][2][x, e]))
     assert search.solved <= plain.solved
 
 
@@ -211,7 +216,7 @@ def test_tightening_before_the_solves_keeps_every_guarantee(case, on_nodes, shar
         solved.extend((group, example, e) for e in edges.tolist())
         return groups[group][2][example, edges]
 
-    upper = search.resolve(solve, tighten=tighten)
+    upper = search.resolve(each(solve), tighten=tighten)
     lower = search.lower()
     assert len(tightened) == len(set(tightened)) and set(tightened) <= held
     assert len(solved) == len(set(solved)) and set(solved) <= held
@@ -247,7 +252,8 @@ def test_tightening_stops_once_the_wide_nodes_are_covered():
         asked.extend(e for _, edges, _ in jobs for e in edges.tolist())
         return [(hi[edges], hi[edges]) for _, edges, _ in jobs]
 
-    search.resolve(lambda g, x, e: pytest.fail("nothing is left to solve"), tighten=tighten)
+    search.resolve(each(lambda g, x, e: pytest.fail("nothing is left to solve")),
+                   tighten=tighten)
     # Node 1 (width 1.45) needs its widest edge 0 only; node 0 is then 0.425 wide.
     assert asked == [0]
 
@@ -269,7 +275,7 @@ def test_node_tolerance_solves_only_the_wide_node():
         asked.extend(edges.tolist())
         return hi[edges]
 
-    upper = search.resolve(solve)
+    upper = search.resolve(each(solve))
     # Node 1 has width (2 + 0.9) / 2 = 1.45: its widest edge (0) alone brings it to 0.45;
     # node 2 has (0.8 + 0) / 2 = 0.4, and node 0 (2 + 0.9 + 0.8) / 4 = 0.925 -> 0.425.
     assert asked == [0]

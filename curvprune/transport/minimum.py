@@ -187,9 +187,11 @@ class MinimumSearch:
         """Solve edges until every minimum is within the tolerance; return the upper bounds
         ``U_w`` per group (the exact minima when the tolerance is 0).
 
-        ``solve(group, example, edges)`` returns the exact values of ``edges`` (indices into
-        the group's edges) on that example, or a pair ``(lo, hi)`` of tighter bounds on them
-        (the engine's solves on cut measures). Each round solves, per weight, the open edges with
+        ``solve(group, jobs)`` returns, for each ``(example, edges)`` of ``jobs`` in order, the
+        exact values of ``edges`` (indices into the group's edges) on that example, or a pair
+        ``(lo, hi)`` of tighter bounds on them (the engine's solves on cut measures); a round's
+        jobs are independent (one per example), so they may run in parallel, and the values
+        are read in order as they come. Each round solves, per weight, the open edges with
         the lowest ``lo`` (one per weight for four rounds, then twice as many each round, so
         that a weight with many open edges needs few rounds). ``on_solved(count)`` is called
         after each ``solve`` with the number solved so far, and ``on_progress(settled, total)``
@@ -258,9 +260,10 @@ class MinimumSearch:
                 chosen[order[rank < take]] = True
                 if pick is not None:
                     chosen &= pick[weight]
-                for x in torch.unique(example[chosen]).tolist():
-                    now = torch.nonzero(chosen & (example == x)).squeeze(1)
-                    value = solve(group, x, edges[now])
+                nows = [torch.nonzero(chosen & (example == x)).squeeze(1)
+                        for x in torch.unique(example[chosen]).tolist()]
+                jobs = [(int(example[now[0]]), edges[now]) for now in nows]
+                for now, value in zip(nows, solve(group, jobs)):
                     if isinstance(value, tuple):
                         # Both are lower bounds of the same edge-example: keep the larger, so
                         # that a solve never widens an interval.
