@@ -623,18 +623,28 @@ class HopTable:
         self.values = values  # [n_src, C * Wy * Wx]
         self.layout = layout
         if not layout.full:
-            # Per target column, its row and column in the layer and its slot in a window at
-            # (0, 0); per source, the offset of its window: slot = key[col] - offset[row].
+            # A target column at (c, y, x) read from a source whose window starts at (y0, x0)
+            # lies at (dy, dx) = (y - y0, x - x0) in it, and both ids fit one position each:
+            # with span = 2w - 1, (y * span + x) - (y0 * span + x0) determines (dy, dx)
+            # (|dx| < w), shifted here to index a table over every (dy, dx) that gives the
+            # slot dy * Wx + dx in the window, or -1 outside it. The column adds its channel's
+            # c * Wy * Wx. So a read is one subtraction and one lookup per value, no integer
+            # division and no range tests.
             c, h, w = layout.target
             wy, wx = layout.window
+            device = layout.y0.device
+            span = 2 * w - 1
             # int32 (half the memory traffic of the [edges, slots, slots] reads; a window's
             # slots and a layer's positions are far below 2**31).
-            col = torch.arange(c * h * w, device=layout.y0.device)
+            col = torch.arange(c * h * w, device=device)
             y, x = (col // w) % h, col % w
-            self._col_y, self._col_x = y.int(), x.int()
-            self._col_key = (((col // (h * w)) * wy + y) * wx + x).int()
-            self._row_y, self._row_x = layout.y0.int(), layout.x0.int()
-            self._row_key = (layout.y0 * wx + layout.x0).int()
+            self._col_pos = (y * span + x + (h - 1) * span + (w - 1)).int()
+            self._col_channel = ((col // (h * w)) * (wy * wx)).int()
+            self._row_pos = (layout.y0 * span + layout.x0).int()
+            dy = torch.arange(1 - h, h, device=device)[:, None]
+            dx = torch.arange(1 - w, w, device=device)[None, :]
+            in_window = (dy >= 0) & (dy < wy) & (dx >= 0) & (dx < wx)
+            self._window_slot = torch.where(in_window, dy * wx + dx, -1).int().reshape(-1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -678,15 +688,12 @@ class HopTable:
         """Column of ``values`` holding target ``cols`` for source ``rows`` (0 where the target
         lies outside the source's window), and whether it lies inside; ids not negative,
         shapes that broadcast together. Integer divisions are done once per target column
-        in ``__init__``: here, only lookups and subtractions."""
+        in ``__init__``: here, only lookups, one subtraction and one addition."""
         if self.layout.full:
             return cols, torch.ones_like(cols, dtype=torch.bool)
-        wy, wx = self.layout.window
-        iy = _take(self._col_y, cols) - _take(self._row_y, rows)
-        ix = _take(self._col_x, cols) - _take(self._row_x, rows)
-        inside = (iy >= 0) & (iy < wy) & (ix >= 0) & (ix < wx)
-        slot = _take(self._col_key, cols) - _take(self._row_key, rows)
-        return torch.where(inside, slot, 0).long(), inside
+        spatial = _take(self._window_slot, _take(self._col_pos, cols) - _take(self._row_pos, rows))
+        inside = spatial >= 0
+        return torch.where(inside, spatial + _take(self._col_channel, cols), 0).long(), inside
 
     @property
     def dense_values(self) -> torch.Tensor | None:
