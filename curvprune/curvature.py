@@ -451,11 +451,12 @@ def _search(graph: EdgeGraph, activities: list, alpha: float, tolerance: float, 
                 cache.put((g, x), found, evict_later=True)
         return found
 
-    def solve_one(g: int, x: int, edges: torch.Tensor, threads: int
+    def solve_one(g: int, x: int, edges: torch.Tensor, solver_threads: int
                   ) -> tuple[torch.Tensor, torch.Tensor, EngineStats]:
+        """One example's solves, with counts of their own (this may run on a pool thread)."""
         counts = EngineStats()
         lo, hi = kept(g, x).solve(in_problem(g, edges), alpha, stats=counts, options=options,
-                                  threads=threads)
+                                  threads=solver_threads)
         return lo, hi, counts
 
     def solve(g: int, jobs: list[tuple[int, torch.Tensor]]):

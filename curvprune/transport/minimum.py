@@ -260,9 +260,9 @@ class MinimumSearch:
                 chosen[order[rank < take]] = True
                 if pick is not None:
                     chosen &= pick[weight]
-                nows = [torch.nonzero(chosen & (example == x)).squeeze(1)
-                        for x in torch.unique(example[chosen]).tolist()]
-                jobs = [(int(example[now[0]]), edges[now]) for now in nows]
+                xs = torch.unique(example[chosen]).tolist()
+                nows = [torch.nonzero(chosen & (example == x)).squeeze(1) for x in xs]
+                jobs = [(x, edges[now]) for x, now in zip(xs, nows)]
                 for now, value in zip(nows, solve(group, jobs)):
                     if isinstance(value, tuple):
                         # Both are lower bounds of the same edge-example: keep the larger, so
