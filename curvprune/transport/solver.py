@@ -48,11 +48,20 @@ def _solve_one(a: np.ndarray, b: np.ndarray, cost: np.ndarray, *, plan: bool = F
     cost is solved with ``C - s`` (the same plans) and its value and source potentials shifted
     back. The retries of :func:`_simplex` make sure no approximate value is returned.
     """
-    total = a.sum()
-    shift = min(float(cost.min()), 0.0) if cost.size else 0.0
-    value, f, g, *moved = _simplex(a, b * (total / b.sum()), cost - shift if shift < 0 else cost,
-                                   plan)
-    return (value + shift * float(total), f + shift, g, *moved)
+    b, shift, total = _scale_and_shift(a[None], b[None], cost[None])
+    shift, total = float(shift[0]), float(total[0])
+    value, f, g, *moved = _simplex(a, b[0], cost - shift if shift < 0 else cost, plan)
+    return (value + shift * total, f + shift, g, *moved)
+
+
+def _scale_and_shift(a: np.ndarray, b: np.ndarray, cost: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For problems ``[B, R]``, ``[B, S]``, ``[B, R, S]``: the target masses scaled to each
+    source's total, each problem's shift ``min(C, 0)`` and each source's total (see
+    :func:`_solve_one`). Row by row the same IEEE operations whatever ``B`` (a contiguous
+    row's sum is the same pairwise sum), so a batch gets one problem's values bit for bit."""
+    total = a.sum(1)
+    return b * (total / b.sum(1))[:, None], cost.min(axis=(1, 2), initial=0.0), total
 
 
 def _simplex(a: np.ndarray, b: np.ndarray, cost: np.ndarray, plan: bool) -> tuple:
@@ -91,12 +100,10 @@ def _simplex(a: np.ndarray, b: np.ndarray, cost: np.ndarray, plan: bool) -> tupl
 
 def _solve_costs(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """Optimal costs of problems ``[B, R]``, ``[B, S]``, ``[B, R, S]``: :func:`_solve_one`'s
-    values, with its scaling and shift computed for the whole batch at once (row by row the
-    same IEEE operations: a contiguous row's sum is the same pairwise sum; the per-problem
-    reductions cost about a tenth of the solves on LeNet-5's exact problems)."""
-    total = a.sum(1)
-    b = b * (total / b.sum(1))[:, None]
-    shift = cost.min(axis=(1, 2), initial=0.0)  # min(C, 0)
+    values, with its scaling and shift (:func:`_scale_and_shift`) computed for the whole batch
+    at once (per problem, those reductions cost about a tenth of the solves on LeNet-5's exact
+    problems)."""
+    b, shift, total = _scale_and_shift(a, b, cost)
     values = np.array([_simplex(a[t], b[t], cost[t] - s if s < 0 else cost[t], False)[0]
                        for t, s in enumerate(shift.tolist())], dtype=np.float64)
     return values + shift * total
