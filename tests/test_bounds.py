@@ -27,12 +27,14 @@ from curvprune.transport.bounds import (
     SIMPLEX,
     SINGLE,
     TWO,
+    _by_gathering,
     _by_product,
     _col_sums,
     _count_sorted,
     _dual_breakpoints,
     _edge_plans,
     _factored_bounds,
+    _gathered_sums,
     _groups,
     _measure_keys,
     _product_sums,
@@ -315,9 +317,10 @@ def test_single_and_two_atom_shared_problems_equal_the_simplex(seed):
 
 
 def check_product_sums(problem, unreachable: float, rng: torch.Generator) -> int:
-    """The screen's swap-plan sums by one matrix product over the layer equal the keyed sums,
-    on every general edge of ``problem``, with a fraction ``unreachable`` of the distances
-    made infinite; returns the number of edges checked."""
+    """The screen's swap-plan sums by one matrix product over the layer equal the keyed sums
+    to rounding, and gathered for every pair (in chunks of a few rows, or all at once) equal
+    them bit for bit, on every general edge of ``problem``, with a fraction ``unreachable``
+    of the distances made infinite; returns the number of edges checked."""
     general = general_edges(problem)
     tables = problem.distances
     if not general.numel() or not all(isinstance(t, torch.Tensor) and t.dim() == 2
@@ -330,15 +333,18 @@ def check_product_sums(problem, unreachable: float, rng: torch.Generator) -> int
     tables = type(tables)(d_kj, d_im, tables.d_km)
     rows = _groups(_measure_keys(mu)[src], dst)
     cols = _groups(src, _measure_keys(nu)[dst])
-    for keyed, product in (
+    for keyed, product, gathered in (
             (_row_sums(tables, src, dst, mu, rows, 1 << 22),
-             _product_sums(mu, d_kj, src, dst, rows_first=True)),
+             _product_sums(mu, d_kj, rows_first=True)[src, dst],
+             _gathered_sums(mu, d_kj, 7, rows_first=True)[src, dst]),
             (_col_sums(tables, src, dst, nu, cols, 1 << 22),
-             _product_sums(nu, d_im, dst, src, rows_first=False))):
+             _product_sums(nu, d_im, rows_first=False)[dst, src],
+             _gathered_sums(nu, d_im, 1 << 22, rows_first=False)[dst, src])):
         assert torch.equal(torch.isinf(keyed), torch.isinf(product))
         assert not torch.isnan(product).any()
         finite = torch.isfinite(keyed)
         assert torch.allclose(product[finite], keyed[finite], rtol=1e-12, atol=1e-15)
+        assert torch.equal(gathered, keyed)  # bit for bit, infinities included
     return general.numel()
 
 
@@ -348,9 +354,11 @@ def check_product_sums(problem, unreachable: float, rng: torch.Generator) -> int
 def test_swap_sums_by_product_equal_the_keyed_sums(spec, unreachable, data):
     """The swap-plan sums of the screen, ``p.A`` and ``sum_m q_m D(i, m)``, computed for the
     whole layer by one matrix product (``_product_sums``, used where it is cheaper:
-    ``_by_product``) equal the keyed sums per edge to rounding, on the neuron graph's dense
-    tables and the channel graph's (random networks with zero weights and dead units); an
-    infinite distance with mass on it gives ``inf`` in both, and no product gives NaN."""
+    ``_by_product``) equal the keyed sums per edge to rounding, and gathered for every pair
+    (``_gathered_sums``, used for narrow sides: ``_by_gathering``) equal them bit for bit,
+    on the neuron graph's dense tables and the channel graph's (random networks with zero
+    weights and dead units); an infinite distance with mass on it gives ``inf`` in both, and
+    no product gives NaN."""
     rng = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     model, x = build(spec)
     graph, examples = _graph_and_acts(model, x)
@@ -386,6 +394,116 @@ def test_the_screen_sums_dense_layers_by_product():
     rng = torch.Generator().manual_seed(0)
     assert check_product_sums(problem, 0.0, rng) == edges
     assert check_product_sums(problem, 0.3, rng) == edges
+
+
+def test_by_gathering_picks_narrow_sides_of_dense_tables():
+    """``_by_gathering`` picks the gathered sums for a measure at most 1/64 as wide as the
+    support set, a dense table, pairs at most twice the edges that read them and within the
+    block; any one condition broken gives the keyed (or product) sums."""
+    from curvprune.transport.measures import _Measure
+
+    def measure(nodes: int, width: int) -> _Measure:
+        return _Measure(table=torch.zeros((nodes, width), dtype=torch.long),
+                        mass=torch.ones((nodes, width), dtype=torch.float64),
+                        has=torch.ones(nodes, dtype=torch.bool),
+                        reach=torch.ones(nodes, dtype=torch.float64))
+
+    rows = torch.zeros((128, 10), dtype=torch.float64)  # d_kj: 128 support nodes, 10 targets
+    cols = torch.zeros((10, 128), dtype=torch.float64)  # d_im: 10 sources, 128 support nodes
+    for table, rows_first in ((rows, True), (cols, False)):
+        assert _by_gathering(measure(6, 2), table, 30, 1 << 22, rows_first=rows_first)
+        assert not _by_gathering(measure(6, 3), table, 30, 1 << 22, rows_first=rows_first)
+        assert not _by_gathering(measure(6, 2), table, 29, 1 << 22, rows_first=rows_first)
+        assert not _by_gathering(measure(6, 2), table, 30, 59, rows_first=rows_first)
+        assert not _by_gathering(measure(6, 2), object(), 30, 1 << 22, rows_first=rows_first)
+        assert not _by_gathering(None, table, 30, 1 << 22, rows_first=rows_first)
+    # The support set is the table's other axis: summing against the 10-wide one is no gather.
+    assert not _by_gathering(measure(6, 1), rows.T, 30, 1 << 22, rows_first=True)
+
+
+def test_gathered_sums_leave_every_bound_unchanged():
+    """The point-mass closed forms and the screen read a narrow side's sums gathered for every
+    pair of the layer (``_gathered_sums``) where they would sum per key: every bound, the
+    screened edges and the counts are bit for bit the same as with every side summed per key
+    (the matrix product switched off in both), with and without a ceiling, on random neuron
+    and channel graphs. The gathered sums must really be used in some of these runs."""
+    import curvprune.transport.bounds as bounds_module
+
+    used = []
+    real = bounds_module._gathered_sums
+
+    def spy(*a, **k):
+        used.append(1)
+        return real(*a, **k)
+
+    @settings(max_examples=25, **_SETTINGS)
+    @given(spec=net_specs(max_convs=2, max_linears=3, min_layers=3, max_examples=1),
+           alpha=st.sampled_from([0.5, 0.9]), cut_tol=st.sampled_from([0.0, 1e-2]),
+           data=st.data())
+    def check(spec, alpha, cut_tol, data):
+        model, x = build(spec)
+        graph, examples = _graph_and_acts(model, x)
+        problems = [graph.edge_problem(g, examples[0], cut_tol)
+                    for g in range(graph.num_groups)]
+        net = dict(data.draw(random_nets()))
+        net.pop("zero"), net.pop("alpha")
+        channels = RandomNet(**net).eval()
+        _perturb(channels, seed=net["seed"], zero_fraction=0.3)
+        traced = _trace(channels, _inputs((3, 4, 4), seed=net["seed"]))
+        chan = ChannelProblems(traced, channel_distances(traced))
+        problems += [chan.edge_problem(g, traced.activity[0], cut_tol)
+                     for g in range(chan.num_groups)]
+        shift = data.draw(st.sampled_from([-0.05, 0.0, 0.05]))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(bounds_module, "_PRODUCT_RATIO", 0)
+            mp.setattr(bounds_module, "_gathered_sums", spy)
+            for p in problems:
+                plain = p.bounds(alpha, cut_tol, stats=EngineStats(), options=EngineOptions(),
+                                 tighten=False)
+                for ceiling in (None, plain[0] + shift):
+                    runs = []
+                    for ratio in (0, 1 << 30):  # every narrow-enough side gathered / never
+                        mp.setattr(bounds_module, "_GATHER_RATIO", ratio)
+                        stats = EngineStats()
+                        lo, hi = p.bounds(alpha, cut_tol, stats=stats, options=EngineOptions(),
+                                          ceiling=ceiling, tighten=False)
+                        runs.append((lo, hi, stats.as_dict()))
+                    (lo1, hi1, s1), (lo2, hi2, s2) = runs
+                    assert torch.equal(lo1, lo2) and torch.equal(hi1, hi2) and s1 == s2
+
+    check()
+    assert used
+
+
+def test_the_gathered_sums_are_used_on_a_dense_layer_with_narrow_measures(monkeypatch):
+    """A dense channel layer fed by a depthwise one (every source's in-measure is one atom,
+    over a 128-channel layer) gathers its row sums with the default ratio, and its bounds,
+    with every edge screened against a ceiling of ``-inf``, are bit for bit those of the keyed
+    sums (the matrix product switched off)."""
+    import curvprune.transport.bounds as bounds_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 128, 1),
+                                torch.nn.Conv2d(128, 128, 1, groups=128),
+                                torch.nn.Conv2d(128, 4, 1), torch.nn.Conv2d(4, 4, 1)).eval()
+    graph = _trace(model, _inputs((3, 4, 4), seed=0))
+    p = ChannelProblems(graph, channel_distances(graph)).edge_problem(2, graph.activity[0], 0.0)
+    monkeypatch.setattr(bounds_module, "_PRODUCT_RATIO", 0)
+    used = []
+    real = bounds_module._gathered_sums
+    monkeypatch.setattr(bounds_module, "_gathered_sums",
+                        lambda *a, **k: used.append(k["rows_first"]) or real(*a, **k))
+    ceiling = torch.full_like(p.length, -math.inf)
+    runs = []
+    for ratio in (bounds_module._GATHER_RATIO, 1 << 30):
+        monkeypatch.setattr(bounds_module, "_GATHER_RATIO", ratio)
+        stats = EngineStats()
+        runs.append(p.bounds(0.9, 1e-2, stats=stats, options=EngineOptions(), ceiling=ceiling,
+                             tighten=False) + (stats.as_dict(),))
+    assert used == [True]  # the first run's row sums only
+    assert runs[0][2]["screened"] == general_edges(p).numel() > 0
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2] == runs[1][2]
 
 
 @settings(max_examples=60, **_SETTINGS)

@@ -155,6 +155,7 @@ def _chunks(index: torch.Tensor, block: int, width: int) -> tuple[torch.Tensor, 
 
 
 def _weighted_sum(mass: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """``sum_s mass[..., s] * cost[..., s]`` over the slots with mass (the last axis)."""
     return torch.where(mass > 0, mass * cost, torch.zeros((), dtype=cost.dtype,
-                                                          device=cost.device)).sum(dim=1)
+                                                          device=cost.device)).sum(dim=-1)
 

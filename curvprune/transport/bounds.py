@@ -47,11 +47,12 @@ def bound_edges(
     bracket the curvature of the uncut measures, and edges whose widened bounds are at most
     ``certify_tol`` apart are counted as certified.
 
-    ``dead`` edges get 1 and point-mass sides their closed forms; ``mu``/``nu`` are the
-    neighbour measures of the sources' and the targets' node sets (``None``: every node of that
-    side is a point mass). For the other edges, with :math:`X = (W_1 - \alpha d)/(1 - \alpha)`
-    so that :math:`\kappa = 1 - X / d`, the shared problem :math:`X_0 = OT(p, q; C)` and its
-    optimal potentials ``(f, g)`` give
+    ``dead`` edges get 1 and point-mass sides their closed forms (their sums per key, or,
+    for a narrow side, gathered for every pair of the layer at once, bit for bit the same);
+    ``mu``/``nu`` are the neighbour measures of the sources' and the targets' node sets
+    (``None``: every node of that side is a point mass). For the other edges, with
+    :math:`X = (W_1 - \alpha d)/(1 - \alpha)` so that :math:`\kappa = 1 - X / d`, the
+    shared problem :math:`X_0 = OT(p, q; C)` and its optimal potentials ``(f, g)`` give
 
     .. math::
 
@@ -82,8 +83,9 @@ def bound_edges(
     **Screening** (``ceiling``, a value per edge; interval mode only). When
     :math:`\alpha \ge 1/2` the swap plan alone gives :math:`X \le p \cdot A + q \cdot B`,
     i.e. :math:`\kappa \ge 1 - (p \cdot A + q \cdot B)/d`, in :math:`O(d_k + d_m)` per
-    row and column key (or for every pair of the layer by one matrix product, where that is
-    cheaper: :func:`_product_sums`) and without any shared problem. An edge whose this
+    row and column key (or for every pair of the layer at once, where that is cheaper: by
+    gathering a narrow side, :func:`_gathered_sums`, or by one matrix product,
+    :func:`_product_sums`) and without any shared problem. An edge whose this
     lower bound (less ``error``) is at least its ``ceiling`` gets it as ``lo`` and
     ``hi = +inf`` (unknown), and its shared problem is never built. The minimum search
     passes ``U_w - tolerance`` (the best upper bound of the edge's weight over the earlier
@@ -112,24 +114,44 @@ def bound_edges(
     # Per node, a key equal for equal neighbour parts: computed once, for the sides in use.
     p_key = _measure_keys(mu) if sel2.numel() or general.numel() else None
     q_key = _measure_keys(nu) if sel.numel() or general.numel() else None
+    screen = bool(general.numel()) and ceiling is not None and not settle and alpha >= 0.5
+    # Both sides' sums for every pair of the layer at once where a side is narrow
+    # (_gathered_sums, the keyed sums' values bit for bit), read by the point-mass closed
+    # forms and the screen alike; else each is summed per key below.
+    row_all = col_all = None
+    if (sel2.numel() or screen) and _by_gathering(
+            mu, tables.d_kj, sel2.numel() + screen * general.numel(), block, rows_first=True):
+        row_all = _gathered_sums(mu, tables.d_kj, block, rows_first=True)
+    if (sel.numel() or screen) and _by_gathering(
+            nu, tables.d_im, sel.numel() + screen * general.numel(), block, rows_first=False):
+        col_all = _gathered_sums(nu, tables.d_im, block, rows_first=False)
     # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d; the sum depends on (i, q_j) only.
     if sel.numel():
         i, j = src[sel], dst[sel]
-        kappa[sel] = 1.0 - _col_sums(tables, i, j, nu, _groups(i, q_key[j]), block) / d[sel]
+        sums = col_all[j, i] if col_all is not None else \
+            _col_sums(tables, i, j, nu, _groups(i, q_key[j]), block)
+        kappa[sel] = 1.0 - sums / d[sel]
     # nu = delta_j: kappa = 1 - sum_k p_k D(k, j) / d; the sum depends on (p_i, j) only.
     if sel2.numel():
         i, j = src[sel2], dst[sel2]
-        kappa[sel2] = 1.0 - _row_sums(tables, i, j, mu, _groups(p_key[i], j), block) / d[sel2]
+        sums = row_all[i, j] if row_all is not None else \
+            _row_sums(tables, i, j, mu, _groups(p_key[i], j), block)
+        kappa[sel2] = 1.0 - sums / d[sel2]
     stats.point_mass += int(both.sum()) + sel.numel() + sel2.numel()
     upper = kappa.clone()
     keys = None  # the general edges' row and column keys, when the screen has them
-    if general.numel() and ceiling is not None and not settle and alpha >= 0.5:
+    if screen:
         i, j = src[general], dst[general]
-        # Each side summed by one matrix product over the layer when that is cheaper than
-        # once per key (then its keys are left for _factored_bounds to find, if needed).
-        rows = None if _by_product(mu, tables.d_kj, i.numel(), block) else _groups(p_key[i], j)
-        cols = None if _by_product(nu, tables.d_im, i.numel(), block) else _groups(i, q_key[j])
-        low = _swap_lower(tables, i, j, d[general], mu, nu, rows, cols, block)
+        # A side not gathered is summed by one matrix product over the layer when that is
+        # cheaper than once per key (then its keys are left for _factored_bounds to find).
+        if row_all is None and _by_product(mu, tables.d_kj, i.numel(), block):
+            row_all = _product_sums(mu, tables.d_kj, rows_first=True)
+        if col_all is None and _by_product(nu, tables.d_im, i.numel(), block):
+            col_all = _product_sums(nu, tables.d_im, rows_first=False)
+        rows = None if row_all is not None else _groups(p_key[i], j)
+        cols = None if col_all is not None else _groups(i, q_key[j])
+        low = _swap_lower(tables, i, j, d[general], mu, nu, row_all, col_all, rows, cols,
+                          block)
         out = (low - error[general] if error is not None else low) >= ceiling[general]
         screened = general[out]
         kappa[screened], upper[screened] = low[out], math.inf  # widened by error below
@@ -155,18 +177,20 @@ def bound_edges(
 
 
 def _swap_lower(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
-                mu: _Measure, nu: _Measure, rows: _Keys | None, cols: _Keys | None,
+                mu: _Measure, nu: _Measure, row_all: torch.Tensor | None,
+                col_all: torch.Tensor | None, rows: _Keys | None, cols: _Keys | None,
                 block: int) -> torch.Tensor:
     r""":math:`1 - (p \cdot A + q \cdot B) / d`, the lower bound on kappa of the swap plan
     (every unit of ``p`` to ``j``, ``i`` to every unit of ``q``; a plan when
     :math:`\alpha \ge 1/2`), for edges with two neighbour parts. :math:`p \cdot A` depends
     on the row key ``(p_i, j)`` and :math:`\sum_m q_m D(i, m)` on the column key
-    ``(i, q_j)`` (``rows`` and ``cols``, :func:`_groups`): each is summed once per key, or,
-    for a side whose keys are ``None``, for every pair of the layer at once by one matrix
-    product (:func:`_product_sums`)."""
-    p_a = _product_sums(mu, tables.d_kj, src, dst, rows_first=True) if rows is None else \
+    ``(i, q_j)``: each is read from a side's sums over every pair of the layer (``row_all``
+    ``[i, j]``, ``col_all`` ``[j, i]``: :func:`_gathered_sums` or :func:`_product_sums`),
+    or, for a side without them, summed once per key (``rows`` and ``cols``,
+    :func:`_groups`)."""
+    p_a = row_all[src, dst] if row_all is not None else \
         _row_sums(tables, src, dst, mu, rows, block)
-    q_d = _product_sums(nu, tables.d_im, dst, src, rows_first=False) if cols is None else \
+    q_d = col_all[dst, src] if col_all is not None else \
         _col_sums(tables, src, dst, nu, cols, block)
     q_total = torch.where(nu.mass > 0, nu.mass, 0.0).sum(1)[dst]
     return 1.0 - (p_a + q_d - d * q_total) / d
@@ -211,15 +235,14 @@ def _by_product(measure: _Measure, table: object, edges: int, block: int) -> boo
             and nodes * table.shape[0] * table.shape[1] <= _PRODUCT_RATIO * edges * max(width, 1))
 
 
-def _product_sums(measure: _Measure, table: torch.Tensor, own: torch.Tensor,
-                  other: torch.Tensor, *, rows_first: bool) -> torch.Tensor:
-    r"""Per edge, a measure's masses summed against a distance table, for every pair of the
-    layer at once: with the measure as a dense matrix :math:`P` (``[nodes, support set]``),
-    :math:`(P D)[i, j] = \sum_k p_{ik} D(k, j)` (``rows_first``: the measure's nodes index
-    rows, :math:`p \cdot A` of :func:`_row_sums`, ``own`` the sources and ``other`` the
-    targets) or :math:`(D P^T)[i, j] = \sum_m q_{jm} D(i, m)` (:func:`_col_sums`, ``own``
-    the targets). The same sums as the keyed ones (another order of the float additions); an
-    infinite distance with mass on it gives ``inf``, as there."""
+def _product_sums(measure: _Measure, table: torch.Tensor, *, rows_first: bool) -> torch.Tensor:
+    r"""A measure's masses summed against a distance table, for every pair of the layer at
+    once, as ``[measure's nodes, other nodes]``: with the measure as a dense matrix :math:`P`
+    (``[nodes, support set]``), :math:`(P D)[i, j] = \sum_k p_{ik} D(k, j)` (``rows_first``:
+    :math:`p \cdot A` of :func:`_row_sums`, read at ``[i, j]``) or
+    :math:`(D P^T)^T[j, i] = \sum_m q_{jm} D(i, m)` (:func:`_col_sums`, read at ``[j, i]``).
+    The same sums as the keyed ones (another order of the float additions); an infinite
+    distance with mass on it gives ``inf``, as there."""
     nodes = measure.mass.shape[0]
     size = table.shape[0] if rows_first else table.shape[1]
     mass = torch.where(measure.mass > 0, measure.mass, 0.0).to(table.dtype)
@@ -234,7 +257,52 @@ def _product_sums(measure: _Measure, table: torch.Tensor, own: torch.Tensor,
         far = ~finite
         reach = held @ far.to(table.dtype) if rows_first else far.to(table.dtype) @ held.T
         sums = torch.where(reach > 0, math.inf, sums)
-    return sums[own, other] if rows_first else sums[other, own]
+    return sums if rows_first else sums.T
+
+
+#: A side is summed for every pair of the layer by gathering (:func:`_gathered_sums`) when its
+#: measure's support slots, times this, are at most the support set the matrix product would
+#: sum over (and the pairs at most twice the edges that read them). Measured on vit_small's
+#: layers (its eleventh image, one thread, a scratch script): a gathered entry costs about 13 ns,
+#: a multiply-add of the product about 0.14 ns (so they break even near 94); with 1 or 2
+#: slots against 384-768, 2.8-16 ms gathered against 9-65 ms by product and 23-166 ms by keys.
+_GATHER_RATIO = 64
+
+
+def _by_gathering(measure: _Measure | None, table: object, edges: int, block: int, *,
+                  rows_first: bool) -> bool:
+    """Whether :func:`_gathered_sums` is the cheaper way to sum ``measure`` against ``table``
+    for ``edges`` edges (those that read the sums): a dense table, a measure at most
+    ``1 / _GATHER_RATIO`` as wide as the support set the matrix product would sum over, and
+    at most twice as many pairs as ``edges`` and ``block`` entries of sums."""
+    if measure is None or not isinstance(table, torch.Tensor) or table.dim() != 2:
+        return False
+    nodes, width = measure.mass.shape
+    size, others = (table.shape[0], table.shape[1]) if rows_first else \
+        (table.shape[1], table.shape[0])
+    return (width * _GATHER_RATIO <= size and nodes * others <= 2 * edges
+            and nodes * others <= block)
+
+
+def _gathered_sums(measure: _Measure, table: torch.Tensor, block: int, *,
+                   rows_first: bool) -> torch.Tensor:
+    r"""The sums of :func:`_product_sums` (``[measure's nodes, other nodes]``: ``[i, j]``
+    :math:`\sum_k p_{ik} D(k, j)` with ``rows_first``, else ``[j, i]``
+    :math:`\sum_m q_{jm} D(i, m)`), by gathering each pair's distances to the measure's
+    support slots, ``block`` entries at a time.
+
+    Each pair's sum is the keyed sums' (:func:`_row_sums`, :func:`_col_sums`) bit for bit:
+    the same products ``mass * D`` of the support slots in slot order, summed over the last,
+    contiguous axis (the transposed table is gathered for ``rows_first``); an infinite
+    distance with mass on it gives ``inf``, as there."""
+    nodes, width = measure.mass.shape
+    values = table.T.contiguous() if rows_first else table  # [others, support set]
+    slots = measure.table.clamp(min=0)
+    out = torch.empty((values.shape[0], nodes), dtype=table.dtype, device=table.device)
+    for part in _chunks(torch.arange(values.shape[0], device=table.device), block,
+                        nodes * max(1, width)):
+        out[part] = _weighted_sum(measure.mass, values[part][:, slots])
+    return out.T
 
 
 def _shared_bounds(tables: Distances, src: torch.Tensor, dst: torch.Tensor, d: torch.Tensor,
