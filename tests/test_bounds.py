@@ -316,6 +316,23 @@ def test_single_and_two_atom_shared_problems_equal_the_simplex(seed):
     assert min(checked) > 0, checked
 
 
+def random_problems(spec, data, cut_tol: float) -> list:
+    """Every group's edge problem, on one example, of a random neuron graph (``spec``) and of a
+    random channel graph (drawn from ``data``; zero weights and dead units), measures cut at
+    ``cut_tol``."""
+    model, x = build(spec)
+    graph, examples = _graph_and_acts(model, x)
+    problems = [graph.edge_problem(g, examples[0], cut_tol) for g in range(graph.num_groups)]
+    net = dict(data.draw(random_nets()))
+    net.pop("zero"), net.pop("alpha")
+    channels = RandomNet(**net).eval()
+    _perturb(channels, seed=net["seed"], zero_fraction=0.3)
+    traced = _trace(channels, _inputs((3, 4, 4), seed=net["seed"]))
+    chan = ChannelProblems(traced, channel_distances(traced))
+    return problems + [chan.edge_problem(g, traced.activity[0], cut_tol)
+                       for g in range(chan.num_groups)]
+
+
 def check_product_sums(problem, unreachable: float, rng: torch.Generator) -> int:
     """The screen's swap-plan sums by one matrix product over the layer equal the keyed sums
     to rounding, and gathered for every pair (in chunks of a few rows, or all at once) equal
@@ -360,18 +377,8 @@ def test_swap_sums_by_product_equal_the_keyed_sums(spec, unreachable, data):
     weights and dead units); an infinite distance with mass on it gives ``inf`` in both, and
     no product gives NaN."""
     rng = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
-    model, x = build(spec)
-    graph, examples = _graph_and_acts(model, x)
-    for g in range(graph.num_groups):
-        check_product_sums(graph.edge_problem(g, examples[0], 0.0), unreachable, rng)
-    net = dict(data.draw(random_nets()))
-    net.pop("zero"), net.pop("alpha")
-    channels = RandomNet(**net).eval()
-    _perturb(channels, seed=net["seed"], zero_fraction=0.3)
-    traced = _trace(channels, _inputs((3, 4, 4), seed=net["seed"]))
-    problems = ChannelProblems(traced, channel_distances(traced))
-    for g in range(problems.num_groups):
-        check_product_sums(problems.edge_problem(g, traced.activity[0], 0.0), unreachable, rng)
+    for problem in random_problems(spec, data, 0.0):
+        check_product_sums(problem, unreachable, rng)
 
 
 def test_the_screen_sums_dense_layers_by_product():
@@ -441,18 +448,7 @@ def test_gathered_sums_leave_every_bound_unchanged():
            alpha=st.sampled_from([0.5, 0.9]), cut_tol=st.sampled_from([0.0, 1e-2]),
            data=st.data())
     def check(spec, alpha, cut_tol, data):
-        model, x = build(spec)
-        graph, examples = _graph_and_acts(model, x)
-        problems = [graph.edge_problem(g, examples[0], cut_tol)
-                    for g in range(graph.num_groups)]
-        net = dict(data.draw(random_nets()))
-        net.pop("zero"), net.pop("alpha")
-        channels = RandomNet(**net).eval()
-        _perturb(channels, seed=net["seed"], zero_fraction=0.3)
-        traced = _trace(channels, _inputs((3, 4, 4), seed=net["seed"]))
-        chan = ChannelProblems(traced, channel_distances(traced))
-        problems += [chan.edge_problem(g, traced.activity[0], cut_tol)
-                     for g in range(chan.num_groups)]
+        problems = random_problems(spec, data, cut_tol)
         shift = data.draw(st.sampled_from([-0.05, 0.0, 0.05]))
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(bounds_module, "_PRODUCT_RATIO", 0)
