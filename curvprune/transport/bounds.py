@@ -111,9 +111,6 @@ def bound_edges(
     sel = torch.nonzero(live & mu_point & ~nu_point).squeeze(1)
     sel2 = torch.nonzero(live & ~mu_point & nu_point).squeeze(1)
     general = torch.nonzero(live & ~mu_point & ~nu_point).squeeze(1)
-    # Per node, a key equal for equal neighbour parts: computed once, for the sides in use.
-    p_key = _measure_keys(mu) if sel2.numel() or general.numel() else None
-    q_key = _measure_keys(nu) if sel.numel() or general.numel() else None
     screen = bool(general.numel()) and ceiling is not None and not settle and alpha >= 0.5
     # Both sides' sums for every pair of the layer at once where a side is narrow
     # (_gathered_sums, the keyed sums' values bit for bit), read by the point-mass closed
@@ -125,6 +122,12 @@ def bound_edges(
     if (sel.numel() or screen) and _by_gathering(
             nu, tables.d_im, sel.numel() + screen * general.numel(), block, rows_first=False):
         col_all = _gathered_sums(nu, tables.d_im, block, rows_first=False)
+    # Per node, a key equal for equal neighbour parts: computed once, for the sides summed
+    # per key and for the shared problems.
+    p_key = _measure_keys(mu) if (sel2.numel() and row_all is None) or general.numel() \
+        else None
+    q_key = _measure_keys(nu) if (sel.numel() and col_all is None) or general.numel() \
+        else None
     # mu = delta_i: kappa = 1 - sum_m q_m D(i, m) / d; the sum depends on (i, q_j) only.
     if sel.numel():
         i, j = src[sel], dst[sel]
