@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from curvprune.reference import _measure
 from curvprune.transport import neighbour_measures, padded_neighbours
+from curvprune.transport.measures import _shared_budget
 
 _UNDERFLOW = 1.0 / math.sqrt(-math.log(np.finfo(np.float64).tiny))  # ~0.0376
 
@@ -158,3 +159,43 @@ def test_measures_and_cut_by_blocks_equal_the_whole(data, block):
     for field in ("table", "mass", "has", "reach", "cut"):
         a, b = getattr(got, field), getattr(want, field)
         assert (a is None and b is None) or torch.equal(a, b), field
+    shared = _shared_budget(whole, budget, block=1 << 20)
+    assert torch.equal(_shared_budget(whole, budget, block=block), shared)
+    assert torch.equal(shared, shared_budget_oracle(whole, budget))
+
+
+def shared_budget_oracle(measure, budget: torch.Tensor) -> torch.Tensor:
+    """``_shared_budget`` node by node: the nodes with the first slot (neighbour and mass) of
+    the first node ``r`` having it, and equal to ``r`` in every slot, take the smallest budget
+    among them; every other node keeps its own."""
+    n, width = measure.mass.shape
+    if width == 0:
+        return budget
+    rows = [(measure.table[v].tolist(), measure.mass[v].tolist()) for v in range(n)]
+    out = budget.clone()
+    for v in range(n):
+        head = (rows[v][0][0], rows[v][1][0])
+        r = next(u for u in range(n) if (rows[u][0][0], rows[u][1][0]) == head)
+        if rows[v] == rows[r]:
+            out[v] = min(float(budget[u]) for u in range(n) if rows[u] == rows[r])
+    return out
+
+
+def test_equal_measures_share_the_smallest_budget():
+    """Three nodes with the same neighbour part, a fourth with the same first slot but another
+    mass further on, a fifth with another first slot: the three equal ones take the smallest
+    of their budgets and are cut alike; the other two keep theirs."""
+    from curvprune.transport.measures import _cut, _Measure
+
+    table = torch.tensor([[0, 1, 2]] * 4 + [[1, 0, 2]])
+    mass = torch.tensor([[0.9, 0.09, 0.01]] * 3 + [[0.9, 0.08, 0.02], [0.9, 0.09, 0.01]],
+                        dtype=torch.float64)
+    measure = _Measure(table, mass, torch.ones(5, dtype=torch.bool),
+                       torch.ones(5, dtype=torch.float64))
+    budget = torch.tensor([0.2, 0.005, 0.05, 0.001, 0.3], dtype=torch.float64)
+    shared = _shared_budget(measure, budget)
+    assert shared.tolist() == [0.005, 0.005, 0.005, 0.001, 0.3]
+    cut = _cut(measure, shared)
+    assert torch.equal(cut.mass[0], cut.mass[1]) and torch.equal(cut.mass[1], cut.mass[2])
+    assert (cut.mass[:3] > 0).sum(1).tolist() == [3, 3, 3]  # 0.01 is over the shared budget
+    assert (_cut(measure, budget).mass[:3] > 0).sum(1).tolist() == [1, 3, 2]  # alone: cut apart
