@@ -187,6 +187,15 @@ def test_node_mean_weights_and_bounds_by_hand():
                 assert torch.isclose(got, want, rtol=1e-12, atol=1e-15), (reduction, v)
         widths = [float(hi[v] - lo[v]) for v in range(graph.num_nodes) if not torch.isnan(lo[v])]
         assert result.max_node_width(reduction) == max(widths) > 0
+    # By blocks of a few edges (sources, then targets), bit for bit the whole pass.
+    for reduction in ("mean", "weighted", "min"):
+        whole = result._reduce_to_nodes(result.edge_kappa, reduction)
+        for block in (1, 5):
+            parts = result._reduce_to_nodes(result.edge_kappa, reduction, block=block)
+            assert torch.equal(parts.isnan(), whole.isnan())
+            assert torch.equal(parts.nan_to_num(), whole.nan_to_num()), (reduction, block)
+        assert torch.equal(graph.mean_weights(reduction == "weighted", slice(3, 9)),
+                           graph.mean_weights(reduction == "weighted")[3:9])
     assert "largest channel width" not in result.summary()  # no tolerance on node means here
     means = neural_curvature(model, x, granularity="channel", tolerance=0.1,
                              node_reduction="mean")

@@ -129,14 +129,14 @@ class ChannelGraph:
             and torch.equal(self.src, other.src) and torch.equal(self.dst, other.dst)
         )
 
-    def mean_weights(self, weighted: bool) -> torch.Tensor:
-        """Each edge's coefficient in its channels' mean curvature (float64 ``[E]``): 1, or
-        with ``weighted`` its weight norm :math:`1 / d(e)` (``reduction="mean"`` and
-        ``"weighted"`` of :meth:`CurvatureResult.node_kappa
+    def mean_weights(self, weighted: bool, edges: slice = slice(None)) -> torch.Tensor:
+        """Each edge's coefficient in its channels' mean curvature (float64 ``[E]``, or the
+        ``edges`` only): 1, or with ``weighted`` its weight norm :math:`1 / d(e)`
+        (``reduction="mean"`` and ``"weighted"`` of :meth:`CurvatureResult.node_kappa
         <curvprune.result.CurvatureResult.node_kappa>`)."""
         if weighted:
-            return 1.0 / self.length.to(torch.float64)
-        return torch.ones(self.src.numel(), dtype=torch.float64, device=self.src.device)
+            return 1.0 / self.length[edges].to(torch.float64)
+        return torch.ones(self.src[edges].numel(), dtype=torch.float64, device=self.src.device)
 
 
 # --------------------------------------------------------------------------------------------
